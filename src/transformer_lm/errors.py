@@ -1,0 +1,29 @@
+"""Typed exceptions raised by the library.
+
+The library never prints or exits; the CLI turns any `TLMError` into a one-line message and exit code 2.
+Each message names the problem and, where there is one, the fix.
+"""
+
+
+class TLMError(Exception):
+    """Base class of every error the library raises on bad input."""
+
+
+class ConfigError(TLMError, ValueError):
+    """An invalid model, training or generation configuration, or an unknown preset/tokenizer name."""
+
+
+class DataError(TLMError):
+    """Missing, empty, unreadable or too-short data."""
+
+
+class TokenizerError(TLMError):
+    """Text a tokenizer cannot encode, or a tokenizer file that cannot be read."""
+
+
+class CheckpointError(TLMError):
+    """A checkpoint that is missing, truncated, corrupt or incompatible with the requested config."""
+
+
+class RunExistsError(TLMError):
+    """The output folder already holds a different run."""

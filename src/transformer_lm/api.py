@@ -1,0 +1,92 @@
+"""The Python API: the CLI's verbs as functions, for notebooks and scripts.
+
+    >>> import transformer_lm as tlm
+    >>> run = tlm.load_run("runs/default")
+    >>> print(run.generate("def main(", max_new_tokens=100, seed=0))
+    >>> run.evaluate("some_text.txt").bpb
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import latest_checkpoint, load_weights
+from .config import ModelConfig, SampleConfig
+from .data import read_sources, resolve_sources
+from .errors import CheckpointError, DataError
+from .evaluate import EvalResult, evaluate_tokens
+from .generate import stream_text
+from .model import Transformer
+from .runtime import resolve_device
+from .tokenizers import Tokenizer, load_tokenizer
+
+
+@dataclasses.dataclass
+class Run:
+    """A trained model loaded from a run folder: its config, tokenizer and weights (latest checkpoint)."""
+
+    path: Path
+    config: dict[str, Any]
+    model: Transformer
+    tokenizer: Tokenizer
+    step: int
+
+    def stream_samples(self, prompt: str, cfg: SampleConfig) -> Iterator[Iterator[str]]:
+        """cfg.num_samples streams of text pieces, drawn one after another from one seeded generator."""
+        gen = _generator(cfg.seed, self.model)
+        for _ in range(cfg.num_samples):
+            yield stream_text(self.model, self.tokenizer, prompt, cfg, gen)
+
+    def stream(self, prompt: str = "", **sample: Any) -> Iterator[str]:
+        """Yield text pieces of one sample as they are generated; keyword arguments are SampleConfig fields."""
+        return next(self.stream_samples(prompt, SampleConfig(**{**sample, "num_samples": 1})))
+
+    def generate(self, prompt: str = "", **sample: Any) -> str | list[str]:
+        """The generated continuation of `prompt` (without the prompt); a list when num_samples > 1."""
+        cfg = SampleConfig(**sample)
+        texts = ["".join(pieces) for pieces in self.stream_samples(prompt, cfg)]
+        return texts[0] if cfg.num_samples == 1 else texts
+
+    def evaluate(self, data: str | Path, batch_size: int = 8) -> EvalResult:
+        """Loss, perplexity and bits per byte on a text file, folder or glob."""
+        text = "".join(read_sources(resolve_sources(data)))
+        ids = np.asarray(self.tokenizer.encode(text), dtype=np.int64)
+        if len(ids) < 2:
+            raise DataError(f"{data} holds fewer than 2 tokens; evaluate on a longer text")
+        return evaluate_tokens(self.model, ids, len(text.encode("utf-8")) / len(ids), batch_size)
+
+
+def load_run(path: str | Path, device: str = "auto") -> Run:
+    """Load the latest checkpoint of a run folder written by `tlm train` (weights never execute code: safetensors)."""
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{path} is not a run folder (no config.json); train one with `tlm train --out {path}`")
+    try:
+        config = json.loads(config_path.read_text())
+        model_config = ModelConfig.from_dict(config["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"run config {config_path} is corrupt ({e})") from e
+    folder = latest_checkpoint(path)
+    if folder is None:
+        raise CheckpointError(f"{path} has no checkpoint yet; train it first (or wait for its first evaluation)")
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    with torch.device("meta"):
+        model = Transformer(model_config)
+    load_weights(model, folder)
+    model = model.to(resolve_device(device)).eval()
+    step = int(json.loads((folder.parent / "latest").read_text())["step"])
+    return Run(path, config, model, tokenizer, step)
+
+
+def _generator(seed: int | None, model: Transformer) -> torch.Generator:
+    gen = torch.Generator(device=model.tok_emb.weight.device)
+    gen.manual_seed(seed) if seed is not None else gen.seed()
+    return gen

@@ -1,0 +1,241 @@
+"""Typed configuration: one dataclass per concern (model, training, sampling) and presets kept as data.
+
+Configs store component *names* (``"rope"``, ``"rmsnorm"``) rather than objects so that they serialize to JSON/YAML
+and back unchanged; the run folder keeps the resolved config beside the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+PositionalEncoding = Literal["learned", "sinusoidal", "rope", "none"]
+NormKind = Literal["layernorm", "rmsnorm"]
+MlpKind = Literal["gelu", "swiglu"]
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only Transformer. Defaults are the `tiny` preset's family: a GPT-2-style model."""
+
+    vocab_size: int = 256
+    """Number of token ids; set from the tokenizer when training."""
+    block_size: int = 256
+    """Context window: the most tokens the model attends over."""
+    n_layer: int = 4
+    """Number of residual blocks."""
+    n_head: int = 4
+    """Number of query heads."""
+    n_embd: int = 128
+    """Width of the residual stream (d_model)."""
+    n_kv_head: int | None = None
+    """Key/value heads for grouped-query attention; None means n_head (plain multi-head attention)."""
+    d_ff: int | None = None
+    """Hidden width of the feed-forward network; None means 4*n_embd (gelu) or 8/3*n_embd rounded up to 64 (swiglu)."""
+    pos_encoding: PositionalEncoding = "learned"
+    """Positional encoding: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), rope (rotary) or none."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies."""
+    norm: NormKind = "layernorm"
+    """Normalization layer of the pre-norm blocks and the final norm."""
+    norm_eps: float = 1e-5
+    """Epsilon of the normalization layers."""
+    mlp: MlpKind = "gelu"
+    """Feed-forward network: GELU MLP (GPT-2) or SwiGLU (Llama)."""
+    gelu_approximate: Literal["none", "tanh"] = "tanh"
+    """GELU variant; GPT-2 uses the tanh approximation ("gelu_new")."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorm (GPT-2 has them, Llama does not)."""
+    tie_embeddings: bool = True
+    """Share the token embedding matrix with the LM head."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention weights and residual branches during training."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent field and how to fix it."""
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
+                "change one of them"
+            )
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ConfigError(
+                f"model.n_head ({self.n_head}) must be divisible by model.n_kv_head ({self.n_kv_head}); "
+                "choose n_kv_head among the divisors of n_head"
+            )
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
+        if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
+            raise ConfigError(f"sinusoidal encoding needs an even n_embd, got {self.n_embd}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.d_ff is not None and self.d_ff < 1:
+            raise ConfigError(f"model.d_ff must be >= 1, got {self.d_ff}")
+
+    # Derived fields, computed in one place.
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return -(-(8 * self.n_embd // 3) // 64) * 64
+        return 4 * self.n_embd
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        return cls.from_dict({**preset(name), **overrides})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Load a model config from a JSON or YAML file (a run's config.json has it under the "model" key)."""
+        try:
+            d = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read model config {path}: {e}") from e
+        if isinstance(d, dict) and isinstance(d.get("model"), dict):
+            d = d["model"]
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config {path} must hold a mapping of fields")
+        return cls.from_dict(d)
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """All presets, by name, as the field overrides they apply to ModelConfig's defaults."""
+    return yaml.safe_load(resources.files(__package__).joinpath("presets.yaml").read_text())
+
+
+def preset(name: str) -> dict[str, Any]:
+    table = presets()
+    if name not in table:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(table)}")
+    return dict(table[name])
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and bookkeeping of a training run."""
+
+    batch_size: int = 32
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum)."""
+    max_iters: int | None = 3000
+    """Stop after this many optimizer steps (None: no iteration limit)."""
+    max_tokens: int | None = None
+    """Stop after this many training tokens (None: no token limit)."""
+    max_time: float | None = None
+    """Stop after this many seconds of wall-clock time (None: no time limit)."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak, reached at the end of the cosine decay."""
+    warmup_iters: int = 100
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not to biases, norms or embeddings)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    eval_interval: int = 500
+    """Evaluate and checkpoint every this many steps (and at the end)."""
+    eval_batches: int = 20
+    """Validation batches per evaluation (a deterministic pass over the start of the val split)."""
+    log_interval: int = 10
+    """Write a metrics.jsonl line every this many steps."""
+    seed: int = 1337
+    """Seed for initialization, batch sampling and dropout."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Autocast precision: auto is bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU/MPS."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
+        if self.max_iters is None and self.max_tokens is None and self.max_time is None:
+            raise ConfigError("the run has no end: set train.max_iters, train.max_tokens or train.max_time")
+        for name in ("max_iters", "max_tokens", "max_time"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {v}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if self.eval_interval < 1 or self.eval_batches < 1 or self.log_interval < 1:
+            raise ConfigError("train.eval_interval, train.eval_batches and train.log_interval must be >= 1")
+
+
+@dataclass
+class SampleConfig:
+    """How tokens are drawn from the model's next-token distribution."""
+
+    max_new_tokens: int = 200
+    """Tokens to generate per sample."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 means greedy."""
+    top_k: int | None = None
+    """Keep only the k most likely tokens (None: all)."""
+    top_p: float | None = None
+    """Nucleus sampling: keep the smallest set of tokens whose probability mass reaches p (None: off)."""
+    greedy: bool = False
+    """Always pick the most likely token (same as temperature 0)."""
+    seed: int | None = None
+    """Random seed for reproducible samples (None: nondeterministic)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop a sample when it produces any of these strings (the stop string is not included)."""
+    num_samples: int = 1
+    """Number of independent samples."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or self.num_samples < 1:
+            raise ConfigError("sample.max_new_tokens must be >= 0 and sample.num_samples >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def dump_json(obj: Any) -> str:
+    """JSON of a config (dataclass or dict), stable and readable."""
+    if dataclasses.is_dataclass(obj):
+        obj = dataclasses.asdict(obj)
+    return json.dumps(obj, indent=2, sort_keys=True)

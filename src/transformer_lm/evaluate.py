@@ -1,0 +1,61 @@
+"""Loss, perplexity and bits per byte.
+
+Bits per byte (bpb) divides the total information content by the UTF-8 size of the text, so it compares models with
+different tokenizers: bpb = (mean loss in nats / ln 2) × tokens / bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .data import iter_eval_batches
+from .model import Transformer
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    """Mean next-token cross-entropy in nats."""
+    perplexity: float
+    bpb: float
+    """Bits per UTF-8 byte of text."""
+    tokens: int
+    """Tokens predicted."""
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def bits_per_byte(loss: float, tokens: float, num_bytes: float) -> float:
+    return loss / math.log(2) * tokens / num_bytes
+
+
+@torch.no_grad()
+def evaluate_tokens(model: Transformer, tokens: np.ndarray, bytes_per_token: float, batch_size: int = 8,
+                    max_batches: int | None = None, autocast: torch.autocast | nullcontext | None = None
+                    ) -> EvalResult:
+    """Deterministic pass over `tokens` in consecutive windows of the model's context; every predicted token is
+    weighted equally. `bytes_per_token` converts the loss to bits per byte."""
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    total, count = 0.0, 0
+    try:
+        for x, y in iter_eval_batches(tokens, batch_size, model.config.block_size, max_batches):
+            with autocast or nullcontext():
+                logits = model(x.to(device)).logits
+            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
+                                                    reduction="sum")
+            total += float(nll)
+            count += y.numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("nothing to evaluate: the text has fewer than 2 tokens")
+    loss = total / count
+    return EvalResult(loss, math.exp(min(loss, 700.0)), bits_per_byte(loss, 1.0, bytes_per_token), count)

@@ -1,0 +1,260 @@
+"""A decoder-only Transformer language model, readable top to bottom.
+
+positional encodings → KV cache → attention → feed-forward → block → Transformer.
+Every architectural choice is a ModelConfig field; nothing here looks at names or paths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Positional encodings. Both are computed on the fly from positions: they hold no state, so a model built on the
+# meta device needs no buffer re-initialization, and any position up to block_size works with a KV cache offset.
+
+
+def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Vaswani et al. (2017): PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)). -> (T, dim)"""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, dim/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # interleave: sin at 2i, cos at 2i+1
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables in the "rotate half" layout (dimension i pairs with i + head_dim/2). -> two (T, head_dim)"""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x_i, x_{i+d/2}) pair by its position's angle; x is (B, nh, T, hd)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of every layer, so incremental decoding attends to the past without recomputing it.
+
+    `pos` is the number of positions already written; the model writes new keys at [pos, pos + T) and advances it.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.max_len = max_len or config.block_size
+        shape = (config.n_layer, batch_size, config.kv_heads, self.max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, T, hd) for `layer` at the current position; return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Layers
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with grouped-query heads (n_kv_head ≤ n_head)."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.config, self.layer = config, layer
+        self.n_head, self.n_kv, self.hd = config.n_head, config.kv_heads, config.head_dim
+        # Q, K and V come from one fused projection: one matmul instead of three.
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+                return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        start = 0
+        if cache is not None:
+            start = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, start+T, hd)
+        if self.n_kv != self.n_head:  # grouped-query: each K/V head serves n_head/n_kv query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        S = k.size(2)
+        # Query t (at absolute position start+t) may see keys 0..start+t. With no past this is the plain causal mask;
+        # a single new token sees everything, so no mask at all.
+        mask = None
+        if start > 0 and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        dropout = self.config.dropout if self.training else 0.0
+        weights = None
+        if return_weights:  # explicit path: softmax(QKᵀ/√d)·V, keeping the weights for inspection
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)  # (B, nh, T, S)
+            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+            y = self.attn_dropout(weights) @ v  # (B, nh, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                               is_causal=mask is None and T > 1)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
+        return self.resid_dropout(self.proj(y)), weights
+
+
+class FeedForward(nn.Module):
+    """Position-wise network: GELU MLP (up → gelu → down) or SwiGLU (silu(gate) * up → down)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        self.approximate = config.gelu_approximate
+        hidden = config.ffn_dim
+        self.up = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.gate = nn.Linear(config.n_embd, hidden, bias=config.bias) if self.swiglu else None
+        self.down = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate is not None:
+            h = F.silu(self.gate(x)) * self.up(x)
+        else:
+            h = F.gelu(self.up(x), approximate=self.approximate)
+        return self.dropout(self.down(h))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.norm1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer)
+        self.norm2 = make_norm(config)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+                return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, weights = self.attn(self.norm1(x), rope, cache, return_weights)
+        x = x + a
+        return x + self.ffn(self.norm2(x)), weights
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    """(B, T, vocab) — or (B, 1, vocab) when only the last position was asked for."""
+    loss: torch.Tensor | None = None
+    """Mean next-token cross-entropy in nats, when targets were given."""
+    attentions: list[torch.Tensor] | None = None
+    """Per layer, the (B, n_head, T, S) attention weights, when asked for."""
+
+
+class Transformer(nn.Module):
+    """Token embedding + positions → n_layer blocks → final norm → LM head predicting the next token.
+
+    Construction does not initialize: call `init_weights()` for a fresh model, or load a state dict. That keeps
+    construction cheap on the meta device for models that are loaded, not trained from scratch.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos_encoding == "learned" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> Transformer:
+        """GPT-2 initialization: N(0, 0.02) for matrices and embeddings, zero biases, unit norm gains, and the
+        residual output projections scaled by 1/√(2·n_layer) so the residual stream's variance does not grow with depth."""
+        gen = torch.Generator(device=self.tok_emb.weight.device)
+        gen.manual_seed(seed) if seed is not None else gen.seed()
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith(("attn.proj", "ffn.down")) else 0.02
+                module.weight.normal_(0.0, std, generator=gen)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        return self
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, a tied matrix counted once. `exclude_embeddings` drops the token and position tables
+        (Kaplan et al.'s non-embedding N; an untied LM head stays)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+            n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
+                last_only: bool = False, return_attentions: bool = False) -> LMOutput:
+        """idx (B, T) token ids. `cache` continues from cache.pos; `last_only` computes logits of the last position
+        only (all that sampling needs: the head is the largest matmul for big vocabularies)."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        limit = min(cache.max_len, self.config.block_size) if cache is not None else self.config.block_size
+        if start + T > limit:
+            raise ValueError(f"{start + T} positions exceed the context window of {limit}; crop the input")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        elif self.config.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(positions, self.config.n_embd).to(x.dtype)
+        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta) \
+            if self.config.pos_encoding == "rope" else None
+        x = self.dropout(x)
+        attentions = [] if return_attentions else None
+        for block in self.blocks:
+            x, w = block(x, rope, cache, return_attentions)
+            if attentions is not None:
+                attentions.append(w)
+        if cache is not None:
+            cache.pos += T
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return LMOutput(logits, loss, attentions)

@@ -1,0 +1,304 @@
+"""Training: a short loop over stateful components (model, optimizer, batch sampler, RNG), checkpointed so that a
+resumed run continues exactly where the interrupted one stopped.
+
+Run folder: config.json (resolved model/train/data config), tokenizer.json, env.json (versions, hardware, git
+revision), metrics.jsonl (one JSON object per logged step or evaluation), loss.png, checkpoints/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import atomic_write_text, latest_checkpoint, load_state, load_weights, save_checkpoint
+from .config import ModelConfig, TrainConfig, dump_json
+from .data import BatchSampler, PreparedData, default_corpus, is_prepared, load_prepared, prepare, read_sources, \
+    resolve_sources
+from .errors import CheckpointError, RunExistsError
+from .evaluate import EvalResult, evaluate_tokens
+from .model import Transformer
+from .runtime import autocast, autocast_dtype, environment, resolve_device
+from .tokenizers import build_tokenizer, save_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    elapsed: float
+    """Seconds of training, summed over resumed segments."""
+    val: EvalResult | None
+    interrupted: bool
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with two groups: weight decay on matrices of linear layers, none on embeddings, biases and norm gains."""
+    embeddings = {id(model.tok_emb.weight)} | ({id(model.pos_emb.weight)} if model.pos_emb is not None else set())
+    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"  # the fused kernel exists for CUDA; foreach is the fast path elsewhere
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
+
+
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_iters steps, then cosine decay from lr to lr·min_lr_ratio as `progress` goes 0 → 1."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    progress = min(max(progress, 0.0), 1.0)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+class Budget:
+    """The run's end, by iterations, tokens or wall-clock time, whichever comes first, and its progress in [0, 1]."""
+
+    def __init__(self, cfg: TrainConfig, tokens_per_step: int) -> None:
+        limits = [cfg.max_iters, math.ceil(cfg.max_tokens / tokens_per_step) if cfg.max_tokens else None]
+        self.max_steps = min((x for x in limits if x is not None), default=None)
+        self.max_time = cfg.max_time
+        self.warmup = cfg.warmup_iters
+
+    def progress(self, step: int, elapsed: float) -> float:
+        p = 0.0
+        if self.max_steps is not None:
+            p = (step - self.warmup) / max(1, self.max_steps - self.warmup)
+        if self.max_time is not None:
+            p = max(p, elapsed / self.max_time)
+        return p
+
+    def done(self, step: int, elapsed: float) -> bool:
+        return (self.max_steps is not None and step >= self.max_steps) or \
+            (self.max_time is not None and elapsed >= self.max_time)
+
+
+def cache_dir() -> Path:
+    """Where raw text given to `tlm train` is prepared once and reused: $TLM_CACHE_DIR or ~/.cache/transformer-lm."""
+    return Path(os.environ.get("TLM_CACHE_DIR") or Path.home() / ".cache" / "transformer-lm")
+
+
+def training_data(data: str | Path | None, tokenizer: str = "byte", vocab_size: int | None = None,
+                  gpt2_dir: str | Path | None = None) -> PreparedData:
+    """Data for `tlm train`: a folder made by `tlm prepare` is used as it is; raw text (a file, folder or glob, or by
+    default the Python standard library's source) is prepared into the cache, keyed by the files' paths, sizes and
+    modification times and the tokenizer settings, so a second run starts at once."""
+    if data is not None and is_prepared(data):
+        return load_prepared(data)
+    sources = default_corpus() if data is None else resolve_sources(data)
+    key = json.dumps({"sources": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources],
+                      "tokenizer": tokenizer, "vocab_size": vocab_size if tokenizer == "bpe" else None,
+                      "gpt2_dir": str(gpt2_dir) if tokenizer == "gpt2" else None})
+    out = cache_dir() / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if not is_prepared(out):
+        log.info("preparing %d file(s) with the %s tokenizer into %s", len(sources), tokenizer, out)
+        tok = build_tokenizer(tokenizer, read_sources(sources), vocab_size, gpt2_dir)
+        prepare(sources, out, tok)
+    return load_prepared(out)
+
+
+def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: bool, overwrite: bool) -> bool:
+    """Validate what is already in `run_dir`; return True when there is a checkpoint to resume from.
+
+    A folder holding another run is refused unless --resume (same model config required) or --overwrite.
+    """
+    saved = run_dir / "config.json"
+    if resume:
+        if latest_checkpoint(run_dir) is None:
+            raise CheckpointError(f"--resume given but {run_dir} has no checkpoint; drop --resume to start a new run")
+        old = json.loads(saved.read_text())
+        if old.get("model") != config["model"]:
+            diff = sorted(k for k in config["model"] if old.get("model", {}).get(k) != config["model"][k])
+            raise CheckpointError(f"checkpoint in {run_dir} was trained with a different model config (fields {diff});"
+                                  " resume with the same config or start a new run with --overwrite")
+        return True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                                 "replace it, or choose another --out")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return False
+
+
+@contextmanager
+def stop_on_sigint():
+    """Turn the first Ctrl-C into a flag the loop checks between steps (so the checkpoint is of a completed step);
+    a second Ctrl-C interrupts at once."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_dir: str | Path,
+          resume: bool = False, overwrite: bool = False, progress: bool = True,
+          extra_config: dict[str, Any] | None = None) -> TrainResult:
+    """Train a model on prepared data into `run_dir`. `model_config.vocab_size` is set from the tokenizer."""
+    run_dir = Path(run_dir)
+    model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": data.tokenizer.vocab_size})
+    config = {"model": model_config.to_dict(), "train": json.loads(dump_json(cfg)), **(extra_config or {})}
+    resuming = prepare_run_dir(run_dir, config, resume, overwrite)
+    device = resolve_device(cfg.device)
+    amp_dtype = autocast_dtype(device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_config).to(device).init_weights(cfg.seed)
+    optimizer = make_optimizer(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
+    budget = Budget(cfg, tokens_per_step)
+    step, elapsed = 0, 0.0
+    metrics_path = run_dir / "metrics.jsonl"
+
+    if resuming:
+        folder = latest_checkpoint(run_dir)
+        load_weights(model, folder)
+        state = load_state(folder)
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        step, elapsed = state["step"], state["elapsed"]
+        _truncate_metrics(metrics_path, step)  # drop lines logged after the checkpoint by the interrupted run
+        log.info("resumed %s at step %d", run_dir, step)
+    else:
+        atomic_write_text(run_dir / "config.json", dump_json(config))
+        save_tokenizer(data.tokenizer, run_dir / "tokenizer.json")
+        atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=2))
+
+    forward = torch.compile(model) if cfg.compile else model
+    ctx = autocast(device, amp_dtype)
+    bytes_per_token = data.manifest["val_bytes"] / max(1, data.manifest["val_tokens"])
+
+    def checkpoint() -> None:
+        state = {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step,
+                 "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": {"cpu": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
+        save_checkpoint(run_dir, model, state, step)
+
+    def evaluate() -> EvalResult:
+        result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, cfg.eval_batches, ctx)
+        _append_metrics(metrics_path, {"step": step, "tokens": step * tokens_per_step, "elapsed": round(elapsed, 3),
+                                       **{f"val_{k}": v for k, v in result.to_dict().items()}})
+        return result
+
+    val: EvalResult | None = None
+    interrupted = False
+    total = budget.max_steps
+    bar = tqdm(total=total, initial=step, disable=not progress or None, dynamic_ncols=True, unit="step",
+               desc=run_dir.name)
+    model.train()
+    with stop_on_sigint() as sigint:
+        while not budget.done(step, elapsed):
+            t0 = time.perf_counter()
+            lr = lr_at(step, budget.progress(step, elapsed), cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for _ in range(cfg.grad_accum):
+                x, y = sampler.next()
+                with ctx:
+                    loss = forward(x.to(device), y.to(device)).loss
+                scaler.scale(loss / cfg.grad_accum).backward()
+                loss_sum += loss.item()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            train_loss = loss_sum / cfg.grad_accum
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            if step % cfg.log_interval == 0 or step == 1:
+                _append_metrics(metrics_path, {"step": step, "tokens": step * tokens_per_step, "loss": train_loss,
+                                               "lr": lr, "grad_norm": float(grad_norm),
+                                               "tokens_per_s": tokens_per_step / dt, "elapsed": round(elapsed, 3)})
+            finished = budget.done(step, elapsed)
+            if step % cfg.eval_interval == 0 or finished:
+                val = evaluate()
+                bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.perplexity:.2f}, bpb {val.bpb:.4f}")
+                checkpoint()
+            elif sigint["stop"]:
+                checkpoint()
+            if sigint["stop"]:
+                interrupted = True
+                break
+    bar.close()
+    if not interrupted:
+        plot_losses(metrics_path, run_dir / "loss.png")
+    return TrainResult(run_dir, step, step * tokens_per_step, elapsed, val, interrupted)
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """Training and validation loss against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val_pts = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train", linewidth=1)
+    if val_pts:
+        ax.plot(*zip(*val_pts), "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(out.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+

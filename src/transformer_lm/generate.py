@@ -38,9 +38,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 def crop_prompt(ids: Sequence[int], block_size: int) -> list[int]:
-    """Keep the last block_size - 1 ids, leaving room for at least one new token."""
+    """Keep the last block_size - 1 ids (at least one), leaving room for a new token."""
     ids = list(ids)
-    keep = block_size - 1
+    keep = max(1, block_size - 1)
     if len(ids) > keep:
         log.warning("prompt of %d tokens is longer than the context window (%d): keeping its last %d tokens",
                     len(ids), block_size, keep)
@@ -73,7 +73,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
                 x = torch.tensor([ids[-block:]], device=device)
             else:
                 if cache.pos + len(pending) > block:  # window full: restart from the recent half window
-                    cache.pos, pending = 0, ids[-(block // 2):]
+                    cache.pos, pending = 0, ids[-max(1, block // 2):]
                 x = torch.tensor([pending], device=device)
             logits = model(x, cache=cache, last_only=True).logits[:, -1, :]
             nxt = int(sample_next(logits, temperature, top_k, top_p, generator))

@@ -202,7 +202,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> Transformer:
         """GPT-2 initialization: N(0, 0.02) for matrices and embeddings, zero biases, unit norm gains, and the
-        residual output projections scaled by 1/√(2·n_layer) so the residual stream's variance does not grow with depth."""
+        residual output projections scaled by 1/√(2·n_layer) so the residual stream's variance does not grow
+        with depth."""
         gen = torch.Generator(device=self.tok_emb.weight.device)
         gen.manual_seed(seed) if seed is not None else gen.seed()
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)

@@ -25,8 +25,16 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, latest_checkpoint, load_state, load_weights, save_checkpoint
 from .config import ModelConfig, TrainConfig, dump_json
-from .data import BatchSampler, PreparedData, default_corpus, is_prepared, load_prepared, prepare, read_sources, \
-    resolve_sources
+from .data import (
+    BatchSampler,
+    PreparedData,
+    default_corpus,
+    is_prepared,
+    load_prepared,
+    prepare,
+    read_sources,
+    resolve_sources,
+)
 from .errors import CheckpointError, RunExistsError
 from .evaluate import EvalResult, evaluate_tokens
 from .model import Transformer
@@ -160,8 +168,11 @@ def stop_on_sigint():
 
 def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_dir: str | Path,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
-          extra_config: dict[str, Any] | None = None) -> TrainResult:
-    """Train a model on prepared data into `run_dir`. `model_config.vocab_size` is set from the tokenizer."""
+          extra_config: dict[str, Any] | None = None, stop_at: int | None = None) -> TrainResult:
+    """Train a model on prepared data into `run_dir`. `model_config.vocab_size` is set from the tokenizer.
+
+    `stop_at` pauses the run after that step exactly as Ctrl-C does (checkpoint, `interrupted=True`) while the
+    schedule still targets the whole budget: a run trained in segments with `resume` equals one trained at once."""
     run_dir = Path(run_dir)
     model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": data.tokenizer.vocab_size})
     config = {"model": model_config.to_dict(), "train": json.loads(dump_json(cfg)), **(extra_config or {})}
@@ -252,9 +263,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
                 val = evaluate()
                 bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.perplexity:.2f}, bpb {val.bpb:.4f}")
                 checkpoint()
-            elif sigint["stop"]:
+            elif sigint["stop"] or step == stop_at:
                 checkpoint()
-            if sigint["stop"]:
+            if sigint["stop"] or step == stop_at:
                 interrupted = True
                 break
     bar.close()

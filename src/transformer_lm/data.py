@@ -1,0 +1,417 @@
+"""Corpus → token files + manifest, and batches drawn from them.
+
+`prepare` streams text files through a tokenizer in worker processes into nanoGPT's format: two flat arrays of
+raw token ids, `train.bin` and `val.bin` (read back with `np.memmap`), beside `tokenizer.json` and a
+`manifest.json` with the counts. `BatchSampler` draws random training windows from a position that a checkpoint
+saves and restores exactly; `iter_eval_batches` walks a split the same way every time, for evaluation.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import itertools
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import secrets
+import shutil
+import sysconfig
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError, DataError
+from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
+
+log = logging.getLogger(__name__)
+
+CHUNK_CHARS = 1 << 20  # characters per tokenization task (~1 MiB of ASCII); tests shrink it to stress the cuts
+MANIFEST_FORMAT = 1
+_SNIFF_BYTES = 8192
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+# A line break between two non-space characters: GPT-2-style pre-tokenization never joins text across it.
+_LINE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+
+Piece = tuple[str, str, bool]  # (split, text, append end-of-text after it)
+
+
+def _open_text(path: Path):
+    """Text mode as every pass reads it: UTF-8, damaged bytes → U+FFFD, line endings kept (so bytes add up)."""
+    return open(path, encoding="utf-8", errors="replace", newline="")
+
+
+def _is_text(path: Path) -> bool:
+    """A non-empty file with no NUL byte and valid UTF-8 in its first 8 KiB (a character cut at the end is fine)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in head
+
+
+def _walk(root: Path, skip: set[str] = frozenset()) -> list[Path]:
+    """Files under `root`, sorted, without hidden names or folders named in `skip`; symlinked folders not followed."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip]
+        found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
+    return sorted(found)
+
+
+def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The text files named by `source`: a file, a folder, a glob pattern (`**` recurses), or a list of those.
+
+    Folders are walked recursively in sorted order, and folders and glob matches keep only non-empty,
+    text-looking files (no NUL byte and valid UTF-8 in the first 8 KiB), skipping hidden names. A file named
+    directly must be non-empty text; anything that resolves to no files raises DataError.
+    """
+    if not isinstance(source, (str, os.PathLike)):
+        files = [f for s in source for f in resolve_sources(s)]
+        if not files:
+            raise DataError("no data sources were given; pass a text file, a folder or a glob pattern")
+        return files
+    path = Path(source)
+    if path.is_file():
+        if path.stat().st_size == 0:
+            raise DataError(f"data file {path} is empty; pass a file with text in it")
+        if not _is_text(path):
+            raise DataError(f"data file {path} does not look like UTF-8 text; pass a text file")
+        return [path]
+    if path.is_dir():
+        files, what = [f for f in _walk(path) if _is_text(f)], f"folder {path}"
+    elif any(c in str(source) for c in "*?["):
+        matches = [Path(p) for p in sorted(glob.glob(str(source), recursive=True))]
+        if not matches:
+            raise DataError(f"glob pattern {str(source)!r} matches no files; fix the pattern (quote it in the shell)")
+        files, what = [f for f in matches if _is_text(f)], f"glob pattern {str(source)!r}"
+    else:
+        raise DataError(f"data path {path} does not exist; pass an existing text file, folder or glob pattern")
+    if not files:
+        raise DataError(f"{what} has no non-empty text files; add some or point to other data")
+    return files
+
+
+def default_corpus() -> list[Path]:
+    """The built-in corpus: the running Python's standard library, on every machine with no download.
+
+    Every non-empty `.py` file under `sysconfig.get_paths()["stdlib"]`, sorted, except inside folders named
+    site-packages/dist-packages (third-party code), test/tests/idlelib/lib2to3 (test suites and fixtures, some
+    deliberately malformed) and __pycache__, and hidden ones. Its size depends on the Python version.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in _walk(root, _STDLIB_SKIP) if p.suffix == ".py" and p.stat().st_size > 0]
+    if not files:
+        raise DataError(f"found no standard-library .py files under {root}; pass your own data files instead")
+    return files
+
+
+def _cut_point(buf: str) -> int:
+    """Where to end a tokenization chunk: the last line break between non-space characters in the second half,
+    else the last line break, else the end. Byte and char ids never depend on the cut, and BPE with GPT-2's
+    pre-tokenizer merges nothing across the first kind, so chunked ids equal those of the whole text."""
+    last = deque(_LINE_CUT.finditer(buf, len(buf) // 2), maxlen=1)
+    if last:
+        return last[0].end()
+    return buf.rfind("\n") + 1 or len(buf)
+
+
+def _file_chunks(path: Path) -> Iterator[str]:
+    """The text of `path` in pieces of at most ~2 * CHUNK_CHARS characters, cut at `_cut_point`."""
+    with _open_text(path) as f:
+        carry, block = "", f.read(CHUNK_CHARS)
+        while block:
+            ahead = f.read(CHUNK_CHARS)
+            buf = carry + block
+            cut = _cut_point(buf) if ahead else len(buf)
+            yield buf[:cut]
+            carry, block = buf[cut:], ahead
+
+
+def read_sources(paths: Sequence[Path]) -> Iterator[str]:
+    """Stream the text of `paths` (as `prepare` reads it) in line-aligned pieces; joined, they are the files'
+    text back to back. Feeds tokenizer training without holding the corpus in memory."""
+    for path in paths:
+        yield from _file_chunks(Path(path))
+
+
+def _pieces(sources: Sequence[Path], split_at: int, separate: bool) -> Iterator[Piece]:
+    """The corpus stream in order as (split, text, end-of-text after) pieces; the piece that holds character
+    `split_at` is cut there, and each file's separator goes with that file's last piece."""
+    start = 0  # stream offset, in characters, of the next piece
+    for i, path in enumerate(sources):
+        chunks = _file_chunks(path)
+        prev = next(chunks, None)
+        while prev is not None:
+            nxt = next(chunks, None)
+            eot = separate and nxt is None and i < len(sources) - 1
+            end = start + len(prev)
+            if start < split_at < end:
+                yield "train", prev[: split_at - start], False
+                yield "val", prev[split_at - start :], eot
+            else:
+                yield ("train" if end <= split_at else "val"), prev, eot
+            start, prev = end, nxt
+
+
+class _Encoder:
+    """Turns a piece into (split, ids, UTF-8 bytes of its text); runs in this process or once per worker."""
+
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype):
+        self.tokenizer, self.dtype = tokenizer, dtype
+
+    def __call__(self, piece: Piece) -> tuple[str, np.ndarray, int]:
+        split, text, eot = piece
+        ids = self.tokenizer.encode(text) if text else []
+        if eot:
+            ids = [*ids, self.tokenizer.eot_id]
+        return split, np.array(ids, dtype=self.dtype), len(text.encode("utf-8"))
+
+
+_worker_encoder: _Encoder | None = None
+
+
+def _init_worker(tokenizer: dict[str, Any], dtype: np.dtype) -> None:
+    global _worker_encoder
+    _worker_encoder = _Encoder(tokenizer_from_dict(tokenizer), dtype)
+
+
+def _encode_in_worker(piece: Piece) -> tuple[str, np.ndarray, int]:
+    assert _worker_encoder is not None, "the pool initializer did not run"
+    return _worker_encoder(piece)
+
+
+def _encoded(pieces: Iterator[Piece], tokenizer: Tokenizer, dtype: np.dtype, workers: int):
+    """Encoded pieces in order. A window of 2 * workers tasks in flight bounds memory (Pool.imap would not: its
+    feeder thread reads the whole input ahead). Workers start from a fresh interpreter (forkserver/spawn), which
+    avoids fork's hazards with the threads of torch and of Hugging Face tokenizers."""
+    if workers == 1:
+        yield from map(_Encoder(tokenizer, dtype), pieces)
+        return
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["__main__", __name__])  # import torch once per program, not once per worker
+    else:
+        ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, _init_worker, (tokenizer.to_dict(), dtype)) as pool:
+        pending: deque = deque()
+        for piece in pieces:
+            pending.append(pool.apply_async(_encode_in_worker, (piece,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _count_chars(path: Path) -> int:
+    try:
+        with _open_text(path) as f:
+            return sum(len(block) for block in iter(lambda: f.read(CHUNK_CHARS), ""))
+    except OSError as e:
+        raise DataError(f"cannot read data file {path} ({e.strerror}); check the path and its permissions") from None
+
+
+def _replace_dir(new: Path, out_dir: Path) -> None:
+    """Move the finished folder `new` to `out_dir`; a previous `out_dir` is deleted only after the move."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = new.with_name(new.name + ".old")
+    os.replace(out_dir, old)
+    try:
+        os.replace(new, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tokenizer: Tokenizer,
+            val_fraction: float = 0.1, workers: int | None = None) -> dict[str, Any]:
+    """Tokenize `sources` into `out_dir`/{train.bin, val.bin, tokenizer.json, manifest.json}; returns the manifest.
+
+    The files form one stream, with the tokenizer's end-of-text id between consecutive files when it has one.
+    Split (nanoGPT's rule, on characters): the first int(n_chars * (1 - val_fraction)) characters go to train,
+    the rest to val, each side tokenized on its own; a file's separator goes with the file's last character.
+    Streaming: a first pass counts characters; the second reads pieces of ~CHUNK_CHARS characters cut at line
+    breaks (see `_cut_point`), tokenized by `workers` processes (default: all CPUs, fewer for small corpora).
+    Atomic: files are written into a hidden folder beside `out_dir`, the manifest last, and the folder renamed
+    into place; an existing `out_dir` must be empty or prepared, and is replaced only by a complete new one.
+    """
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}; leave it unset to use every CPU")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir.is_dir() and (is_prepared(out_dir) or not any(out_dir.iterdir()))):
+        raise DataError(f"{out_dir} exists and is not a prepared data folder; choose a new or empty output folder")
+    chars = [(Path(p), _count_chars(Path(p))) for p in sources]
+    sources = [p for p, n in chars if n]
+    total = sum(n for _, n in chars)
+    if total == 0:
+        raise DataError("the data files hold no text; pass non-empty text files")
+    split_at = int(total * (1 - val_fraction))
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = max(1, min(workers or cpus, -(-total // CHUNK_CHARS)))
+    log.info("tokenizing %d files (%d characters) with %d workers", len(sources), total, workers)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")  # hidden; mkdir honours the umask
+    tmp.mkdir()
+    try:
+        tokens, nbytes = {"train": 0, "val": 0}, {"train": 0, "val": 0}
+        with open(tmp / "train.bin", "wb") as train_f, open(tmp / "val.bin", "wb") as val_f:
+            files = {"train": train_f, "val": val_f}
+            pieces = _pieces(sources, split_at, tokenizer.eot_id is not None)
+            for split, ids, n in _encoded(pieces, tokenizer, dtype, workers):
+                files[split].write(ids.tobytes())
+                tokens[split] += len(ids)
+                nbytes[split] += n
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+        for split, n in tokens.items():
+            if n < 2:
+                raise DataError(f"the {split} split has {n} token(s), fewer than 2; add text or change val_fraction")
+        save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
+            "dtype": dtype.name,
+            "train_tokens": tokens["train"], "val_tokens": tokens["val"],
+            "train_bytes": nbytes["train"], "val_bytes": nbytes["val"],
+            "train_chars": split_at, "val_chars": total - split_at,
+            "val_fraction": val_fraction,
+            "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in sources],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("prepared %s: %d train / %d val tokens", out_dir, tokens["train"], tokens["val"])
+    return manifest
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    """A folder holding a manifest.json, which `prepare` writes last (whether it is intact: `load_prepared`)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared folder: read-only memory-mapped splits, the manifest, and the tokenizer that made them."""
+
+    train: np.memmap
+    val: np.memmap
+    manifest: dict[str, Any]
+    tokenizer: Tokenizer
+
+
+def load_prepared(path: str | os.PathLike) -> PreparedData:
+    """Open a folder written by `prepare`, checking the manifest against the files' sizes."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{path} is not a prepared data folder (no manifest.json); run prepare on your text first")
+    try:
+        m = json.loads(manifest_path.read_text(encoding="utf-8"))
+        dtype = np.dtype(_DTYPES[m["dtype"]])
+        valid = m["format"] == MANIFEST_FORMAT and all(
+            type(m[f"{s}_tokens"]) is int and m[f"{s}_tokens"] >= 2 for s in ("train", "val"))
+        vocab_size = m["tokenizer"]["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{manifest_path} is unreadable or corrupt ({e!r}); run prepare again") from None
+    if not valid:
+        raise DataError(f"{manifest_path} is corrupt or of another format version; run prepare again")
+    splits = {}
+    for split in ("train", "val"):
+        file, n = path / f"{split}.bin", m[f"{split}_tokens"]
+        size = file.stat().st_size if file.is_file() else None
+        if size != n * dtype.itemsize:
+            raise DataError(f"{file} has {size} bytes, but the manifest says {n} {dtype.name} tokens "
+                            f"({n * dtype.itemsize} bytes); the folder is damaged: run prepare again")
+        splits[split] = np.memmap(file, dtype=dtype, mode="r", shape=(n,))
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    if tokenizer.vocab_size != vocab_size:
+        raise DataError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, the manifest {vocab_size}; "
+                        "run prepare again")
+    return PreparedData(splits["train"], splits["val"], m, tokenizer)
+
+
+def _windows(tokens: np.ndarray, starts: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = tokens[s : s + length], y = the same shifted by one, for each start: int64 (len(starts), length)."""
+    rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in starts])
+    rows = torch.from_numpy(rows)  # (B, T + 1)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+class BatchSampler:
+    """Random training windows whose sequence resumes exactly from a checkpoint.
+
+    Each row is a window of block_size + 1 tokens at a start uniform in [0, len(tokens) - block_size - 1], as
+    x = window[:-1] and y = window[1:]. Starts come from a torch.Generator owned by the sampler, so its state
+    (with the count of batches drawn) is all `state_dict` needs for the next batches to match a run never stopped.
+    """
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int):
+        if batch_size < 1 or block_size < 1:
+            raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
+        if len(tokens) < block_size + 1:
+            raise DataError(f"the data has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1} for "
+                            "one training window; use a smaller --model.block_size or more data")
+        self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.batches_drawn = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), both int64 of shape (batch_size, block_size)."""
+        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+        self.batches_drawn += 1
+        return _windows(self.tokens, starts.tolist(), self.block_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.batches_drawn = int(state["batches_drawn"])
+
+
+def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
+                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every window of a split once, in order: the same batches on every call.
+
+    Windows start at 0, block_size, 2 * block_size, ... so the targets y are exactly tokens[1:], each once.
+    Full windows come batch_size at a time (the last batch may have fewer rows); a shorter tail window comes
+    last as a (1, r) batch, so weight each batch's mean loss by y.numel(). Stops after `max_batches` if given.
+    """
+    if batch_size < 1 or block_size < 1:
+        raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
+    if len(tokens) < 2:
+        raise DataError(f"the split has {len(tokens)} token(s); evaluation needs at least 2: add more text")
+    n_full, tail = divmod(len(tokens) - 1, block_size)
+    starts = range(0, n_full * block_size, block_size)
+    batches = [(starts[i : i + batch_size], block_size) for i in range(0, n_full, batch_size)]
+    if tail:
+        batches.append(([n_full * block_size], tail))
+    for rows, length in itertools.islice(batches, max_batches):
+        yield _windows(tokens, rows, length)

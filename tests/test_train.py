@@ -1,0 +1,192 @@
+"""Training loop, checkpoints and resume: the properties a user relies on when a run is interrupted."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer_lm import checkpoint as ckpt
+from transformer_lm.api import load_run
+from transformer_lm.config import ModelConfig, TrainConfig
+from transformer_lm.errors import CheckpointError, RunExistsError
+from transformer_lm.model import Transformer
+from transformer_lm.train import Budget, lr_at, read_metrics, train, training_data
+
+SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
+
+
+def small_train(**kw) -> TrainConfig:
+    base = dict(batch_size=4, max_iters=12, eval_interval=5, eval_batches=2, log_interval=1, warmup_iters=3, lr=3e-3)
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_iters=10, max_iters=110)
+    assert lr_at(0, 0.0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 0.0, cfg) == pytest.approx(1.0)
+    budget = Budget(cfg, tokens_per_step=1)
+    mid = lr_at(60, budget.progress(60, 0.0), cfg)
+    assert mid == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)
+    assert lr_at(110, budget.progress(110, 0.0), cfg) == pytest.approx(0.1)
+
+
+def test_budget_by_tokens_and_time():
+    assert Budget(TrainConfig(max_iters=None, max_tokens=1000), tokens_per_step=64).max_steps == 16
+    b = Budget(TrainConfig(max_iters=None, max_time=2.0), tokens_per_step=64)
+    assert not b.done(10**6, 1.9) and b.done(1, 2.0)
+
+
+def test_train_writes_complete_run_folder(corpus_file: Path, tmp_path: Path):
+    data = training_data(corpus_file, "char")
+    res = train(ModelConfig(**SMALL), small_train(), data, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    assert res.step == 12 and not res.interrupted
+    for name in ("config.json", "tokenizer.json", "env.json", "metrics.jsonl", "loss.png"):
+        assert (run / name).is_file(), name
+    env = json.loads((run / "env.json").read_text())
+    assert env["versions"]["torch"] == torch.__version__.split("+")[0] or env["versions"]["torch"]
+    records = read_metrics(run / "metrics.jsonl")
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10, 12]
+    assert all(r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
+    # bits per byte from the split's byte count: loss/ln2 * tokens/bytes
+    m = data.manifest
+    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2) * m["val_tokens"] / m["val_bytes"])
+    loaded = load_run(run, "cpu")
+    assert loaded.step == 12 and loaded.model.config.vocab_size == data.tokenizer.vocab_size
+
+
+def test_training_reduces_loss(corpus_file: Path, tmp_path: Path):
+    data = training_data(corpus_file, "byte")
+    cfg = small_train(max_iters=60, eval_interval=60, log_interval=10)
+    train(ModelConfig(**{**SMALL, "dropout": 0.0}), cfg, data, tmp_path / "run", progress=False)
+    curve = losses(tmp_path / "run")
+    assert curve[60] < 0.6 * curve[1]  # from ~ln(256) = 5.5 to well below
+
+
+def test_checkpoint_round_trip(tmp_path: Path):
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    state = {"step": 3, "optimizer": {"x": torch.arange(4)}}
+    ckpt.save_checkpoint(tmp_path, model, state, 3)
+    clone = Transformer(ModelConfig(**SMALL))
+    ckpt.load_weights(clone, ckpt.latest_checkpoint(tmp_path))
+    for (k, a), b in zip(model.state_dict().items(), clone.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert clone.lm_head.weight is clone.tok_emb.weight  # tying survives loading
+    assert torch.equal(ckpt.load_state(ckpt.latest_checkpoint(tmp_path))["optimizer"]["x"], torch.arange(4))
+
+
+@pytest.mark.parametrize("crash_at", ["weights", "state", "rename", "pointer"])
+def test_crash_mid_checkpoint_leaves_previous_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_at):
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    ckpt.save_checkpoint(tmp_path, model, {"step": 1}, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def boom(*a, **k):
+        raise OSError("simulated crash")
+
+    if crash_at == "weights":
+        monkeypatch.setattr(ckpt, "save_file", lambda tensors, path, metadata=None: (
+            Path(path).write_bytes(b"\x00" * 100), boom()))
+    elif crash_at == "state":
+        monkeypatch.setattr(ckpt.torch, "save", boom)
+    elif crash_at == "rename":
+        monkeypatch.setattr(ckpt.os, "replace", boom)
+    else:
+        monkeypatch.setattr(ckpt, "atomic_write_text", boom)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_checkpoint(tmp_path, model, {"step": 2}, 2)
+    monkeypatch.undo()
+    folder = ckpt.latest_checkpoint(tmp_path)
+    assert folder.name == "step-0000001"
+    clone = Transformer(ModelConfig(**SMALL))
+    ckpt.load_weights(clone, folder)
+    assert all(torch.equal(before[k], v) for k, v in clone.state_dict().items())
+    ckpt.save_checkpoint(tmp_path, model, {"step": 2}, 2)  # and the next save recovers
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000002"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step-0000002"]
+
+
+def test_truncated_or_corrupt_weights_raise(tmp_path: Path):
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    folder = ckpt.save_checkpoint(tmp_path, model, {"step": 1}, 1)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ckpt.load_weights(Transformer(ModelConfig(**SMALL)), folder)
+    weights.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ckpt.load_weights(Transformer(ModelConfig(**SMALL)), folder)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        ckpt.load_weights(Transformer(ModelConfig(**SMALL)), ckpt.save_checkpoint(
+            tmp_path / "other", Transformer(ModelConfig(**{**SMALL, "n_embd": 64})).init_weights(0), {}, 1))
+
+
+def test_resume_continues_exactly(corpus_file: Path, tmp_path: Path):
+    """An interrupted run, resumed, logs the same per-step losses as an uninterrupted one (dropout on, so the RNG
+    state matters too)."""
+    data = training_data(corpus_file, "char")
+    full = train(ModelConfig(**SMALL), small_train(), data, tmp_path / "full", progress=False)
+    # interrupt at step 7 (after the step-5 checkpoint the interrupted run logged steps 6-7, which resume drops)
+    half = train(ModelConfig(**SMALL), small_train(max_iters=12), data, tmp_path / "half", progress=False,
+                 stop_at=7)
+    assert half.interrupted and half.step == 7
+    resumed = train(ModelConfig(**SMALL), small_train(), data, tmp_path / "half", resume=True, progress=False)
+    assert resumed.step == full.step == 12
+    assert losses(tmp_path / "half") == losses(tmp_path / "full")
+    assert resumed.val.loss == full.val.loss
+
+
+def test_existing_run_is_refused_and_untouched(corpus_file: Path, tmp_path: Path):
+    data = training_data(corpus_file, "char")
+    train(ModelConfig(**SMALL), small_train(max_iters=5), data, tmp_path / "run", progress=False)
+    snapshot = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(ModelConfig(**SMALL), small_train(), data, tmp_path / "run", progress=False)
+    with pytest.raises(CheckpointError, match="different model config"):
+        train(ModelConfig(**{**SMALL, "n_layer": 3}), small_train(), data, tmp_path / "run", resume=True,
+              progress=False)
+    assert snapshot == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+
+def test_ctrl_c_saves_checkpoint_and_resume_matches(corpus_file: Path, tmp_path: Path):
+    """A real Ctrl-C (SIGINT) to a `tlm train` process: it checkpoints, exits 130, and --resume finishes the run with
+    the losses of an uninterrupted run, wherever the signal landed."""
+    args = [str(corpus_file), "--tokenizer", "char", "--model.n_layer", "2", "--model.n_head", "2",
+            "--model.n_embd", "32", "--model.block_size", "16", "--model.dropout", "0.1", "--train.batch_size", "4",
+            "--train.max_iters", "300", "--train.eval_interval", "1000", "--train.eval_batches", "1",
+            "--train.log_interval", "1"]
+    cmd = [sys.executable, "-m", "transformer_lm.cli", "train", *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*cmd, "--out", str(tmp_path / "full")], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "cut")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert b"--resume" in err
+    stopped = json.loads((tmp_path / "cut" / "checkpoints" / "latest").read_text())["step"]
+    assert 0 < stopped < 300
+    subprocess.run([*cmd, "--out", str(tmp_path / "cut"), "--resume", "true"], env=env, check=True,
+                   capture_output=True)
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")

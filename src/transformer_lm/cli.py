@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from . import accounting
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, presets
@@ -31,13 +31,15 @@ def _add_tokenizer_args(p: ArgumentParser) -> None:
 
 
 def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
+    # the config fields' docstrings become the option descriptions of --help
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="tlm", exit_on_error=False, description="Train, sample and evaluate Transformer "
                             "language models.")
     sub = parser.add_subcommands(dest="command")
     cmds: dict[str, ArgumentParser] = {}
 
     p = cmds["prepare"] = ArgumentParser(exit_on_error=False, description="Tokenize text into train/val token files.")
-    p.add_argument("sources", type=list[str], nargs="+", help="Text files, folders or glob patterns.")
+    p.add_argument("sources", type=str, nargs="+", help="Text files, folders or glob patterns.")
     p.add_argument("--out", type=str, required=True, help="Output folder for train.bin, val.bin and manifest.json.")
     _add_tokenizer_args(p)
     p.add_argument("--val_fraction", type=float, default=0.1, help="Fraction of the text held out for validation.")

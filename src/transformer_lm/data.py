@@ -38,8 +38,7 @@ CHUNK_CHARS = 1 << 20  # characters per tokenization task (~1 MiB of ASCII); tes
 MANIFEST_FORMAT = 1
 _SNIFF_BYTES = 8192
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-# A line break between two non-space characters: GPT-2-style pre-tokenization never joins text across it.
-_LINE_CUT = re.compile(r"(?<=\S)\n(?=\S)")
+_CUTS = (re.compile(r"(?<=\S)(?=\r?\n)"), re.compile(r"(?<=\S)(?=\s)"))  # preferred chunk ends; see _cut_point
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 Piece = tuple[str, str, bool]  # (split, text, append end-of-text after it)
@@ -51,16 +50,19 @@ def _open_text(path: Path):
 
 
 def _is_text(path: Path) -> bool:
-    """A non-empty file with no NUL byte and valid UTF-8 in its first 8 KiB (a character cut at the end is fine)."""
+    """A non-empty file without a NUL byte in its first 8 KiB (git's test for binary). Text that is not valid UTF-8
+    (say, Windows-1252 quotes in a Gutenberg book) is kept with a warning; its undecodable bytes read as U+FFFD."""
     if not path.is_file() or path.stat().st_size == 0:
         return False
     with open(path, "rb") as f:
         head = f.read(_SNIFF_BYTES)
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
-    except UnicodeDecodeError:
+    if b"\0" in head:
         return False
-    return b"\0" not in head
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
+    except UnicodeDecodeError:
+        log.warning("%s is not valid UTF-8; its undecodable bytes will read as U+FFFD", path)
+    return True
 
 
 def _walk(root: Path, skip: set[str] = frozenset()) -> list[Path]:
@@ -75,9 +77,9 @@ def _walk(root: Path, skip: set[str] = frozenset()) -> list[Path]:
 def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The text files named by `source`: a file, a folder, a glob pattern (`**` recurses), or a list of those.
 
-    Folders are walked recursively in sorted order, and folders and glob matches keep only non-empty,
-    text-looking files (no NUL byte and valid UTF-8 in the first 8 KiB), skipping hidden names. A file named
-    directly must be non-empty text; anything that resolves to no files raises DataError.
+    Folders are walked recursively in sorted order, skipping hidden names; folders and glob matches keep only
+    non-empty text files (no NUL byte in the first 8 KiB, see `_is_text`). A file named directly must be
+    non-empty text; anything that resolves to no files raises DataError.
     """
     if not isinstance(source, (str, os.PathLike)):
         files = [f for s in source for f in resolve_sources(s)]
@@ -89,7 +91,7 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty; pass a file with text in it")
         if not _is_text(path):
-            raise DataError(f"data file {path} does not look like UTF-8 text; pass a text file")
+            raise DataError(f"data file {path} looks binary (a NUL byte in its first 8 KiB); pass a text file")
         return [path]
     if path.is_dir():
         files, what = [f for f in _walk(path) if _is_text(f)], f"folder {path}"
@@ -120,13 +122,15 @@ def default_corpus() -> list[Path]:
 
 
 def _cut_point(buf: str) -> int:
-    """Where to end a tokenization chunk: the last line break between non-space characters in the second half,
-    else the last line break, else the end. Byte and char ids never depend on the cut, and BPE with GPT-2's
-    pre-tokenizer merges nothing across the first kind, so chunked ids equal those of the whole text."""
-    last = deque(_LINE_CUT.finditer(buf, len(buf) // 2), maxlen=1)
-    if last:
-        return last[0].end()
-    return buf.rfind("\n") + 1 or len(buf)
+    """Where to end a tokenization chunk: before the last line break that follows a non-space character in the
+    second half of `buf`, else before any whitespace that follows one, else at the end. Byte and char ids never
+    depend on the cut; GPT-2-style pre-tokenization never joins a non-space character with the whitespace after
+    it, and splits a whitespace run by looking only at the run and the next character, so BPE ids don't either."""
+    for pattern in _CUTS:
+        last = deque(pattern.finditer(buf, len(buf) // 2), maxlen=1)
+        if last:
+            return last[0].start()
+    return len(buf)
 
 
 def _file_chunks(path: Path) -> Iterator[str]:
@@ -243,13 +247,15 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to
             val_fraction: float = 0.1, workers: int | None = None) -> dict[str, Any]:
     """Tokenize `sources` into `out_dir`/{train.bin, val.bin, tokenizer.json, manifest.json}; returns the manifest.
 
-    The files form one stream, with the tokenizer's end-of-text id between consecutive files when it has one.
-    Split (nanoGPT's rule, on characters): the first int(n_chars * (1 - val_fraction)) characters go to train,
+    Stream: the files' text (UTF-8, undecodable bytes as U+FFFD, line endings as they are) back to back, with the
+    tokenizer's end-of-text id between consecutive files when it has one (byte and char tokenizers have none).
+    Split, nanoGPT's rule on characters: the first int(n_chars * (1 - val_fraction)) characters go to train and
     the rest to val, each side tokenized on its own; a file's separator goes with the file's last character.
-    Streaming: a first pass counts characters; the second reads pieces of ~CHUNK_CHARS characters cut at line
-    breaks (see `_cut_point`), tokenized by `workers` processes (default: all CPUs, fewer for small corpora).
-    Atomic: files are written into a hidden folder beside `out_dir`, the manifest last, and the folder renamed
-    into place; an existing `out_dir` must be empty or prepared, and is replaced only by a complete new one.
+    Memory stays flat: a first pass counts characters, the second reads pieces of ~CHUNK_CHARS characters ending
+    where a cut changes no ids (`_cut_point`), encoded by `workers` processes (default: every CPU, fewer for a
+    small corpus), so scripts that call this need the usual `if __name__ == "__main__":` guard.
+    Atomic: everything is written into a hidden folder beside `out_dir`, the manifest last, then renamed into
+    place; an existing `out_dir` must be empty or prepared, and is replaced only by a complete new one.
     """
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")

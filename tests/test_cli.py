@@ -1,0 +1,164 @@
+"""The `tlm` command end to end, and every bad input: one line on stderr, exit code 2, nothing damaged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from transformer_lm.cli import main
+
+TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
+        "--train.batch_size", "4", "--train.eval_batches", "2", "--train.log_interval", "1"]
+
+
+def tlm(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def trained_run(tmp_path: Path, corpus_file: Path, capsys) -> Path:
+    run = tmp_path / "run"
+    code, _, err = tlm(capsys, "train", corpus_file, "--out", run, "--tokenizer", "char", *TINY,
+                       "--train.max_iters", "6", "--train.eval_interval", "3")
+    assert code == 0, err
+    return run
+
+
+def test_prepare_train_sample_eval_end_to_end(tmp_path: Path, corpus_file: Path, capsys):
+    data = tmp_path / "prepared"
+    code, out, err = tlm(capsys, "prepare", corpus_file, "--out", data, "--tokenizer", "bpe", "--vocab_size", "300")
+    assert code == 0, err
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["tokenizer"]["kind"] == "bpe" and manifest["train_tokens"] > manifest["val_tokens"] > 0
+
+    run = tmp_path / "run"
+    code, out, err = tlm(capsys, "train", data, "--out", run, *TINY, "--train.max_iters", "8",
+                         "--train.eval_interval", "4")
+    assert code == 0, err
+    assert "8 steps" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["n_layer"] == 2 and config["model"]["vocab_size"] == 300
+
+    code, out, err = tlm(capsys, "sample", run, "def ", "--max_new_tokens", "20", "--seed", "0", "--num_samples", "2")
+    assert code == 0, err
+    assert out.count("--- sample") == 2 and out.count("def ") >= 2
+    code, out2, _ = tlm(capsys, "sample", run, "def ", "--max_new_tokens", "20", "--seed", "0", "--num_samples", "2")
+    assert out2 == out  # seeded
+
+    code, out, err = tlm(capsys, "eval", run, "--data", corpus_file, "--json", "true")
+    assert code == 0, err
+    res = json.loads(out)
+    assert set(res) == {"loss", "perplexity", "bpb", "tokens"} and res["loss"] > 0
+
+    code, out, err = tlm(capsys, "info", run)
+    assert code == 0 and "parameters" in out
+
+
+def test_sample_greedy_stop_strings_and_stdin(trained_run: Path, capsys, monkeypatch):
+    code, out, _ = tlm(capsys, "sample", trained_run, "de", "--greedy", "true", "--max_new_tokens", "30")
+    assert code == 0
+    code, again, _ = tlm(capsys, "sample", trained_run, "de", "--greedy", "true", "--max_new_tokens", "30")
+    assert again == out  # greedy is deterministic without a seed
+    generated = out[len("de"):-1]
+    if len(generated) > 3:  # stop on a string the greedy output contains: output ends right before it
+        stop = generated[2:4]
+        code, cut, _ = tlm(capsys, "sample", trained_run, "de", "--greedy", "true", "--max_new_tokens", "30",
+                           "--stop", json.dumps([stop]))
+        assert cut == "de" + generated[: generated.index(stop)] + "\n"
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("de"))
+    code, piped, _ = tlm(capsys, "sample", trained_run, "--greedy", "true", "--max_new_tokens", "30")
+    assert piped == out
+
+
+def test_long_prompt_is_cropped_with_a_warning(trained_run: Path, capsys, caplog):
+    code, out, _ = tlm(capsys, "sample", trained_run, "def " * 40, "--max_new_tokens", "5", "--seed", "1")
+    assert code == 0
+    assert "longer than the context window" in caplog.text
+
+
+def test_info_preset_and_override(capsys):
+    code, out, _ = tlm(capsys, "info", "--preset", "gpt2", "--json", "true")
+    assert json.loads(out)["params"] == 124_439_808
+    # --model.* overrides a preset whatever the order
+    code, out, _ = tlm(capsys, "info", "--model.n_layer", "6", "--preset", "gpt2", "--json", "true")
+    info = json.loads(out)
+    assert info["config"]["n_layer"] == 6 and info["config"]["n_embd"] == 768
+
+
+def test_help_lists_every_option_with_default_and_description(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, doc in [("--model.n_kv_head", "grouped-query"), ("--train.max_time", "wall-clock"),
+                        ("--train.lr", "Peak learning rate"), ("--tokenizer", "byte, char, bpe")]:
+        assert option in text and doc in text, option
+    assert "Peak learning rate. (type: float, default: 0.002)" in text
+
+
+def one_line_error(capsys, *argv: str, match: str) -> str:
+    code, out, err = tlm(capsys, *argv)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tlm: error:"), err
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def test_data_errors(tmp_path: Path, capsys):
+    out = tmp_path / "r"
+    one_line_error(capsys, "train", tmp_path / "missing.txt", "--out", out, match="missing.txt")
+    (tmp_path / "empty.txt").write_text("")
+    one_line_error(capsys, "train", tmp_path / "empty.txt", "--out", out, match="empty")
+    one_line_error(capsys, "prepare", str(tmp_path / "*.nothing"), "--out", out, match="*.nothing")
+    (tmp_path / "short.txt").write_text("shorter than one window of 32\n")
+    one_line_error(capsys, "train", tmp_path / "short.txt", "--out", out, "--tokenizer", "char", *TINY,
+                   match="block_size")
+    (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 10)
+    one_line_error(capsys, "train", tmp_path / "binary.bin", "--out", out, match="binary.bin")
+    one_line_error(capsys, "eval", tmp_path / "nowhere", "--data", tmp_path / "short.txt", match="not a run folder")
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--model.n_embd", "30", "--model.n_head", "4"], "divisible by model.n_head"),
+    (["--model.n_kv_head", "3"], "divisible by model.n_kv_head"),
+    (["--model.block_size", "0"], "block_size must be >= 1"),
+    (["--preset", "gpt5"], "unknown preset 'gpt5'"),
+    (["--tokenizer", "wordpiece"], "wordpiece"),
+    (["--train.max_iters", "-1"], "max_iters"),
+    (["--model.n_layer", "two"], "n_layer"),
+])
+def test_config_errors(args, match, corpus_file: Path, tmp_path: Path, capsys):
+    one_line_error(capsys, "train", corpus_file, "--out", tmp_path / "r", *args, match=match)
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_errors_leave_run_intact(trained_run: Path, corpus_file: Path, capsys):
+    files = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
+    one_line_error(capsys, "train", corpus_file, "--out", trained_run, "--tokenizer", "char", *TINY,
+                   match="already holds a run")
+    one_line_error(capsys, "train", corpus_file, "--out", trained_run, "--tokenizer", "char", *TINY,
+                   "--model.n_layer", "3", "--resume", "true", match="different model config")
+    assert files == {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
+    # the char tokenizer cannot encode characters it never saw
+    one_line_error(capsys, "sample", trained_run, "日本", match="'日'")
+    weights = next(trained_run.glob("checkpoints/step-*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    one_line_error(capsys, "sample", trained_run, "de", match="truncated or corrupt")
+    weights.write_bytes(b"\x07" * 64)
+    one_line_error(capsys, "eval", trained_run, "--data", corpus_file, match="truncated or corrupt")
+    weights.unlink()
+    one_line_error(capsys, "sample", trained_run, "de", match="missing weights")
+
+
+def test_overwrite_replaces_a_run(trained_run: Path, corpus_file: Path, capsys):
+    code, _, err = tlm(capsys, "train", corpus_file, "--out", trained_run, "--tokenizer", "byte", *TINY,
+                       "--train.max_iters", "2", "--overwrite", "true")
+    assert code == 0, err
+    assert json.loads((trained_run / "config.json").read_text())["model"]["vocab_size"] == 256

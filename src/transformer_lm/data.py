@@ -146,8 +146,8 @@ def _file_chunks(path: Path) -> Iterator[str]:
 
 
 def read_sources(paths: Sequence[Path]) -> Iterator[str]:
-    """Stream the text of `paths` (as `prepare` reads it) in line-aligned pieces; joined, they are the files'
-    text back to back. Feeds tokenizer training without holding the corpus in memory."""
+    """The text of `paths` as `prepare` reads it, in pieces of about CHUNK_CHARS characters cut before line breaks
+    (`_cut_point`); joined, they are the files' text back to back. Feeds tokenizer training in bounded memory."""
     for path in paths:
         yield from _file_chunks(Path(path))
 

@@ -1,0 +1,314 @@
+"""Corpus preparation, loading and batching: ids equal a direct tokenization, splits follow nanoGPT's rule,
+streaming and workers change nothing, failures leave no half-written folder, and sampling resumes exactly."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from transformer_lm import data
+from transformer_lm.data import (
+    BatchSampler,
+    default_corpus,
+    is_prepared,
+    iter_eval_batches,
+    load_prepared,
+    prepare,
+    read_sources,
+    resolve_sources,
+)
+from transformer_lm.errors import ConfigError, DataError
+from transformer_lm.tokenizers import EOT, ByteTokenizer, Tokenizer, build_tokenizer
+
+TEXTS = [
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n",
+    "Ünïcödé — naïve café, 東京, emoji 🙂🙂.\n  indented line\r\nwindows line\n",
+    "def f(x):\n    return x + 1\n\n\nclass A:\n    pass\n",
+]
+
+
+def write(folder: Path, texts: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{i:02d}.txt" for i in range(len(texts))]
+    for p, t in zip(paths, texts, strict=True):
+        p.write_bytes(t.encode("utf-8"))  # bytes, so '\r\n' survives as written
+    return paths
+
+
+def reference(texts: list[str], tok: Tokenizer, val_fraction: float = 0.1) -> tuple[list[int], list[int]]:
+    """Tokenize each split's text directly: the split falls at character int(n * (1 - val_fraction)) of the
+    concatenation, with '<|endoftext|>' (which the BPE kinds encode to eot_id) between files when there is one."""
+    cut = int(sum(map(len, texts)) * (1 - val_fraction))
+    sep = EOT if tok.eot_id is not None else ""
+    train, val, pos = "", "", 0
+    for i, t in enumerate(texts):
+        k = min(max(cut - pos, 0), len(t))
+        train, val = train + t[:k], val + t[k:]
+        if i < len(texts) - 1:
+            if pos + len(t) <= cut:
+                train += sep
+            else:
+                val += sep
+        pos += len(t)
+    return tok.encode(train), tok.encode(val)
+
+
+def ids(folder: Path, split: str) -> list[int]:
+    return load_prepared(folder).__getattribute__(split).tolist()
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return build_tokenizer("bpe", (TEXTS + big_corpus()) * 5, vocab_size=500)
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "glob", "list"])
+def test_prepare_matches_direct_tokenization(tmp_path: Path, kind: str) -> None:
+    texts = TEXTS if kind != "file" else ["".join(TEXTS)]
+    paths = write(tmp_path / "corpus", texts)
+    (tmp_path / "corpus" / ".hidden.txt").write_text("hidden")
+    (tmp_path / "corpus" / "empty.txt").write_text("")
+    (tmp_path / "corpus" / "blob.bin").write_bytes(b"\x00\xff" * 100)
+    source = {"file": paths[0], "folder": tmp_path / "corpus", "glob": str(tmp_path / "**" / "0*.txt"),
+              "list": [str(p) for p in paths]}[kind]
+    files = resolve_sources(source)
+    assert files == paths
+    tok = build_tokenizer("char", read_sources(files))
+    manifest = prepare(files, tmp_path / "out", tok)
+    train, val = reference(texts, tok)
+    assert ids(tmp_path / "out", "train") == train and ids(tmp_path / "out", "val") == val
+    full = "".join(texts)
+    n_train = int(len(full) * 0.9)  # nanoGPT's rule, in characters (the text has multi-byte ones)
+    assert manifest["train_tokens"] == len(train) == n_train
+    assert manifest["val_tokens"] == len(val) == len(full) - n_train
+    assert manifest["train_bytes"] == len(full[:n_train].encode()) and manifest["val_bytes"] == len(
+        full[n_train:].encode())
+    assert manifest["dtype"] == "uint16" and manifest["tokenizer"] == {"kind": "char", "vocab_size": tok.vocab_size}
+    assert [s["bytes"] for s in manifest["sources"]] == [p.stat().st_size for p in paths]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest
+    assert load_prepared(tmp_path / "out").tokenizer.to_dict() == tok.to_dict()
+
+
+def test_legacy_encoding_is_kept_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write(tmp_path / "c", ["plain utf-8\n"])
+    (tmp_path / "c" / "cp1252.txt").write_bytes("it\u2019s \u2014 Gutenberg\n".encode("cp1252"))
+    with caplog.at_level("WARNING", logger="transformer_lm.data"):
+        files = resolve_sources(tmp_path / "c")
+    assert [f.name for f in files] == ["00.txt", "cp1252.txt"] and "cp1252.txt is not valid UTF-8" in caplog.text
+    prepare(files, tmp_path / "out", ByteTokenizer(), val_fraction=0.5)
+    text = bytes(ids(tmp_path / "out", "train") + ids(tmp_path / "out", "val")).decode()
+    assert text == "plain utf-8\nit\ufffds \ufffd Gutenberg\n"
+
+
+def test_bpe_separates_files_with_eot(tmp_path: Path, bpe: Tokenizer) -> None:
+    paths = write(tmp_path / "c", TEXTS)
+    prepare(paths, tmp_path / "out", bpe, val_fraction=0.4)
+    train, val = reference(TEXTS, bpe, 0.4)
+    assert ids(tmp_path / "out", "train") == train and ids(tmp_path / "out", "val") == val
+    assert ids(tmp_path / "out", "train").count(bpe.eot_id) == 1  # the split falls inside the last file
+
+
+class WideTokenizer(ByteTokenizer):
+    """Byte ids shifted past 65535, to force uint32 storage."""
+
+    @property
+    def vocab_size(self) -> int:
+        return 70_000
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 65_536 for b in super().encode(text)]
+
+
+def test_dtype_follows_vocab_size(tmp_path: Path) -> None:
+    paths = write(tmp_path / "c", TEXTS)
+    assert prepare(paths, tmp_path / "small", ByteTokenizer())["dtype"] == "uint16"
+    manifest = prepare(paths, tmp_path / "wide", WideTokenizer())
+    assert manifest["dtype"] == "uint32"
+    train = np.fromfile(tmp_path / "wide" / "train.bin", dtype=np.uint32)
+    assert train.tolist() == [b + 65_536 for b in "".join(TEXTS).encode()][: len(train)]
+
+
+def big_corpus() -> list[str]:
+    """Prose, indented code with blank-line runs and CRLF endings, and a file without line breaks."""
+    prose = "".join(f"line {i} of the corpus, {'ü' * (i % 3)} words  words\n" for i in range(150))
+    code = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(60)).replace("\n", "\r\n")
+    return [prose, "  " + code, "no line break at all, only spaces " * 40]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_streaming_equals_single_chunk(tmp_path: Path, workers: int, bpe: Tokenizer) -> None:
+    texts = big_corpus()
+    paths = write(tmp_path / "c", texts)
+    for name, tok in [("byte", ByteTokenizer()), ("bpe", bpe)]:
+        whole = prepare(paths, tmp_path / f"{name}-whole", tok, workers=1)
+        with mock.patch.object(data, "CHUNK_CHARS", 97):  # ~150 chunks
+            chunked = prepare(paths, tmp_path / f"{name}-chunked", tok, workers=workers)
+        train, val = reference(texts, tok)
+        for folder in (f"{name}-whole", f"{name}-chunked"):
+            assert ids(tmp_path / folder, "train") == train and ids(tmp_path / folder, "val") == val
+        assert {k: v for k, v in chunked.items() if k != "created"} == {
+            k: v for k, v in whole.items() if k != "created"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(st.text(min_size=1, max_size=60), min_size=1, max_size=4),
+       chunk=st.integers(1, 20), val_fraction=st.floats(0.05, 0.95))
+def test_split_and_chunks_property(texts: list[str], chunk: int, val_fraction: float) -> None:
+    full = "".join(texts)
+    n_train = int(len(full) * (1 - val_fraction))
+    assume(n_train >= 2 and len(full[n_train:].encode()) >= 2)
+    with tempfile.TemporaryDirectory() as d, mock.patch.object(data, "CHUNK_CHARS", chunk):
+        m = prepare(write(Path(d) / "c", texts), Path(d) / "out", ByteTokenizer(), val_fraction=val_fraction,
+                    workers=1)
+        assert m["train_chars"] == n_train
+        assert ids(Path(d) / "out", "train") == list(full[:n_train].encode())
+        assert ids(Path(d) / "out", "val") == list(full[n_train:].encode())
+
+
+def test_default_corpus() -> None:
+    files = default_corpus()
+    assert len(files) > 100 and files == sorted(files)
+    assert all(f.suffix == ".py" and f.is_file() for f in files)
+    assert not any({"test", "tests", "site-packages", "idlelib"} & set(f.parts) for f in files)
+
+
+def test_batch_sampler() -> None:
+    tokens = np.arange(1000, dtype=np.uint16) * 7 % 65_521
+    sampler = BatchSampler(tokens, batch_size=4, block_size=16, seed=0)
+    x, y = sampler.next()
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+        start = tokens.tolist().index(row_x[0])
+        assert row_x + row_y[-1:] == tokens[start : start + 17].tolist()
+    again = BatchSampler(tokens, 4, 16, seed=0)
+    assert torch.equal(again.next()[0], x)
+    assert not torch.equal(BatchSampler(tokens, 4, 16, seed=1).next()[0], x)
+
+
+def test_batch_sampler_resume_is_exact() -> None:
+    tokens = np.arange(500, dtype=np.uint16)
+    first = BatchSampler(tokens, 3, 8, seed=42)
+    for _ in range(3):
+        first.next()
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    expected = [first.next() for _ in range(4)]
+    resumed = BatchSampler(tokens, 3, 8, seed=7)
+    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    assert resumed.batches_drawn == 3
+    for x, y in expected:
+        rx, ry = resumed.next()
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+
+
+def test_batch_sampler_edges() -> None:
+    x, y = BatchSampler(np.arange(9), 2, 8, seed=0).next()  # exactly one window fits
+    assert x.tolist() == [list(range(8))] * 2 and y.tolist() == [list(range(1, 9))] * 2
+    with pytest.raises(DataError, match="block_size"):
+        BatchSampler(np.arange(8), 2, 8, seed=0)
+    with pytest.raises(ConfigError):
+        BatchSampler(np.arange(8), 0, 4, seed=0)
+
+
+@pytest.mark.parametrize("n", [2, 17, 33, 64, 65, 100])
+def test_eval_batches_cover_the_split_once(n: int) -> None:
+    tokens = np.arange(n, dtype=np.uint16)
+    batches = list(iter_eval_batches(tokens, batch_size=3, block_size=8))
+    assert torch.cat([y.flatten() for _, y in batches]).tolist() == list(range(1, n))
+    for x, y in batches:
+        assert x.dtype == torch.int64 and x.shape == y.shape and x.shape[0] <= 3 and x.shape[1] <= 8
+        assert torch.equal(x + 1, y)
+    again = list(iter_eval_batches(tokens, 3, 8))
+    assert len(again) == len(batches)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
+    assert len(list(iter_eval_batches(tokens, 3, 8, max_batches=1))) == 1
+
+
+def test_source_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_sources(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        resolve_sources(tmp_path / "empty.txt")
+    with pytest.raises(DataError, match="matches no files"):
+        resolve_sources(str(tmp_path / "*.md"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="no non-empty text files"):
+        resolve_sources(tmp_path / "folder")
+    (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(DataError, match="looks binary"):
+        resolve_sources(tmp_path / "blob.txt")
+
+
+def test_prepare_errors(tmp_path: Path) -> None:
+    short = write(tmp_path / "c", ["abcde"])  # int(5 * 0.9) = 4 train chars, 1 val char
+    with pytest.raises(DataError, match="val split has 1 token"):
+        prepare(short, tmp_path / "out", ByteTokenizer())
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError):
+        prepare(short, tmp_path / "out", ByteTokenizer(), val_fraction=0)
+    with pytest.raises(DataError, match="cannot read"):
+        prepare([tmp_path / "missing.txt"], tmp_path / "out", ByteTokenizer())
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a prepared data folder"):
+        prepare(write(tmp_path / "d", TEXTS), tmp_path / "busy", ByteTokenizer())
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_load_errors(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="no manifest"):
+        load_prepared(tmp_path)
+    prepare(write(tmp_path / "c", TEXTS), out, ByteTokenizer())
+    manifest = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(manifest[:40])
+    with pytest.raises(DataError, match="corrupt"):
+        load_prepared(out)
+    (out / "manifest.json").write_text(manifest.replace('"format": 1', '"format": 99'))
+    with pytest.raises(DataError, match="corrupt"):
+        load_prepared(out)
+    (out / "manifest.json").write_text(manifest)
+    (out / "val.bin").write_bytes((out / "val.bin").read_bytes()[:-2])
+    with pytest.raises(DataError, match="val.bin has"):
+        load_prepared(out)
+
+
+class FailingTokenizer(ByteTokenizer):
+    """Raises on its fifth call, like a prepare killed midway."""
+
+    calls = 0
+
+    def encode(self, text: str) -> list[int]:
+        self.calls += 1
+        if self.calls == 5:
+            raise RuntimeError("interrupted")
+        return super().encode(text)
+
+
+def test_failed_prepare_leaves_nothing_and_keeps_old_data(tmp_path: Path) -> None:
+    paths = write(tmp_path / "c", big_corpus())
+    out = tmp_path / "out"
+    with mock.patch.object(data, "CHUNK_CHARS", 200), pytest.raises(RuntimeError):
+        prepare(paths, out, FailingTokenizer(), workers=1)
+    assert not is_prepared(out) and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temp folder left behind
+    prepare(paths[:1], out, ByteTokenizer())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with mock.patch.object(data, "CHUNK_CHARS", 200), pytest.raises(RuntimeError):
+        prepare(paths, out, FailingTokenizer(), workers=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "out"]
+    prepare(paths, out, ByteTokenizer())  # a successful prepare replaces a prepared folder
+    assert load_prepared(out).manifest["sources"][-1]["path"] == str(paths[-1].resolve())

@@ -162,3 +162,17 @@ def test_overwrite_replaces_a_run(trained_run: Path, corpus_file: Path, capsys):
                        "--train.max_iters", "2", "--overwrite", "true")
     assert code == 0, err
     assert json.loads((trained_run / "config.json").read_text())["model"]["vocab_size"] == 256
+
+
+def test_yaml_config_with_command_line_override(tmp_path: Path, corpus_file: Path, capsys):
+    (tmp_path / "run.yaml").write_text(
+        "preset: tiny\ntokenizer: char\nmodel:\n  n_layer: 1\n  n_head: 2\n  n_embd: 16\n  block_size: 16\n"
+        "train:\n  batch_size: 2\n  max_iters: 3\n  eval_batches: 1\n  lr: 0.01\n")
+    run = tmp_path / "run"
+    code, _, err = tlm(capsys, "train", corpus_file, "--config", tmp_path / "run.yaml", "--out", run,
+                       "--train.max_iters", "4")
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["n_layer"] == 1 and config["model"]["n_embd"] == 16
+    assert config["train"]["max_iters"] == 4 and config["train"]["lr"] == 0.01
+    assert config["data"]["tokenizer"] == "char"

@@ -148,11 +148,11 @@ def preset(name: str) -> dict[str, Any]:
 class TrainConfig:
     """Optimization and bookkeeping of a training run."""
 
-    batch_size: int = 32
+    batch_size: int = 16
     """Sequences per micro-batch."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum)."""
-    max_iters: int | None = 3000
+    max_iters: int | None = 2000
     """Stop after this many optimizer steps (None: no iteration limit)."""
     max_tokens: int | None = None
     """Stop after this many training tokens (None: no token limit)."""

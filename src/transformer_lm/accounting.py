@@ -35,7 +35,7 @@ def count_params(c: ModelConfig) -> ParamCount:
     b = 1 if c.bias else 0
     norm = d * (2 if c.norm == "layernorm" and c.bias else 1)
     qkv_out = (c.n_head + 2 * c.kv_heads) * hd
-    attn = d * qkv_out + b * qkv_out + d * d + b * d
+    attn = d * qkv_out + (qkv_out if c.has_qkv_bias else 0) + d * d + b * d
     ffn = (3 if c.mlp == "swiglu" else 2) * d * f + b * (f * (2 if c.mlp == "swiglu" else 1) + d)
     per_layer = 2 * norm + attn + ffn
     embedding = c.vocab_size * d + (c.block_size * d if c.pos_encoding == "learned" else 0)

@@ -78,6 +78,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--preset", type=str | None, default="tiny", help=f"Model preset: {', '.join(presets())}.")
     p.add_class_arguments(ModelConfig, "model", instantiate=False)
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
+    _add_experiment_parsers(cmds)
+    _add_interop_parsers(cmds)
 
     for name, p in cmds.items():
         sub.add_subcommand(name, p, help=p.description)
@@ -91,7 +93,7 @@ def parse(argv: list[str]) -> Namespace:
     ns = parser.parse_args(argv)
     cmd = ns.command
     chosen = ns[cmd].get("preset")
-    if chosen and cmd in ("train", "info"):
+    if chosen and cmd in ("train", "info", "plan"):
         cmds[cmd].set_defaults({f"model.{k}": v for k, v in preset(chosen).items()})
         ns = parser.parse_args(argv)
     return ns
@@ -183,7 +185,180 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.3f} GiB" if n >= 2**27 else f"{n / 2**20:,.2f} MiB"
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info}
+# --- Experiments (issue 6): `tlm plan` and `tlm attention`. Parsers and commands kept together in this block.
+
+
+def _add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
+    from typing import Literal
+
+    from .experiments.planner import ACCELERATORS
+
+    p = cmds["plan"] = ArgumentParser(exit_on_error=False, description="Training FLOPs, Chinchilla-optimal size, "
+                                      "time, GPU-hours, energy and memory of a model on named hardware.")
+    p.add_argument("--preset", type=str | None, default=None,
+                   help=f"Model preset applied before --model.* overrides: {', '.join(presets())}.")
+    p.add_class_arguments(ModelConfig, "model", instantiate=False)
+    p.add_argument("--params", type=str | None, default=None,
+                   help="A bare parameter count N instead of a model config (175e9, 175B, 1.4T); counts 6·N·D only.")
+    p.add_argument("--tokens", type=str | None, default=None,
+                   help="Training tokens D (300e9, 300B). Default: --compute / FLOPs per token with --compute, "
+                   "else Chinchilla-optimal 20 per parameter.")
+    p.add_argument("--compute", type=str | None, default=None,
+                   help="A compute budget in FLOPs (3.14e23) for the Chinchilla-optimal N and D; alone, plans that "
+                   "optimal model.")
+    p.add_argument("--seq_len", type=int | None, default=None,
+                   help="Training context for the attention FLOPs (default: the model's block_size).")
+    p.add_argument("--hardware", type=str, default="H100-SXM",
+                   help=f"Accelerator: {', '.join(a.name for a in ACCELERATORS.values())}, or all.")
+    p.add_argument("--precision", type=Literal["bf16", "fp32"], default="bf16", help="Which vendor peak to use.")
+    p.add_argument("--mfu", type=float, default=0.4,
+                   help="Model-FLOPs utilization, assumed or measured: achieved / peak FLOP/s.")
+    p.add_argument("--gpus", type=int, default=1, help="Number of accelerators.")
+    p.add_argument("--pue", type=float, default=1.0,
+                   help="Power usage effectiveness of the facility (1.0: the accelerators' TDP only).")
+    p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
+
+    p = cmds["attention"] = ArgumentParser(exit_on_error=False, description="Per-layer, per-head attention maps and "
+                                           "per-token loss (surprisal) of a text under a trained run.")
+    p.add_argument("run", type=str, help="Run folder.")
+    p.add_argument("text", type=str, help="The text to analyze (its first block_size tokens).")
+    p.add_argument("--out", type=str, required=True,
+                   help="Folder for attention_grid.png, attention_L{l}_H{h}.png, surprisal.png and attention.json.")
+    p.add_argument("--layer", type=int, default=-1, help="Layer of the zoom and of the table (negative: from the end).")
+    p.add_argument("--head", type=int | None, default=0,
+                   help="Head of the zoom and of the table; null for the mean over the layer's heads.")
+    p.add_argument("--top_k", type=int, default=3, help="Attended tokens listed per token.")
+    p.add_argument("--json", type=bool, default=False, help="Print attention.json instead of the table.")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+
+
+def cmd_plan(a: Namespace) -> None:
+    from .errors import ConfigError
+    from .experiments.planner import CHINCHILLA_TOKENS_PER_PARAM, TRAIN_BYTES_PER_PARAM, parse_count, plan
+
+    params = parse_count(a.params, "--params") if a.params is not None else None
+    tokens = parse_count(a.tokens, "--tokens") if a.tokens is not None else None
+    compute = parse_count(a.compute, "--compute") if a.compute is not None else None
+    model_given = a.preset is not None or a.model.as_dict() != ModelConfig().to_dict()
+    if params is not None and model_given:
+        raise ConfigError("give either --params or a model (--preset / --model.*), not both")
+    config = None
+    if params is None and (model_given or compute is None):
+        config = ModelConfig(**a.model.as_dict())
+    res = plan(params, config, tokens, compute, a.hardware, a.mfu, a.gpus, a.pue, a.precision, a.seq_len)
+    if a.json:
+        print(json.dumps({"preset": a.preset, **res.to_dict()}, indent=2))
+        return
+    if config is not None:
+        what = f"{a.preset} preset" if a.preset else "model config"
+        model = (f"{what}: {res.params:,.0f} parameters ({res.non_embedding_params:,.0f} non-embedding), "
+                 f"context {res.seq_len}")
+    else:
+        model = f"{res.params:,.0f} parameters" + (" (Chinchilla-optimal for --compute)" if params is None else "")
+    rows = [("model", model),
+            ("tokens", f"{res.tokens:,.0f} ({res.tokens_per_param:.1f} tokens/parameter; Chinchilla-optimal: "
+                       f"{CHINCHILLA_TOKENS_PER_PARAM:.0f})"),
+            ("training FLOPs", f"{res.total_flops:.3e} = {res.dense_flops:.3e} dense (6·N·D) + "
+                               f"{res.attention_flops:.3e} attention" if config is not None else
+                               f"{res.total_flops:.3e} = 6·N·D (attention not counted: no architecture given)"),
+            ("Chinchilla-optimal", f"for C = {res.compute_budget:.3e} FLOPs: N = {res.optimal_params:.3e} "
+                                   f"parameters, D = {res.optimal_tokens:.3e} tokens (C = 6·N·D, D = 20·N)"),
+            ("memory per device", f"training {res.memory_bytes['train_replicated'] / 1e9:,.2f} GB replicated, "
+                                  f"{res.memory_bytes['train_sharded'] / 1e9:,.2f} GB sharded over {a.gpus} "
+                                  f"({TRAIN_BYTES_PER_PARAM} B/param: weights, gradients, AdamW; no activations); "
+                                  f"inference {res.memory_bytes['inference_weights_bf16'] / 1e9:,.2f} GB (bf16)")]
+    for k, v in rows:
+        print(f"{k:<20}{v}")
+    print()
+    print(f"{'hardware':<11}{'peak TFLOP/s':>13} {'MFU':>5} {'GPUs':>5} {'time':>12} {'GPU-hours':>12} "
+          f"{'energy kWh':>12}  fits DDP/FSDP")
+    for e in res.estimates:
+        energy = f"{e.energy_kwh:,.1f}" if e.energy_kwh is not None else "n/a"
+        fits = f"{'yes' if e.fits_replicated else 'no'}/{'yes' if e.fits_sharded else 'no'} of {e.memory_gb:g} GB"
+        print(f"{e.hardware:<11}{e.peak_tflops:>8,.1f} {e.precision:<4} {e.mfu:>5.2f} {e.gpus:>5} "
+              f"{_duration(e.seconds):>12} {e.gpu_hours:>12,.1f} {energy:>12}  {fits}" + (f"  ({e.note})" if e.note
+                                                                                           else ""))
+    if any(e.energy_kwh is None for e in res.estimates):
+        print("n/a: the vendor publishes no TDP for this accelerator")
+    print(f"energy = GPU-hours × TDP × PUE {a.pue:g} (an upper bound: accelerators rarely draw their TDP)")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def cmd_attention(a: Namespace) -> None:
+    from .api import load_run
+    from .experiments.attention import analyze, render_table, write_report
+
+    run = load_run(a.run, a.device)
+    report = analyze(run.model, run.tokenizer, a.text)
+    files = write_report(report, a.out, a.layer, a.head, a.top_k,
+                         extra={"run": str(a.run), "step": run.step, "text": a.text})
+    if a.json:
+        print(files["json"].read_text(encoding="utf-8"), end="")
+        return
+    print(render_table(report, a.layer, a.head, a.top_k))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+# --- end of the experiments block
+
+
+# --- Interop (issue 3): `tlm convert` (import into a run folder) and `tlm export` (run → Hugging Face folder).
+
+
+def _add_interop_parsers(cmds: dict[str, ArgumentParser]) -> None:
+    p = cmds["convert"] = ArgumentParser(exit_on_error=False, description="Import a model into a run folder: a "
+                                         "Hugging Face folder (gpt2, llama, mistral, qwen2) or a llama2.c .bin file.")
+    p.add_argument("src", type=str, help="Hugging Face model folder (config.json, safetensors, tokenizer.json) or "
+                   "llama2.c .bin checkpoint.")
+    p.add_argument("--out", type=str, required=True, help="Run folder to write.")
+    p.add_argument("--dtype", type=str | None, default=None,
+                   help="Cast Hugging Face weights to float32, bfloat16 or float16 (default: keep their dtype).")
+    p.add_argument("--tokenizer", type=str | None, default=None,
+                   help="llama2.c only: tokenizer.bin or tokenizer.model (default: the one beside the .bin).")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace what --out already holds.")
+
+    p = cmds["export"] = ArgumentParser(exit_on_error=False, description="Export a run's latest checkpoint as a "
+                                        "Hugging Face folder that transformers' from_pretrained loads.")
+    p.add_argument("run", type=str, help="Run folder.")
+    p.add_argument("--out", type=str, required=True, help="Folder to write.")
+    p.add_argument("--family", type=str | None, default=None,
+                   help="gpt2, llama, mistral or qwen2 (default: the one the architecture matches).")
+    p.add_argument("--dtype", type=str | None, default=None,
+                   help="float32, bfloat16 or float16 (default: the checkpoint's dtype).")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace what --out already holds.")
+
+
+def cmd_convert(a: Namespace) -> None:
+    if Path(a.src).is_file() and a.src.endswith(".bin"):
+        from .interop.llama2c import import_llama2c
+
+        out = import_llama2c(a.src, a.out, a.tokenizer, overwrite=a.overwrite)
+    else:
+        from .interop.hf import import_hf
+
+        out = import_hf(a.src, a.out, a.dtype, a.overwrite)
+    print(f"{out}: imported {a.src}; try `tlm sample {out}`")
+
+
+def cmd_export(a: Namespace) -> None:
+    from .interop.hf import export_hf
+
+    out = export_hf(a.run, a.out, a.family, a.dtype, a.overwrite)
+    print(f"{out}: exported {a.run} for transformers' from_pretrained")
+
+
+# --- end of the interop block
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info,
+            "plan": cmd_plan, "attention": cmd_attention}
+COMMANDS.update(convert=cmd_convert, export=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,16 @@ class ModelConfig:
     """Positional encoding: learned absolute (GPT-2), sinusoidal (Vaswani et al. 2017), rope (rotary) or none."""
     rope_theta: float = 10000.0
     """Base of the rotary frequencies."""
+    rope_scaling: Literal["llama3"] | None = None
+    """Rotary frequency scaling for long contexts: llama3 (Llama 3.1+), or None."""
+    rope_scaling_factor: float = 8.0
+    """llama3 scaling: how much the long wavelengths are slowed."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original/low_freq_factor are scaled fully."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original/high_freq_factor are kept."""
+    rope_original_max_position: int = 8192
+    """llama3 scaling: the context length the model was pretrained with."""
     norm: NormKind = "layernorm"
     """Normalization layer of the pre-norm blocks and the final norm."""
     norm_eps: float = 1e-5
@@ -54,6 +64,10 @@ class ModelConfig:
     """GELU variant; GPT-2 uses the tanh approximation ("gelu_new")."""
     bias: bool = True
     """Biases in linear layers and LayerNorm (GPT-2 has them, Llama does not)."""
+    qkv_bias: bool | None = None
+    """Biases on the Q/K/V projection only (Qwen2); None follows `bias`."""
+    sliding_window: int | None = None
+    """Each query attends to at most this many most recent keys, itself included (Mistral); None: the whole context."""
     tie_embeddings: bool = True
     """Share the token embedding matrix with the LM head."""
     dropout: float = 0.0
@@ -83,6 +97,8 @@ class ModelConfig:
             raise ConfigError(f"sinusoidal encoding needs an even n_embd, got {self.n_embd}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
         if self.d_ff is not None and self.d_ff < 1:
             raise ConfigError(f"model.d_ff must be >= 1, got {self.d_ff}")
 
@@ -90,6 +106,10 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def kv_heads(self) -> int:

@@ -27,3 +27,8 @@ class CheckpointError(TLMError):
 
 class RunExistsError(TLMError):
     """The output folder already holds a different run."""
+
+
+class ConversionError(TLMError):
+    """A foreign model (Hugging Face, llama2.c, …) this tool cannot import, or a model a foreign format cannot
+    represent on export; the message names the unsupported feature."""

@@ -89,6 +89,8 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     """Yield text pieces of one sample continuing `prompt`, stopping at any of cfg.stop (excluded) or at the
     tokenizer's end-of-text id. Joining the pieces gives the sample's full text."""
     prompt_ids = tokenizer.encode(prompt) if prompt else []
+    if tokenizer.bos_id is not None and prompt_ids[:1] != [tokenizer.bos_id]:
+        prompt_ids = [tokenizer.bos_id, *prompt_ids]  # models trained with BOS expect it first (llama2.c, Llama)
     if not prompt_ids:  # an empty prompt starts from end-of-text (or the first id when there is none)
         prompt_ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     temperature = 0.0 if cfg.greedy else cfg.temperature

@@ -27,9 +27,32 @@ def sinusoidal_encoding(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # interleave: sin at 2i, cos at 2i+1
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables in the "rotate half" layout (dimension i pairs with i + head_dim/2). -> two (T, head_dim)"""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/d) -> (head_dim/2,), computed as Hugging Face does (1 / theta^(2i/d) in fp32,
+    so imported models match it bit for bit), with Llama 3's scaling when configured: wavelengths longer than
+    original/low_freq_factor are slowed by `factor`, shorter than original/high_freq_factor kept, and the band
+    between interpolated smoothly."""
+    hd = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
+    if config.rope_scaling == "llama3":
+        factor, low, high = config.rope_scaling_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+        original = config.rope_original_max_position
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= original / high) & (wavelen <= original / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
+                 inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables in the "rotate half" layout (dimension i pairs with i + head_dim/2). -> two (T, head_dim)
+    `inv_freq` overrides the plain theta^(-2i/d) frequencies (see rope_inv_freq)."""
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float()
+                                   / head_dim)
     angles = positions.float()[:, None] * inv_freq[None, :]  # (T, hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
     return angles.cos(), angles.sin()
@@ -79,6 +102,17 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
+def attention_mask(T: int, S: int, start: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(T, S) bool, True where query t (at absolute position start+t) may attend to key s: s <= start+t, and with a
+    sliding window also s > start+t-window (the last `window` keys, itself included)."""
+    q = torch.arange(start, start + T, device=device)[:, None]
+    s = torch.arange(S, device=device)[None, :]
+    allowed = s <= q
+    if window is not None:
+        allowed &= s > q - window
+    return allowed
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with grouped-query heads (n_kv_head ≤ n_head)."""
 
@@ -87,7 +121,7 @@ class CausalSelfAttention(nn.Module):
         self.config, self.layer = config, layer
         self.n_head, self.n_kv, self.hd = config.n_head, config.kv_heads, config.head_dim
         # Q, K and V come from one fused projection: one matmul instead of three.
-        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=config.bias)
+        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=config.has_qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -109,16 +143,19 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, S, hd)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
         S = k.size(2)
-        # Query t (at absolute position start+t) may see keys 0..start+t. With no past this is the plain causal mask;
-        # a single new token sees everything, so no mask at all.
+        # Query t (at absolute position start+t) may see keys 0..start+t, and with a sliding window w only the last w
+        # of them (start+t-w < key). Without a binding window: no past is the plain causal mask, and a single new
+        # token sees everything, so no mask at all.
+        window = self.config.sliding_window
+        windowed = window is not None and S > window
         mask = None
-        if start > 0 and T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if windowed or (start > 0 and T > 1):
+            mask = attention_mask(T, S, start, window, x.device)
         dropout = self.config.dropout if self.training else 0.0
         weights = None
         if return_weights:  # explicit path: softmax(QKᵀ/√d)·V, keeping the weights for inspection
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)  # (B, nh, T, S)
-            allowed = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            allowed = attention_mask(T, S, start, window, x.device)
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             y = self.attn_dropout(weights) @ v  # (B, nh, T, hd)
         else:
@@ -241,8 +278,10 @@ class Transformer(nn.Module):
             x = x + self.pos_emb(positions)
         elif self.config.pos_encoding == "sinusoidal":
             x = x + sinusoidal_encoding(positions, self.config.n_embd).to(x.dtype)
-        rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta) \
-            if self.config.pos_encoding == "rope" else None
+        rope = None
+        if self.config.pos_encoding == "rope":
+            inv_freq = rope_inv_freq(self.config, idx.device)
+            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, inv_freq)
         x = self.dropout(x)
         attentions = [] if return_attentions else None
         for block in self.blocks:

@@ -1,0 +1,271 @@
+"""Plan a training run before spending on it: compute, the Chinchilla-optimal size, time, energy and memory.
+
+Formulas, each in one place:
+
+- Training compute. For a parameter count N alone: C = 6·N·D (Kaplan et al. 2020: 2 FLOPs per weight per token
+  forward, twice that backward). For an architecture: `accounting.flops_per_token`'s training FLOPs × D, i.e. 6 × the
+  weights of every matmul (Q/K/V, output projection, feed-forward, LM head) plus the attention score and value
+  matmuls at the full context (no causal halving), also × 3 for the backward pass.
+- Chinchilla-optimal size (Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models"): the rule of thumb
+  of about 20 training tokens per parameter. With C = 6·N·D and D = 20·N: N = √(C / 120), D = 20·N.
+- Time: C / (GPUs × peak FLOP/s × MFU), MFU being the model-FLOPs utilization (assumed, or measured on a real run).
+- Energy: GPU-hours × TDP × PUE — an upper-bound estimate (accelerators rarely sit at TDP), facility overhead in PUE.
+- Memory per device for training with AdamW: 16 bytes per parameter (fp32 weights and gradients and two fp32
+  moments, as `accounting.training_memory`; mixed precision with an fp32 master copy is also 16 bytes, Rajbhandari
+  et al. 2020, ZeRO), either replicated on every device (DDP) or sharded across them (FSDP / ZeRO-3). Activations
+  depend on batch size and activation checkpointing and are not included.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from ..accounting import count_params, flops_per_token
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+Precision = Literal["bf16", "fp32"]
+
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+"""Hoffmann et al. 2022's compute-optimal ratio of training tokens to parameters (rule of thumb)."""
+TRAIN_BYTES_PER_PARAM = 16
+"""Weights + gradients + AdamW's two moments, fp32 (or bf16 weights/gradients + fp32 master and moments)."""
+INFERENCE_BYTES_PER_PARAM = 2
+"""bf16 weights."""
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One accelerator's vendor peak figures. Peaks are dense (no 2:4 sparsity), per chip."""
+
+    name: str
+    bf16_tflops: float
+    """Peak dense bf16 tensor/matrix TFLOP/s (fp32 accumulate)."""
+    fp32_tflops: float | None
+    """Peak plain fp32 TFLOP/s (not TF32); None where the vendor publishes none."""
+    tdp_watts: float | None
+    """Thermal design power (board power); None where the vendor publishes none."""
+    memory_gb: float
+    """Device memory, GB as marketed."""
+    source: str
+    """Where the numbers come from."""
+    note: str = ""
+
+    def peak_tflops(self, precision: Precision) -> float | None:
+        return self.bf16_tflops if precision == "bf16" else self.fp32_tflops
+
+
+# Vendor datasheet figures. The key is the name accepted by `--hardware` (matching ignores case, spaces, '-' and '_').
+ACCELERATORS: dict[str, Accelerator] = {a.name.lower(): a for a in [
+    # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity; FP32 67; up to 700 W; 80 GB
+    Accelerator("H100-SXM", 989.4, 67.0, 700, 80, "NVIDIA H100 Tensor Core GPU datasheet (SXM5)"),
+    # same datasheet, PCIe column: BF16 1,513 with sparsity; FP32 51; 300-350 W
+    Accelerator("H100-PCIe", 756.5, 51.0, 350, 80, "NVIDIA H100 Tensor Core GPU datasheet (PCIe)"),
+    # NVIDIA H200 Tensor Core GPU datasheet: BF16 1,979 with sparsity; FP32 67; up to 700 W; 141 GB
+    Accelerator("H200", 989.4, 67.0, 700, 141, "NVIDIA H200 Tensor Core GPU datasheet (SXM)"),
+    # NVIDIA A100 Tensor Core GPU datasheet: BF16 312 (624 sparse); FP32 19.5; 400 W (SXM)
+    Accelerator("A100-80GB", 312.0, 19.5, 400, 80, "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)"),
+    Accelerator("A100-40GB", 312.0, 19.5, 400, 40, "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM)"),
+    # NVIDIA V100 Tensor Core GPU datasheet: Tensor 125 (fp16); FP32 15.7; 300 W (SXM2); 32 GB
+    Accelerator("V100", 125.0, 15.7, 300, 32, "NVIDIA V100 Tensor Core GPU datasheet (SXM2)",
+                note="no bf16: the half-precision figure is fp16 tensor cores"),
+    # NVIDIA Ada Lovelace GPU architecture whitepaper, RTX 4090: FP16/BF16 tensor with FP32 accumulate 165.2 dense;
+    # FP32 82.6; 450 W total graphics power; 24 GB
+    Accelerator("RTX-4090", 165.2, 82.6, 450, 24, "NVIDIA Ada Lovelace GPU architecture whitepaper (GeForce RTX 4090)"),
+    # NVIDIA L4 Tensor Core GPU datasheet: BF16 242 with sparsity; FP32 30.3; 72 W; 24 GB
+    Accelerator("L4", 121.0, 30.3, 72, 24, "NVIDIA L4 Tensor Core GPU datasheet"),
+    # AMD Instinct MI300X data sheet: BF16 1,307.4 dense; FP32 vector 163.4; 750 W; 192 GB HBM3
+    Accelerator("MI300X", 1307.4, 163.4, 750, 192, "AMD Instinct MI300X accelerator data sheet"),
+    # AMD Instinct MI250X data sheet: BF16 383; FP32 vector 47.9; 560 W; 128 GB HBM2e
+    Accelerator("MI250X", 383.0, 47.9, 560, 128, "AMD Instinct MI250X accelerator data sheet"),
+    # Google Cloud TPU v5e documentation: 197 bf16 TFLOPS per chip, 16 GB HBM2; no fp32 peak or TDP published
+    Accelerator("TPU-v5e", 197.0, None, None, 16, "Google Cloud TPU v5e documentation (per chip)"),
+    # Google Cloud TPU v5p documentation: 459 bf16 TFLOPS per chip, 95 GB HBM2e; no fp32 peak or TDP published
+    Accelerator("TPU-v5p", 459.0, None, None, 95, "Google Cloud TPU v5p documentation (per chip)"),
+]}
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower())
+
+
+def accelerator(name: str) -> Accelerator:
+    """The accelerator called `name` (case, spaces, '-' and '_' ignored)."""
+    by_key = {_key(k): a for k, a in ACCELERATORS.items()}
+    if _key(name) not in by_key:
+        names = ", ".join(a.name for a in ACCELERATORS.values())
+        raise ConfigError(f"unknown hardware {name!r}; choose one of: {names} (or all)")
+    return by_key[_key(name)]
+
+
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
+
+
+def parse_count(value: str | float | int, what: str = "value") -> float:
+    """A positive count from a number or a string such as "175B", "1.4T", "300e9", "3.14e23" (k, M, B/G, T, P)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtTpP]?)\s*", str(value))
+        if m is None:
+            raise ConfigError(f"{what} must be a number such as 175e9, 175B or 1.4T, got {value!r}")
+        number = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{what} must be a positive number, got {value!r}")
+    return number
+
+
+def training_flops(params: float, tokens: float) -> float:
+    """C = 6·N·D: forward (2 FLOPs per weight per token) plus backward (twice the forward)."""
+    return 6.0 * params * tokens
+
+
+def chinchilla_optimal(compute: float, tokens_per_param: float = CHINCHILLA_TOKENS_PER_PARAM) -> tuple[float, float]:
+    """(N, D) that spend `compute` FLOPs compute-optimally: C = 6·N·D with D = r·N, so N = √(C / 6r), D = r·N."""
+    if compute <= 0 or tokens_per_param <= 0:
+        raise ConfigError("compute and tokens per parameter must be positive")
+    n = math.sqrt(compute / (6.0 * tokens_per_param))
+    return n, tokens_per_param * n
+
+
+@dataclass
+class HardwareEstimate:
+    """Time, energy and memory fit of one plan on one accelerator type."""
+
+    hardware: str
+    precision: Precision
+    peak_tflops: float
+    mfu: float
+    gpus: int
+    pue: float
+    seconds: float
+    gpu_hours: float
+    energy_kwh: float | None
+    """None when the vendor publishes no TDP."""
+    tdp_watts: float | None
+    memory_gb: float
+    fits_replicated: bool
+    """Training state (16 B/param) fits on one device (DDP)."""
+    fits_sharded: bool
+    """Training state fits when sharded across `gpus` devices (FSDP / ZeRO-3)."""
+    note: str = ""
+
+    @property
+    def days(self) -> float:
+        return self.seconds / 86400
+
+
+@dataclass
+class Plan:
+    """Compute, Chinchilla-optimal size and per-accelerator cost of training `params` parameters on `tokens`."""
+
+    params: float
+    """N: total parameters (from the config, or as given)."""
+    non_embedding_params: float | None
+    seq_len: int | None
+    """Training context the attention FLOPs are counted at (None for a bare parameter count)."""
+    tokens: float
+    """D: training tokens."""
+    dense_flops: float
+    """6 × matmul weights × D (6·N·D for a bare parameter count)."""
+    attention_flops: float
+    """Attention score and value matmuls, training (0 for a bare parameter count: no architecture)."""
+    compute_budget: float
+    """The FLOPs the Chinchilla-optimal size is computed for: --compute, else this plan's total."""
+    optimal_params: float
+    optimal_tokens: float
+    memory_bytes: dict[str, float]
+    """Per device: training state replicated, sharded, and bf16 inference weights."""
+    estimates: list[HardwareEstimate] = field(default_factory=list)
+    config: dict[str, Any] | None = None
+
+    @property
+    def total_flops(self) -> float:
+        return self.dense_flops + self.attention_flops
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.params
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_flops"] = self.total_flops
+        d["tokens_per_param"] = self.tokens_per_param
+        d["chinchilla_tokens_per_param"] = CHINCHILLA_TOKENS_PER_PARAM
+        for e, obj in zip(d["estimates"], self.estimates):
+            e["days"] = obj.days
+        return d
+
+
+def plan(params: float | None = None, config: ModelConfig | None = None, tokens: float | None = None,
+         compute: float | None = None, hardware: str = "H100-SXM", mfu: float = 0.4, gpus: int = 1,
+         pue: float = 1.0, precision: Precision = "bf16", seq_len: int | None = None) -> Plan:
+    """Plan training of a model given as a bare parameter count `params` or an architecture `config` (or neither,
+    with `compute`: the Chinchilla-optimal model for that budget).
+
+    Tokens default to `compute` / (training FLOPs per token) when a budget is given, else to the Chinchilla-optimal
+    20 per parameter. `hardware` names an accelerator of `ACCELERATORS`, or "all" for every one that publishes a
+    peak at `precision`. `seq_len` is the training context for the attention FLOPs (default: block_size)."""
+    if params is not None and config is not None:
+        raise ConfigError("give either a parameter count or a model config, not both")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"mfu must be in (0, 1], got {mfu}")
+    if gpus < 1:
+        raise ConfigError(f"gpus must be >= 1, got {gpus}")
+    if pue < 1:
+        raise ConfigError(f"pue must be >= 1 (1.0 counts the accelerators only), got {pue}")
+    if precision not in ("bf16", "fp32"):
+        raise ConfigError(f"precision must be bf16 or fp32, got {precision!r}")
+    for name, v in (("params", params), ("tokens", tokens), ("compute", compute)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"{name} must be a positive number, got {v}")
+
+    non_embedding: float | None = None
+    if config is not None:
+        counts = count_params(config)
+        n, non_embedding = float(counts.total), float(counts.non_embedding)
+        if seq_len is not None and not 1 <= seq_len <= config.block_size:
+            raise ConfigError(f"seq_len must be in [1, block_size={config.block_size}], got {seq_len}")
+        per_token = flops_per_token(config, seq_len)
+        dense_per_token = per_token["train"] - 3 * per_token["attention_forward"]
+        attention_per_token = 3 * per_token["attention_forward"]
+    else:
+        if params is None:
+            if compute is None:
+                raise ConfigError("nothing to plan: give a model (preset or config), a parameter count or a compute "
+                                  "budget")
+            params, tokens = chinchilla_optimal(compute) if tokens is None else (compute / (6 * tokens), tokens)
+        n = float(params)
+        dense_per_token, attention_per_token = 6.0 * n, 0.0
+    if tokens is None:
+        tokens = compute / (dense_per_token + attention_per_token) if compute is not None \
+            else CHINCHILLA_TOKENS_PER_PARAM * n
+    dense, attention = dense_per_token * tokens, attention_per_token * tokens
+    budget = compute if compute is not None else dense + attention
+    opt_n, opt_d = chinchilla_optimal(budget)
+    memory = {"train_replicated": TRAIN_BYTES_PER_PARAM * n, "train_sharded": TRAIN_BYTES_PER_PARAM * n / gpus,
+              "inference_weights_bf16": INFERENCE_BYTES_PER_PARAM * n}
+
+    if hardware.strip().lower() == "all":
+        chips = [a for a in ACCELERATORS.values() if a.peak_tflops(precision) is not None]
+    else:
+        chips = [accelerator(hardware)]
+        if chips[0].peak_tflops(precision) is None:
+            raise ConfigError(f"{chips[0].name} has no published {precision} peak; use --precision bf16")
+    estimates = []
+    for chip in chips:
+        peak = chip.peak_tflops(precision)
+        assert peak is not None
+        seconds = (dense + attention) / (gpus * peak * 1e12 * mfu)
+        gpu_hours = seconds * gpus / 3600
+        energy = gpu_hours * chip.tdp_watts / 1000 * pue if chip.tdp_watts is not None else None
+        estimates.append(HardwareEstimate(
+            chip.name, precision, peak, mfu, gpus, pue, seconds, gpu_hours, energy, chip.tdp_watts, chip.memory_gb,
+            memory["train_replicated"] <= chip.memory_gb * 1e9, memory["train_sharded"] <= chip.memory_gb * 1e9,
+            chip.note))
+    context = (seq_len or config.block_size) if config is not None else None
+    return Plan(n, non_embedding, context, float(tokens), dense, attention, budget, opt_n, opt_d, memory, estimates,
+                config.to_dict() if config is not None else None)

@@ -1,0 +1,516 @@
+"""Hugging Face transformers interop: import a model folder of model_type gpt2, llama, mistral or qwen2 into a run
+folder, and export a run to a folder that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
+load.
+
+Everything family-specific is data: one key map per family (HF parameter name → our name and the transform it needs)
+with the export map derived from it by inversion; one config-field map per family; and per family the architecture it
+fixes (positional encoding, norm, MLP, biases …), which is what import sets and what export checks. The tensor
+transforms are written once: GPT-2's Conv1D transpose, and Q/K/V fused on import / split on export. Llama's HF q/k
+rows are already in the rotate-half RoPE layout that model.apply_rope uses, so no permutation is needed here.
+
+Loading is memory-frugal: safetensors shards are opened with `safe_open` (memory-mapped, one tensor read at a time),
+the model is built on the meta device and its parameters are the loaded tensors (`assign=True`), and bf16/fp16
+weights keep their dtype unless a dtype is asked for.
+
+Tokenizers: import reads the folder's `tokenizer.json` (kind "hf", with the EOS/BOS tokens named by
+tokenizer_config.json or config.json). Export writes tokenizer.json + tokenizer_config.json for the tokenizers that are
+Hugging Face `tokenizers` underneath (bpe, gpt2, hf) and for the byte tokenizer (a byte-level BPE with no merges, ids
+= byte values); other kinds (char, llama2c, sentencepiece) are exported as weights and config only, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..checkpoint import save_checkpoint
+from ..config import ModelConfig, dump_json
+from ..errors import CheckpointError, ConversionError, RunExistsError, TLMError
+from ..model import Transformer
+from ..tokenizers import HFFileTokenizer, Tokenizer, save_tokenizer
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The declarative part. Key maps: HF key ({i} = layer) → (our key, transform). Transforms: "" copy; "T" GPT-2's Conv1D,
+# stored [in, out] (transposed to nn.Linear's [out, in]); "q"/"k"/"v" a row block of our fused attn.qkv (Q, K, V order).
+
+_GPT2_KEYS: dict[str, tuple[str, str]] = {
+    "transformer.wte.weight": ("tok_emb.weight", ""),
+    "transformer.wpe.weight": ("pos_emb.weight", ""),
+    "transformer.h.{i}.ln_1.weight": ("blocks.{i}.norm1.weight", ""),
+    "transformer.h.{i}.ln_1.bias": ("blocks.{i}.norm1.bias", ""),
+    "transformer.h.{i}.attn.c_attn.weight": ("blocks.{i}.attn.qkv.weight", "T"),
+    "transformer.h.{i}.attn.c_attn.bias": ("blocks.{i}.attn.qkv.bias", ""),
+    "transformer.h.{i}.attn.c_proj.weight": ("blocks.{i}.attn.proj.weight", "T"),
+    "transformer.h.{i}.attn.c_proj.bias": ("blocks.{i}.attn.proj.bias", ""),
+    "transformer.h.{i}.ln_2.weight": ("blocks.{i}.norm2.weight", ""),
+    "transformer.h.{i}.ln_2.bias": ("blocks.{i}.norm2.bias", ""),
+    "transformer.h.{i}.mlp.c_fc.weight": ("blocks.{i}.ffn.up.weight", "T"),
+    "transformer.h.{i}.mlp.c_fc.bias": ("blocks.{i}.ffn.up.bias", ""),
+    "transformer.h.{i}.mlp.c_proj.weight": ("blocks.{i}.ffn.down.weight", "T"),
+    "transformer.h.{i}.mlp.c_proj.bias": ("blocks.{i}.ffn.down.bias", ""),
+    "transformer.ln_f.weight": ("norm.weight", ""),
+    "transformer.ln_f.bias": ("norm.bias", ""),
+    "lm_head.weight": ("lm_head.weight", ""),
+}
+
+_LLAMA_KEYS: dict[str, tuple[str, str]] = {
+    "model.embed_tokens.weight": ("tok_emb.weight", ""),
+    "model.layers.{i}.input_layernorm.weight": ("blocks.{i}.norm1.weight", ""),
+    **{f"model.layers.{{i}}.self_attn.{p}_proj.{w}": (f"blocks.{{i}}.attn.qkv.{w}", p)
+       for w in ("weight", "bias") for p in "qkv"},
+    "model.layers.{i}.self_attn.o_proj.weight": ("blocks.{i}.attn.proj.weight", ""),
+    "model.layers.{i}.self_attn.o_proj.bias": ("blocks.{i}.attn.proj.bias", ""),
+    "model.layers.{i}.post_attention_layernorm.weight": ("blocks.{i}.norm2.weight", ""),
+    **{f"model.layers.{{i}}.mlp.{hf}_proj.{w}": (f"blocks.{{i}}.ffn.{ours}.{w}", "")
+       for w in ("weight", "bias") for hf, ours in (("gate", "gate"), ("up", "up"), ("down", "down"))},
+    "model.norm.weight": ("norm.weight", ""),
+    "lm_head.weight": ("lm_head.weight", ""),
+}
+
+KEY_MAPS: dict[str, dict[str, tuple[str, str]]] = {
+    "gpt2": _GPT2_KEYS, "llama": _LLAMA_KEYS, "mistral": _LLAMA_KEYS, "qwen2": _LLAMA_KEYS}
+
+# Buffers some HF checkpoints carry that are not parameters (GPT-2's causal masks, old rotary tables).
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+# Config fields: our field → HF field.
+_GPT2_FIELDS = {"vocab_size": "vocab_size", "block_size": "n_positions", "n_layer": "n_layer", "n_head": "n_head",
+                "n_embd": "n_embd", "d_ff": "n_inner", "norm_eps": "layer_norm_epsilon",
+                "tie_embeddings": "tie_word_embeddings"}
+_LLAMA_FIELDS = {"vocab_size": "vocab_size", "block_size": "max_position_embeddings", "n_layer": "num_hidden_layers",
+                 "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
+                 "d_ff": "intermediate_size", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+CONFIG_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS, "qwen2": _LLAMA_FIELDS}
+
+# The architecture each family fixes: set on import, required on export. `qkv_bias` is compared as resolved
+# (ModelConfig.has_qkv_bias). Llama leaves `bias` free (attention_bias = mlp_bias = bias, Q/K/V included) and allows
+# llama3 rope scaling; Mistral alone has a sliding window.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qkv_bias": True,
+             "sliding_window": None},
+    "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "sliding_window": None},
+    "mistral": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qkv_bias": False,
+                "rope_scaling": None},
+    "qwen2": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qkv_bias": True,
+              "sliding_window": None, "rope_scaling": None},
+}
+_HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
+_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+def expand_keys(family: str, n_layer: int) -> Iterator[tuple[str, str, str]]:
+    """(HF key, our key, transform) for every parameter a model of `family` with `n_layer` blocks can have."""
+    for hf_key, (ours, transform) in KEY_MAPS[family].items():
+        layers = range(n_layer) if "{i}" in hf_key else [None]
+        for i in layers:
+            yield hf_key.format(i=i), ours.format(i=i), transform
+
+
+def _qkv_sizes(c: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Row range of Q, K and V inside our fused qkv projection."""
+    q, kv = c.n_head * c.head_dim, c.kv_heads * c.head_dim
+    return {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config mapping
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {what} {path} ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{what} {path} does not hold a JSON object")
+    return d
+
+
+def _rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
+    """RoPE fields from transformers 5's `rope_parameters` or 4.x's top-level `rope_theta` / `rope_scaling`."""
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConversionError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    out: dict[str, Any] = {"rope_theta": float(theta)}
+    if kind == "llama3":
+        out.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]),
+                   rope_low_freq_factor=float(params["low_freq_factor"]),
+                   rope_high_freq_factor=float(params["high_freq_factor"]),
+                   rope_original_max_position=int(params["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise ConversionError(f"rope scaling type {kind!r} is not supported (supported: default, llama3)")
+    return out
+
+
+def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
+    """Our ModelConfig and the family, from a Hugging Face config.json's contents."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise ConversionError(f"unsupported model_type {family!r}; tlm converts {', '.join(FAMILIES)}")
+    fields = {ours: hf[theirs] for ours, theirs in CONFIG_FIELDS[family].items() if hf.get(theirs) is not None}
+    fields.setdefault("tie_embeddings", family == "gpt2")  # transformers' defaults when the key is absent
+    arch = dict(ARCHITECTURES[family])
+    if family == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _GELU:
+            raise ConversionError(f"GPT-2 activation_function {act!r} is not supported (supported: {', '.join(_GELU)})")
+        arch["gelu_approximate"] = _GELU[act]
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if hf.get(flag):
+                raise ConversionError(f"GPT-2 option {flag}=true is not supported")
+        if hf.get("scale_attn_weights") is False:
+            raise ConversionError("GPT-2 option scale_attn_weights=false is not supported")
+    else:
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ConversionError(f"hidden_act {hf['hidden_act']!r} is not supported (the SwiGLU MLP needs silu)")
+        head_dim = hf.get("head_dim")
+        if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+            raise ConversionError(f"head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
+        arch.update(_rope_settings(hf))
+        if family == "llama":
+            if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
+                raise ConversionError("llama with attention_bias != mlp_bias is not supported")
+            arch["bias"] = arch["qkv_bias"] = bool(hf.get("attention_bias"))
+        elif family == "mistral":
+            arch["sliding_window"] = hf.get("sliding_window")
+        elif hf.get("use_sliding_window"):
+            raise ConversionError("qwen2 with use_sliding_window=true is not supported")
+    try:
+        return ModelConfig(**fields, **arch), family
+    except TLMError as e:
+        raise ConversionError(f"the {family} config does not fit tlm's model: {e}") from None
+
+
+def infer_family(c: ModelConfig) -> str:
+    """The family whose architecture is closest to `c`; export_hf then checks it really fits."""
+    if c.pos_encoding != "rope":
+        return "gpt2"
+    if c.sliding_window is not None:
+        return "mistral"
+    return "qwen2" if c.has_qkv_bias and not c.bias else "llama"
+
+
+def check_representable(c: ModelConfig, family: str) -> None:
+    """Raise ConversionError naming the first feature of `c` that `family` cannot represent."""
+    if family not in FAMILIES:
+        raise ConversionError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    have = {**c.to_dict(), "qkv_bias": c.has_qkv_bias}
+    needs = dict(ARCHITECTURES[family])
+    if family == "gpt2":
+        needs["gelu_approximate"] = "tanh"
+    if family == "llama":
+        needs["qkv_bias"] = c.bias
+    for name, need in needs.items():
+        if have[name] != need:
+            raise ConversionError(f"cannot export to Hugging Face {family}: model.{name} is {have[name]!r}, "
+                                  f"{family} needs {need!r}"
+                                  + (" (no Hugging Face family has it)" if name == "pos_encoding" else ""))
+    if family == "gpt2" and c.kv_heads != c.n_head:
+        raise ConversionError(f"cannot export to Hugging Face gpt2: grouped-query attention (n_kv_head={c.n_kv_head})")
+
+
+def config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """A config.json for `family` describing `c` (checked with check_representable first)."""
+    check_representable(c, family)
+    hf: dict[str, Any] = {"model_type": family, "architectures": [_HF_CLASSES[family]],
+                          "dtype": str(dtype).removeprefix("torch.")}
+    hf.update({theirs: getattr(c, ours) for ours, theirs in CONFIG_FIELDS[family].items()})
+    eot = tokenizer.eot_id if tokenizer is not None else None
+    bos = getattr(tokenizer, "bos_id", None)
+    hf.update(bos_token_id=bos if bos is not None else eot, eos_token_id=eot)
+    if family == "gpt2":
+        hf.update(n_ctx=c.block_size, activation_function="gelu_new",
+                  resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
+        return hf
+    hf.update(num_key_value_heads=c.kv_heads, intermediate_size=c.ffn_dim, head_dim=c.head_dim, hidden_act="silu",
+              attention_dropout=c.dropout)
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=c.rope_scaling_factor, low_freq_factor=c.rope_low_freq_factor,
+                    high_freq_factor=c.rope_high_freq_factor,
+                    original_max_position_embeddings=c.rope_original_max_position)
+    # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta / rope_scaling.
+    hf.update(rope_parameters=rope, rope_theta=c.rope_theta,
+              rope_scaling=rope if c.rope_scaling is not None else None)
+    if family == "llama":
+        hf.update(attention_bias=c.bias, mlp_bias=c.bias)
+    elif family == "mistral":
+        hf["sliding_window"] = c.sliding_window
+    else:
+        hf.update(use_sliding_window=False, sliding_window=None)
+    return hf
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+class _Weights:
+    """The tensors of a HF folder, read lazily from memory-mapped safetensors (one file or an indexed set of shards)."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = _read_json(index, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"shard index {index} has no weight_map")
+            files = {k: folder / v for k, v in weight_map.items()}
+        elif (folder / "model.safetensors").exists():
+            files = None
+        else:
+            raise CheckpointError(f"{folder} has no model.safetensors or model.safetensors.index.json "
+                                  "(only safetensors weights are imported; convert .bin files with transformers first)")
+        self._handles: dict[Path, Any] = {}
+        if files is None:
+            files = {k: folder / "model.safetensors" for k in self._open(folder / "model.safetensors").keys()}
+        for shard in sorted(set(files.values())):
+            if not shard.exists():
+                raise CheckpointError(f"missing shard {shard.name} named by {index.name} in {folder}")
+            keys = set(self._open(shard).keys())
+            listed = sorted(k for k, f in files.items() if f == shard and k not in keys)
+            if listed:
+                raise CheckpointError(f"shard {shard.name} does not match {index.name}: it lacks {listed[:3]}")
+        self.files = files
+
+    def _open(self, path: Path) -> Any:
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"weights file {path} is truncated or corrupt ({e})") from None
+        return self._handles[path]
+
+    def keys(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._open(self.files[key]).get_tensor(key)
+
+
+def load_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, str]:
+    """Our Transformer (in eval mode, on CPU) and the family, from a Hugging Face model folder."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    hf_config = _read_json(folder / "config.json", "model config")
+    config, family = config_from_hf(hf_config)
+    weights = _Weights(folder)
+    available = weights.keys()
+    if family == "gpt2" and not any(k.startswith("transformer.") for k in available):
+        # OpenAI's original upload has no "transformer." prefix
+        weights.files = {(k if k == "lm_head.weight" else "transformer." + k): f for k, f in weights.files.items()}
+        available = weights.keys()
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        del expected["lm_head.weight"]
+    parts: dict[str, dict[str, str]] = {}  # our key → {transform: HF key}
+    for hf_key, ours, transform in expand_keys(family, config.n_layer):
+        if ours in expected:
+            parts.setdefault(ours, {})[transform] = hf_key
+    used: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
+    for ours, sources in parts.items():
+        missing = sorted(k for k in sources.values() if k not in available)
+        if missing:
+            raise CheckpointError(f"weights in {folder} lack {missing[:3]}, which config.json implies")
+        used.update(sources.values())
+        if "q" in sources:  # fuse Q, K, V into our single projection
+            tensor = torch.cat([weights.get(sources[p]) for p in "qkv"], dim=0)
+        else:
+            ((transform, hf_key),) = sources.items()
+            tensor = weights.get(hf_key)
+            tensor = tensor.t().contiguous() if transform == "T" else tensor
+        if tensor.shape != expected[ours]:
+            raise CheckpointError(f"weights in {folder} do not fit its config.json: {ours} has shape "
+                                  f"{tuple(tensor.shape)}, the config needs {tuple(expected[ours])}")
+        state[ours] = tensor.to(dtype) if dtype is not None else tensor
+    unused = sorted(k for k in available - used if not k.endswith(_IGNORED_SUFFIXES)
+                    and not (k == "lm_head.weight" and config.tie_embeddings))
+    if unused:
+        raise CheckpointError(f"weights in {folder} hold tensors its config.json does not use: {unused[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model.eval(), family
+
+
+def hf_state_dict(model: Transformer, family: str) -> dict[str, torch.Tensor]:
+    """Our weights under `family`'s HF names and layouts (the inverse of load_hf's mapping); a tied head is left out,
+    as transformers ties it on load."""
+    c = model.config
+    ours = {k: v.detach() for k, v in model.state_dict().items()}
+    if c.tie_embeddings:
+        del ours["lm_head.weight"]
+    rows = _qkv_sizes(c)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for hf_key, key, transform in expand_keys(family, c.n_layer):
+        if key not in ours:
+            continue
+        used.add(key)
+        tensor = ours[key]
+        if transform == "T":
+            tensor = tensor.t().contiguous()
+        elif transform in rows:  # a copy: safetensors refuses tensors that share storage
+            a, b = rows[transform]
+            tensor = tensor[a:b].clone()
+        out[hf_key] = tensor
+    leftover = sorted(set(ours) - used)
+    if leftover:
+        raise ConversionError(f"cannot export to Hugging Face {family}: no place for {leftover[:3]}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def _special(value: Any) -> str | None:
+    """A token named in tokenizer_config.json: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_hf_tokenizer(folder: str | Path) -> HFFileTokenizer:
+    """The folder's tokenizer.json, with EOS/BOS from tokenizer_config.json (or config.json's ids)."""
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise ConversionError(f"{folder} has no tokenizer.json; tlm imports a model together with its fast "
+                              "(tokenizers-library) tokenizer: save it with AutoTokenizer.save_pretrained")
+    tok = HFFileTokenizer.from_file(path)
+    tc = _read_json(folder / "tokenizer_config.json", "tokenizer config") \
+        if (folder / "tokenizer_config.json").exists() else {}
+    mc = _read_json(folder / "config.json", "model config")
+
+    def name(field: str) -> str | None:
+        token = _special(tc.get(f"{field}_token"))
+        if token is None and isinstance(mc.get(f"{field}_token_id"), int):
+            token = tok.hf.id_to_token(mc[f"{field}_token_id"])
+        return token if token is not None and tok.hf.token_to_id(token) is not None else None
+
+    return HFFileTokenizer(tok.hf, name("eos"), name("bos"))
+
+
+def _byte_tokenizer_json() -> str:
+    """Our byte tokenizer as a HF byte-level BPE with no merges: byte b's token (GPT-2's byte→unicode map) has id b."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    hf = HFTokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    return hf.to_str()
+
+
+def _write_tokenizer(tok: Tokenizer, out: Path, block_size: int, family: str) -> bool:
+    """tokenizer.json + tokenizer_config.json for AutoTokenizer; False (and a warning) when the kind has no HF form."""
+    if family == "qwen2" and tok.kind in ("bpe", "gpt2"):
+        log.warning("transformers' AutoTokenizer gives model_type qwen2 Qwen2's own pre-tokenizer, which this %s "
+                    "tokenizer does not use: load %s with PreTrainedTokenizerFast.from_pretrained", tok.kind, out)
+    if tok.kind == "byte":
+        text = _byte_tokenizer_json()
+    elif hasattr(tok, "hf"):
+        text = tok.hf.to_str()
+    else:
+        log.warning("the %s tokenizer has no Hugging Face tokenizer.json form: exported weights and config only; "
+                    "AutoTokenizer will not load %s", tok.kind, out)
+        return False
+    (out / "tokenizer.json").write_text(text, encoding="utf-8")
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+                           "clean_up_tokenization_spaces": False}
+    eot = tok.eot_id
+    if eot is not None and hasattr(tok, "hf"):
+        cfg["eos_token"] = tok.hf.id_to_token(eot)
+    bos = getattr(tok, "bos_id", None)
+    if bos is not None:
+        cfg["bos_token"] = tok.hf.id_to_token(bos)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two verbs
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Convert a Hugging Face model folder into a run folder (config.json, tokenizer.json, checkpoints/) that
+    load_run, `tlm sample` and `tlm eval` read. `dtype` (float32, bfloat16, float16) casts the weights; by default
+    they keep the dtype they are stored in."""
+    src, out = Path(src), Path(out)
+    tokenizer = load_hf_tokenizer(src)
+    model, family = load_hf(src, _dtype(dtype))
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                              f"{model.config.vocab_size} embeddings; the folder mixes two models")
+    _prepare_out(out, overwrite)
+    source = {"format": "huggingface", "model_type": family, "path": str(src.resolve())}
+    (out / "config.json").write_text(dump_json({"model": model.config.to_dict(), "source": source}))
+    save_tokenizer(tokenizer, out / "tokenizer.json")
+    save_checkpoint(out, model, {"source": source}, 0)
+    return out
+
+
+def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype: str | None = None,
+              overwrite: bool = False) -> Path:
+    """Write a run's latest checkpoint as a Hugging Face folder (config.json, model.safetensors and, when the
+    tokenizer has a HF form, tokenizer.json + tokenizer_config.json). `family` defaults to the one whose architecture
+    matches (gpt2, llama, mistral or qwen2); a feature no family represents raises ConversionError naming it."""
+    from ..api import load_run  # the API layer sits above checkpoint/model; imported here to keep this module light
+
+    loaded = load_run(run, "cpu")
+    config = loaded.model.config
+    family = family or infer_family(config)
+    torch_dtype = _dtype(dtype) or loaded.model.tok_emb.weight.dtype
+    hf_config = config_to_hf(config, family, loaded.tokenizer, torch_dtype)  # raises before anything is written
+    tensors = {k: v.to(torch_dtype) for k, v in hf_state_dict(loaded.model, family).items()}
+    out = Path(out)
+    _prepare_out(out, overwrite)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    _write_tokenizer(loaded.tokenizer, out, config.block_size, family)
+    return out
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConversionError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -176,3 +176,14 @@ def test_yaml_config_with_command_line_override(tmp_path: Path, corpus_file: Pat
     assert config["model"]["n_layer"] == 1 and config["model"]["n_embd"] == 16
     assert config["train"]["max_iters"] == 4 and config["train"]["lr"] == 0.01
     assert config["data"]["tokenizer"] == "char"
+
+
+def test_default_corpus_is_the_standard_library(tmp_path: Path, capsys):
+    """With no data argument, `tlm train` trains on this interpreter's standard library source: no download."""
+    run = tmp_path / "run"
+    code, _, err = tlm(capsys, "train", "--out", run, *TINY, "--train.max_iters", "2", "--train.eval_batches", "1")
+    assert code == 0, err
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["source"] == "python-stdlib" and config["model"]["vocab_size"] == 256
+    code, out, _ = tlm(capsys, "sample", run, "import ", "--max_new_tokens", "5", "--seed", "0")
+    assert code == 0 and out.startswith("import ")

@@ -187,3 +187,13 @@ def test_default_corpus_is_the_standard_library(tmp_path: Path, capsys):
     assert config["data"]["source"] == "python-stdlib" and config["model"]["vocab_size"] == 256
     code, out, _ = tlm(capsys, "sample", run, "import ", "--max_new_tokens", "5", "--seed", "0")
     assert code == 0 and out.startswith("import ")
+
+
+def test_resume_finds_the_runs_data_and_refuses_other_tokenizers(trained_run: Path, corpus_file: Path, capsys):
+    code, out, err = tlm(capsys, "train", "--out", trained_run, "--tokenizer", "char", *TINY, "--train.max_iters", "8",
+                         "--train.eval_interval", "3", "--resume", "true")
+    assert code == 0, err
+    assert "8 steps" in out
+    one_line_error(capsys, "train", corpus_file, "--out", trained_run, "--tokenizer", "byte", *TINY,
+                   "--train.max_iters", "8", "--train.eval_interval", "3", "--resume", "true",
+                   match="tokenizer differs")

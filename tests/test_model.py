@@ -270,55 +270,33 @@ def test_gpt2_preset_sizes(name):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 7. Hugging Face GPT-2 parity (architecture only: the key map lives here, not in a production converter)
+# 7. Sliding-window attention (Mistral). Hugging Face parity of every family, GPT-2 included, is proven through the
+# production converter in test_interop_hf.py.
 
 
-def test_matches_huggingface_gpt2():
-    transformers = pytest.importorskip("transformers")
-    hf_config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=32, vocab_size=101,
-                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                        bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel(hf_config).eval()
-    with torch.no_grad():  # larger than GPT-2's init so attention is far from uniform
-        gen = torch.Generator().manual_seed(0)
-        for p in hf.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-
-    renames = {"attn.c_attn": "attn.qkv", "attn.c_proj": "attn.proj", "mlp.c_fc": "ffn.up", "mlp.c_proj": "ffn.down",
-               "ln_1": "norm1", "ln_2": "norm2"}
-    conv1d = tuple(renames[k] + ".weight" for k in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
-    ours: dict[str, torch.Tensor] = {}
-    for key, value in hf.state_dict().items():
-        if key.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # old checkpoints' causal-mask buffers, not parameters (c_attn.bias is a parameter)
-        name = key.removeprefix("transformer.")
-        name = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "norm.weight",
-                "ln_f.bias": "norm.bias"}.get(name, name)
-        if name.startswith("h."):
-            _, layer, rest = name.split(".", 2)
-            for old, new in renames.items():
-                rest = rest.replace(old, new) if rest.startswith(old + ".") else rest
-            name = f"blocks.{layer}.{rest}"
-            if name.endswith(conv1d):
-                value = value.t()  # Conv1D stores [in, out]; nn.Linear wants [out, in]
-        ours[name] = value
-
-    config = ModelConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=64, pos_encoding="learned",
-                         norm="layernorm", norm_eps=1e-5, mlp="gelu", gelu_approximate="tanh", bias=True,
-                         tie_embeddings=True)
-    model = Transformer(config).eval()
-    missing, unexpected = model.load_state_dict(ours, strict=False)
-    assert unexpected == []
-    assert missing == []
-    assert model.lm_head.weight is model.tok_emb.weight
-
-    idx = random_ids(config, 3, 32, seed=7)
+def test_sliding_window_mask_and_cache():
+    """Query p attends to keys p-w+1..p only, in the SDPA and eager paths, with and without a KV cache, also when the
+    prompt is longer than the window."""
+    w = 4
+    config = tiny_config(pos_encoding="rope", n_kv_head=2, sliding_window=w)
+    model = random_model(config, seed=3)
+    idx = random_ids(config, 2, 20, seed=3)
     with torch.no_grad():
-        expected = hf(idx).logits
-        got = model(idx).logits
-    assert expected.abs().max() > 1.0  # logits that are not all near zero
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        full = model(idx, return_attentions=True)
+        torch.testing.assert_close(model(idx).logits, full.logits, atol=1e-5, rtol=1e-5)
+        q = torch.arange(20)[:, None]
+        k = torch.arange(20)[None, :]
+        outside = (k > q) | (k <= q - w)
+        for weights in full.attentions:
+            assert torch.all(weights[..., outside] == 0) and torch.all(weights[..., ~outside] > 0)
+        for eager in (False, True):
+            cache = KVCache(config, batch_size=2)
+            pieces = [model(idx[:, a:b], cache=cache, return_attentions=eager).logits
+                      for a, b in ((0, 11), (11, 12), (12, 20))]  # prompt longer than the window, then one token
+            torch.testing.assert_close(torch.cat(pieces, dim=1), full.logits, atol=1e-5, rtol=1e-5)
+    prompt = random_ids(config, 1, 10, seed=4)[0].tolist()
+    cached = list(generate(model, prompt, 12, temperature=0))
+    assert cached == list(generate(model, prompt, 12, temperature=0, use_cache=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_weights
 from .config import ModelConfig, SampleConfig
 from .data import read_sources, resolve_sources
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult, evaluate_tokens
 from .generate import stream_text
 from .model import Transformer
@@ -37,12 +37,35 @@ class Run:
     model: Transformer
     tokenizer: Tokenizer
     step: int
+    draft: Transformer | None = None
+    """A smaller model with the same tokenizer for speculative decoding (set with `use_draft`)."""
+    draft_k: int = 4
+    """Draft proposals per target forward."""
+
+    def quantize(self, bits: int, group_size: int = 128) -> Run:
+        """Swap the model's linear layers (not its LM head) for int8 or group-wise int4 weight-only versions, in
+        place; returns self. For inference only: the run folder is not touched."""
+        from .quantize import quantize
+
+        quantize(self.model, bits, group_size)
+        return self
+
+    def use_draft(self, draft: Run | None, k: int = 4) -> Run:
+        """Generate with speculative decoding, `draft` proposing `k` tokens per step (None: plain decoding).
+        The samples keep this run's distribution; the draft must share its tokenizer exactly."""
+        if draft is not None and draft.tokenizer.to_dict() != self.tokenizer.to_dict():
+            raise ConfigError(f"the draft run {draft.path} has a different tokenizer from {self.path}; speculative "
+                              f"decoding needs the same one")
+        if k < 1:
+            raise ConfigError(f"speculative decoding needs k >= 1 draft tokens per step, got {k}")
+        self.draft, self.draft_k = (draft.model if draft is not None else None), k
+        return self
 
     def stream_samples(self, prompt: str, cfg: SampleConfig) -> Iterator[Iterator[str]]:
         """cfg.num_samples streams of text pieces, drawn one after another from one seeded generator."""
         gen = _generator(cfg.seed, self.model)
         for _ in range(cfg.num_samples):
-            yield stream_text(self.model, self.tokenizer, prompt, cfg, gen)
+            yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k)
 
     def stream(self, prompt: str = "", **sample: Any) -> Iterator[str]:
         """Yield text pieces of one sample as they are generated; keyword arguments are SampleConfig fields."""

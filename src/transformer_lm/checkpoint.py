@@ -51,8 +51,10 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, model: Transformer, state: dict[str, Any], step: int) -> Path:
-    """Write weights and training state for `step`, then point `latest` at them and drop the previous checkpoint."""
+def save_checkpoint(run_dir: Path, model: Transformer, state: dict[str, Any], step: int,
+                    model_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write weights and training state for `step`, then point `latest` at them and drop the previous checkpoint.
+    `model_state` replaces `model.state_dict()`, e.g. with the full weights gathered from the shards of FSDP2."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     previous = latest_checkpoint(run_dir)
@@ -62,7 +64,7 @@ def save_checkpoint(run_dir: Path, model: Transformer, state: dict[str, Any], st
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(weights_of(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    save_file(weights_of(model, model_state), str(tmp / "model.safetensors"), metadata={"step": str(step)})
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():
         _fsync_file(f)
@@ -76,11 +78,12 @@ def save_checkpoint(run_dir: Path, model: Transformer, state: dict[str, Any], st
     return final
 
 
-def weights_of(model: Transformer) -> dict[str, torch.Tensor]:
+def weights_of(model: Transformer, model_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The state dict as saved: a tied LM head is stored once, under tok_emb.weight."""
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if model_state is None else model_state
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
     if model.config.tie_embeddings:
-        del tensors["lm_head.weight"]
+        tensors.pop("lm_head.weight", None)
     return tensors
 
 

@@ -21,6 +21,7 @@ from .errors import TLMError
 log = logging.getLogger("transformer_lm")
 
 TOKENIZER_HELP = "Tokenizer for raw text: byte, char, bpe (trained on the corpus) or gpt2 (needs --gpt2_dir)."
+QUANTIZE_HELP = "Weight-only quantization applied after loading: int8, int4 or int4:GROUP_SIZE (default group 128)."
 
 
 def _add_tokenizer_args(p: ArgumentParser) -> None:
@@ -65,6 +66,11 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
                    help="Prompt text (default: read standard input when it is not a terminal, else empty).")
     p.add_class_arguments(SampleConfig, nested_key=None, instantiate=False)
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    p.add_argument("--quantize", type=str | None, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--draft", type=str | None, default=None,
+                   help="Run folder of a smaller model with the same tokenizer: speculative decoding (same output "
+                   "distribution, fewer target forwards).")
+    p.add_argument("--draft_k", type=int, default=4, help="Tokens the draft proposes per target forward.")
 
     p = cmds["eval"] = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on text.")
     p.add_argument("run", type=str, help="Run folder.")
@@ -72,6 +78,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass.")
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    p.add_argument("--quantize", type=str | None, default=None, help=QUANTIZE_HELP)
 
     p = cmds["info"] = ArgumentParser(exit_on_error=False, description="Parameters, FLOPs and memory of a model.")
     p.add_argument("run", type=str | None, nargs="?", default=None, help="Run folder (default: use --preset).")
@@ -111,14 +118,19 @@ def cmd_prepare(a: Namespace) -> None:
 
 
 def cmd_train(a: Namespace) -> int:
-    from .train import train, training_data
+    from .train import resumed_data, train, training_data
 
     model_cfg = ModelConfig(**a.model.as_dict())
     train_cfg = TrainConfig(**a.train.as_dict())
-    data = training_data(a.data, a.tokenizer, a.vocab_size, a.gpt2_dir)
-    extra = {"data": {"source": a.data or "python-stdlib", "tokenizer": a.tokenizer},
+    data_arg = a.data
+    if a.resume and data_arg is None:  # continue on the data the run was started with
+        data_arg = resumed_data(a.out)
+    data = training_data(data_arg, a.tokenizer, a.vocab_size, a.gpt2_dir)
+    extra = {"data": {"source": a.data or "python-stdlib", "tokenizer": a.tokenizer, "prepared": str(data.path)},
              "preset": a.preset}
     res = train(model_cfg, train_cfg, data, a.out, resume=a.resume, overwrite=a.overwrite, extra_config=extra)
+    if not res.is_main:  # under torchrun, rank 0 reports for all
+        return 130 if res.interrupted else 0
     val = f", val loss {res.val.loss:.4f}, bpb {res.val.bpb:.4f}" if res.val else ""
     if res.interrupted:
         print(f"interrupted: checkpoint saved at step {res.step} in {res.run_dir}; continue with --resume",
@@ -130,12 +142,17 @@ def cmd_train(a: Namespace) -> int:
 
 def cmd_sample(a: Namespace) -> None:
     from .api import load_run
+    from .quantize import parse_quantize
 
     prompt = a.prompt
     if prompt is None:
         prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
     cfg = SampleConfig(**{k: a[k] for k in SampleConfig.__dataclass_fields__})
     run = load_run(a.run, a.device)
+    if a.quantize:
+        run.quantize(*parse_quantize(a.quantize))
+    if a.draft:
+        run.use_draft(load_run(a.draft, a.device), a.draft_k)
     for i, pieces in enumerate(run.stream_samples(prompt, cfg)):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---")
@@ -148,8 +165,12 @@ def cmd_sample(a: Namespace) -> None:
 
 def cmd_eval(a: Namespace) -> None:
     from .api import load_run
+    from .quantize import parse_quantize
 
-    res = load_run(a.run, a.device).evaluate(a.data, a.batch_size)
+    run = load_run(a.run, a.device)
+    if a.quantize:
+        run.quantize(*parse_quantize(a.quantize))
+    res = run.evaluate(a.data, a.batch_size)
     if a.json:
         print(json.dumps(res.to_dict()))
     else:

@@ -97,6 +97,10 @@ class ModelConfig:
             raise ConfigError(f"sinusoidal encoding needs an even n_embd, got {self.n_embd}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.rope_scaling == "llama3" and not (self.rope_scaling_factor > 0 and self.rope_original_max_position > 0
+                                                  and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            raise ConfigError("llama3 rope scaling needs factor > 0, original_max_position > 0 and "
+                              "0 < low_freq_factor < high_freq_factor")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
         if self.d_ff is not None and self.d_ff < 1:
@@ -169,7 +173,7 @@ class TrainConfig:
     """Optimization and bookkeeping of a training run."""
 
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (under torchrun: the global micro-batch, split evenly over the ranks)."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum)."""
     max_iters: int | None = 2000
@@ -206,6 +210,9 @@ class TrainConfig:
     """Autocast precision: auto is bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU/MPS."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism when started by torchrun with WORLD_SIZE > 1: ddp (replicated weights) or fsdp (FSDP2,
+    sharded weights, gradients and optimizer state). batch_size is then the global micro-batch, split over ranks."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:

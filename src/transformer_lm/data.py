@@ -330,6 +330,8 @@ class PreparedData:
     val: np.memmap
     manifest: dict[str, Any]
     tokenizer: Tokenizer
+    path: Path
+    """The prepared folder, recorded in a run's config so that --resume finds the same data."""
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
@@ -360,7 +362,7 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     if tokenizer.vocab_size != vocab_size:
         raise DataError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, the manifest {vocab_size}; "
                         "run prepare again")
-    return PreparedData(splits["train"], splits["val"], m, tokenizer)
+    return PreparedData(splits["train"], splits["val"], m, tokenizer, path.resolve())
 
 
 def _windows(tokens: np.ndarray, starts: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -378,21 +380,27 @@ class BatchSampler:
     (with the count of batches drawn) is all `state_dict` needs for the next batches to match a run never stopped.
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int):
+    def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
+        """`rank` of `world_size` keeps rows [rank·b, (rank+1)·b) of each global batch of `batch_size` rows, with
+        b = batch_size / world_size: every rank draws the same starts, so the shards together are the global batch."""
         if batch_size < 1 or block_size < 1:
             raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if len(tokens) < block_size + 1:
             raise DataError(f"the data has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1} for "
                             "one training window; use a smaller --model.block_size or more data")
+        if batch_size % world_size:
+            raise ConfigError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
         self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size
+        self.shard = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y), both int64 of shape (batch_size, block_size)."""
+        """(x, y), both int64 of shape (batch_size / world_size, block_size)."""
         starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
         self.batches_drawn += 1
-        return _windows(self.tokens, starts.tolist(), self.block_size)
+        return _windows(self.tokens, starts[self.shard].tolist(), self.block_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}

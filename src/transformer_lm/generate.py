@@ -23,9 +23,17 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     """Draw one id per row of `logits` (B, V) -> (B,). temperature 0 is greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None) -> torch.Tensor:
+    """The distribution sample_next draws from (temperature > 0): (..., V) logits -> (..., V) float32 probabilities
+    after temperature, top-k and top-p filtering."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -33,8 +41,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         # drop a token when the mass of the tokens ranked strictly above it already reaches top_p
         drop = (probs.cumsum(dim=-1) - probs) >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return logits.softmax(dim=-1)
 
 
 def crop_prompt(ids: Sequence[int], block_size: int) -> list[int]:
@@ -65,7 +72,9 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     device = model.tok_emb.weight.device
     block = model.config.block_size
     ids = crop_prompt(prompt, block)
-    cache = KVCache(model.config, 1, device=device, dtype=model.tok_emb.weight.dtype) if use_cache else None
+    # the cache holds at most what this call writes: imported models have contexts of 32K-128K positions
+    cache = KVCache(model.config, 1, max_len=min(block, len(ids) + max_new_tokens), device=device,
+                    dtype=model.tok_emb.weight.dtype) if use_cache else None
     pending = ids  # ids not yet in the cache
     try:
         for _ in range(max_new_tokens):
@@ -85,9 +94,11 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
-                generator: torch.Generator | None = None) -> Iterator[str]:
+                generator: torch.Generator | None = None, draft: Transformer | None = None,
+                draft_k: int = 4) -> Iterator[str]:
     """Yield text pieces of one sample continuing `prompt`, stopping at any of cfg.stop (excluded) or at the
-    tokenizer's end-of-text id. Joining the pieces gives the sample's full text."""
+    tokenizer's end-of-text id. Joining the pieces gives the sample's full text. With a `draft` model (same
+    tokenizer), tokens come from speculative decoding with `draft_k` proposals per step: same distribution."""
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if tokenizer.bos_id is not None and prompt_ids[:1] != [tokenizer.bos_id]:
         prompt_ids = [tokenizer.bos_id, *prompt_ids]  # models trained with BOS expect it first (llama2.c, Llama)
@@ -97,7 +108,14 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     new: list[int] = []
     emitted = 0
     hold = max((len(s) for s in cfg.stop), default=1) - 1
-    for tok in generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator):
+    if draft is None:
+        tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator)
+    else:
+        from .speculative import speculative_generate  # speculative imports this module
+
+        tokens = speculative_generate(model, draft, prompt_ids, cfg.max_new_tokens, draft_k, temperature, cfg.top_k,
+                                      cfg.top_p, generator)
+    for tok in tokens:
         if tok == tokenizer.eot_id:
             break
         new.append(tok)
@@ -115,3 +133,48 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     text = tokenizer.decode(new)
     if len(text) > emitted:
         yield text[emitted:]
+
+
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                   generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue several prompts of different lengths at once: `max_new_tokens` new ids per prompt.
+
+    The rows advance in lockstep over the same positions, so no padding and no attention mask are needed (the model
+    takes neither): the shared length min(len) is prefilled in one forward, then each step feeds every row one token,
+    its next prompt id while it is still inside its prompt (the draw for that row is discarded), else its last draw.
+    Each row thus sees exactly the positions and context that generate() gives it alone, and greedy ids are the same.
+    Longer prompts are consumed one token per step: left padding with a mask would prefill them in one forward.
+    """
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("generation needs non-empty prompts")
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    lens = [len(p) for p in prompts]
+    positions = max(lens) + max_new_tokens - 1  # the last draw needs no forward
+    if positions > model.config.block_size:
+        raise ValueError(f"the longest prompt ({max(lens)} tokens) plus {max_new_tokens} new tokens exceeds the "
+                         f"context window of {model.config.block_size}; generate those prompts one by one")
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    cache = KVCache(model.config, len(prompts), max_len=positions, device=device, dtype=model.tok_emb.weight.dtype)
+    out: list[list[int]] = [[] for _ in prompts]
+    try:
+        shared = min(lens)
+        logits = model(torch.tensor([p[:shared] for p in prompts], device=device), cache=cache, last_only=True).logits
+        for t in range(shared, max(lens) + max_new_tokens):  # t: the position the next fed token occupies
+            drawn = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator).tolist()
+            feed = []
+            for b, prompt in enumerate(prompts):
+                tok = prompt[t] if t < lens[b] else drawn[b]
+                if t >= lens[b] and len(out[b]) < max_new_tokens:
+                    out[b].append(tok)
+                feed.append(tok)
+            if all(len(o) == max_new_tokens for o in out):
+                break
+            logits = model(torch.tensor(feed, device=device)[:, None], cache=cache, last_only=True).logits
+    finally:
+        model.train(was_training)
+    return out

@@ -35,11 +35,26 @@ from .data import (
     read_sources,
     resolve_sources,
 )
-from .errors import CheckpointError, RunExistsError
+from .errors import CheckpointError, ConfigError, RunExistsError
 from .evaluate import EvalResult, evaluate_tokens
 from .model import Transformer
-from .runtime import autocast, autocast_dtype, environment, resolve_device
-from .tokenizers import build_tokenizer, save_tokenizer
+from .parallel import (
+    DistInfo,
+    check_batch,
+    clip_grad_norm,
+    device_for,
+    dist_from_env,
+    distributed,
+    full_optimizer_state,
+    full_weights,
+    gradient_sync,
+    load_optimizer_state,
+    mean_over_ranks,
+    on_main,
+    parallelize,
+)
+from .runtime import autocast, autocast_dtype, environment
+from .tokenizers import build_tokenizer, load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +68,8 @@ class TrainResult:
     """Seconds of training, summed over resumed segments."""
     val: EvalResult | None
     interrupted: bool
+    is_main: bool = True
+    """False on the ranks other than 0 of a distributed run, which write nothing and report nothing."""
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -120,7 +137,16 @@ def training_data(data: str | Path | None, tokenizer: str = "byte", vocab_size: 
     return load_prepared(out)
 
 
-def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: bool, overwrite: bool) -> bool:
+def resumed_data(run_dir: str | Path) -> str | None:
+    """The prepared data folder a run was trained on (from its config.json), when it still exists."""
+    try:
+        prepared = json.loads((Path(run_dir) / "config.json").read_text())["data"]["prepared"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return prepared if is_prepared(prepared) else None
+
+
+def prepare_run_dir(run_dir: Path, config: dict[str, Any], data: PreparedData, resume: bool, overwrite: bool) -> bool:
     """Validate what is already in `run_dir`; return True when there is a checkpoint to resume from.
 
     A folder holding another run is refused unless --resume (same model config required) or --overwrite.
@@ -129,6 +155,9 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], resume: bool, overwri
     if resume:
         if latest_checkpoint(run_dir) is None:
             raise CheckpointError(f"--resume given but {run_dir} has no checkpoint; drop --resume to start a new run")
+        if load_tokenizer(run_dir / "tokenizer.json").to_dict() != data.tokenizer.to_dict():
+            raise CheckpointError(f"the data's tokenizer differs from the one {run_dir} was trained with; resume on "
+                                  "the same data (or pass the folder made by `tlm prepare` for it)")
         old = json.loads(saved.read_text())
         if old.get("model") != config["model"]:
             diff = sorted(k for k in config["model"] if old.get("model", {}).get(k) != config["model"][k])
@@ -172,63 +201,84 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
     """Train a model on prepared data into `run_dir`. `model_config.vocab_size` is set from the tokenizer.
 
     `stop_at` pauses the run after that step exactly as Ctrl-C does (checkpoint, `interrupted=True`) while the
-    schedule still targets the whole budget: a run trained in segments with `resume` equals one trained at once."""
-    run_dir = Path(run_dir)
+    schedule still targets the whole budget: a run trained in segments with `resume` equals one trained at once.
+
+    Started by torchrun (WORLD_SIZE > 1), each process trains its share of every batch (see `parallel`), joined as
+    `cfg.parallel` says; rank 0 alone writes the run folder and shows progress."""
+    info = dist_from_env()
+    check_batch(cfg.batch_size, info)  # before any process group exists: every rank fails the same way
+    device = device_for(info, cfg.device)
+    with distributed(info, device):
+        return _train(model_config, cfg, data, Path(run_dir), resume, overwrite, progress, extra_config, stop_at,
+                      info, device)
+
+
+def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_dir: Path, resume: bool,
+           overwrite: bool, progress: bool, extra_config: dict[str, Any] | None, stop_at: int | None,
+           info: DistInfo, device: torch.device) -> TrainResult:
     model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": data.tokenizer.vocab_size})
     config = {"model": model_config.to_dict(), "train": json.loads(dump_json(cfg)), **(extra_config or {})}
-    resuming = prepare_run_dir(run_dir, config, resume, overwrite)
-    device = resolve_device(cfg.device)
+    resuming = on_main(prepare_run_dir, info, run_dir, config, data, resume, overwrite)
     amp_dtype = autocast_dtype(device, cfg.dtype)
+    sharded = info.enabled and cfg.parallel == "fsdp"
+    if sharded and amp_dtype == torch.float16:
+        raise ConfigError("train.parallel=fsdp does not support float16 loss scaling; use --train.dtype bfloat16")
     torch.manual_seed(cfg.seed)
     model = Transformer(model_config).to(device).init_weights(cfg.seed)
+    if resuming:
+        load_weights(model, latest_checkpoint(run_dir))  # whole weights, before any sharding
+    forward = parallelize(model, info, cfg)  # FSDP2 shards `model` in place: the optimizer comes after
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed)
+    sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
+                           world_size=info.world_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
     budget = Budget(cfg, tokens_per_step)
     step, elapsed = 0, 0.0
     metrics_path = run_dir / "metrics.jsonl"
 
     if resuming:
-        folder = latest_checkpoint(run_dir)
-        load_weights(model, folder)
-        state = load_state(folder)
-        optimizer.load_state_dict(state["optimizer"])
+        state = load_state(latest_checkpoint(run_dir))
+        load_optimizer_state(optimizer, state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step, elapsed = state["step"], state["elapsed"]
-        _truncate_metrics(metrics_path, step)  # drop lines logged after the checkpoint by the interrupted run
+        if info.is_main:
+            _truncate_metrics(metrics_path, step)  # drop lines logged after the checkpoint by the interrupted run
         log.info("resumed %s at step %d", run_dir, step)
-    else:
+    elif info.is_main:
         atomic_write_text(run_dir / "config.json", dump_json(config))
         save_tokenizer(data.tokenizer, run_dir / "tokenizer.json")
         atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=2))
 
-    forward = torch.compile(model) if cfg.compile else model
     ctx = autocast(device, amp_dtype)
     bytes_per_token = data.manifest["val_bytes"] / max(1, data.manifest["val_tokens"])
 
     def checkpoint() -> None:
         state = {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step,
-                 "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "scaler": scaler.state_dict(),
+                 "optimizer": full_optimizer_state(optimizer),  # whole, even under FSDP2: resumable at any world size
+                 "sampler": sampler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        save_checkpoint(run_dir, model, state, step)
+        weights = full_weights(model) if sharded else None  # gathering the shards takes every rank
+        if info.is_main:
+            save_checkpoint(run_dir, model, state, step, weights)
 
-    def evaluate() -> EvalResult:
+    def evaluate() -> EvalResult:  # every rank runs the same evaluation (FSDP2 needs all ranks for a forward)
         result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, cfg.eval_batches, ctx)
-        _append_metrics(metrics_path, {"step": step, "tokens": step * tokens_per_step, "elapsed": round(elapsed, 3),
-                                       **{f"val_{k}": v for k, v in result.to_dict().items()}})
+        if info.is_main:
+            _append_metrics(metrics_path, {"step": step, "tokens": step * tokens_per_step, "elapsed": round(elapsed, 3),
+                                           **{f"val_{k}": v for k, v in result.to_dict().items()}})
         return result
 
     val: EvalResult | None = None
     interrupted = False
     total = budget.max_steps
-    bar = tqdm(total=total, initial=step, disable=not progress or None, dynamic_ncols=True, unit="step",
-               desc=run_dir.name)
+    bar = tqdm(total=total, initial=step, disable=not (progress and info.is_main) or None, dynamic_ncols=True,
+               unit="step", desc=run_dir.name)
     model.train()
     with stop_on_sigint() as sigint:
         while not budget.done(step, elapsed):
@@ -237,41 +287,46 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 x, y = sampler.next()
-                with ctx:
-                    loss = forward(x.to(device), y.to(device)).loss
-                scaler.scale(loss / cfg.grad_accum).backward()
+                with gradient_sync(forward, micro == cfg.grad_accum - 1):  # reduce gradients once per step
+                    with ctx:
+                        loss = forward(x.to(device), y.to(device)).loss
+                    scaler.scale(loss / cfg.grad_accum).backward()
                 loss_sum += loss.item()
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = clip_grad_norm(model, cfg.grad_clip or float("inf"))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            dt = time.perf_counter() - t0
+            # ranks agree on the loss (global mean), the clock (so time budgets end together) and Ctrl-C
+            train_loss, dt, stop = mean_over_ranks([loss_sum / cfg.grad_accum, time.perf_counter() - t0,
+                                                    float(sigint["stop"])], info)
+            stop = stop > 0
             elapsed += dt
-            train_loss = loss_sum / cfg.grad_accum
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
-            if step % cfg.log_interval == 0 or step == 1:
+            if info.is_main and (step % cfg.log_interval == 0 or step == 1):
                 _append_metrics(metrics_path, {"step": step, "tokens": step * tokens_per_step, "loss": train_loss,
                                                "lr": lr, "grad_norm": float(grad_norm),
                                                "tokens_per_s": tokens_per_step / dt, "elapsed": round(elapsed, 3)})
             finished = budget.done(step, elapsed)
             if step % cfg.eval_interval == 0 or finished:
                 val = evaluate()
-                bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.perplexity:.2f}, bpb {val.bpb:.4f}")
+                if info.is_main:
+                    bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.perplexity:.2f}, "
+                              f"bpb {val.bpb:.4f}")
                 checkpoint()
-            elif sigint["stop"] or step == stop_at:
+            elif stop or step == stop_at:
                 checkpoint()
-            if sigint["stop"] or step == stop_at:
+            if stop or step == stop_at:
                 interrupted = True
                 break
     bar.close()
-    if not interrupted:
+    if not interrupted and info.is_main:
         plot_losses(metrics_path, run_dir / "loss.png")
-    return TrainResult(run_dir, step, step * tokens_per_step, elapsed, val, interrupted)
+    return TrainResult(run_dir, step, step * tokens_per_step, elapsed, val, interrupted, info.is_main)
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:

@@ -212,8 +212,6 @@ def check_representable(c: ModelConfig, family: str) -> None:
         raise ConversionError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
     have = {**c.to_dict(), "qkv_bias": c.has_qkv_bias}
     needs = dict(ARCHITECTURES[family])
-    if family == "gpt2":
-        needs["gelu_approximate"] = "tanh"
     if family == "llama":
         needs["qkv_bias"] = c.bias
     for name, need in needs.items():
@@ -236,7 +234,7 @@ def config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer | None = None
     bos = getattr(tokenizer, "bos_id", None)
     hf.update(bos_token_id=bos if bos is not None else eot, eos_token_id=eot)
     if family == "gpt2":
-        hf.update(n_ctx=c.block_size, activation_function="gelu_new",
+        hf.update(n_ctx=c.block_size, activation_function="gelu_new" if c.gelu_approximate == "tanh" else "gelu",
                   resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
         return hf
     hf.update(num_key_value_heads=c.kv_heads, intermediate_size=c.ffn_dim, head_dim=c.head_dim, hidden_act="silu",
@@ -409,7 +407,12 @@ def load_hf_tokenizer(folder: str | Path) -> HFFileTokenizer:
             token = tok.hf.id_to_token(mc[f"{field}_token_id"])
         return token if token is not None and tok.hf.token_to_id(token) is not None else None
 
-    return HFFileTokenizer(tok.hf, name("eos"), name("bos"))
+    # BOS is kept only when the tokenizer's post-processor adds it itself (Llama): generation then prepends it to
+    # prompts as transformers does. GPT-2 names <|endoftext|> as its BOS but never adds it, so neither does tlm.
+    bos = name("bos")
+    if bos is not None and tok.hf.encode("a").ids[:1] != [tok.hf.token_to_id(bos)]:
+        bos = None
+    return HFFileTokenizer(tok.hf, name("eos"), bos)
 
 
 def _byte_tokenizer_json() -> str:

@@ -1,0 +1,132 @@
+"""Weight-only quantization of a finished model, by swapping its nn.Linear modules (as gpt-fast does).
+
+    model = quantize(load_run(path).model, bits=8)          # int8, one symmetric scale per output channel
+    model = quantize(model, bits=4, group_size=32)          # int4, one scale and zero point per group of inputs
+
+Activations stay in floating point; only the weights are stored in fewer bits and dequantized on the fly. The
+transformation is applied after loading and never written back: checkpoints always hold the float weights.
+
+The LM head is left in floating point. When it is tied to the token embedding, quantizing it would either untie the
+pair (a second copy of the largest matrix) or quantize the embedding lookup too; when it is untied it is still the
+layer whose error lands directly on the logits. Every other nn.Linear (attention QKV and output, the MLP) is swapped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: w ≈ q * scale[:, None], scale = max|w_row| / 127.
+    (out, in) float -> (out, in) int8, (out,) float32. Each element is off by at most scale/2."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # an all-zero row keeps a tiny positive scale
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise 4-bit: each run of `group_size` inputs of a row maps [min, max] onto the 16 levels 0..15,
+    w ≈ (q - zero) * scale with scale = (max - min) / 15, so each element is off by at most scale/2.
+    (out, in) float -> packed (out, in/2) uint8 (two values a byte, low nibble first), scales and zeros
+    (out, in/group_size) float32. The zero point is kept in float, so 0 itself need not be a level."""
+    out_f, in_f = w.shape
+    g = w.float().reshape(out_f, in_f // group_size, group_size)  # (out, groups, group)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    zero = -lo / scale  # the (fractional) level that dequantizes to 0
+    q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (out, in/2)
+    return packed, scale, zero
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Inverse of quantize_int4 -> (out, in) float32."""
+    out_f = packed.size(0)
+    q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(out_f, -1, group_size).float()  # (out, groups, group)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(out_f, -1)
+
+
+class Int8Linear(nn.Module):
+    """y = x Wᵀ + b with W stored as int8 plus one float scale per output channel."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q, scale = quantize_int8(linear.weight.detach())
+        self.register_buffer("weight", q)
+        self.register_buffer("scales", scale.to(linear.weight.dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == self.scales.dtype:
+            # the int8 x float kernel reads the int8 weights directly: a quarter of the float weights' memory traffic
+            y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scales)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    """y = x Wᵀ + b with W stored as packed 4-bit levels plus a float scale and zero point per group of inputs;
+    the weight is dequantized at every forward (memory saved, compute not)."""
+
+    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        packed, scale, zero = quantize_int4(linear.weight.detach(), group_size)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales", scale.to(linear.weight.dtype))
+        self.register_buffer("zeros", zero.to(linear.weight.dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_int4(self.weight, self.scales.float(), self.zeros.float(), self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"bias={self.bias is not None}")
+
+
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 128) -> nn.Module:
+    """Swap every nn.Linear of `model` except `lm_head` for an Int8Linear (bits=8) or Int4Linear (bits=4, groups of
+    `group_size` inputs), in place; returns the model, in eval mode. Apply it to a loaded model: the quantized
+    modules are for inference only and are not meant to be saved."""
+    if bits not in (4, 8):
+        raise ConfigError(f"quantization supports 8 or 4 bits, got {bits}")
+    targets = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.split(".")[-1] != "lm_head"]
+    if bits == 4:
+        if group_size < 2 or group_size % 2:
+            raise ConfigError(f"int4 group_size must be an even number >= 2, got {group_size}")
+        bad = sorted({m.in_features for _, m in targets if m.in_features % group_size})
+        if bad:  # checked before any swap, so a failure leaves the model untouched
+            raise ConfigError(f"int4 group_size {group_size} does not divide the input width(s) {bad}; choose a "
+                              f"divisor, e.g. --group_size 32")
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear(linear) if bits == 8 else Int4Linear(linear, group_size))
+    return model.eval()
+
+
+def parse_quantize(spec: str) -> tuple[int, int]:
+    """The CLI's --quantize values: 'int8' -> (8, 128), 'int4' -> (4, 128), 'int4:32' -> (4, 32): (bits, group_size)."""
+    name, _, group = spec.partition(":")
+    bits = {"int8": 8, "int4": 4}.get(name)
+    if bits is None or (group and (bits == 8 or not group.isdigit())):
+        raise ConfigError(f"--quantize must be int8, int4 or int4:GROUP_SIZE (e.g. int4:32), got {spec!r}")
+    return bits, int(group) if group else 128

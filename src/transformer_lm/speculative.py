@@ -1,0 +1,118 @@
+"""Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers via Speculative Decoding").
+
+A small draft model proposes k tokens one at a time; the target model scores all of them in one forward pass of k+1
+positions, and a rejection rule keeps a prefix of the proposals plus one token of its own. The output has exactly the
+target model's distribution (greedy: exactly its greedy tokens) whatever the draft; a good draft only makes it faster.
+Both models keep a KV cache; rejected positions are dropped by moving `cache.pos` back (what lies beyond `pos` is
+never attended to and is overwritten by the next write).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .errors import ConfigError
+from .generate import crop_prompt, next_token_probs
+from .model import KVCache, Transformer
+
+
+def check_draft(target: Transformer, draft: Transformer) -> None:
+    """Raise ConfigError unless `draft` can propose tokens for `target` (same vocabulary size; the tokenizers
+    themselves are compared by the caller, which has them)."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ConfigError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                          f"({target.config.vocab_size}); use a draft trained with the same tokenizer")
+
+
+@torch.no_grad()
+def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequence[int], max_new_tokens: int,
+                         k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                         generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield up to `max_new_tokens` ids continuing `prompt`, distributed as `generate(target, ...)` would draw them
+    (temperature 0: the same greedy ids). `k` is the number of draft proposals per target forward.
+
+    While prompt + output fit in the context window the greedy ids equal generate()'s; past it, both models restart
+    from the last half window (as generate() does, though not at the same token, so long greedy outputs may differ).
+    """
+    if not prompt:
+        raise ValueError("generation needs a non-empty prompt")
+    if k < 1:
+        raise ConfigError(f"speculative decoding needs k >= 1 draft tokens per step, got {k}")
+    check_draft(target, draft)
+    modes = target.training, draft.training
+    target.eval(), draft.eval()
+    device = target.tok_emb.weight.device
+    block = min(target.config.block_size, draft.config.block_size)
+    ids = crop_prompt(prompt, block)
+    caches = [KVCache(m.config, 1, max_len=min(block, len(ids) + max_new_tokens + k), device=device,
+                      dtype=m.tok_emb.weight.dtype) for m in (target, draft)]
+    tcache, dcache = caches
+    start = 0  # the caches hold ids[start : start + cache.pos]
+    limit, keep = min(block, tcache.max_len), max(1, block // 2)
+    greedy = temperature == 0
+
+    def probs(logits: torch.Tensor) -> torch.Tensor:
+        return next_token_probs(logits, temperature, top_k, top_p)
+
+    def draw(p: torch.Tensor) -> int:
+        return int(torch.multinomial(p, 1, generator=generator))
+
+    produced = 0
+    try:
+        while produced < max_new_tokens:
+            n = len(ids)
+            k_round = min(k, max_new_tokens - produced - 1)  # the round adds up to k_round + 1 tokens
+            if n - start + k_round > limit and n - start > keep:  # window full: restart from the recent half window
+                start, tcache.pos, dcache.pos = n - keep, 0, 0
+            k_round = min(k_round, limit - (n - start))  # the target writes n - start + k_round positions
+
+            # 1. the draft proposes k_round tokens, one forward each
+            drafted: list[int] = []
+            qs: list[torch.Tensor] = []
+            for _ in range(k_round):
+                seq = ids + drafted
+                x = torch.tensor([seq[start + dcache.pos:]], device=device)
+                logits = draft(x, cache=dcache, last_only=True).logits[0, -1]
+                if greedy:
+                    drafted.append(int(logits.argmax()))
+                else:
+                    qs.append(probs(logits))
+                    drafted.append(draw(qs[-1]))
+
+            # 2. the target scores the pending ids and all proposals in one forward: k_round + 1 distributions
+            seq = ids + drafted
+            x = torch.tensor([seq[start + tcache.pos:]], device=device)
+            logits = target(x, cache=tcache).logits[0, -(k_round + 1):]  # (k_round + 1, V)
+
+            # 3. keep proposals while they pass; the first failure is replaced by a draw from the residual
+            new: list[int] = []
+            for i, tok in enumerate(drafted):
+                if greedy:
+                    best = int(logits[i].argmax())
+                    new.append(best)
+                    if best != tok:
+                        break
+                    continue
+                p, q = probs(logits[i]), qs[i]
+                u = float(torch.rand((), generator=generator, device=device))
+                if u * float(q[tok]) < float(p[tok]):  # accept with probability min(1, p/q)
+                    new.append(tok)
+                    continue
+                residual = (p - q).clamp(min=0)  # normalized max(0, p - q): what q under-proposes
+                new.append(draw(residual / residual.sum() if float(residual.sum()) > 0 else p))
+                break
+            else:  # every proposal accepted: one more token from the target's last distribution, for free
+                new.append(int(logits[-1].argmax()) if greedy else draw(probs(logits[-1])))
+
+            # 4. rewind both caches to the accepted prefix (the last new token is pending, as in generate())
+            accepted = n - start + len(new) - 1
+            tcache.pos = accepted
+            dcache.pos = min(dcache.pos, accepted)
+            ids.extend(new)
+            produced += len(new)
+            yield from new
+    finally:
+        target.train(modes[0])
+        draft.train(modes[1])

@@ -1,0 +1,362 @@
+"""Hugging Face interop through the production converter (transformer_lm.interop.hf): for each family a tiny
+random-weight model built from a config with transformers' own classes, saved with save_pretrained, imported, and
+compared with transformers (logits and greedy generation); export → from_pretrained; import → export → import; the
+presets' published sizes; and the errors. CPU only, downloads nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer_lm.accounting import count_params
+from transformer_lm.api import load_run
+from transformer_lm.checkpoint import latest_checkpoint, save_checkpoint
+from transformer_lm.cli import main
+from transformer_lm.config import ModelConfig, dump_json
+from transformer_lm.errors import CheckpointError, ConversionError
+from transformer_lm.generate import generate
+from transformer_lm.interop.hf import export_hf, import_hf, load_hf
+from transformer_lm.model import Transformer
+from transformer_lm.tokenizers import BPETokenizer, ByteTokenizer, save_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 320  # larger than the tokenizer's ids, as in published models whose embedding tables are padded
+WINDOW = 8
+
+
+def hf_configs() -> dict[str, object]:
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, vocab_size=VOCAB)
+    return {
+        "gpt2": transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                        eos_token_id=None),
+        "llama": transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        "mistral": transformers.MistralConfig(**common, sliding_window=WINDOW),
+        "qwen2": transformers.Qwen2Config(**common, tie_word_embeddings=True,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    }
+
+
+FAMILIES = list(hf_configs())
+
+
+def _save_tokenizer(folder: Path) -> None:
+    """A small byte-level BPE saved the way transformers saves a fast tokenizer."""
+    tok = BPETokenizer.train(["def alpha(beta):\n    return beta * 2\n" * 20, "naïve größe ✓ x = [1, 2]\n" * 5],
+                             vocab_size=300)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[object, Path]]:
+    """family → (transformers model in eval mode, the folder it was saved to with a tokenizer)."""
+    out = {}
+    for family, config in hf_configs().items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():  # far from the 0.02 init, so attention is not near-uniform and a wrong mask shows
+            gen = torch.Generator().manual_seed(1)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+        folder = tmp_path_factory.mktemp(f"hf-{family}")
+        model.save_pretrained(folder)
+        _save_tokenizer(folder)
+        out[family] = (model, folder)
+    return out
+
+
+def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Import: parity with transformers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_import_matches_transformers(hf_models, family, tmp_path):
+    hf, folder = hf_models[family]
+    run = import_hf(folder, tmp_path / "run")
+    loaded = load_run(run, "cpu")
+    ours = loaded.model
+    assert loaded.config["source"]["model_type"] == family
+    ids = _ids(2, 40)
+    with torch.no_grad():
+        expected, got = hf(ids).logits, ours(ids).logits
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    prompt = _ids(1, 20, seed=7)  # longer than Mistral's window of 8
+    # an explicit attention mask: otherwise transformers takes prompt ids equal to pad_token_id for padding
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                      eos_token_id=None, pad_token_id=0)[0, 20:].tolist()
+    mine = list(generate(ours, prompt[0].tolist(), 20, temperature=0))
+    assert len(ref) == 20
+    assert mine == ref
+    assert len(set(mine)) > 1
+
+    # the tokenizer came along, with the EOS the folder names
+    text = "def alpha(beta):\n    return beta * 2\n"
+    assert loaded.tokenizer.encode(text) == transformers.PreTrainedTokenizerFast.from_pretrained(folder).encode(text)
+    assert loaded.tokenizer.eot_id == loaded.tokenizer.hf.token_to_id("<|endoftext|>")
+
+
+def test_sliding_window_changes_the_result(hf_models):
+    """The Mistral comparison above proves the window, not a coincidence: without it the logits differ."""
+    hf, folder = hf_models["mistral"]
+    ours, _ = load_hf(folder)
+    assert ours.config.sliding_window == WINDOW
+    unwindowed = Transformer(ModelConfig(**{**ours.config.to_dict(), "sliding_window": None})).eval()
+    unwindowed.load_state_dict(ours.state_dict())
+    ids = _ids(1, 30)
+    with torch.no_grad():
+        assert not torch.allclose(unwindowed(ids).logits[:, WINDOW:], ours(ids).logits[:, WINDOW:], atol=1e-3)
+        torch.testing.assert_close(unwindowed(ids).logits[:, :WINDOW], ours(ids).logits[:, :WINDOW])
+
+
+def test_import_keeps_bf16_and_casts_on_request(hf_models, tmp_path):
+    hf, folder = hf_models["qwen2"]
+    bf16 = tmp_path / "bf16"
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(bf16)
+    _save_tokenizer(bf16)
+    model, _ = load_hf(bf16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    model, _ = load_hf(bf16, torch.float32)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_sharded_import_equals_single_file(hf_models, tmp_path):
+    hf, folder = hf_models["llama"]
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    one, _ = load_hf(folder)
+    many, _ = load_hf(sharded)
+    for (k, a), (k2, b) in zip(one.state_dict().items(), many.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Export
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_loads_in_transformers_and_round_trips(hf_models, family, tmp_path):
+    hf, folder = hf_models[family]
+    run = import_hf(folder, tmp_path / "run")
+    exported = export_hf(run, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert back.config.model_type == family
+    ids = _ids(2, 40, seed=5)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, hf(ids).logits)
+
+    # transformers 5's AutoTokenizer replaces the pre-tokenizer of any model_type qwen2 folder by Qwen2's own, which
+    # only a real Qwen2 tokenizer matches; this test's small BPE is read as written with PreTrainedTokenizerFast.
+    reader = transformers.PreTrainedTokenizerFast if family == "qwen2" else transformers.AutoTokenizer
+    text = "naïve größe ✓ x = [1, 2]\n"
+    assert reader.from_pretrained(exported).encode(text) == load_run(run).tokenizer.encode(text)
+
+    again = import_hf(exported, tmp_path / "run2")
+    a, b = load_run(run, "cpu").model.state_dict(), load_run(again, "cpu").model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert json.loads((run / "config.json").read_text())["model"] == json.loads((again / "config.json").read_text())[
+        "model"]
+
+
+def _write_run(folder: Path, config: ModelConfig, tokenizer=None) -> Path:
+    """A run folder as `tlm train` leaves it, without training: config, tokenizer, one checkpoint."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(dump_json({"model": config.to_dict()}))
+    save_tokenizer(tokenizer or ByteTokenizer(), folder / "tokenizer.json")
+    save_checkpoint(folder, Transformer(config).init_weights(seed=0), {}, 1)
+    return folder
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "tiny-mistral", "tiny-qwen2"])
+def test_export_of_trained_presets_with_the_byte_tokenizer(preset, tmp_path):
+    """Our own runs (here freshly initialized) export to the family their architecture matches; the byte tokenizer
+    becomes a byte-level tokenizer.json whose ids are the byte values."""
+    config = ModelConfig.from_preset(preset, vocab_size=256, block_size=64)
+    run = _write_run(tmp_path / "run", config)
+    out = export_hf(run, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, load_run(run, "cpu").model(ids).logits, atol=1e-4, rtol=1e-4)
+    text = "héllo\n  wörld ✓"
+    assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == list(text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Errors: typed in the library, one line and exit 2 through the CLI
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def _edit_json(path: Path, **changes) -> None:
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+def test_unsupported_model_type(hf_models, tmp_path, capsys):
+    folder = _copy(hf_models["llama"][1], tmp_path / "src")
+    _edit_json(folder / "config.json", model_type="falcon")
+    with pytest.raises(ConversionError, match="unsupported model_type 'falcon'"):
+        import_hf(folder, tmp_path / "run")
+    assert main(["convert", str(folder), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tlm: error:") and err.count("\n") == 1 and "falcon" in err
+
+
+def test_config_weights_shape_mismatch(hf_models, tmp_path):
+    folder = _copy(hf_models["mistral"][1], tmp_path / "src")
+    _edit_json(folder / "config.json", intermediate_size=128)
+    with pytest.raises(CheckpointError, match=r"ffn\.\w+\.weight has shape"):
+        load_hf(folder)
+    folder = _copy(hf_models["llama"][1], tmp_path / "src2")
+    _edit_json(folder / "config.json", attention_bias=True, mlp_bias=True)
+    with pytest.raises(CheckpointError, match="lack"):
+        load_hf(folder)
+
+
+def test_missing_and_mismatched_shards(hf_models, tmp_path):
+    hf = hf_models["llama"][0]
+    folder = tmp_path / "sharded"
+    hf.save_pretrained(folder, max_shard_size="100KB")
+    _save_tokenizer(folder)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+
+    moved = dict(index, weight_map={**index["weight_map"], "model.norm.weight": next(
+        s for s in shards if s != index["weight_map"]["model.norm.weight"])})
+    index_path.write_text(json.dumps(moved))
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_hf(folder)
+
+    index_path.write_text(json.dumps(index))
+    os.remove(folder / shards[0])
+    with pytest.raises(CheckpointError, match=f"missing shard {shards[0]}"):
+        load_hf(folder)
+
+
+def test_non_representable_export(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                                                   pos_encoding="sinusoidal"))
+    with pytest.raises(ConversionError, match="pos_encoding is 'sinusoidal'"):
+        export_hf(run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sinusoidal" in err
+
+    gqa = _write_run(tmp_path / "gqa", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_kv_head=1,
+                                                   n_embd=32))
+    with pytest.raises(ConversionError, match="grouped-query"):
+        export_hf(gqa, tmp_path / "hf2")
+    with pytest.raises(ConversionError, match="model.norm is 'layernorm', llama needs 'rmsnorm'"):
+        export_hf(_write_run(tmp_path / "ln", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2,
+                                                          n_embd=32, pos_encoding="rope")), tmp_path / "hf3")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLI end to end, and the presets' published sizes
+
+
+def test_cli_convert_sample_export(hf_models, tmp_path, capsys):
+    folder = hf_models["qwen2"][1]
+    run = tmp_path / "run"
+    assert main(["convert", str(folder), "--out", str(run)]) == 0
+    assert latest_checkpoint(run) is not None
+    assert main(["sample", str(run), "def", "--max_new_tokens", "5", "--greedy", "true", "--device", "cpu"]) == 0
+    assert main(["info", str(run), "--json", "true"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert main(["convert", str(folder), "--out", str(run)]) == 2  # an existing run is not replaced silently
+
+
+def llama_closed_form(vocab: int, d: int, n_layer: int, n_head: int, n_kv: int, ffn: int, tied: bool,
+                      qkv_bias: bool = False) -> int:
+    """Per layer: q and o (d² each), k and v (d · n_kv·hd each), gate/up/down (3·d·ffn), two RMSNorm gains (2d), and
+    Qwen2's Q/K/V biases; plus the token table, an untied head and the final norm."""
+    hd = d // n_head
+    kv = n_kv * hd
+    layer = 2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d + ((d + 2 * kv) if qkv_bias else 0)
+    return vocab * d * (1 if tied else 2) + n_layer * layer + d
+
+
+# (official config.json values) → published parameter count
+PUBLISHED = {
+    "llama-3.2-1b": ((128256, 2048, 16, 32, 8, 8192, True), 1_235_814_400),
+    "llama-2-7b": ((32000, 4096, 32, 32, 32, 11008, False), 6_738_415_616),
+    "mistral-7b": ((32000, 4096, 32, 32, 8, 14336, False), 7_241_732_096),
+    "qwen2-0.5b": ((151936, 896, 24, 14, 2, 4864, True, True), 494_032_768),
+}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_llama_family_preset_sizes(name):
+    args, published = PUBLISHED[name]
+    assert llama_closed_form(*args) == published
+    config = ModelConfig.from_preset(name)
+    assert count_params(config).total == published
+    with torch.device("meta"):
+        assert Transformer(config).num_params() == published
+
+
+@pytest.mark.parametrize(("bias", "qkv_bias"), [(False, True), (True, False), (False, None), (True, None)])
+def test_count_params_with_qkv_bias(bias, qkv_bias):
+    config = ModelConfig.from_preset("tiny-qwen2", bias=bias, qkv_bias=qkv_bias, tie_embeddings=False)
+    with torch.device("meta"):
+        assert count_params(config).total == Transformer(config).num_params()
+
+
+def test_char_tokenizer_exports_weights_only_with_a_warning(tmp_path, caplog):
+    from transformer_lm.tokenizers import CharTokenizer
+
+    tok = CharTokenizer("abcdefgh ")
+    run = _write_run(tmp_path / "run", ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size), tok)
+    with caplog.at_level("WARNING"):
+        out = export_hf(run, tmp_path / "hf")
+    assert "no Hugging Face tokenizer.json form" in caplog.text
+    assert not (out / "tokenizer.json").exists()
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.vocab_size == tok.vocab_size
+
+
+def test_bos_is_kept_only_when_the_tokenizer_adds_it(hf_models, tmp_path):
+    """A Llama-style tokenizer.json adds <s> itself: tlm keeps it as bos_id (and EOS </s> ends samples). A tokenizer
+    that names a BOS but never adds it (GPT-2) gets none, so prompts are encoded as transformers encodes them."""
+    from tokenizers import processors
+
+    tok = BPETokenizer.train(["def alpha(beta):\n    return beta\n" * 10], vocab_size=280)
+    tok.hf.add_special_tokens(["<s>", "</s>"])
+    bos = tok.hf.token_to_id("<s>")
+    for adds in (False, True):  # the post-processor is set on the second pass
+        folder = _copy(hf_models["llama"][1], tmp_path / f"llama-{adds}")
+        if adds:
+            tok.hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tok.hf, bos_token="<s>", eos_token="</s>"
+                                             ).save_pretrained(folder)
+        loaded = load_run(import_hf(folder, tmp_path / f"run-{adds}"), "cpu").tokenizer
+        assert loaded.eot_id == tok.hf.token_to_id("</s>")
+        assert loaded.bos_id == (bos if adds else None)
+        assert (loaded.encode("def")[0] == bos) is adds

@@ -4,6 +4,7 @@ unchanged sampling distribution) and batched generation (same ids as one by one)
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_int4_dequantization_error_is_at_most_half_a_group_step(group_size):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_linear_output_within_the_worst_case_bound(bits):
     """|Δy_j| = |Σ_i Δw_ji x_i| ≤ Σ_i |Δw_ji| |x_i| ≤ Σ_groups (step/2)·‖x_group‖₁: a bound that holds for every
-    input, not on average (the int8 path also checks the int8 kernel against it)."""
+    input, not on average."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 40)
     q = Int8Linear(linear) if bits == 8 else Int4Linear(linear, 16)
@@ -82,13 +83,17 @@ def test_quantized_linear_output_within_the_worst_case_bound(bits):
     assert (dy <= bound * (1 + 1e-4) + 1e-5).all()
 
 
-def test_int8_kernel_matches_the_float_dequantized_path():
+def test_int8_forward_matches_the_dequantized_weight_and_the_int8_kernel():
+    """The forward scales outputs, not weights; both must equal x·dequantize(W)ᵀ, as must PyTorch's int8 kernel."""
     torch.manual_seed(0)
     q = Int8Linear(nn.Linear(64, 40, bias=True))
     x = torch.randn(2, 7, 64)
     with torch.no_grad():
         ref = x @ q.dequantize().T + q.bias
         torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+        if hasattr(torch, "_weight_int8pack_mm"):
+            kernel = torch._weight_int8pack_mm(x.reshape(-1, 64), q.weight, q.scales).reshape(2, 7, 40) + q.bias
+            torch.testing.assert_close(kernel, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -241,8 +246,6 @@ def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys):
     assert code == 0, err
     code, q8, err = tlm(capsys, "eval", run, "--data", corpus_file, "--json", "true", "--quantize", "int8")
     assert code == 0, err
-    import json
-
     assert abs(json.loads(q8)["loss"] - json.loads(ref)["loss"]) < 0.02 * json.loads(ref)["loss"]
     assert folder_bytes(run) == before  # quantization is applied after loading, never saved
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from transformer_lm.accounting import count_params
 from transformer_lm.api import load_run
@@ -21,7 +23,7 @@ from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, dump_json
 from transformer_lm.errors import CheckpointError, ConversionError
 from transformer_lm.generate import generate
-from transformer_lm.interop.hf import export_hf, import_hf, load_hf
+from transformer_lm.interop.hf import export_hf, import_hf, load_hf, load_hf_tokenizer
 from transformer_lm.model import Transformer
 from transformer_lm.tokenizers import BPETokenizer, ByteTokenizer, save_tokenizer
 
@@ -360,3 +362,58 @@ def test_bos_is_kept_only_when_the_tokenizer_adds_it(hf_models, tmp_path):
         assert loaded.eot_id == tok.hf.token_to_id("</s>")
         assert loaded.bos_id == (bos if adds else None)
         assert (loaded.encode("def")[0] == bos) is adds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers imported with a model, on varied text
+
+VARIED = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60) | st.sampled_from([
+    "def alpha(beta):\n    return beta * 2\n", "  leading, double  spaces ", "naïve größe ✓ 日本語 😀", "\t\r\n", ""])
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=VARIED)
+def test_imported_tokenizer_json_matches_transformers(hf_models, text):
+    _, folder = hf_models["llama"]
+    ours = load_hf_tokenizer(folder)
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    assert ours.decode(ours.encode(text)) == text
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_folder(hf_models, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The llama folder with a SentencePiece tokenizer.model instead of tokenizer.json (older Llama/Mistral repos)."""
+    spm = pytest.importorskip("sentencepiece")
+    work = tmp_path_factory.mktemp("spm")
+    (work / "corpus.txt").write_text("Once upon a time there was a little model that liked numbers 123 and words.\n"
+                                     * 50 + "naïve café Grüße\n" * 10)
+    spm.SentencePieceTrainer.train(input=str(work / "corpus.txt"), model_prefix=str(work / "sp"), vocab_size=310,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1)
+    folder = tmp_path_factory.mktemp("hf-llama-spm")
+    for f in hf_models["llama"][1].iterdir():
+        if not f.name.startswith("tokenizer") and f.name != "special_tokens_map.json":
+            shutil.copy(f, folder / f.name)
+    shutil.copy(work / "sp.model", folder / "tokenizer.model")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "bos_token_id": 1, "eos_token_id": 2}))
+    return folder
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=VARIED)
+def test_imported_tokenizer_model_matches_sentencepiece(sentencepiece_folder, text):
+    import sentencepiece as spm
+
+    tok = load_hf_tokenizer(sentencepiece_folder)
+    sp = spm.SentencePieceProcessor(model_file=str(sentencepiece_folder / "tokenizer.model"))
+    assert tok.encode(text) == sp.encode(text)
+    assert tok.decode(tok.encode(text)) == sp.decode(sp.encode(text))
+
+
+def test_import_with_tokenizer_model_stops_at_eos(sentencepiece_folder, tmp_path):
+    run = load_run(import_hf(sentencepiece_folder, tmp_path / "run"), "cpu")
+    assert run.tokenizer.kind == "sentencepiece"
+    assert (run.tokenizer.bos_id, run.tokenizer.eot_id) == (1, 2)  # BOS starts prompts, EOS ends samples
+    assert isinstance(run.generate("Once upon", max_new_tokens=5, seed=0), str)

@@ -528,17 +528,19 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model (`tokenizer.model`), run by the `sentencepiece` library (`pip install sentencepiece`).
 
     The serialized model is kept (base64) in `to_dict`, so a run folder needs no other file. Encoding adds no BOS.
+    `eot` is the id that ends a sample: by default BOS, as llama2.c stops there; Hugging Face Llama folders name EOS.
     """
 
     kind = "sentencepiece"
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes, eot: int | None = None):
         try:
             import sentencepiece
         except ImportError:
             raise TokenizerError("SentencePiece tokenizers need the sentencepiece package: "
                                  "pip install 'transformer-lm[sentencepiece]'") from None
         self.model_proto = bytes(model_proto)
+        self.eot = eot
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(self.model_proto)
@@ -546,13 +548,13 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"not a SentencePiece model ({e})") from None
 
     @classmethod
-    def from_file(cls, path: str | Path) -> SentencePieceTokenizer:
+    def from_file(cls, path: str | Path, eot: int | None = None) -> SentencePieceTokenizer:
         try:
             proto = Path(path).read_bytes()
         except OSError as e:
             raise TokenizerError(f"cannot read SentencePiece model {path} ({e})") from None
         try:
-            return cls(proto)
+            return cls(proto, eot)
         except TokenizerError as e:
             raise TokenizerError(f"{path}: {e}") from None
 
@@ -562,13 +564,13 @@ class SentencePieceTokenizer(Tokenizer):
 
     @property
     def eot_id(self) -> int | None:
-        bos = self.sp.bos_id()
-        return bos if bos >= 0 else None
+        return self.eot if self.eot is not None else self.bos_id
 
     @property
     def bos_id(self) -> int | None:
         """Id of the beginning-of-sequence token, when the model has one."""
-        return self.eot_id
+        bos = self.sp.bos_id()
+        return bos if bos >= 0 else None
 
     def encode(self, text: str) -> list[int]:
         _utf8(text)
@@ -578,7 +580,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode(self._check_ids(ids))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model_proto": base64.b64encode(self.model_proto).decode("ascii")}
+        return {"kind": self.kind, "model_proto": base64.b64encode(self.model_proto).decode("ascii"), "eot": self.eot}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SentencePieceTokenizer:
@@ -586,7 +588,7 @@ class SentencePieceTokenizer(Tokenizer):
             proto = base64.b64decode(d["model_proto"], validate=True)
         except (KeyError, TypeError, binascii.Error) as e:
             raise TokenizerError(f"the saved sentencepiece tokenizer is corrupt ({e!r}); rebuild it") from None
-        return cls(proto)
+        return cls(proto, d.get("eot"))
 
 
 _CLASSES.update({c.kind: c for c in (Llama2cTokenizer, SentencePieceTokenizer)})

@@ -13,9 +13,10 @@ the model is built on the meta device and its parameters are the loaded tensors 
 weights keep their dtype unless a dtype is asked for.
 
 Tokenizers: import reads the folder's `tokenizer.json` (kind "hf", with the EOS/BOS tokens named by
-tokenizer_config.json or config.json). Export writes tokenizer.json + tokenizer_config.json for the tokenizers that are
-Hugging Face `tokenizers` underneath (bpe, gpt2, hf) and for the byte tokenizer (a byte-level BPE with no merges, ids
-= byte values); other kinds (char, llama2c, sentencepiece) are exported as weights and config only, with a warning.
+tokenizer_config.json or config.json), or else its SentencePiece `tokenizer.model`. Export writes tokenizer.json +
+tokenizer_config.json for the tokenizers that are Hugging Face `tokenizers` underneath (bpe, gpt2, hf) and for the
+byte tokenizer (a byte-level BPE with no merges, ids = byte values); other kinds (char, llama2c, sentencepiece) are
+exported as weights and config only, with a warning.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..checkpoint import save_checkpoint
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConversionError, RunExistsError, TLMError
 from ..model import Transformer
-from ..tokenizers import HFFileTokenizer, Tokenizer, save_tokenizer
+from ..tokenizers import HFFileTokenizer, SentencePieceTokenizer, Tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -389,17 +390,21 @@ def _special(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def load_hf_tokenizer(folder: str | Path) -> HFFileTokenizer:
-    """The folder's tokenizer.json, with EOS/BOS from tokenizer_config.json (or config.json's ids)."""
+def load_hf_tokenizer(folder: str | Path) -> HFFileTokenizer | SentencePieceTokenizer:
+    """The folder's tokenizer.json, with EOS/BOS from tokenizer_config.json (or config.json's ids); failing that, its
+    SentencePiece tokenizer.model (older Llama/Mistral folders), ending samples at config.json's eos_token_id."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
+    mc = _read_json(folder / "config.json", "model config")
     if not path.exists():
-        raise ConversionError(f"{folder} has no tokenizer.json; tlm imports a model together with its fast "
-                              "(tokenizers-library) tokenizer: save it with AutoTokenizer.save_pretrained")
+        if (folder / "tokenizer.model").exists():
+            eos = mc.get("eos_token_id")
+            return SentencePieceTokenizer.from_file(folder / "tokenizer.model", eos if isinstance(eos, int) else None)
+        raise ConversionError(f"{folder} has neither tokenizer.json nor tokenizer.model; tlm imports a model together "
+                              "with its tokenizer: save it with AutoTokenizer.save_pretrained")
     tok = HFFileTokenizer.from_file(path)
     tc = _read_json(folder / "tokenizer_config.json", "tokenizer config") \
         if (folder / "tokenizer_config.json").exists() else {}
-    mc = _read_json(folder / "config.json", "model config")
 
     def name(field: str) -> str | None:
         token = _special(tc.get(f"{field}_token"))

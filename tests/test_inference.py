@@ -34,7 +34,10 @@ def random_model(config: ModelConfig, seed: int = 0, std: float = 0.1) -> Transf
 
 
 VARIANTS = {"gpt2": {}, "llama": dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm", n_kv_head=2, bias=True,
-                                      tie_embeddings=False)}
+                                      tie_embeddings=False),
+            "sinusoidal": dict(pos_encoding="sinusoidal"),
+            "mistral": dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm", n_kv_head=2, bias=False,
+                            sliding_window=4)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -141,40 +141,38 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
                    generator: torch.Generator | None = None) -> list[list[int]]:
     """Continue several prompts of different lengths at once: `max_new_tokens` new ids per prompt.
 
-    The rows advance in lockstep over the same positions, so no padding and no attention mask are needed (the model
-    takes neither): the shared length min(len) is prefilled in one forward, then each step feeds every row one token,
-    its next prompt id while it is still inside its prompt (the draw for that row is discarded), else its last draw.
-    Each row thus sees exactly the positions and context that generate() gives it alone, and greedy ids are the same.
-    Longer prompts are consumed one token per step: left padding with a mask would prefill them in one forward.
+    Prompts are left-padded to the longest and prefilled in one forward; each row gets its own positions (counted
+    from its first real token) and a key mask hides the padding, so every row sees exactly the positions and context
+    that generate() gives it alone, and greedy ids are the same.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generation needs non-empty prompts")
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     lens = [len(p) for p in prompts]
-    positions = max(lens) + max_new_tokens - 1  # the last draw needs no forward
-    if positions > model.config.block_size:
-        raise ValueError(f"the longest prompt ({max(lens)} tokens) plus {max_new_tokens} new tokens exceeds the "
+    longest, B = max(lens), len(prompts)
+    if longest + max_new_tokens - 1 > model.config.block_size:  # the last draw needs no forward
+        raise ValueError(f"the longest prompt ({longest} tokens) plus {max_new_tokens} new tokens exceeds the "
                          f"context window of {model.config.block_size}; generate those prompts one by one")
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
-    cache = KVCache(model.config, len(prompts), max_len=positions, device=device, dtype=model.tok_emb.weight.dtype)
-    out: list[list[int]] = [[] for _ in prompts]
+    pad = torch.tensor([longest - n for n in lens], device=device)  # (B,)
+    ids = torch.tensor([[0] * (longest - n) + list(p) for p, n in zip(prompts, lens)], device=device)  # (B, L)
+    key_mask = torch.arange(longest + max_new_tokens, device=device)[None, :] >= pad[:, None]  # (B, S), False: pad
+    cache = KVCache(model.config, B, max_len=longest + max_new_tokens - 1, device=device,
+                    dtype=model.tok_emb.weight.dtype)
+    positions = (torch.arange(longest, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
+    out = []
     try:
-        shared = min(lens)
-        logits = model(torch.tensor([p[:shared] for p in prompts], device=device), cache=cache, last_only=True).logits
-        for t in range(shared, max(lens) + max_new_tokens):  # t: the position the next fed token occupies
-            drawn = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator).tolist()
-            feed = []
-            for b, prompt in enumerate(prompts):
-                tok = prompt[t] if t < lens[b] else drawn[b]
-                if t >= lens[b] and len(out[b]) < max_new_tokens:
-                    out[b].append(tok)
-                feed.append(tok)
-            if all(len(o) == max_new_tokens for o in out):
-                break
-            logits = model(torch.tensor(feed, device=device)[:, None], cache=cache, last_only=True).logits
+        logits = model(ids, cache=cache, last_only=True, positions=positions, key_mask=key_mask).logits[:, -1]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                positions = (cache.pos - pad)[:, None]  # (B, 1)
+                logits = model(nxt[:, None], cache=cache, last_only=True, positions=positions,
+                               key_mask=key_mask).logits[:, -1]
     finally:
         model.train(was_training)
-    return out
+    return torch.stack(out, 1).tolist()

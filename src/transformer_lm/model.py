@@ -102,14 +102,18 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def attention_mask(T: int, S: int, start: int, window: int | None, device: torch.device) -> torch.Tensor:
+def attention_mask(T: int, S: int, start: int, window: int | None, device: torch.device,
+                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(T, S) bool, True where query t (at absolute position start+t) may attend to key s: s <= start+t, and with a
-    sliding window also s > start+t-window (the last `window` keys, itself included)."""
+    sliding window also s > start+t-window (the last `window` keys, itself included). With `key_mask` (B, ≥S), False
+    at padding, -> (B, 1, T, S): padding is hidden from every query but itself (so no row is empty, no NaN)."""
     q = torch.arange(start, start + T, device=device)[:, None]
     s = torch.arange(S, device=device)[None, :]
     allowed = s <= q
     if window is not None:
         allowed &= s > q - window
+    if key_mask is not None:
+        allowed = allowed & (key_mask[:, None, None, :S] | (s == q))
     return allowed
 
 
@@ -127,7 +131,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-                return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_weights: bool, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
@@ -149,13 +153,13 @@ class CausalSelfAttention(nn.Module):
         window = self.config.sliding_window
         windowed = window is not None and S > window
         mask = None
-        if windowed or (start > 0 and T > 1):
-            mask = attention_mask(T, S, start, window, x.device)
+        if windowed or (start > 0 and T > 1) or key_mask is not None:
+            mask = attention_mask(T, S, start, window, x.device, key_mask)
         dropout = self.config.dropout if self.training else 0.0
         weights = None
         if return_weights:  # explicit path: softmax(QKᵀ/√d)·V, keeping the weights for inspection
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)  # (B, nh, T, S)
-            allowed = attention_mask(T, S, start, window, x.device)
+            allowed = attention_mask(T, S, start, window, x.device, key_mask)
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             y = self.attn_dropout(weights) @ v  # (B, nh, T, hd)
         else:
@@ -197,8 +201,8 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-                return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, weights = self.attn(self.norm1(x), rope, cache, return_weights)
+                return_weights: bool, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, weights = self.attn(self.norm1(x), rope, cache, return_weights, key_mask)
         x = x + a
         return x + self.ffn(self.norm2(x)), weights
 
@@ -264,28 +268,35 @@ class Transformer(nn.Module):
         return n
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
-                last_only: bool = False, return_attentions: bool = False) -> LMOutput:
+                last_only: bool = False, return_attentions: bool = False, positions: torch.Tensor | None = None,
+                key_mask: torch.Tensor | None = None) -> LMOutput:
         """idx (B, T) token ids. `cache` continues from cache.pos; `last_only` computes logits of the last position
-        only (all that sampling needs: the head is the largest matmul for big vocabularies)."""
+        only (all that sampling needs: the head is the largest matmul for big vocabularies). For left-padded
+        batches: `positions` (B, T) per-row positions (default: cache.pos + 0..T-1 for all rows) and `key_mask`
+        (B, cache.pos + T or more) bool, False at padding slots."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         limit = min(cache.max_len, self.config.block_size) if cache is not None else self.config.block_size
         if start + T > limit:
             raise ValueError(f"{start + T} positions exceed the context window of {limit}; crop the input")
-        positions = torch.arange(start, start + T, device=idx.device)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)  # (T,), or (B, T) when given
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         elif self.config.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(positions, self.config.n_embd).to(x.dtype)
+            pe = sinusoidal_encoding(positions.flatten(), self.config.n_embd)
+            x = x + pe.view(*positions.shape, -1).to(x.dtype)
         rope = None
         if self.config.pos_encoding == "rope":
             inv_freq = rope_inv_freq(self.config, idx.device)
-            rope = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, inv_freq)
+            cos, sin = rope_cos_sin(positions.flatten(), self.config.head_dim, self.config.rope_theta, inv_freq)
+            shape = (positions.size(0), 1, T, -1) if positions.dim() == 2 else (T, -1)  # (B, 1, T, hd): all heads
+            rope = cos.view(shape), sin.view(shape)
         x = self.dropout(x)
         attentions = [] if return_attentions else None
         for block in self.blocks:
-            x, w = block(x, rope, cache, return_attentions)
+            x, w = block(x, rope, cache, return_attentions, key_mask)
             if attentions is not None:
                 attentions.append(w)
         if cache is not None:

@@ -86,17 +86,22 @@ class Run:
         return evaluate_tokens(self.model, ids, len(text.encode("utf-8")) / len(ids), batch_size)
 
 
-def load_run(path: str | Path, device: str = "auto") -> Run:
-    """Load the latest checkpoint of a run folder written by `tlm train` (weights never execute code: safetensors)."""
-    path = Path(path)
-    config_path = path / "config.json"
+def read_run_config(path: str | Path) -> tuple[dict[str, Any], ModelConfig]:
+    """A run folder's config.json and its model config, without touching the weights."""
+    config_path = Path(path) / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{path} is not a run folder (no config.json); train one with `tlm train --out {path}`")
     try:
         config = json.loads(config_path.read_text())
-        model_config = ModelConfig.from_dict(config["model"])
+        return config, ModelConfig.from_dict(config["model"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"run config {config_path} is corrupt ({e})") from e
+
+
+def load_run(path: str | Path, device: str = "auto") -> Run:
+    """Load the latest checkpoint of a run folder written by `tlm train` (weights never execute code: safetensors)."""
+    path = Path(path)
+    config, model_config = read_run_config(path)
     folder = latest_checkpoint(path)
     if folder is None:
         raise CheckpointError(f"{path} has no checkpoint yet; train it first (or wait for its first evaluation)")

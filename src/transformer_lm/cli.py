@@ -10,13 +10,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from . import accounting
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, presets
-from .errors import TLMError
+from .errors import ConfigError, TLMError
 
 log = logging.getLogger("transformer_lm")
 
@@ -179,9 +179,9 @@ def cmd_eval(a: Namespace) -> None:
 
 def cmd_info(a: Namespace) -> None:
     if a.run:
-        from .api import load_run
+        from .api import read_run_config
 
-        cfg = ModelConfig.from_dict(load_run(a.run, "cpu").config["model"])
+        cfg = read_run_config(a.run)[1]  # the config alone: no need to load the weights
     else:
         cfg = ModelConfig(**a.model.as_dict())
     p = accounting.count_params(cfg)
@@ -210,8 +210,6 @@ def _gib(n: int) -> str:
 
 
 def _add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
-    from typing import Literal
-
     from .experiments.planner import ACCELERATORS
 
     p = cmds["plan"] = ArgumentParser(exit_on_error=False, description="Training FLOPs, Chinchilla-optimal size, "
@@ -254,7 +252,6 @@ def _add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
 
 
 def cmd_plan(a: Namespace) -> None:
-    from .errors import ConfigError
     from .experiments.planner import CHINCHILLA_TOKENS_PER_PARAM, TRAIN_BYTES_PER_PARAM, parse_count, plan
 
     params = parse_count(a.params, "--params") if a.params is not None else None

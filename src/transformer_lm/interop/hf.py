@@ -232,7 +232,7 @@ def config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer | None = None
                           "dtype": str(dtype).removeprefix("torch.")}
     hf.update({theirs: getattr(c, ours) for ours, theirs in CONFIG_FIELDS[family].items()})
     eot = tokenizer.eot_id if tokenizer is not None else None
-    bos = getattr(tokenizer, "bos_id", None)
+    bos = tokenizer.bos_id if tokenizer is not None else None
     hf.update(bos_token_id=bos if bos is not None else eot, eos_token_id=eot)
     if family == "gpt2":
         hf.update(n_ctx=c.block_size, activation_function="gelu_new" if c.gelu_approximate == "tanh" else "gelu",
@@ -458,7 +458,7 @@ def _write_tokenizer(tok: Tokenizer, out: Path, block_size: int, family: str) ->
     eot = tok.eot_id
     if eot is not None and hasattr(tok, "hf"):
         cfg["eos_token"] = tok.hf.id_to_token(eot)
-    bos = getattr(tok, "bos_id", None)
+    bos = tok.bos_id
     if bos is not None:
         cfg["bos_token"] = tok.hf.id_to_token(bos)
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")

@@ -41,7 +41,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.model import Transformer
-from transformer_lm.train import make_optimizer
+from transformer_lm.optim import make_optimizer
 
 DEFAULTS = {  # per config: batch, seq, warm-up steps, timed steps per round, rounds
     "tiny": dict(batch=16, seq=256, warmup=3, steps=5, rounds=10),

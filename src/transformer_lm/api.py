@@ -17,13 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_weights
+from .checkpoint import latest_checkpoint, load_weights, write_weights
 from .config import ModelConfig, SampleConfig
 from .data import read_sources, resolve_sources
+from .decode import DecodeStats
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult, evaluate_tokens
 from .generate import stream_text
-from .model import Transformer
+from .model import Transformer, build_model
+from .recurrent import RecurrentLM
 from .runtime import resolve_device
 from .tokenizers import Tokenizer, load_tokenizer
 
@@ -34,10 +36,10 @@ class Run:
 
     path: Path
     config: dict[str, Any]
-    model: Transformer
+    model: Transformer | RecurrentLM
     tokenizer: Tokenizer
     step: int
-    draft: Transformer | None = None
+    draft: Transformer | RecurrentLM | None = None
     """A smaller model with the same tokenizer for speculative decoding (set with `use_draft`)."""
     draft_k: int = 4
     """Draft proposals per target forward."""
@@ -61,11 +63,13 @@ class Run:
         self.draft, self.draft_k = (draft.model if draft is not None else None), k
         return self
 
-    def stream_samples(self, prompt: str, cfg: SampleConfig) -> Iterator[Iterator[str]]:
-        """cfg.num_samples streams of text pieces, drawn one after another from one seeded generator."""
+    def stream_samples(self, prompt: str, cfg: SampleConfig,
+                       stats: DecodeStats | None = None) -> Iterator[Iterator[str]]:
+        """cfg.num_samples streams of text pieces, drawn one after another from one seeded generator. `stats` is
+        refilled with each sample's timings (prefill and decode tokens/s) as it is generated."""
         gen = _generator(cfg.seed, self.model)
         for _ in range(cfg.num_samples):
-            yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k)
+            yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats)
 
     def stream(self, prompt: str = "", **sample: Any) -> Iterator[str]:
         """Yield text pieces of one sample as they are generated; keyword arguments are SampleConfig fields."""
@@ -99,7 +103,8 @@ def read_run_config(path: str | Path) -> tuple[dict[str, Any], ModelConfig]:
 
 
 def load_run(path: str | Path, device: str = "auto") -> Run:
-    """Load the latest checkpoint of a run folder written by `tlm train` (weights never execute code: safetensors)."""
+    """Load the latest checkpoint of a run folder written by `tlm train` (weights never execute code: safetensors).
+    A sharded checkpoint (FSDP2) that was not consolidated is read whole from its shards, in memory."""
     path = Path(path)
     config, model_config = read_run_config(path)
     folder = latest_checkpoint(path)
@@ -107,11 +112,30 @@ def load_run(path: str | Path, device: str = "auto") -> Run:
         raise CheckpointError(f"{path} has no checkpoint yet; train it first (or wait for its first evaluation)")
     tokenizer = load_tokenizer(path / "tokenizer.json")
     with torch.device("meta"):
-        model = Transformer(model_config)
+        model = build_model(model_config)
     load_weights(model, folder)
     model = model.to(resolve_device(device)).eval()
     step = int(json.loads((folder.parent / "latest").read_text())["step"])
     return Run(path, config, model, tokenizer, step)
+
+
+def consolidate(path: str | Path) -> Path:
+    """Write the whole weights of a run's latest checkpoint as model.safetensors beside its shards: the single-file
+    format of every other checkpoint, for `tlm export`, for tools outside this package, and for loading without
+    reassembling shards each time. One process, no process group: the shards of any world size are read whole.
+    Returns the weights file; a checkpoint that has one already is left as it is."""
+    path = Path(path)
+    _, model_config = read_run_config(path)
+    folder = latest_checkpoint(path)
+    if folder is None:
+        raise CheckpointError(f"{path} has no checkpoint yet; train it first (or wait for its first evaluation)")
+    weights = folder / "model.safetensors"
+    if weights.exists():
+        return weights
+    with torch.device("meta"):
+        model = build_model(model_config)
+    load_weights(model, folder)
+    return write_weights(folder, model, int(json.loads((folder.parent / "latest").read_text())["step"]))
 
 
 def _generator(seed: int | None, model: Transformer) -> torch.Generator:

@@ -6,7 +6,9 @@ atomically replaced, and the previous checkpoint is deleted only after that, so 
 pointer naming a complete, loadable checkpoint.
 
 Weights are safetensors (loading executes nothing); the training state (optimizer, RNG, data position) is a torch file
-read back with ``weights_only=True``.
+read back with ``weights_only=True``. A sharded checkpoint (FSDP2 runs) holds ``shards/`` instead of
+``model.safetensors``: each rank's part of the weights and optimizer state, written by torch.distributed.checkpoint;
+its ``state.pt`` has the rest of the training state. `tlm consolidate` adds the single-file weights to it.
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from .errors import CheckpointError
-from .model import Transformer
 
 POINTER = "latest"
+SHARDS = "shards"
 
 
 def fsync_dir(path: Path) -> None:
@@ -51,23 +58,45 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir: Path, model: Transformer, state: dict[str, Any], step: int,
-                    model_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write weights and training state for `step`, then point `latest` at them and drop the previous checkpoint.
-    `model_state` replaces `model.state_dict()`, e.g. with the full weights gathered from the shards of FSDP2."""
+def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step: int) -> Path:
+    """Write whole weights (safetensors) and training state for `step`, then point `latest` at them and drop the
+    previous checkpoint."""
+    tmp = begin_checkpoint(run_dir, step)
+    if tmp is None:  # this step is already saved (e.g. Ctrl-C right after an eval checkpoint)
+        return Path(run_dir) / "checkpoints" / _step_dir(step)
+    save_file(weights_of(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    return commit_checkpoint(run_dir, tmp, step, state)
+
+
+def _step_dir(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path | None:
+    """An empty temporary folder to write `step`'s checkpoint into, or None when `latest` already names that step.
+    Nothing reads the temporary folder: until `commit_checkpoint` the previous checkpoint stays the valid one."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    previous = latest_checkpoint(run_dir)
-    final = root / f"step-{step:07d}"
-    if previous == final:  # this step is already saved (e.g. Ctrl-C right after an eval checkpoint)
-        return final
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if latest_checkpoint(run_dir) == root / _step_dir(step):
+        return None
+    tmp = root / f".{_step_dir(step)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from a crash mid-save
     tmp.mkdir()
-    save_file(weights_of(model, model_state), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    return tmp
+
+
+def commit_checkpoint(run_dir: Path, tmp: Path, step: int, state: dict[str, Any]) -> Path:
+    """Write the training state beside what `tmp` holds, fsync everything, rename the folder to its step and move
+    the `latest` pointer to it atomically; then delete the previous checkpoint."""
+    root = Path(run_dir) / "checkpoints"
+    previous = latest_checkpoint(run_dir)
+    final = root / _step_dir(step)
     torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        _fsync_file(f)
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            _fsync_file(f)
+    for d in [tmp, *(d for d in tmp.rglob("*") if d.is_dir())]:
+        fsync_dir(d)
     if final.exists():  # left over from a crash before the pointer moved: not the valid checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -78,13 +107,94 @@ def save_checkpoint(run_dir: Path, model: Transformer, state: dict[str, Any], st
     return final
 
 
-def weights_of(model: Transformer, model_state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as saved: a tied LM head is stored once, under tok_emb.weight."""
-    state = model.state_dict() if model_state is None else model_state
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     return tensors
+
+
+def write_weights(folder: Path, model: nn.Module, step: int) -> Path:
+    """Write `model`'s weights as folder/model.safetensors, atomically (temp file, fsync, rename)."""
+    path = Path(folder) / "model.safetensors"
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(weights_of(model), str(tmp), metadata={"step": str(step)})
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
+# Sharded checkpoints (FSDP2): every rank writes its own shards with torch.distributed.checkpoint (DCP) into
+# step-N/shards/ (a .metadata index + one .distcp file per rank), inside the same temporary step folder that
+# `commit_checkpoint` renames, so a crash mid-save leaves the previous checkpoint in force. Keys are parameter names
+# (not positions or ranks), and DCP reads any saved shard into any requested one: a run resumes at another world
+# size, and one process without a process group reads the whole tensors.
+
+
+def is_sharded(folder: Path) -> bool:
+    return (Path(folder) / SHARDS / ".metadata").is_file()
+
+
+def save_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write this rank's shards of the model and optimizer state into folder/shards. A collective under a process
+    group: every rank calls it with the same folder (on a file system they share)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _single_process_quiet():
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=Path(folder) / SHARDS)
+
+
+def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load the model and optimizer state of a sharded checkpoint into `model` and `optimizer` as they are now laid
+    out (FSDP2 at any world size, DDP, or one process): each rank reads the pieces of the saved shards it holds. A
+    collective under a process group."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # the tensors DCP fills in place
+    state = {"model": model_state, "optim": optim_state}
+    path = Path(folder) / SHARDS
+    try:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # DCP wraps a missing or truncated shard file in its own exception types
+        raise CheckpointError(f"sharded checkpoint {path} is incomplete or corrupt ({_first_line(e)})") from e
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _read_shard_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole model tensors of a sharded checkpoint, read in this process alone (no process group needed)."""
+    try:
+        reader = dcp.FileSystemReader(path)
+        saved = reader.read_metadata().state_dict_metadata
+    except Exception as e:
+        raise CheckpointError(f"sharded checkpoint {path} is unreadable ({_first_line(e)})") from e
+    shapes = {k.removeprefix("model."): m.size for k, m in saved.items()
+              if k.startswith("model.") and isinstance(m, dcp.TensorStorageMetadata)}
+    if "lm_head.weight" not in expected:  # a tied head is saved under both of its names
+        shapes.pop("lm_head.weight", None)
+    _check_fits(path, shapes, expected)
+    tensors = {k: torch.empty(shapes[k], dtype=saved[f"model.{k}"].properties.dtype) for k in expected}
+    try:
+        dcp.load({"model": tensors}, storage_reader=reader, no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"sharded checkpoint {path} is incomplete or corrupt ({_first_line(e)})") from e
+    return tensors
+
+
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every call made without a process group; reading or writing in one process is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(process group|single process|uninitialized).*")
+        yield
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -101,29 +211,37 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return folder
 
 
-def load_weights(model: Transformer, folder: Path) -> None:
-    """Load model.safetensors into `model`, checking every tensor's name and shape against the config's."""
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """Load a checkpoint's whole weights into `model` (on the meta device too), checking every tensor's name and
+    shape against the config's: model.safetensors, or else the shards of a sharded checkpoint, read in memory."""
     path = Path(folder) / "model.safetensors"
-    if not path.exists():
-        raise CheckpointError(f"missing weights file {path}")
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"weights file {path} is truncated or corrupt ({e})") from e
     expected = dict(model.state_dict())
     if model.config.tie_embeddings:
         expected.pop("lm_head.weight")
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"weights in {path} do not fit the model config: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}; load it with the config saved beside it")
-    for k, v in tensors.items():
-        if v.shape != expected[k].shape:
-            raise CheckpointError(f"weights in {path} do not fit the model config: {k} has shape "
-                                  f"{tuple(v.shape)}, config needs {tuple(expected[k].shape)}")
+    if not path.exists() and is_sharded(folder):
+        tensors = _read_shard_weights(Path(folder) / SHARDS, expected)
+    else:
+        if not path.exists():
+            raise CheckpointError(f"missing weights file {path}")
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"weights file {path} is truncated or corrupt ({e})") from e
+        _check_fits(path, {k: v.shape for k, v in tensors.items()}, expected)
     model.load_state_dict(tensors, strict=False, assign=model.tok_emb.weight.is_meta)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
+
+
+def _check_fits(path: Path, shapes: dict[str, torch.Size], expected: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"weights in {path} do not fit the model config: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}; load it with the config saved beside it")
+    for k, shape in shapes.items():
+        if tuple(shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"weights in {path} do not fit the model config: {k} has shape "
+                                  f"{tuple(shape)}, config needs {tuple(expected[k].shape)}")
 
 
 def load_state(folder: Path) -> dict[str, Any]:

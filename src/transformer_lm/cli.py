@@ -8,15 +8,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from . import accounting
-from .config import ModelConfig, SampleConfig, TrainConfig, preset, presets
-from .errors import ConfigError, TLMError
+from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recipe, presets
+from .errors import ConfigError, DistributedError, TLMError
 
 log = logging.getLogger("transformer_lm")
 
@@ -71,6 +73,9 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
                    help="Run folder of a smaller model with the same tokenizer: speculative decoding (same output "
                    "distribution, fewer target forwards).")
     p.add_argument("--draft_k", type=int, default=4, help="Tokens the draft proposes per target forward.")
+    p.add_argument("--verbose", type=bool, default=False,
+                   help="After each sample, print prefill and decode tokens/s and the decode's MBU (memory "
+                   "bandwidth utilization: bytes read per token × tokens/s ÷ measured copy bandwidth) to stderr.")
 
     p = cmds["eval"] = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on text.")
     p.add_argument("run", type=str, help="Run folder.")
@@ -87,21 +92,27 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
     _add_experiment_parsers(cmds)
     _add_interop_parsers(cmds)
+    _add_bench_parser(cmds)
+    _add_scaling_parsers(cmds)
 
     for name, p in cmds.items():
         sub.add_subcommand(name, p, help=p.description)
+    _add_experiment_subcommands(cmds["experiment"])  # nested subcommands go in after their parent
     return parser, cmds
 
 
 def parse(argv: list[str]) -> Namespace:
-    """Parse twice when a preset is named: the preset's fields become the defaults that --model.* then overrides,
-    whatever the order on the command line or in a --config file."""
+    """Parse twice when a preset is named: the preset's fields (and a recipe preset's training settings) become the
+    defaults that --model.* and --train.* then override, whatever the order on the command line or in --config."""
     parser, cmds = build_parser()
     ns = parser.parse_args(argv)
     cmd = ns.command
     chosen = ns[cmd].get("preset")
-    if chosen and cmd in ("train", "info", "plan"):
-        cmds[cmd].set_defaults({f"model.{k}": v for k, v in preset(chosen).items()})
+    if chosen and cmd in ("train", "info", "plan", "memory"):
+        defaults = {f"model.{k}": v for k, v in preset(chosen).items()}
+        if cmd == "train":
+            defaults |= {f"train.{k}": v for k, v in preset_recipe(chosen).items()}
+        cmds[cmd].set_defaults(defaults)
         ns = parser.parse_args(argv)
     return ns
 
@@ -142,6 +153,8 @@ def cmd_train(a: Namespace) -> int:
 
 def cmd_sample(a: Namespace) -> None:
     from .api import load_run
+    from .decode import DecodeStats
+    from .perf import decode_mbu
     from .quantize import parse_quantize
 
     prompt = a.prompt
@@ -153,7 +166,8 @@ def cmd_sample(a: Namespace) -> None:
         run.quantize(*parse_quantize(a.quantize))
     if a.draft:
         run.use_draft(load_run(a.draft, a.device), a.draft_k)
-    for i, pieces in enumerate(run.stream_samples(prompt, cfg)):
+    stats = DecodeStats() if a.verbose else None
+    for i, pieces in enumerate(run.stream_samples(prompt, cfg, stats)):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)
@@ -161,6 +175,13 @@ def cmd_sample(a: Namespace) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        if stats is not None and stats.new_tokens:
+            sys.stdout.flush()
+            tps = stats.decode_tokens_per_s
+            mbu = decode_mbu(run.model, tps, (stats.prompt_tokens + stats.context) // 2)
+            print(f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tokens/s; decode "
+                  f"{stats.new_tokens} tokens at {tps:.1f} tokens/s, MBU {mbu:.0%}"
+                  + (" (the first sample includes compiling)" if cfg.compile and i == 0 else ""), file=sys.stderr)
 
 
 def cmd_eval(a: Namespace) -> None:
@@ -250,6 +271,16 @@ def _add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
     p.add_argument("--json", type=bool, default=False, help="Print attention.json instead of the table.")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
 
+    cmds["experiment"] = ArgumentParser(exit_on_error=False, description="Run an experiment: "
+                                        f"{', '.join(EXPERIMENTS)} (see `tlm experiment NAME --help`).")
+
+    p = cmds["report"] = ArgumentParser(exit_on_error=False, description="One offline HTML page (images embedded, no "
+                                        "scripts) about runs and experiment output folders.")
+    p.add_argument("paths", type=str, nargs="+", help="Run folders and experiment output folders (runs inside them "
+                   "are found too).")
+    p.add_argument("--out", type=str, default="report.html", help="HTML file to write.")
+    p.add_argument("--title", type=str, default="transformer-lm report", help="Title of the page.")
+
 
 def cmd_plan(a: Namespace) -> None:
     from .experiments.planner import CHINCHILLA_TOKENS_PER_PARAM, TRAIN_BYTES_PER_PARAM, parse_count, plan
@@ -323,6 +354,75 @@ def cmd_attention(a: Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in files.values()))
 
 
+def cmd_report(a: Namespace) -> None:
+    from .experiments.report import write_report
+
+    print(f"wrote {write_report(a.paths, a.out, a.title)}")
+
+
+# `tlm experiment NAME`: EXPERIMENTS maps each name to (a function building its parser, its command).
+
+
+def _scaling_parser() -> ArgumentParser:
+    from .experiments.scaling import ScalingConfig
+
+    p = ArgumentParser(exit_on_error=False, description="Scaling-law sweep: train a ladder of model sizes on the same "
+                       "data, fit L(N) = E + A·N^-α and L(C) on the compute frontier; CSV, JSON and plots in --out.")
+    p.add_argument("data", type=str | None, nargs="?", default=None,
+                   help="Text file, folder, glob, or a folder made by `tlm prepare` (default: embedded corpus).")
+    p.add_argument("--out", type=str, default="runs/scaling", help="Output folder (rungs in OUT/runs/).")
+    p.add_class_arguments(ScalingConfig, nested_key=None, instantiate=False)
+    _add_tokenizer_args(p)
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace rung folders that hold other runs.")
+    return p
+
+
+def cmd_scaling(a: Namespace) -> None:
+    from .experiments.scaling import ScalingConfig, render_summary, run_scaling
+    from .train import training_data
+
+    cfg = ScalingConfig(**{k: a[k] for k in ScalingConfig.__dataclass_fields__})
+    data = training_data(a.data, a.tokenizer, a.vocab_size, a.gpt2_dir)
+    res = run_scaling(cfg, data, a.out, overwrite=a.overwrite, data_label=a.data or "python-stdlib")
+    print(render_summary(res))
+    print("wrote " + ", ".join(str(p) for p in res.files.values()))
+
+
+def _pe_ablation_parser() -> ArgumentParser:
+    from .experiments.synthetic_pe import PEAblationConfig
+
+    p = ArgumentParser(exit_on_error=False, description="Positional-encoding ablation: sequence reversal learned "
+                       "with each encoding (and none); accuracy table, CSV, JSON and plot in --out.")
+    p.add_argument("--out", type=str, default="runs/pe-ablation", help="Output folder.")
+    p.add_class_arguments(PEAblationConfig, nested_key=None, instantiate=False)
+    return p
+
+
+def cmd_pe_ablation(a: Namespace) -> None:
+    from .experiments.synthetic_pe import PEAblationConfig, render_table, run_pe_ablation
+
+    res = run_pe_ablation(PEAblationConfig(**{k: a[k] for k in PEAblationConfig.__dataclass_fields__}), a.out)
+    print(render_table(res))
+    print("wrote " + ", ".join(str(p) for p in res.files.values()))
+
+
+EXPERIMENTS: dict[str, tuple[Callable[[], ArgumentParser], Callable[[Namespace], int | None]]] = {
+    "scaling": (_scaling_parser, cmd_scaling),
+    "pe-ablation": (_pe_ablation_parser, cmd_pe_ablation),
+}
+
+
+def _add_experiment_subcommands(p: ArgumentParser) -> None:
+    group = p.add_subcommands(dest="name")
+    for name, (build, _) in EXPERIMENTS.items():
+        q = build()
+        group.add_subcommand(name, q, help=q.description)
+
+
+def cmd_experiment(a: Namespace) -> int | None:
+    return EXPERIMENTS[a.name][1](a[a.name])
+
+
 # --- end of the experiments block
 
 
@@ -374,9 +474,106 @@ def cmd_export(a: Namespace) -> None:
 # --- end of the interop block
 
 
+# --- Scaling out (issue 5): `tlm consolidate` (sharded checkpoint → single file) and `tlm memory` (per-device plan).
+
+
+def _add_scaling_parsers(cmds: dict[str, ArgumentParser]) -> None:
+    p = cmds["consolidate"] = ArgumentParser(exit_on_error=False, description="Write a run's latest sharded "
+                                             "checkpoint (FSDP2) as the single-file model.safetensors that every "
+                                             "command and tool reads; one process, any world size it was saved at.")
+    p.add_argument("run", type=str, help="Run folder.")
+
+    p = cmds["memory"] = ArgumentParser(exit_on_error=False, description="Training memory per device of a model "
+                                        "under DDP and FSDP2, with and without activation checkpointing: weights, "
+                                        "gradients, AdamW state, activations and the peak.")
+    p.add_argument("--preset", type=str | None, default="tiny",
+                   help=f"Model preset applied before --model.* overrides: {', '.join(presets())}.")
+    p.add_class_arguments(ModelConfig, "model", instantiate=False)
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="Sequences per device and micro-step (train.batch_size / world size).")
+    p.add_argument("--seq_len", type=int | None, default=None, help="Tokens per sequence (default: block_size).")
+    p.add_argument("--world_size", type=int, default=8, help="Devices the run is spread over.")
+    p.add_argument("--dtype", type=Literal["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="Autocast precision (train.dtype; parameters, gradients and AdamW state stay fp32).")
+    p.add_argument("--gpu_gb", type=float, default=80.0, help="Memory of one device, GB, for the fits row.")
+    p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
+
+
+def cmd_consolidate(a: Namespace) -> None:
+    from .api import consolidate
+
+    path = consolidate(a.run)
+    print(f"{path}: whole weights ({path.stat().st_size / 2**20:,.1f} MiB); `tlm sample`, `tlm eval`, `tlm export` "
+          "and load_run read it")
+
+
+def cmd_memory(a: Namespace) -> None:
+    from .experiments.memory import plan_memory
+
+    cfg = ModelConfig(**a.model.as_dict())
+    plans = {f"{par.upper()}{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size, par,
+                                                                 a.dtype, ac)
+             for par in ("ddp", "fsdp") for ac in (False, True)}
+    if a.json:
+        print(json.dumps({"preset": a.preset, "config": cfg.to_dict(), "gpu_gb": a.gpu_gb,
+                          "plans": {k: v.to_dict() for k, v in plans.items()}}, indent=2))
+        return
+    n = accounting.count_params(cfg).total
+    print(f"{a.preset or 'model config'}: {n:,} parameters; {a.batch_size} × {a.seq_len or cfg.block_size} tokens per "
+          f"device and micro-step, {a.dtype} autocast, {a.world_size} devices; GB per device (1 GB = 10⁹ bytes)")
+    rows = [("weights (fp32)", "weights"), ("gradients (fp32)", "gradients"), ("AdamW state", "optimizer"),
+            ("autocast weight copies", "autocast_copies"), ("activations", "activations"),
+            ("logits transient", "logits_transient"), ("rebuilt block (AC)", "recompute")]
+    print(f"{'':<24}" + "".join(f"{k:>11}" for k in plans))
+    for label, key in rows:
+        print(f"{label:<24}" + "".join(f"{getattr(v, key) / 1e9:>11,.2f}" for v in plans.values()))
+    print(f"{'peak':<24}" + "".join(f"{v.peak / 1e9:>11,.2f}" for v in plans.values()))
+    print(f"{f'fits {a.gpu_gb:g} GB':<24}" + "".join(f"{'yes' if v.peak <= a.gpu_gb * 1e9 else 'no':>11}"
+                                                   for v in plans.values()))
+
+
+# --- end of the scaling block
+
+
+def _add_bench_parser(cmds: dict[str, ArgumentParser]) -> None:
+    p = cmds["bench"] = ArgumentParser(exit_on_error=False, description="Our model against Hugging Face transformers' "
+                                       "(same config, same weights) on this device: training, prefill and decode "
+                                       "tokens/s, peak memory, MFU and MBU (needs transformers: pip install "
+                                       "'transformer-lm[bench]').")
+    p.add_argument("--preset", type=str, default="gpt2", help=f"Model preset: {', '.join(presets())}.")
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    p.add_argument("--steps", type=int, default=3,
+                   help="Timed repetitions of each measurement per model, interleaved ours/theirs (after a warm-up).")
+    p.add_argument("--batch", type=int, default=1, help="Sequences per training step.")
+    p.add_argument("--seq", type=int | None, default=None, help="Tokens per training sequence (default: block size).")
+    p.add_argument("--prefill_len", type=int, default=1024, help="Prompt tokens of the prefill (capped at block size).")
+    p.add_argument("--new_tokens", type=int, default=32, help="Greedy tokens per decode measurement.")
+    p.add_argument("--decode_batch", type=int, default=8, help="Rows of the batched decode measurement.")
+    p.add_argument("--quantize", type=str | None, default=None,
+                   help="Also decode (batch 1) with our weights quantized (int8, int4, int4:G) against their fp32.")
+    p.add_argument("--compile", type=bool, default=False, help="torch.compile our decode step (compiled in warm-up).")
+    p.add_argument("--threads", type=int | None, default=None, help="torch intra-op threads (default: torch's).")
+    p.add_argument("--json", type=str | None, default=None, help="Also write every timing as JSON to this file.")
+
+
+def cmd_bench(a: Namespace) -> None:
+    from .bench import bench
+
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    result = bench(a.preset, device=a.device, steps=a.steps, batch=a.batch, seq=a.seq, prefill_len=a.prefill_len,
+                   new_tokens=a.new_tokens, decode_batch=a.decode_batch, quantize=a.quantize, compile=a.compile)
+    print(result.table())
+    if a.json:
+        Path(a.json).write_text(json.dumps(result.to_dict(), indent=2))
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info,
-            "plan": cmd_plan, "attention": cmd_attention}
-COMMANDS.update(convert=cmd_convert, export=cmd_export)
+            "plan": cmd_plan, "attention": cmd_attention, "experiment": cmd_experiment, "report": cmd_report}
+COMMANDS.update(convert=cmd_convert, export=cmd_export, bench=cmd_bench)
+COMMANDS.update(consolidate=cmd_consolidate, memory=cmd_memory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +583,12 @@ def main(argv: list[str] | None = None) -> int:
         ns = parse(argv)
         a = ns[ns.command]
         return COMMANDS[ns.command](a) or 0
+    except DistributedError as e:
+        # A process group that lost a peer can deadlock when it is freed (gloo's destructor joins a worker thread
+        # that waits for the interpreter lock), so leave at once: the last checkpoint on disk is what there is to keep.
+        print(f"tlm: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(2)
     except (TLMError, argparse.ArgumentError) as e:
         msg = " ".join(str(e).split())  # one line, whatever the library or parser wrote
         print(f"tlm: error: {msg}", file=sys.stderr)

@@ -17,6 +17,7 @@ import yaml
 
 from .errors import ConfigError
 
+Architecture = Literal["transformer", "lstm", "rnn"]
 PositionalEncoding = Literal["learned", "sinusoidal", "rope", "none"]
 NormKind = Literal["layernorm", "rmsnorm"]
 MlpKind = Literal["gelu", "swiglu"]
@@ -26,6 +27,10 @@ MlpKind = Literal["gelu", "swiglu"]
 class ModelConfig:
     """Architecture of a decoder-only Transformer. Defaults are the `tiny` preset's family: a GPT-2-style model."""
 
+    arch: Architecture = "transformer"
+    """transformer, or a recurrent baseline behind the same interface (recurrent.py): lstm or rnn (Elman, tanh),
+    n_layer layers of width n_embd. Recurrent models use vocab_size, block_size (the training window), n_layer,
+    n_embd, bias, tie_embeddings and dropout; the attention, position and feed-forward fields do not apply to them."""
     vocab_size: int = 256
     """Number of token ids; set from the tokenizer when training."""
     block_size: int = 256
@@ -81,6 +86,10 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.arch != "transformer":  # the checks below are of attention, positions and feed-forward
+            return
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head}); "
@@ -95,8 +104,6 @@ class ModelConfig:
             raise ConfigError(f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal encoding needs an even n_embd, got {self.n_embd}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.rope_scaling == "llama3" and not (self.rope_scaling_factor > 0 and self.rope_original_max_position > 0
                                                   and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
             raise ConfigError("llama3 rope scaling needs factor > 0, original_max_position > 0 and "
@@ -157,15 +164,26 @@ class ModelConfig:
 
 
 def presets() -> dict[str, dict[str, Any]]:
-    """All presets, by name, as the field overrides they apply to ModelConfig's defaults."""
+    """All presets, by name, as the field overrides they apply to ModelConfig's defaults (a recipe preset also holds
+    a `train` mapping of TrainConfig overrides)."""
     return yaml.safe_load(resources.files(__package__).joinpath("presets.yaml").read_text())
 
 
-def preset(name: str) -> dict[str, Any]:
+def _preset_entry(name: str) -> dict[str, Any]:
     table = presets()
     if name not in table:
         raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(table)}")
     return dict(table[name])
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The preset's ModelConfig field overrides."""
+    return {k: v for k, v in _preset_entry(name).items() if k != "train"}
+
+
+def preset_recipe(name: str) -> dict[str, Any]:
+    """The TrainConfig overrides a recipe preset ships with (empty for an architecture-only preset)."""
+    return dict(_preset_entry(name).get("train") or {})
 
 
 @dataclass
@@ -188,8 +206,21 @@ class TrainConfig:
     """Final learning rate as a fraction of the peak, reached at the end of the cosine decay."""
     warmup_iters: int = 100
     """Linear warmup steps."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """Learning-rate decay after warmup: cosine over the whole run, wsd (warmup-stable-decay: constant, then a linear
+    cooldown over the last cooldown_fraction of the budget, placed by the measured progress of an iteration, token or
+    time budget) or constant."""
+    cooldown_fraction: float = 0.2
+    """wsd: the fraction of the budget spent decaying the learning rate to lr*min_lr_ratio."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw, or muon: Muon (orthogonalized momentum) for the hidden 2-D weights and AdamW for embeddings, LM head,
+    biases and gains."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate (scaled by the same schedule as lr)."""
+    muon_momentum: float = 0.95
+    """Muon's Nesterov momentum."""
     weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not to biases, norms or embeddings)."""
+    """Decoupled weight decay (AdamW, and Muon's), applied to matrices only (not to biases, norms or embeddings)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.99
@@ -212,7 +243,14 @@ class TrainConfig:
     """Compile the model with torch.compile."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism when started by torchrun with WORLD_SIZE > 1: ddp (replicated weights) or fsdp (FSDP2,
-    sharded weights, gradients and optimizer state). batch_size is then the global micro-batch, split over ranks."""
+    sharded weights, gradients and optimizer state, checkpointed as shards). batch_size is then the global
+    micro-batch, split over ranks."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: activation memory falls from
+    every block's to the blocks' inputs plus one block's, for about one more forward pass of compute."""
+    dist_timeout: float = 1800.0
+    """Seconds a collective (all-reduce, all-gather, barrier) waits for the other ranks before the run fails with an
+    error, e.g. when a rank died or hangs. Keep it above the longest pause of one rank: a checkpoint write."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -225,8 +263,12 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be > 0, got {v}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError("train.lr must be > 0 and train.min_lr_ratio in [0, 1]")
+        if not 0 < self.cooldown_fraction <= 1 or self.muon_lr <= 0:
+            raise ConfigError("train.cooldown_fraction must be in (0, 1] and train.muon_lr > 0")
         if self.eval_interval < 1 or self.eval_batches < 1 or self.log_interval < 1:
             raise ConfigError("train.eval_interval, train.eval_batches and train.log_interval must be >= 1")
+        if self.dist_timeout <= 0:
+            raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
 
 
 @dataclass
@@ -249,6 +291,9 @@ class SampleConfig:
     """Stop a sample when it produces any of these strings (the stop string is not included)."""
     num_samples: int = 1
     """Number of independent samples."""
+    compile: bool = False
+    """torch.compile the single-token decode step (tens of seconds once per process; falls back to eager decoding
+    with a warning if compiling fails)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0 or self.num_samples < 1:

@@ -32,3 +32,8 @@ class RunExistsError(TLMError):
 class ConversionError(TLMError):
     """A foreign model (Hugging Face, llama2.c, …) this tool cannot import, or a model a foreign format cannot
     represent on export; the message names the unsupported feature."""
+
+
+class DistributedError(TLMError):
+    """A multi-process run lost a rank: a collective failed because another process died, or timed out waiting for
+    one that hangs."""

@@ -1,4 +1,5 @@
-"""Autoregressive generation: prefill the prompt into a KV cache, then decode one token at a time.
+"""Autoregressive generation: prefill the prompt into a KV cache, then decode one token at a time (decode.py holds
+the static cache and the steps, optionally compiled).
 
 `generate` works on token ids and yields them as they are drawn; `stream_text` turns those into text pieces for a
 terminal, holding back incomplete UTF-8 and possible stop-string prefixes so that what is printed is never taken back.
@@ -7,12 +8,15 @@ terminal, holding back incomplete UTF-8 and possible stop-string prefixes so tha
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
 
 from .config import SampleConfig
-from .model import KVCache, Transformer
+from .decode import DecodeStats, decode_step, make_cache, prefill
+from .model import Transformer
+from .perf import now
 from .tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -20,11 +24,16 @@ log = logging.getLogger(__name__)
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one id per row of `logits` (B, V) -> (B,). temperature 0 is greedy (argmax)."""
+    """Draw one id per row of `logits` (B, V) -> (B,). temperature 0 is greedy (argmax).
+
+    Drawn with the exponential race (equivalent to the Gumbel-max trick): with E_i ~ Exp(1) independent,
+    argmax_i p_i / E_i is i with probability p_i. Unlike torch.multinomial it never waits for the host."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = next_token_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # a draw of exactly 0 would turn a filtered-out token (p = 0) into 0/0 = NaN, which argmax picks
+    return (probs / race.clamp_(min=torch.finfo(race.dtype).tiny)).argmax(dim=-1)
 
 
 def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -58,47 +67,82 @@ def crop_prompt(ids: Sequence[int], block_size: int) -> list[int]:
 @torch.no_grad()
 def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> Iterator[int]:
+             use_cache: bool = True, compile: bool = False, sync_every: int | None = None,
+             stats: DecodeStats | None = None) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids continuing `prompt` (a non-empty id list).
 
     With the cache, the prompt is processed once and each step runs the model on the newest token only. When the
     window fills up, the cache is rebuilt from the last half window (amortized cost instead of a full recompute per
     token). `use_cache=False` recomputes everything every step: the slow reference the cache is tested against.
+    `compile` compiles the decode step (decode.py). Tokens stay on the device and reach the host `sync_every` at a
+    time (default: 1 on CPU, where reading a tensor costs nothing; 8 elsewhere). `stats` receives the timings.
     """
     if not prompt:
         raise ValueError("generation needs a non-empty prompt")
     was_training = model.training
     model.eval()
-    device = model.tok_emb.weight.device
-    block = model.config.block_size
-    ids = crop_prompt(prompt, block)
-    # the cache holds at most what this call writes: imported models have contexts of 32K-128K positions
-    cache = KVCache(model.config, 1, max_len=min(block, len(ids) + max_new_tokens), device=device,
-                    dtype=model.tok_emb.weight.dtype) if use_cache else None
-    pending = ids  # ids not yet in the cache
+    ids = crop_prompt(prompt, model.config.block_size)
     try:
+        if use_cache:
+            yield from _generate_cached(model, ids, max_new_tokens, temperature, top_k, top_p, generator, compile,
+                                        sync_every, stats)
+            return
+        device = model.tok_emb.weight.device
         for _ in range(max_new_tokens):
-            if cache is None:
-                x = torch.tensor([ids[-block:]], device=device)
-            else:
-                if cache.pos + len(pending) > block:  # window full: restart from the recent half window
-                    cache.pos, pending = 0, ids[-max(1, block // 2):]
-                x = torch.tensor([pending], device=device)
-            logits = model(x, cache=cache, last_only=True).logits[:, -1, :]
-            nxt = int(sample_next(logits, temperature, top_k, top_p, generator))
-            ids.append(nxt)
-            pending = [nxt]
-            yield nxt
+            logits = model(torch.tensor([ids[-model.config.block_size:]], device=device), last_only=True).logits
+            ids.append(int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)))
+            yield ids[-1]
     finally:
         model.train(was_training)
 
 
+def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float,
+                     top_k: int | None, top_p: float | None, generator: torch.Generator | None, compile: bool,
+                     sync_every: int | None, stats: DecodeStats | None) -> Iterator[int]:
+    device = model.tok_emb.weight.device
+    block = model.config.block_size
+    sync_every = sync_every or (1 if device.type == "cpu" else 8)
+    step = decode_step(compile)
+    # the cache holds at most what this call writes: imported models have contexts of 32K-128K positions
+    max_len = min(block, len(ids) + max_new_tokens)
+    cache = make_cache(model, 1, max_len)
+    stats = stats if stats is not None else DecodeStats()
+    start = now(device)
+    logits = prefill(model, cache, torch.tensor([ids], device=device))
+    filled = len(ids)  # the host's count of the cache's position, so that nothing needs to read it back
+    stats.prompt_tokens, stats.prefill_s, stats.new_tokens = filled, now(device) - start, 0
+    start = time.perf_counter()
+    produced = 0
+    while produced < max_new_tokens:
+        drawn, full = [], False
+        while len(drawn) < sync_every and produced + len(drawn) < max_new_tokens:
+            drawn.append(sample_next(logits, temperature, top_k, top_p, generator))  # (1,), on the device
+            if produced + len(drawn) == max_new_tokens:
+                break  # the last token needs no forward
+            if filled == max_len:
+                full = True  # no slot for the new token: restart, which needs the ids on the host
+                break
+            logits = step(model, cache, drawn[-1][:, None], None, None)
+            filled += 1
+        new = torch.cat(drawn).tolist()  # the one host sync per chunk
+        ids.extend(new)
+        produced += len(new)
+        stats.new_tokens, stats.decode_s, stats.context = produced, time.perf_counter() - start, filled
+        yield from new
+        if full:  # window full: restart from the recent half window, the newest token included
+            pending = ids[-max(1, block // 2):]
+            cache = make_cache(model, 1, max_len)
+            logits = prefill(model, cache, torch.tensor([pending], device=device))
+            filled = len(pending)
+
+
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
                 generator: torch.Generator | None = None, draft: Transformer | None = None,
-                draft_k: int = 4) -> Iterator[str]:
+                draft_k: int = 4, stats: DecodeStats | None = None) -> Iterator[str]:
     """Yield text pieces of one sample continuing `prompt`, stopping at any of cfg.stop (excluded) or at the
     tokenizer's end-of-text id. Joining the pieces gives the sample's full text. With a `draft` model (same
-    tokenizer), tokens come from speculative decoding with `draft_k` proposals per step: same distribution."""
+    tokenizer), tokens come from speculative decoding with `draft_k` proposals per step: same distribution.
+    `stats` receives generate()'s timings (not filled with a draft)."""
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if tokenizer.bos_id is not None and prompt_ids[:1] != [tokenizer.bos_id]:
         prompt_ids = [tokenizer.bos_id, *prompt_ids]  # models trained with BOS expect it first (llama2.c, Llama)
@@ -109,7 +153,8 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     emitted = 0
     hold = max((len(s) for s in cfg.stop), default=1) - 1
     if draft is None:
-        tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator)
+        tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator,
+                          compile=cfg.compile, stats=stats)
     else:
         from .speculative import speculative_generate  # speculative imports this module
 
@@ -138,8 +183,9 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   generator: torch.Generator | None = None) -> list[list[int]]:
-    """Continue several prompts of different lengths at once: `max_new_tokens` new ids per prompt.
+                   generator: torch.Generator | None = None, compile: bool = False) -> list[list[int]]:
+    """Continue several prompts of different lengths at once: `max_new_tokens` new ids per prompt (`compile`: the
+    decode step compiled, as in generate()). The ids reach the host once, at the end.
 
     Prompts are left-padded to the longest and prefilled in one forward; each row gets its own positions (counted
     from its first real token) and a key mask hides the padding, so every row sees exactly the positions and context
@@ -160,19 +206,18 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     pad = torch.tensor([longest - n for n in lens], device=device)  # (B,)
     ids = torch.tensor([[0] * (longest - n) + list(p) for p, n in zip(prompts, lens)], device=device)  # (B, L)
     key_mask = torch.arange(longest + max_new_tokens, device=device)[None, :] >= pad[:, None]  # (B, S), False: pad
-    cache = KVCache(model.config, B, max_len=longest + max_new_tokens - 1, device=device,
-                    dtype=model.tok_emb.weight.dtype)
+    cache = make_cache(model, B, longest + max_new_tokens - 1)
+    step = decode_step(compile)
     positions = (torch.arange(longest, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
     out = []
     try:
-        logits = model(ids, cache=cache, last_only=True, positions=positions, key_mask=key_mask).logits[:, -1]
+        logits = prefill(model, cache, ids, positions, key_mask)
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             out.append(nxt)
             if i + 1 < max_new_tokens:
-                positions = (cache.pos - pad)[:, None]  # (B, 1)
-                logits = model(nxt[:, None], cache=cache, last_only=True, positions=positions,
-                               key_mask=key_mask).logits[:, -1]
+                positions = (longest + i - pad)[:, None]  # (B, 1)
+                logits = step(model, cache, nxt[:, None], positions, key_mask)
     finally:
         model.train(was_training)
     return torch.stack(out, 1).tolist()

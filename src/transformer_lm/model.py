@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+
+if TYPE_CHECKING:
+    from .recurrent import RecurrentLM
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Positional encodings. Both are computed on the fly from positions: they hold no state, so a model built on the
@@ -75,6 +79,10 @@ class KVCache(nn.Module):
     `pos` is the number of positions already written; the model writes new keys at [pos, pos + T) and advances it.
     """
 
+    static = False
+    """False: `pos` is an int and update() returns the filled prefix. A static cache (decode.StaticKVCache) keeps `pos`
+    in a device tensor and returns all max_len slots, always masked: fixed shapes and no host sync, for compiling."""
+
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -107,7 +115,7 @@ def attention_mask(T: int, S: int, start: int, window: int | None, device: torch
     """(T, S) bool, True where query t (at absolute position start+t) may attend to key s: s <= start+t, and with a
     sliding window also s > start+t-window (the last `window` keys, itself included). With `key_mask` (B, ≥S), False
     at padding, -> (B, 1, T, S): padding is hidden from every query but itself (so no row is empty, no NaN)."""
-    q = torch.arange(start, start + T, device=device)[:, None]
+    q = start + torch.arange(T, device=device)[:, None]  # start: an int, or a 0-d tensor (static cache)
     s = torch.arange(S, device=device)[None, :]
     allowed = s <= q
     if window is not None:
@@ -153,7 +161,7 @@ class CausalSelfAttention(nn.Module):
         window = self.config.sliding_window
         windowed = window is not None and S > window
         mask = None
-        if windowed or (start > 0 and T > 1) or key_mask is not None:
+        if (cache is not None and cache.static) or windowed or (start > 0 and T > 1) or key_mask is not None:
             mask = attention_mask(T, S, start, window, x.device, key_mask)
         dropout = self.config.dropout if self.training else 0.0
         weights = None
@@ -267,6 +275,13 @@ class Transformer(nn.Module):
             n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
         return n
 
+    def make_cache(self, batch_size: int, max_len: int | None = None, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache for incremental decoding of `batch_size` rows, up to `max_len` positions (default
+        block_size), on the weights' device and in their dtype unless told otherwise."""
+        w = self.tok_emb.weight
+        return KVCache(self.config, batch_size, max_len, device or w.device, dtype or w.dtype)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 last_only: bool = False, return_attentions: bool = False, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None) -> LMOutput:
@@ -277,10 +292,10 @@ class Transformer(nn.Module):
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         limit = min(cache.max_len, self.config.block_size) if cache is not None else self.config.block_size
-        if start + T > limit:
+        if not (cache is not None and cache.static) and start + T > limit:  # a static cache's pos is on the device
             raise ValueError(f"{start + T} positions exceed the context window of {limit}; crop the input")
         if positions is None:
-            positions = torch.arange(start, start + T, device=idx.device)  # (T,), or (B, T) when given
+            positions = start + torch.arange(T, device=idx.device)  # (T,), or (B, T) when given
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -309,3 +324,13 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return LMOutput(logits, loss, attentions)
+
+
+def build_model(config: ModelConfig) -> Transformer | RecurrentLM:
+    """The model `config.arch` names, uninitialized (call `init_weights()` or load a state dict): the one place
+    that chooses between the Transformer and its recurrent baselines."""
+    if config.arch == "transformer":
+        return Transformer(config)
+    from .recurrent import RecurrentLM  # recurrent.py builds on this module (LMOutput)
+
+    return RecurrentLM(config)

@@ -1,6 +1,7 @@
-"""Data parallelism as a transformation of a finished model: `parallelize(model, dist, cfg)` applies compile, then DDP
-or FSDP2 (`fully_shard` on each block, then the root). Processes are started by PyTorch's own launcher, torchrun, and
-communicate through torch.distributed (gloo on CPU, NCCL on CUDA); nothing here launches or communicates by itself.
+"""Data parallelism as a transformation of a finished model: `parallelize(model, dist, cfg)` applies activation
+checkpointing, then compile, then DDP or FSDP2 (`fully_shard` on each block, then the root). Processes are started
+by PyTorch's own launcher, torchrun, and communicate through torch.distributed (gloo on CPU, NCCL on CUDA); nothing
+here launches or communicates by itself.
 
 Batch scheme: `train.batch_size` is the GLOBAL micro-batch. Every rank draws the same global batch from an identically
 seeded sampler and keeps its contiguous slice of batch_size / world_size rows; gradients are averaged over ranks, so
@@ -11,9 +12,11 @@ and the loss curve does not depend on the world size.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -21,10 +24,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import TrainConfig
-from .errors import ConfigError, TLMError
+from .errors import ConfigError, DistributedError, TLMError
 from .runtime import resolve_device
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,29 +74,79 @@ def device_for(info: DistInfo, name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def distributed(info: DistInfo, device: torch.device) -> Iterator[None]:
+def distributed(info: DistInfo, device: torch.device, timeout: float = 1800.0) -> Iterator[None]:
     """Initialize the process group for a multi-process run (gloo on CPU, NCCL on CUDA) and always destroy it on the
-    way out, on errors and Ctrl-C too. A group the caller already initialized is used and left alone."""
+    way out, on errors and Ctrl-C too. A group the caller already initialized is used and left alone.
+
+    A collective that waits longer than `timeout` seconds for the other ranks fails, and so does one whose peer died:
+    either becomes a `DistributedError` naming this rank, so no rank hangs on a dead or stuck job."""
     if not info.enabled or dist.is_initialized():
         yield
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if device.type == "cuda" else None, timeout=timedelta(seconds=timeout))
     try:
         yield
+    except (dist.DistError, RuntimeError) as e:
+        if not _lost_contact(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(f"rank {info.rank} of {info.world_size}: another rank died or stopped answering "
+                               f"({first}); the job stops here, continue it from the last checkpoint with --resume "
+                               "(see the other ranks' logs for the cause)") from e
     finally:
         dist.destroy_process_group()
 
 
+def _lost_contact(e: BaseException) -> bool:
+    """Whether a collective failed because of the other ranks (a closed connection or a timeout), not a bug here:
+    NCCL and the store raise torch.distributed's error types, gloo a RuntimeError from its transport."""
+    return isinstance(e, dist.DistError) or "gloo" in str(e)
+
+
+def compile_works(device: torch.device) -> bool:
+    """Whether torch.compile works on this machine for `device` — dynamo supports this Python, and the backend's
+    toolchain (a C++ compiler on CPU, Triton on GPU) is there —, tried on a two-op function (compiled once per
+    process, cached on disk). When it does not, logs one warning and returns False: the run trains eagerly."""
+    try:
+        probe = torch.compile(lambda x: torch.sin(x) + 1.0)
+        probe(torch.ones(8, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means no compile here, whatever its type
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        log.warning("torch.compile does not work here (%s: %s); training runs eagerly", type(e).__name__, reason)
+        return False
+    return True
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing: wrap each block so that the backward pass recomputes its forward instead of reading
+    stored activations. Only each block's input stays alive between forward and backward; dropout masks are
+    recomputed from the saved RNG state, so gradients are those of the unwrapped model. State-dict keys are unchanged
+    (the wrapper strips its prefix), so checkpoints do not depend on this setting."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ConfigError("train.activation_checkpointing recomputes Transformer blocks; this model has none (a "
+                          "recurrent model): drop the option")
+    for i, block in enumerate(blocks):
+        blocks[i] = checkpoint_wrapper(block)
+
+
 def parallelize(model: nn.Module, info: DistInfo, cfg: TrainConfig) -> nn.Module:
-    """Compile (if cfg.compile), then wrap for data parallelism when world_size > 1. Returns the module to call for
-    the forward pass. FSDP2 shards `model` in place, so build the optimizer after this step."""
+    """Transform a finished model for training, in torchtitan's order: activation checkpointing (each block wrapped),
+    then compile, then DDP or FSDP2 when world_size > 1 — so the compiled regions include the recomputation and the
+    data-parallel hooks wrap compiled blocks. Returns the module to call for the forward pass; `model` keeps its
+    state-dict keys. FSDP2 shards `model` in place, so build the optimizer after this step."""
+    if cfg.activation_checkpointing:
+        checkpoint_blocks(model)
+    compile = cfg.compile and compile_works(next(model.parameters()).device)
     if not info.enabled:
-        return torch.compile(model) if cfg.compile else model
-    if cfg.compile:  # per block, in place (as torchtitan): the wrappers below then see the compiled blocks
-        for block in model.blocks:
+        return torch.compile(model) if compile else model
+    if compile:  # per block, in place (as torchtitan): the wrappers below then see the compiled blocks
+        for block in getattr(model, "blocks", [model]):  # a recurrent model (no blocks) is compiled whole
             block.compile()
     if cfg.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -161,25 +215,6 @@ def on_main(fn: Callable[..., T], info: DistInfo, *args: Any, **kwargs: Any) -> 
     if kind == "error":
         raise value
     return value
-
-
-def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on CPU (gathered from shards under FSDP2; a collective: call on every rank).
-    Only rank 0 receives the tensors; the other ranks get an empty dict."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """`optimizer.state_dict()` with every sharded (DTensor) state gathered whole onto the CPU: the same format as a
-    single-process run's, so a checkpoint resumes under any world size. A collective under FSDP2: call on every rank."""
-    from torch.distributed.tensor import DTensor
-
-    sd = optimizer.state_dict()
-    sd["state"] = {k: {n: v.full_tensor().cpu() if isinstance(v, DTensor) else v for n, v in s.items()}
-                   for k, s in sd["state"].items()}
-    return sd
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -> None:

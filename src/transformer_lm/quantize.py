@@ -106,6 +106,10 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128) -> nn.Modul
     modules are for inference only and are not meant to be saved."""
     if bits not in (4, 8):
         raise ConfigError(f"quantization supports 8 or 4 bits, got {bits}")
+    arch = getattr(getattr(model, "config", None), "arch", "transformer")
+    if arch != "transformer":  # its only nn.Linear is the LM head, which stays in floating point
+        raise ConfigError(f"weight-only quantization swaps the attention and feed-forward layers; an {arch} model "
+                          "has none (its recurrent weights live in torch's fused cell): sample it unquantized")
     targets = [(name, m) for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and name.split(".")[-1] != "lm_head"]
     if bits == 4:

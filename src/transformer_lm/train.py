@@ -23,7 +23,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text, latest_checkpoint, load_state, load_weights, save_checkpoint
+from .accounting import flops_per_token
+from .checkpoint import (
+    atomic_write_text,
+    begin_checkpoint,
+    commit_checkpoint,
+    is_sharded,
+    latest_checkpoint,
+    load_shards,
+    load_state,
+    load_weights,
+    save_checkpoint,
+    save_shards,
+)
 from .config import ModelConfig, TrainConfig, dump_json
 from .data import (
     BatchSampler,
@@ -37,7 +49,8 @@ from .data import (
 )
 from .errors import CheckpointError, ConfigError, RunExistsError
 from .evaluate import EvalResult, evaluate_tokens
-from .model import Transformer
+from .model import build_model
+from .optim import lr_at, make_optimizer, set_lr
 from .parallel import (
     DistInfo,
     check_batch,
@@ -45,14 +58,13 @@ from .parallel import (
     device_for,
     dist_from_env,
     distributed,
-    full_optimizer_state,
-    full_weights,
     gradient_sync,
     load_optimizer_state,
     mean_over_ranks,
     on_main,
     parallelize,
 )
+from .perf import mfu, peak_flops
 from .runtime import autocast, autocast_dtype, environment
 from .tokenizers import build_tokenizer, load_tokenizer, save_tokenizer
 
@@ -72,25 +84,6 @@ class TrainResult:
     """False on the ranks other than 0 of a distributed run, which write nothing and report nothing."""
 
 
-def make_optimizer(model: Transformer, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with two groups: weight decay on matrices of linear layers, none on embeddings, biases and norm gains."""
-    embeddings = {id(model.tok_emb.weight)} | ({id(model.pos_emb.weight)} if model.pos_emb is not None else set())
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
-    no_decay = [p for p in model.parameters() if p.dim() < 2 or id(p) in embeddings]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"  # the fused kernel exists for CUDA; foreach is the fast path elsewhere
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
-
-
-def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_iters steps, then cosine decay from lr to lr·min_lr_ratio as `progress` goes 0 → 1."""
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
-    progress = min(max(progress, 0.0), 1.0)
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
-
-
 class Budget:
     """The run's end, by iterations, tokens or wall-clock time, whichever comes first, and its progress in [0, 1]."""
 
@@ -107,6 +100,11 @@ class Budget:
         if self.max_time is not None:
             p = max(p, elapsed / self.max_time)
         return p
+
+    def progress_after(self, step: int, elapsed: float) -> float:
+        """The progress at the end of the step about to run (`step` steps done, `elapsed` seconds spent), its time
+        estimated by the mean step time so far: the schedule's last step gets progress 1, whatever the throughput."""
+        return self.progress(step + 1, elapsed + (elapsed / step if step else 0.0))
 
     def done(self, step: int, elapsed: float) -> bool:
         return (self.max_steps is not None and step >= self.max_steps) or \
@@ -159,8 +157,9 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], data: PreparedData, r
             raise CheckpointError(f"the data's tokenizer differs from the one {run_dir} was trained with; resume on "
                                   "the same data (or pass the folder made by `tlm prepare` for it)")
         old = json.loads(saved.read_text())
-        if old.get("model") != config["model"]:
-            diff = sorted(k for k in config["model"] if old.get("model", {}).get(k) != config["model"][k])
+        old_model = ModelConfig.from_dict(old.get("model", {})).to_dict()  # fields added since: their defaults
+        if old_model != config["model"]:
+            diff = sorted(k for k in config["model"] if old_model.get(k) != config["model"][k])
             raise CheckpointError(f"checkpoint in {run_dir} was trained with a different model config (fields {diff});"
                                   " resume with the same config or start a new run with --overwrite")
         return True
@@ -208,7 +207,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
     info = dist_from_env()
     check_batch(cfg.batch_size, info)  # before any process group exists: every rank fails the same way
     device = device_for(info, cfg.device)
-    with distributed(info, device):
+    with distributed(info, device, cfg.dist_timeout):
         return _train(model_config, cfg, data, Path(run_dir), resume, overwrite, progress, extra_config, stop_at,
                       info, device)
 
@@ -223,10 +222,17 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     sharded = info.enabled and cfg.parallel == "fsdp"
     if sharded and amp_dtype == torch.float16:
         raise ConfigError("train.parallel=fsdp does not support float16 loss scaling; use --train.dtype bfloat16")
+    if sharded and model_config.arch != "transformer":
+        raise ConfigError(f"train.parallel=fsdp shards the model per Transformer block; train {model_config.arch} "
+                          "models with --train.parallel ddp")
+    if sharded and cfg.optimizer == "muon":
+        raise ConfigError("train.optimizer=muon needs whole weight matrices; use --train.parallel ddp with muon")
+    peak = peak_flops(device, amp_dtype)  # for MFU: a datasheet figure, or a matmul timed now
     torch.manual_seed(cfg.seed)
-    model = Transformer(model_config).to(device).init_weights(cfg.seed)
-    if resuming:
-        load_weights(model, latest_checkpoint(run_dir))  # whole weights, before any sharding
+    model = build_model(model_config).to(device).init_weights(cfg.seed)
+    folder = latest_checkpoint(run_dir) if resuming else None
+    if folder is not None and not is_sharded(folder):
+        load_weights(model, folder)  # whole weights, before any sharding
     forward = parallelize(model, info, cfg)  # FSDP2 shards `model` in place: the optimizer comes after
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -234,12 +240,16 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
                            world_size=info.world_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
     budget = Budget(cfg, tokens_per_step)
+    flops_per_step = flops_per_token(model_config)["train"] * tokens_per_step / info.world_size  # per device
     step, elapsed = 0, 0.0
     metrics_path = run_dir / "metrics.jsonl"
 
-    if resuming:
-        state = load_state(latest_checkpoint(run_dir))
-        load_optimizer_state(optimizer, state["optimizer"])
+    if folder is not None:
+        state = load_state(folder)
+        if is_sharded(folder):  # weights and optimizer resharded to this run's layout, whatever the saving one's
+            load_shards(folder, model, optimizer)
+        else:
+            load_optimizer_state(optimizer, state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
@@ -258,14 +268,20 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     bytes_per_token = data.manifest["val_bytes"] / max(1, data.manifest["val_tokens"])
 
     def checkpoint() -> None:
+        """FSDP2: every rank writes its shards of weights and optimizer state in parallel (no gathering onto one
+        rank), into a temporary folder that rank 0 commits. DDP and one process: rank 0 writes the whole weights and
+        optimizer state (replicated on every rank anyway) in the single-file format."""
         state = {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step,
-                 "optimizer": full_optimizer_state(optimizer),  # whole, even under FSDP2: resumable at any world size
                  "sampler": sampler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-        weights = full_weights(model) if sharded else None  # gathering the shards takes every rank
-        if info.is_main:
-            save_checkpoint(run_dir, model, state, step, weights)
+        if sharded:
+            tmp = on_main(begin_checkpoint, info, run_dir, step)
+            if tmp is not None:
+                save_shards(tmp, model, optimizer)
+                on_main(commit_checkpoint, info, run_dir, tmp, step, state)
+        elif info.is_main:
+            save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict()}, step)
 
     def evaluate() -> EvalResult:  # every rank runs the same evaluation (FSDP2 needs all ranks for a forward)
         result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, cfg.eval_batches, ctx)
@@ -283,9 +299,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     with stop_on_sigint() as sigint:
         while not budget.done(step, elapsed):
             t0 = time.perf_counter()
-            lr = lr_at(step, budget.progress(step, elapsed), cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = lr_at(step, budget.progress_after(step, elapsed), cfg)
+            set_lr(optimizer, lr)
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
                 x, y = sampler.next()
@@ -306,11 +321,14 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             stop = stop > 0
             elapsed += dt
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
+            step_mfu = mfu(flops_per_step, 1 / dt, peak)
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", mfu=f"{step_mfu:.1%}",
+                            refresh=False)
             if info.is_main and (step % cfg.log_interval == 0 or step == 1):
                 _append_metrics(metrics_path, {"step": step, "tokens": step * tokens_per_step, "loss": train_loss,
                                                "lr": lr, "grad_norm": float(grad_norm),
-                                               "tokens_per_s": tokens_per_step / dt, "elapsed": round(elapsed, 3)})
+                                               "tokens_per_s": tokens_per_step / dt, "mfu": step_mfu,
+                                               "elapsed": round(elapsed, 3)})
             finished = budget.done(step, elapsed)
             if step % cfg.eval_interval == 0 or finished:
                 val = evaluate()

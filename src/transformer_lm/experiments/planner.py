@@ -21,13 +21,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ..accounting import count_params, flops_per_token
 from ..config import ModelConfig
 from ..errors import ConfigError
-
-Precision = Literal["bf16", "fp32"]
+from ..perf import ACCELERATORS, Precision, accelerator
 
 CHINCHILLA_TOKENS_PER_PARAM = 20.0
 """Hoffmann et al. 2022's compute-optimal ratio of training tokens to parameters (rule of thumb)."""
@@ -35,71 +34,6 @@ TRAIN_BYTES_PER_PARAM = 16
 """Weights + gradients + AdamW's two moments, fp32 (or bf16 weights/gradients + fp32 master and moments)."""
 INFERENCE_BYTES_PER_PARAM = 2
 """bf16 weights."""
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    """One accelerator's vendor peak figures. Peaks are dense (no 2:4 sparsity), per chip."""
-
-    name: str
-    bf16_tflops: float
-    """Peak dense bf16 tensor/matrix TFLOP/s (fp32 accumulate)."""
-    fp32_tflops: float | None
-    """Peak plain fp32 TFLOP/s (not TF32); None where the vendor publishes none."""
-    tdp_watts: float | None
-    """Thermal design power (board power); None where the vendor publishes none."""
-    memory_gb: float
-    """Device memory, GB as marketed."""
-    source: str
-    """Where the numbers come from."""
-    note: str = ""
-
-    def peak_tflops(self, precision: Precision) -> float | None:
-        return self.bf16_tflops if precision == "bf16" else self.fp32_tflops
-
-
-# Vendor datasheet figures. The key is the name accepted by `--hardware` (matching ignores case, spaces, '-' and '_').
-ACCELERATORS: dict[str, Accelerator] = {a.name.lower(): a for a in [
-    # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity; FP32 67; up to 700 W; 80 GB
-    Accelerator("H100-SXM", 989.4, 67.0, 700, 80, "NVIDIA H100 Tensor Core GPU datasheet (SXM5)"),
-    # same datasheet, PCIe column: BF16 1,513 with sparsity; FP32 51; 300-350 W
-    Accelerator("H100-PCIe", 756.5, 51.0, 350, 80, "NVIDIA H100 Tensor Core GPU datasheet (PCIe)"),
-    # NVIDIA H200 Tensor Core GPU datasheet: BF16 1,979 with sparsity; FP32 67; up to 700 W; 141 GB
-    Accelerator("H200", 989.4, 67.0, 700, 141, "NVIDIA H200 Tensor Core GPU datasheet (SXM)"),
-    # NVIDIA A100 Tensor Core GPU datasheet: BF16 312 (624 sparse); FP32 19.5; 400 W (SXM)
-    Accelerator("A100-80GB", 312.0, 19.5, 400, 80, "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)"),
-    Accelerator("A100-40GB", 312.0, 19.5, 400, 40, "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM)"),
-    # NVIDIA V100 Tensor Core GPU datasheet: Tensor 125 (fp16); FP32 15.7; 300 W (SXM2); 32 GB
-    Accelerator("V100", 125.0, 15.7, 300, 32, "NVIDIA V100 Tensor Core GPU datasheet (SXM2)",
-                note="no bf16: the half-precision figure is fp16 tensor cores"),
-    # NVIDIA Ada Lovelace GPU architecture whitepaper, RTX 4090: FP16/BF16 tensor with FP32 accumulate 165.2 dense;
-    # FP32 82.6; 450 W total graphics power; 24 GB
-    Accelerator("RTX-4090", 165.2, 82.6, 450, 24, "NVIDIA Ada Lovelace GPU architecture whitepaper (GeForce RTX 4090)"),
-    # NVIDIA L4 Tensor Core GPU datasheet: BF16 242 with sparsity; FP32 30.3; 72 W; 24 GB
-    Accelerator("L4", 121.0, 30.3, 72, 24, "NVIDIA L4 Tensor Core GPU datasheet"),
-    # AMD Instinct MI300X data sheet: BF16 1,307.4 dense; FP32 vector 163.4; 750 W; 192 GB HBM3
-    Accelerator("MI300X", 1307.4, 163.4, 750, 192, "AMD Instinct MI300X accelerator data sheet"),
-    # AMD Instinct MI250X data sheet: BF16 383; FP32 vector 47.9; 560 W; 128 GB HBM2e
-    Accelerator("MI250X", 383.0, 47.9, 560, 128, "AMD Instinct MI250X accelerator data sheet"),
-    # Google Cloud TPU v5e documentation: 197 bf16 TFLOPS per chip, 16 GB HBM2; no fp32 peak or TDP published
-    Accelerator("TPU-v5e", 197.0, None, None, 16, "Google Cloud TPU v5e documentation (per chip)"),
-    # Google Cloud TPU v5p documentation: 459 bf16 TFLOPS per chip, 95 GB HBM2e; no fp32 peak or TDP published
-    Accelerator("TPU-v5p", 459.0, None, None, 95, "Google Cloud TPU v5p documentation (per chip)"),
-]}
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[\s_\-]", "", name.lower())
-
-
-def accelerator(name: str) -> Accelerator:
-    """The accelerator called `name` (case, spaces, '-' and '_' ignored)."""
-    by_key = {_key(k): a for k, a in ACCELERATORS.items()}
-    if _key(name) not in by_key:
-        names = ", ".join(a.name for a in ACCELERATORS.values())
-        raise ConfigError(f"unknown hardware {name!r}; choose one of: {names} (or all)")
-    return by_key[_key(name)]
-
 
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
 

@@ -211,6 +211,9 @@ def check_representable(c: ModelConfig, family: str) -> None:
     """Raise ConversionError naming the first feature of `c` that `family` cannot represent."""
     if family not in FAMILIES:
         raise ConversionError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
+    if c.arch != "transformer":
+        raise ConversionError(f"cannot export an {c.arch} model to Hugging Face: its families are Transformers "
+                              "(model.arch=transformer)")
     have = {**c.to_dict(), "qkv_bias": c.has_qkv_bias}
     needs = dict(ARCHITECTURES[family])
     if family == "llama":

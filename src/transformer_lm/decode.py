@@ -1,0 +1,124 @@
+"""Fast decoding, as gpt-fast does it: a static KV cache, small pure prefill and single-token decode steps, and an
+optionally compiled decode step.
+
+Nothing changes shape from one decode step to the next: the cache is preallocated at (layers, batch, kv_heads,
+max_len, head_dim), new keys and values are written with `index_copy_` at a position kept in a device tensor, and
+attention covers all max_len slots behind a causal mask. So `torch.compile` traces `decode_one_token` once, and the
+decode loop never waits for the host (sampling too stays on the device: see generate.sample_next).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .model import Transformer
+
+log = logging.getLogger(__name__)
+
+DecodeStep = Callable[[Transformer, "StaticKVCache", torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+                      torch.Tensor]
+
+
+class StaticKVCache(nn.Module):
+    """Keys and values of every layer in buffers of fixed size, written at the positions `pos` (a 0-d long tensor
+    on the device) onwards. update() returns all max_len slots; the model masks those not yet written (the causal
+    mask does: slot s is visible to a query at position p only when s <= p)."""
+
+    static = True
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.max_len = min(max_len or config.block_size, config.block_size)
+        shape = (config.n_layer, batch_size, config.kv_heads, self.max_len, config.head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("pos", torch.zeros((), device=device, dtype=torch.long), persistent=False)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv, T, hd) of `layer` at slots pos..pos+T-1; return every slot (B, n_kv, max_len, hd)."""
+        slots = self.pos + torch.arange(k.size(2), device=k.device)  # (T,)
+        self.k[layer].index_copy_(2, slots, k)
+        self.v[layer].index_copy_(2, slots, v)
+        return self.k[layer], self.v[layer]
+
+    def reset(self) -> None:
+        """Start over at slot 0 (old slots are hidden by the mask and overwritten)."""
+        self.pos.zero_()
+
+
+def make_cache(model: nn.Module, batch_size: int, max_len: int) -> nn.Module:
+    """A StaticKVCache for a Transformer; any other model (a recurrent baseline) brings its own cache."""
+    if isinstance(model, Transformer):
+        return StaticKVCache(model.config, batch_size, max_len, model.tok_emb.weight.device, model.tok_emb.weight.dtype)
+    return model.make_cache(batch_size, max_len)
+
+
+def prefill(model: Transformer, cache: StaticKVCache, idx: torch.Tensor, positions: torch.Tensor | None = None,
+            key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the prompt ids (B, T) through the model into `cache`; -> the last position's logits (B, vocab)."""
+    return model(idx, cache=cache, last_only=True, positions=positions, key_mask=key_mask).logits[:, -1]
+
+
+def decode_one_token(model: Transformer, cache: StaticKVCache, tok: torch.Tensor, positions: torch.Tensor | None = None,
+                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One decode step: the newest ids (B, 1) in, next-token logits (B, vocab) out, the cache one slot further.
+    Only the last position goes through the LM head (the largest matmul for big vocabularies)."""
+    return model(tok, cache=cache, last_only=True, positions=positions, key_mask=key_mask).logits[:, -1]
+
+
+def _with_eager_fallback(compiled: DecodeStep) -> DecodeStep:
+    """`compiled`, or decode_one_token from the first compile failure on (with one warning)."""
+    state = {"failed": False}
+
+    def step(*args: object) -> torch.Tensor:
+        if not state["failed"]:
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler error (no C++ toolchain, unsupported op, ...)
+                state["failed"] = True
+                log.warning("torch.compile of the decode step failed (%s: %s); decoding eagerly instead",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return decode_one_token(*args)
+
+    return step
+
+
+@functools.cache
+def compiled_decode_step() -> DecodeStep:
+    """decode_one_token compiled once per process (shapes are static, so one trace serves every step of a run)."""
+    return _with_eager_fallback(torch.compile(decode_one_token, dynamic=False))
+
+
+def decode_step(compile: bool = False) -> DecodeStep:
+    """The decode step to use: compiled (falling back to eager on failure) or eager."""
+    return compiled_decode_step() if compile else decode_one_token
+
+
+@dataclass
+class DecodeStats:
+    """Timings of one generation, filled in by generate() when given one: enough for tokens/s and MBU."""
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    new_tokens: int = 0
+    decode_s: float = 0.0
+    """Wall time from the end of prefill to the last token on the host."""
+    context: int = 0
+    """Cached positions at the end (what the last step read back)."""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+

@@ -1,0 +1,135 @@
+"""Training memory per device, from the config alone: weights, gradients, optimizer state and activations under DDP or
+FSDP2, with or without activation checkpointing, for a micro-batch, sequence length, world size and precision.
+
+The terms count what this package's training loop holds (fp32 parameters, AdamW, autocast for bf16/fp16), in bytes:
+
+- weights: fp32 parameters, 4 B each: whole on every device under DDP; under FSDP2 a 1/world shard, plus the
+  all-gathered fp32 parameters of the units in flight: the root (embeddings, final norm, LM head) and two blocks (the
+  one computing, the one prefetched).
+- gradients: fp32, 4 B per parameter: whole under DDP (its buckets are views of them); under FSDP2 a shard, plus one
+  block's unsharded gradients awaiting their reduce-scatter.
+- optimizer: AdamW's two fp32 moments, 8 B per parameter (whole or sharded), plus, when the step is not fused (the
+  foreach implementation used off CUDA), one temporary of the local parameter size during the step.
+- autocast weight copies: under bf16/fp16, autocast casts each matmul weight once per forward and the backward keeps
+  the copy: 2 B per matmul weight, whole on every device, FSDP2 included (the cast follows the all-gather).
+- activations: the tensors saved for the backward pass, counted for this model's ops (b sequences of s tokens, width
+  h, FFN width f, n_head a, KV heads k, head size d). Per block: the residual-stream inputs of the two norms (fp32) and
+  their statistics; the inputs of the Q/K/V projection, output projection and FFN matmuls; the Q/K/V projection's
+  output (which the attention's inputs are views of, kept alive whole; with RoPE or grouped-query heads the rotated
+  or repeated Q and K/V are new tensors besides); the fused attention's output (b·s·h, which is already the output
+  projection's input) and its log-sum-exp (b·a·s, fp32); the FFN's hidden activations (2·b·s·f for GELU, 4·b·s·f
+  for SwiGLU); 1-byte dropout masks when dropout > 0. Outside the blocks: the token ids, the final norm's input and
+  output, and the fp32 log-softmax of the logits (b·s·V). With activation checkpointing only each block's input is
+  kept, and one block's activations are rebuilt at a time in the backward pass.
+- logits transient: the logits' gradient and the log-softmax's, b·s·V each at the start of the backward pass.
+
+Peak ≈ weights + optimizer + the largest of: activations + logits transient + autocast copies (the end of the
+forward pass); with activation checkpointing, the first block's backward (its rebuilt activations beside the kept
+inputs and, at most, all gradients); gradients + the optimizer step's temporary (the end of the backward pass).
+The attention is assumed fused (scaled_dot_product_attention's flash or memory-efficient kernels: no b·a·s² matrix;
+on CPU, attention dropout falls back to the math kernel, which this does not count), and the CUDA caching
+allocator's fragmentation and the framework's own buffers (CUDA context, NCCL) are not counted: leave a few GB of
+headroom. tests/test_memory_plan.py compares each term with PyTorch's memory tracker on real runs on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from ..accounting import count_params
+from ..config import ModelConfig
+from ..errors import ConfigError
+
+Parallel = Literal["ddp", "fsdp"]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device of one training configuration."""
+
+    parallel: Parallel
+    world_size: int
+    activation_checkpointing: bool
+    weights: int
+    gradients: int
+    optimizer: int
+    optimizer_step_temp: int
+    autocast_copies: int
+    activations: int
+    """Saved for the backward pass at the end of the forward pass."""
+    logits_transient: int
+    recompute: int
+    """Activation checkpointing: one block's activations, rebuilt in the backward pass (0 without it)."""
+
+    @property
+    def peak(self) -> int:
+        forward_end = self.activations + self.logits_transient + self.autocast_copies
+        # with activation checkpointing: the first block's backward, the logits' tensors freed, gradients (at most) all
+        rebuilt = self.activations - self.logits_transient // 2 + self.recompute + self.gradients + self.autocast_copies
+        backward_end = self.gradients + self.optimizer_step_temp
+        return self.weights + self.optimizer + max(forward_end, rebuilt if self.recompute else 0, backward_end)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "peak": self.peak}
+
+
+def block_params(c: ModelConfig) -> int:
+    return count_params(c).per_layer
+
+
+def matmul_weights(c: ModelConfig) -> int:
+    """Elements of the weights that go through matmuls (what autocast casts): Q/K/V, output projection, FFN, head."""
+    qkv_out = (c.n_head + 2 * c.kv_heads) * c.head_dim
+    per_layer = c.n_embd * qkv_out + c.n_embd * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.ffn_dim
+    return c.n_layer * per_layer + c.vocab_size * c.n_embd
+
+
+def block_activations(c: ModelConfig, b: int, s: int, compute: int) -> int:
+    """Bytes one block saves for its backward pass (see the module docstring)."""
+    h, f, a, k, d = c.n_embd, c.ffn_dim, c.n_head, c.kv_heads, c.head_dim
+    stats = (2 if c.norm == "layernorm" else 1) * b * s * 4  # mean and rstd (layernorm) or rstd (rmsnorm), fp32
+    residual = 2 * (b * s * h * 4 + stats)  # the two norms' fp32 inputs
+    matmul_inputs = 2 * b * s * h * compute  # the Q/K/V projection's and the FFN's inputs
+    qkv = b * s * (a + 2 * k) * d * compute  # the projection's output, alive through its Q/K/V views
+    rope = b * s * (a + k) * d * compute if c.pos_encoding == "rope" else 0  # rotated Q and K
+    grouped = 2 * b * s * h * compute if k != a else 0  # K and V repeated to every query head
+    attention = b * s * h * compute + b * a * s * 4  # output (= the output projection's input) and log-sum-exp
+    ffn = (4 if c.mlp == "swiglu" else 2) * b * s * f * compute
+    dropout = 2 * b * s * h if c.dropout > 0 else 0  # the residual dropouts' boolean masks
+    return residual + matmul_inputs + qkv + rope + grouped + attention + ffn + dropout
+
+
+def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, world_size: int = 1,
+                parallel: Parallel = "ddp", dtype: str = "bfloat16", activation_checkpointing: bool = False,
+                fused_optimizer: bool = True) -> MemoryPlan:
+    """Memory per device of training `c` with `batch_size` sequences of `seq_len` tokens (default block_size) per
+    device and micro-step, on `world_size` devices under `parallel`, autocast to `dtype` (float32: none).
+    `fused_optimizer`: the fused AdamW step of CUDA (False: the foreach step used on CPU, with one temporary)."""
+    if c.arch != "transformer":
+        raise ConfigError(f"the memory planner models Transformer blocks; got arch {c.arch}")
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
+    if parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"parallel must be ddp or fsdp, got {parallel!r}")
+    s = seq_len or c.block_size
+    if batch_size < 1 or world_size < 1 or not 1 <= s <= c.block_size:
+        raise ConfigError(f"need batch_size >= 1, world_size >= 1 and 1 <= seq_len <= block_size ({c.block_size})")
+    b, compute = batch_size, DTYPE_BYTES[dtype]
+    n = count_params(c).total
+    per_block = block_params(c)
+    sharded = parallel == "fsdp"
+    local = -(-n // world_size) if sharded else n  # a shard rounds up
+    weights = 4 * local + (4 * (n - c.n_layer * per_block + min(2, c.n_layer) * per_block) if sharded else 0)
+    gradients = 4 * local + (4 * per_block if sharded else 0)
+    optimizer = 8 * local
+    step_temp = 0 if fused_optimizer else 4 * local
+    autocast = 2 * matmul_weights(c) if compute != 4 else 0
+    block = block_activations(c, b, s, compute)
+    outside = b * s * 8 + b * s * c.n_embd * (4 + compute) + b * s * 4 * (2 if c.norm == "layernorm" else 1)
+    outside += b * s * c.vocab_size * 4  # log-softmax of the logits, fp32
+    kept = b * s * c.n_embd * 4 if activation_checkpointing else block  # per block: its fp32 input, or everything
+    logits = 2 * b * s * c.vocab_size * 4
+    return MemoryPlan(parallel, world_size, activation_checkpointing, weights, gradients, optimizer, step_temp,
+                      autocast, c.n_layer * kept + outside, logits, block if activation_checkpointing else 0)

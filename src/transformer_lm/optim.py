@@ -1,0 +1,128 @@
+"""Optimizers and learning-rate schedules.
+
+AdamW (decay on hidden matrices only) is the default; Muon (Jordan et al. 2024, `torch.optim.Muon`) orthogonalizes the
+momentum of the 2-D weights inside the network and leaves embeddings, the LM head, biases and gains to AdamW, as its
+authors prescribe. Both share one schedule: each parameter group carries an `lr_scale`, and the loop sets
+`lr = schedule(step) * lr_scale` on every group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .errors import ConfigError
+
+
+def _param_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Parameters by role, each listed once (a tied head is its embedding): hidden matrices, the untied LM head's
+    matrix, embedding tables, and vectors (biases, gains)."""
+    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = getattr(model, "lm_head", None)
+    head_ids = {id(p) for p in head.parameters()} - embeddings if head is not None else set()
+    roles: dict[str, list[nn.Parameter]] = {"hidden": [], "head": [], "embeddings": [], "vectors": []}
+    for p in model.parameters():  # parameters() yields a tied weight once
+        if p.requires_grad:
+            role = ("vectors" if p.dim() < 2 else "embeddings" if id(p) in embeddings else
+                    "head" if id(p) in head_ids else "hidden")
+            roles[role].append(p)
+    return roles
+
+
+class MuonAdamW:
+    """Muon on the hidden matrices and AdamW on the rest, driven as one optimizer: `param_groups` are the two
+    optimizers' own group dicts (so setting a group's lr reaches it), and `state_dict()` has the standard single
+    optimizer layout (parameters numbered in `param_groups` order), so checkpoints, resume and the whole-state helpers
+    of `parallel` treat it like any torch optimizer."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.parts = (muon, adamw)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # read anew: load_state_dict replaces the parts' group dicts
+        return [g for opt in self.parts for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict[Any, Any]:
+        return {k: v for opt in self.parts for k, v in opt.state.items()}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("MuonAdamW.step does not take a closure")
+        for opt in self.parts:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.parts:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"state": {}, "param_groups": []}
+        offset = 0
+        for opt in self.parts:
+            sd = opt.state_dict()
+            out["state"].update({int(k) + offset: v for k, v in sd["state"].items()})
+            out["param_groups"] += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in sd["param_groups"])
+        return out
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        offset, first = 0, 0
+        state = {int(k): v for k, v in sd["state"].items()}
+        for opt in self.parts:
+            groups = sd["param_groups"][first:first + len(opt.param_groups)]
+            ids = [i for g in groups for i in g["params"]]
+            opt.load_state_dict({"state": {i - offset: state[i] for i in ids if i in state},
+                                 "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups]})
+            offset += len(ids)
+            first += len(groups)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer | MuonAdamW:
+    """`cfg.optimizer`: adamw — weight decay on the matrices of linear layers, none on embeddings, biases and gains;
+    muon — Muon (peak lr `cfg.muon_lr`) on the hidden matrices, AdamW (peak lr `cfg.lr`) on the embeddings, an
+    untied LM head, biases and gains."""
+    roles = _param_roles(model)
+    fused = device.type == "cuda"  # the fused kernel exists for CUDA; foreach is the fast path elsewhere
+    adamw_kw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "fused": fused, "foreach": not fused}
+    rest = {"params": roles["embeddings"] + roles["vectors"], "weight_decay": 0.0, "lr_scale": 1.0}
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW([{"params": roles["hidden"] + roles["head"], "weight_decay": cfg.weight_decay,
+                                   "lr_scale": 1.0}, rest], **adamw_kw)
+    if not hasattr(torch.optim, "Muon"):
+        raise ConfigError(f"train.optimizer=muon needs torch >= 2.9 (this is {torch.__version__}); upgrade torch or "
+                          "use --train.optimizer adamw")
+    muon = torch.optim.Muon([{"params": roles["hidden"], "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
+                            weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    head = [{"params": roles["head"], "weight_decay": cfg.weight_decay, "lr_scale": 1.0}] if roles["head"] else []
+    adamw = torch.optim.AdamW([*head, rest], **adamw_kw)
+    return MuonAdamW(muon, adamw)
+
+
+def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
+    """Set every group's learning rate to the schedule's value times the group's own scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup_iters` steps, then, as the run's `progress` goes 0 → 1, from lr to lr·min_lr_ratio:
+    cosine — a cosine decay over the whole run; wsd — warmup–stable–decay: constant, then a linear cooldown over the
+    last `cooldown_fraction` of the budget; constant — no decay."""
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    progress = min(max(progress, 0.0), 1.0)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+    if cfg.schedule == "wsd":
+        start = 1.0 - cfg.cooldown_fraction
+        if progress <= start:
+            return cfg.lr
+        return cfg.lr + (min_lr - cfg.lr) * (progress - start) / cfg.cooldown_fraction
+    return cfg.lr

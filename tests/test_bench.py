@@ -1,0 +1,50 @@
+"""`tlm bench` on a tiny config: every row, finite ratios and utilizations, the two models proven equal first.
+No timing assertions: the numbers depend on the machine and its load."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from transformer_lm.bench import hf_equivalent
+from transformer_lm.cli import main
+from transformer_lm.config import ModelConfig, preset
+from transformer_lm.model import Transformer
+
+pytest.importorskip("transformers")
+
+
+def test_cli_bench_tiny_prints_every_row(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--preset", "tiny", "--steps", "1", "--seq", "32", "--prefill_len", "32", "--new_tokens",
+                 "4", "--decode_batch", "2", "--quantize", "int8", "--json", str(out)])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    names = ["train", "prefill", "decode batch 1", "decode batch 2", "decode 1 int8"]
+    for name in names:
+        assert any(line.startswith(name) for line in printed.splitlines()), (name, printed)
+    result = json.loads(out.read_text())
+    assert [r["name"] for r in result["rows"]] == names
+    assert result["max_logit_diff"] < 1e-4
+    for r in result["rows"]:
+        for key in ("ratio", "paired_ratio", "ours_util", "theirs_util", "ours_tokens_per_s", "theirs_tokens_per_s"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key, r[key])
+        assert {r["util_kind"]} <= {"MFU", "MBU"}
+    assert result["peak_flops"] > 0 and result["bandwidth"] > 0
+
+
+def test_hf_equivalent_of_a_llama_style_model_has_our_logits():
+    model = Transformer(ModelConfig(**preset("tiny-llama"))).init_weights(seed=0).eval()
+    hf, family = hf_equivalent(model)
+    assert family == "llama" and type(hf).__name__ == "LlamaForCausalLM"
+    idx = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, model(idx).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_bench_rejects_bad_settings(capsys):
+    assert main(["bench", "--preset", "tiny", "--steps", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err

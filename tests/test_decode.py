@@ -1,0 +1,159 @@
+"""The static KV cache and the decode steps (decode.py): the same logits and greedy tokens as a full recomputation,
+for every position encoding, a sliding window and grouped-query heads; the compiled step equal to the eager one; the
+eager fallback when compiling fails; sampling on the device. CPU, float32, no timing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from transformer_lm.config import ModelConfig
+from transformer_lm.decode import (
+    DecodeStats,
+    StaticKVCache,
+    _with_eager_fallback,
+    compiled_decode_step,
+    decode_one_token,
+    prefill,
+)
+from transformer_lm.generate import generate, sample_next
+from transformer_lm.model import KVCache, Transformer
+
+CONFIGS = {
+    "learned": dict(pos_encoding="learned"),
+    "sinusoidal": dict(pos_encoding="sinusoidal"),
+    "rope": dict(pos_encoding="rope"),
+    "sliding-window": dict(pos_encoding="rope", sliding_window=5),
+    "gqa": dict(pos_encoding="rope", n_kv_head=2, mlp="swiglu", norm="rmsnorm"),
+    "mqa-window": dict(pos_encoding="learned", n_kv_head=1, sliding_window=7),
+}
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig(**{**dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32), **overrides})
+
+
+def random_model(config: ModelConfig, seed: int = 0, std: float = 0.3) -> Transformer:
+    """Large random weights: GPT-2's 0.02 init gives near-flat logits, where a wrong mask could pass unnoticed."""
+    model = Transformer(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = name.endswith(("norm1.weight", "norm2.weight", "norm.weight"))
+            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if gain else 0.0))
+    return model.eval()
+
+
+def full_recompute_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_static_cache_logits_and_greedy_equal_full_recompute(name):
+    config = tiny_config(**CONFIGS[name])
+    model = random_model(config, seed=11, std=0.5)
+    idx = torch.randint(0, config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx).logits  # (2, 30, V)
+        cache = StaticKVCache(config, 2, max_len=30)
+        steps = [prefill(model, cache, idx[:, :9])]
+        for t in range(9, 30):
+            steps.append(decode_one_token(model, cache, idx[:, t:t + 1]))
+        assert int(cache.pos) == 30
+        # fp32 rounding only (logits up to ~10 here, differently summed in a longer masked attention)
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
+
+        # the buffers hold what the dynamic cache holds, at the same slots
+        dynamic = KVCache(config, 2)
+        model(idx, cache=dynamic)
+        torch.testing.assert_close(cache.k, dynamic.k[:, :, :, :30])
+        torch.testing.assert_close(cache.v, dynamic.v[:, :, :, :30])
+
+    prompt = idx[0, :6].tolist()
+    greedy = list(generate(model, prompt, 20, temperature=0))  # generate() decodes with the static cache
+    assert greedy == full_recompute_greedy(model, prompt, 20)
+    assert len(set(greedy)) > 1  # a constant stream would prove little
+
+
+def test_generate_syncs_in_chunks_and_fills_stats():
+    """Tokens reach the host `sync_every` at a time: the ids do not depend on the chunking, and stats count them."""
+    config = tiny_config(block_size=16)
+    model = random_model(config, seed=5)
+    prompt = [1, 2, 3, 4, 5]
+    ref = list(generate(model, prompt, 40, temperature=0, sync_every=1))  # runs past the window: restarts
+    for every in (3, 8, 64):
+        stats = DecodeStats()
+        assert list(generate(model, prompt, 40, temperature=0, sync_every=every, stats=stats)) == ref
+        assert (stats.prompt_tokens, stats.new_tokens) == (5, 40)
+        assert stats.decode_s > 0 and stats.prefill_s > 0
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
+    config = tiny_config()
+    model = random_model(config)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    step = _with_eager_fallback(broken)
+    tok = torch.tensor([[3]])
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        a, b = StaticKVCache(config, 1, 8), StaticKVCache(config, 1, 8)
+        for _ in range(3):
+            torch.testing.assert_close(step(model, a, tok, None, None), decode_one_token(model, b, tok))
+    assert len(calls) == 1  # not retried
+    warnings = [r for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_equals_eager():
+    """Compiling takes ~20 s on a 2-core CPU (hence slow); afterwards every step reuses the one trace."""
+    config = tiny_config(**CONFIGS["gqa"], sliding_window=6)
+    model = random_model(config, seed=1, std=0.1)
+    idx = torch.randint(0, config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
+    step = compiled_decode_step()
+    with torch.no_grad():
+        a, b = StaticKVCache(config, 1, 20), StaticKVCache(config, 1, 20)
+        prefill(model, a, idx[:, :4])
+        prefill(model, b, idx[:, :4])
+        for t in range(4, 20):
+            torch.testing.assert_close(step(model, a, idx[:, t:t + 1], None, None),
+                                       decode_one_token(model, b, idx[:, t:t + 1]), atol=1e-5, rtol=1e-5)
+    prompt = idx[0, :5].tolist()
+    assert list(generate(model, prompt, 12, temperature=0, compile=True)) == full_recompute_greedy(model, prompt, 12)
+
+
+def test_exponential_race_sampling_matches_the_distribution():
+    """sample_next draws argmax p/E (E ~ Exp(1)): frequencies within 5 standard errors of p, filtered ids never."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    logits = probs.clamp(min=1e-30).log().expand(20000, -1)
+    draws = sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    se = (probs * (1 - probs) / len(draws)).sqrt()
+    assert torch.all((freq - probs).abs() <= 5 * se + 1e-9), freq
+    assert freq[4] == 0
+    top2 = sample_next(logits, temperature=1.0, top_k=2, generator=torch.Generator().manual_seed(1))
+    assert set(top2.tolist()) == {0, 1}
+
+
+def test_cli_sample_verbose_reports_decode_speed_and_mbu(tmp_path, corpus_file, capsys):
+    from transformer_lm.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", str(corpus_file), "--out", str(run), "--tokenizer", "char", "--model.n_layer", "1",
+                 "--model.n_head", "2", "--model.n_embd", "16", "--model.block_size", "32", "--train.batch_size", "2",
+                 "--train.max_iters", "2", "--train.eval_interval", "2", "--train.eval_batches", "1"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "def ", "--max_new_tokens", "20", "--greedy", "true", "--verbose", "true"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("def ")
+    assert "prefill 4 tokens at" in err and "decode 20 tokens at" in err and "MBU" in err, err

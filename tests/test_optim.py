@@ -1,0 +1,119 @@
+"""Optimizers and schedules: Muon routing and update rule against a naive Newton–Schulz, Muon training and exact
+resume, the warmup–stable–decay schedule placed by iteration and by (simulated) wall-clock budgets."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from transformer_lm.config import ModelConfig, TrainConfig
+from transformer_lm.model import Transformer
+from transformer_lm.optim import MuonAdamW, lr_at, make_optimizer
+from transformer_lm.train import Budget, read_metrics, train, training_data
+
+SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Keller Jordan's quintic Newton–Schulz iteration, written out: an approximate U·Vᵀ of g = U·S·Vᵀ."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm() + 1e-7)
+    transposed = x.shape[0] > x.shape[1]
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if transposed else x
+
+
+def test_muon_takes_hidden_matrices_and_adamw_the_rest():
+    model = Transformer(ModelConfig(**SMALL, tie_embeddings=False)).init_weights(0)
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW)
+    muon, adamw = opt.parts
+    muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
+    expected = {id(p) for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("blocks.")}
+    assert muon_ids == expected
+    adamw_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert adamw_ids == {id(p) for p in model.parameters()} - expected
+    assert id(model.lm_head.weight) in adamw_ids and id(model.tok_emb.weight) in adamw_ids
+
+
+def test_muon_first_step_is_the_orthogonalized_gradient():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    cfg = TrainConfig(optimizer="muon", muon_lr=0.05, lr=1e-3, weight_decay=0.0)
+    opt = make_optimizer(model, cfg, torch.device("cpu"))
+    x = torch.randint(0, 256, (4, 32))
+    model(x, x).loss.backward()
+    w = next(p for n, p in model.named_parameters() if n.startswith("blocks.0.") and p.dim() == 2)
+    before, grad = w.detach().clone(), w.grad.detach().clone()
+    opt.step()
+    rows, cols = w.shape
+    update = (before - w.detach()) / (0.05 * math.sqrt(max(1.0, rows / cols)))
+    expected = newton_schulz(grad)  # torch runs the iteration in bfloat16: equal up to its rounding
+    assert (update - expected).norm() / expected.norm() < 0.1
+    singular = torch.linalg.svdvals(update)
+    assert 0.6 < singular.median() and singular.max() < 1.3  # near-orthogonal: singular values about 1
+
+
+def test_muon_reduces_loss_and_resumes_exactly(corpus_file: Path, tmp_path: Path):
+    data = training_data(corpus_file, "char")
+    cfg = TrainConfig(batch_size=4, max_iters=40, eval_interval=40, eval_batches=2, log_interval=1, warmup_iters=5,
+                      optimizer="muon", lr=3e-3, muon_lr=0.03)
+    whole = train(ModelConfig(**SMALL), cfg, data, tmp_path / "whole", progress=False)
+    curve = {r["step"]: r["loss"] for r in read_metrics(whole.run_dir / "metrics.jsonl") if "loss" in r}
+    assert curve[40] < curve[1] - 1.0
+    part = train(ModelConfig(**SMALL), cfg, data, tmp_path / "part", progress=False, stop_at=17)
+    assert part.interrupted
+    train(ModelConfig(**SMALL), cfg, data, tmp_path / "part", resume=True, progress=False)
+    resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl") if "loss" in r}
+    assert resumed == curve
+
+
+def test_muon_state_dict_round_trip():
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    x = torch.randint(0, 256, (2, 32))
+    model(x, x).loss.backward()
+    opt.step()
+    sd = opt.state_dict()
+    n_params = sum(1 for _ in model.parameters())
+    assert sorted(i for g in sd["param_groups"] for i in g["params"]) == list(range(n_params))
+    fresh = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    fresh.load_state_dict(sd)
+    for a, b in zip(opt.parts, fresh.parts):
+        for (ka, sa), (kb, sb) in zip(a.state.items(), b.state.items()):
+            assert ka is kb
+            for name in sa:
+                torch.testing.assert_close(sa[name], sb[name])
+
+
+def test_wsd_schedule_shape():
+    cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_iters=0, max_iters=100, schedule="wsd", cooldown_fraction=0.2)
+    assert lr_at(10, 0.5, cfg) == lr_at(10, 0.8, cfg) == 1.0
+    assert lr_at(10, 0.9, cfg) == pytest.approx(0.55)
+    assert lr_at(10, 1.0, cfg) == pytest.approx(0.1)
+    budget = Budget(cfg, tokens_per_step=1)
+    lrs = [lr_at(s, budget.progress_after(s, 0.0), cfg) for s in range(100)]
+    assert lrs[79] == 1.0 and lrs[80] < 1.0 and lrs[-1] == pytest.approx(0.1)  # the cooldown is the last 20 steps
+
+
+def test_wsd_cooldown_ends_with_a_time_budget(corpus_file: Path, tmp_path: Path, monkeypatch):
+    """With a clock where every step takes 0.5 s and a 10 s budget, the run takes 20 steps and the cooldown
+    occupies the last 20% of them, ending at the minimum exactly on the last step."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: 0.5 * next(ticks))  # each read 0.5 s after the last
+    data = training_data(corpus_file, "char")
+    cfg = TrainConfig(batch_size=2, max_iters=None, max_time=10.0, schedule="wsd", cooldown_fraction=0.2, lr=1e-3,
+                      min_lr_ratio=0.0, warmup_iters=2, log_interval=1, eval_interval=1000, eval_batches=1)
+    res = train(ModelConfig(**SMALL), cfg, data, tmp_path / "run", progress=False)
+    lrs = [r["lr"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "lr" in r]
+    assert res.step == len(lrs) == 20
+    assert lrs[:2] == pytest.approx([5e-4, 1e-3]) and lrs[2:16] == pytest.approx([1e-3] * 14)
+    assert lrs[16:] == pytest.approx([1e-3 * f for f in (0.75, 0.5, 0.25, 0.0)], abs=1e-12)

@@ -91,6 +91,18 @@ def test_info_preset_and_override(capsys):
     assert info["config"]["n_layer"] == 6 and info["config"]["n_embd"] == 768
 
 
+def test_recipe_preset_sets_train_defaults_that_flags_override():
+    from transformer_lm.cli import parse
+    from transformer_lm.config import preset_recipe
+
+    recipe = preset_recipe("shakespeare-speedrun")
+    ns = parse(["train", "--train.max_iters", "7", "--preset", "shakespeare-speedrun"]).train
+    assert ns.model.pos_encoding == "rope" and ns.model.block_size == 64
+    assert ns.train.optimizer == recipe["optimizer"] == "muon" and ns.train.schedule == "wsd"
+    assert ns.train.batch_size == recipe["batch_size"] and ns.train.max_iters == 7
+    assert parse(["train", "--preset", "tiny"]).train.train.optimizer == "adamw"  # architecture-only preset
+
+
 def test_help_lists_every_option_with_default_and_description(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--help"])

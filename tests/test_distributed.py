@@ -1,12 +1,17 @@
 """`tlm train` under torchrun (2 processes, gloo on CPU): DDP and FSDP2 follow the single-process loss curve of the
-same global batch, write one run folder from rank 0, and checkpoint in the single-process format."""
+same global batch and write one run folder from rank 0; DDP checkpoints in the single-process format, FSDP2 in shards
+that resume at any world size and consolidate into it; a lost rank ends the others with an error, not a hang."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_corpus
+from transformer_lm import checkpoint as ckpt
+from transformer_lm.api import load_run
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.data import BatchSampler, PreparedData, load_prepared, prepare
-from transformer_lm.errors import ConfigError
+from transformer_lm.errors import CheckpointError, ConfigError
+from transformer_lm.model import Transformer
 from transformer_lm.tokenizers import build_tokenizer
 from transformer_lm.train import read_metrics, train
 
@@ -50,13 +58,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*argv: str | Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    """`tlm train ...` started by PyTorch's launcher on this machine."""
+def torchrun(*argv: str | Path, nproc: int = 2, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`tlm train ...` (or `script ...`) started by PyTorch's launcher on this machine."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    target = [str(script)] if script else ["-m", "transformer_lm.cli", "train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "transformer_lm.cli", "train",
-           *map(str, argv)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target, *map(str, argv)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
 
 
 def curve(run: Path, key: str = "loss") -> dict[int, float]:
@@ -67,10 +75,9 @@ def final_checkpoint(run: Path) -> Path:
     return run / "checkpoints" / "step-0000020"
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_single_process(parallel: str, data: PreparedData, reference: Path, tmp_path: Path):
-    run = tmp_path / parallel
-    proc = torchrun(data.path, "--out", run, *ARGS, f"--train.parallel={parallel}")
+def test_ddp_matches_single_process(data: PreparedData, reference: Path, tmp_path: Path):
+    run = tmp_path / "ddp"
+    proc = torchrun(data.path, "--out", run, *ARGS, "--train.parallel=ddp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(f"{run}: 20 steps") == 1  # rank 0 alone reports
     assert len(read_metrics(run / "metrics.jsonl")) == len(read_metrics(reference / "metrics.jsonl"))  # one writer
@@ -79,7 +86,7 @@ def test_two_processes_match_single_process(parallel: str, data: PreparedData, r
     assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
     ref_val, got_val = curve(reference, "val_loss"), curve(run, "val_loss")
     assert sorted(got_val) == [10, 20] and all(abs(got_val[s] - ref_val[s]) <= TOL for s in ref_val)
-    # the checkpoint holds whole weights and optimizer state (gathered from FSDP2's shards), as a single run's does
+    # the checkpoint holds whole weights and optimizer state, as a single run's does
     want, have = load_file(final_checkpoint(reference) / "model.safetensors"), load_file(final_checkpoint(run) /
                                                                                         "model.safetensors")
     assert sorted(have) == sorted(want)
@@ -101,6 +108,160 @@ def test_fsdp_resumes_a_single_process_checkpoint(data: PreparedData, reference:
     ref, got = curve(reference), curve(run)
     assert sorted(got) == list(range(1, 21))
     assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
+
+
+SCRIPT = Path(__file__).with_name("dist_train.py")
+
+
+def spec(**extra) -> str:
+    return json.dumps({"model": MODEL, "train": {**TRAIN, "parallel": "fsdp"}, **extra})
+
+
+def assert_same_curve(run: Path, reference: Path) -> None:
+    ref, got = curve(reference), curve(run)
+    assert sorted(got) == list(range(1, 21))
+    assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
+
+
+@pytest.fixture(scope="module")
+def paused_fsdp(data: PreparedData, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An FSDP2 run on 2 processes, paused after step 10: its checkpoint is the shards of the 2 ranks."""
+    run = tmp_path_factory.mktemp("fsdp") / "run"
+    proc = torchrun(data.path, run, spec(stop_at=10), script=SCRIPT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def resumable_copy(paused: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(paused, run)
+    return run
+
+
+def test_fsdp_checkpoint_is_sharded(paused_fsdp: Path, reference: Path):
+    folder = ckpt.latest_checkpoint(paused_fsdp)
+    assert folder.name == "step-0000010" and ckpt.is_sharded(folder)
+    assert sorted(p.name for p in (folder / ckpt.SHARDS).iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (folder / "model.safetensors").exists()  # no rank gathered the whole weights
+    assert "optimizer" not in ckpt.load_state(folder)  # it is in the shards; the sampler, RNG and step are here
+    ref = curve(reference)
+    assert all(abs(curve(paused_fsdp)[s] - ref[s]) <= TOL for s in range(1, 11))
+
+
+def test_sharded_checkpoint_resumes_on_two_processes_and_consolidates(data: PreparedData, paused_fsdp: Path,
+                                                                      reference: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture):
+    run = resumable_copy(paused_fsdp, tmp_path)
+    proc = torchrun(data.path, "--out", run, *ARGS, "--train.parallel=fsdp", "--resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_curve(run, reference)
+    folder = ckpt.latest_checkpoint(run)
+    assert folder.name == "step-0000020" and ckpt.is_sharded(folder)
+    want = load_file(final_checkpoint(reference) / "model.safetensors")
+    in_memory = load_run(run, "cpu").model.state_dict()  # read whole from the shards, before any consolidation
+    assert all(torch.allclose(in_memory[k], want[k], atol=TOL) for k in want)
+    assert main(["consolidate", str(run)]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    have = load_file(folder / "model.safetensors")
+    assert sorted(have) == sorted(want)
+    assert all(torch.allclose(have[k], want[k], atol=TOL) for k in want)
+    assert main(["consolidate", str(run)]) == 0  # already consolidated: left as it is
+    assert main(["sample", str(run), "def", "--max_new_tokens", "4", "--seed", "0", "--device", "cpu"]) == 0
+
+
+def test_sharded_checkpoint_resumes_in_one_process(data: PreparedData, paused_fsdp: Path, reference: Path,
+                                                   tmp_path: Path):
+    """No process group at all: the 2 ranks' shards are read whole into one process's model and optimizer."""
+    run = resumable_copy(paused_fsdp, tmp_path)
+    res = train(ModelConfig(**MODEL), TrainConfig(**{**TRAIN, "parallel": "fsdp"}), data, run, resume=True,
+                progress=False)
+    assert res.step == 20 and not res.interrupted
+    assert_same_curve(run, reference)
+    want, have = (load_file(final_checkpoint(r) / "model.safetensors") for r in (reference, run))
+    assert all(torch.allclose(have[k], want[k], atol=TOL) for k in want)
+    ref_opt = torch.load(final_checkpoint(reference) / "state.pt", weights_only=True)["optimizer"]["state"]
+    opt = torch.load(final_checkpoint(run) / "state.pt", weights_only=True)["optimizer"]["state"]
+    assert all(torch.allclose(opt[k]["exp_avg_sq"], ref_opt[k]["exp_avg_sq"], atol=TOL) for k in ref_opt)
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_resumes_on_four_processes(data: PreparedData, paused_fsdp: Path, reference: Path,
+                                                      tmp_path: Path):
+    run = resumable_copy(paused_fsdp, tmp_path)
+    proc = torchrun(data.path, "--out", run, *ARGS, "--train.parallel=fsdp", "--resume=true", nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_curve(run, reference)
+
+
+def test_crash_mid_sharded_save_leaves_previous_loadable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The shards go into the temporary step folder: a crash while writing them leaves `latest` where it was."""
+    model = Transformer(ModelConfig(**{**MODEL, "vocab_size": 19})).init_weights(0)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ckpt.save_checkpoint(tmp_path, model, {"step": 1}, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real_save = ckpt.dcp.save
+
+    def crash(state, checkpoint_id):
+        real_save(state, checkpoint_id=checkpoint_id)
+        (Path(checkpoint_id) / ".metadata").write_bytes(b"half")
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(ckpt.dcp, "save", crash)
+    tmp = ckpt.begin_checkpoint(tmp_path, 2)
+    with pytest.raises(OSError, match="simulated"):
+        ckpt.save_shards(tmp, model, optimizer)
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000001"
+    clone = Transformer(model.config)
+    ckpt.load_weights(clone, ckpt.latest_checkpoint(tmp_path))
+    assert all(torch.equal(before[k], v) for k, v in clone.state_dict().items())
+    tmp = ckpt.begin_checkpoint(tmp_path, 2)  # the next save starts over and commits
+    ckpt.save_shards(tmp, model, optimizer)
+    folder = ckpt.commit_checkpoint(tmp_path, tmp, 2, {"step": 2})
+    assert ckpt.latest_checkpoint(tmp_path) == folder and ckpt.is_sharded(folder)
+    ckpt.load_weights(clone, folder)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in clone.state_dict().items())
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step-0000002"]
+    shard = folder / ckpt.SHARDS / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:64])  # DCP keeps no checksums: a cut inside the tensors read fails
+    with pytest.raises(CheckpointError, match="incomplete or corrupt"):
+        ckpt.load_weights(clone, folder)
+    with pytest.raises(CheckpointError, match="incomplete or corrupt"):
+        ckpt.load_shards(folder, model, optimizer)
+
+
+@pytest.mark.parametrize("how", ["killed", pytest.param("hung", marks=pytest.mark.slow)])
+def test_lost_rank_ends_the_others_with_an_error(data: PreparedData, tmp_path: Path, how: str):
+    """Rank 1 dies (SIGKILL) or hangs (SIGSTOP) mid-run: rank 0 fails the next collective — at once when the
+    connection drops, after train.dist_timeout when the peer is silent — and exits with one error line, no hang.
+    The ranks are started without torchrun, whose agent would otherwise end the survivor itself."""
+    timeout = 5
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2"}
+    cmd = [sys.executable, "-m", "transformer_lm.cli", "train", str(data.path), "--out", str(tmp_path / "run"),
+           *ARGS, "--train.max_iters=100000", "--train.eval_interval=100000", f"--train.dist_timeout={timeout}"]
+    ranks = [subprocess.Popen(cmd, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    try:
+        metrics, start = tmp_path / "run" / "metrics.jsonl", time.monotonic()
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() - start < 90 and ranks[0].poll() is None, ranks[0].stderr.read()[-2000:]
+            time.sleep(0.1)
+        ranks[1].send_signal(signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        lost = time.monotonic()
+        _, err = ranks[0].communicate(timeout=timeout + 30)
+        waited = time.monotonic() - lost
+    finally:
+        for p in ranks:
+            p.kill()
+            p.communicate()
+    assert ranks[0].returncode == 2
+    lines = [ln for ln in err.splitlines() if ln.startswith("tlm: error")]
+    assert len(lines) == 1 and "rank 0 of 2: another rank died or stopped answering" in lines[0], err[-2000:]
+    assert waited < (timeout if how == "killed" else timeout + 10), waited  # killed: no waiting for the timeout
 
 
 def test_world_size_must_divide_batch(data: PreparedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -153,13 +153,16 @@ def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     collective under a process group."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise CheckpointError(f"{folder} is a sharded (FSDP2) checkpoint of AdamW state; resume it with "
+                              "--train.optimizer adamw")
     model_state, optim_state = get_state_dict(model, optimizer)  # the tensors DCP fills in place
     state = {"model": model_state, "optim": optim_state}
     path = Path(folder) / SHARDS
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # DCP wraps a missing or truncated shard file in its own exception types
+    except (Exception, dcp.CheckpointException) as e:  # DCP's own type derives from BaseException
         raise CheckpointError(f"sharded checkpoint {path} is incomplete or corrupt ({_first_line(e)})") from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
@@ -178,8 +181,9 @@ def _read_shard_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[s
     _check_fits(path, shapes, expected)
     tensors = {k: torch.empty(shapes[k], dtype=saved[f"model.{k}"].properties.dtype) for k in expected}
     try:
-        dcp.load({"model": tensors}, storage_reader=reader, no_dist=True)
-    except Exception as e:
+        with _single_process_quiet():
+            dcp.load({"model": tensors}, storage_reader=reader, no_dist=True)
+    except (Exception, dcp.CheckpointException) as e:
         raise CheckpointError(f"sharded checkpoint {path} is incomplete or corrupt ({_first_line(e)})") from e
     return tensors
 

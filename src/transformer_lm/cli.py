@@ -55,7 +55,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
                    help="Text file, folder, glob, or a folder made by `tlm prepare` (default: embedded corpus).")
     p.add_argument("--out", type=str, default="runs/default", help="Run folder for checkpoints, metrics and plots.")
     p.add_argument("--preset", type=str | None, default="tiny",
-                   help=f"Model preset applied before --model.* overrides: {', '.join(presets())}.")
+                   help="Model preset applied before --model.* overrides (a recipe preset, like shakespeare-speedrun, "
+                   f"also sets --train.* defaults): {', '.join(presets())}.")
     p.add_class_arguments(ModelConfig, "model", instantiate=False)
     p.add_class_arguments(TrainConfig, "train", instantiate=False)
     _add_tokenizer_args(p)
@@ -406,9 +407,56 @@ def cmd_pe_ablation(a: Namespace) -> None:
     print("wrote " + ", ".join(str(p) for p in res.files.values()))
 
 
+def _speed_parser() -> ArgumentParser:
+    from .experiments.speed import SpeedConfig
+
+    p = ArgumentParser(exit_on_error=False, description="Parallel vs recurrent: training tokens/s and forward latency "
+                       "of a Transformer and an LSTM and RNN of matched size against sequence length; table, CSV, "
+                       "JSON and plot in --out.")
+    p.add_argument("--out", type=str, default="runs/speed", help="Output folder.")
+    p.add_class_arguments(SpeedConfig, nested_key=None, instantiate=False)
+    return p
+
+
+def cmd_speed(a: Namespace) -> None:
+    from .experiments.speed import SpeedConfig, render_table, run_speed
+
+    rows, files = run_speed(SpeedConfig(**{k: a[k] for k in SpeedConfig.__dataclass_fields__}), a.out,
+                            on_row=lambda r: log.info("%s T=%d: %.0f training tokens/s, forward %.2f ms", r.arch,
+                                                      r.seq_len, r.train_tokens_per_s, r.forward_ms))
+    print(render_table(rows))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+def _long_range_parser() -> ArgumentParser:
+    from .experiments.long_range import LongRangeConfig
+
+    p = ArgumentParser(exit_on_error=False, description="Long-range dependencies: a Transformer and an LSTM of "
+                       "matched size trained on associative recall and copy, accuracy against the distance to the "
+                       "answer; table, CSV, JSON and plot in --out.")
+    p.add_argument("--out", type=str, default="runs/long-range", help="Output folder.")
+    p.add_class_arguments(LongRangeConfig, nested_key=None, instantiate=False)
+    return p
+
+
+def cmd_long_range(a: Namespace) -> None:
+    from .experiments.long_range import LongRangeConfig, render_table, run_long_range
+
+    def progress(task: str, arch: str, step: int, loss: float) -> None:
+        if (step + 1) % 250 == 0:
+            log.info("%s %s: step %d, loss %.4f", task, arch, step + 1, loss)
+
+    results, files = run_long_range(LongRangeConfig(**{k: a[k] for k in LongRangeConfig.__dataclass_fields__}),
+                                    a.out, progress)
+    print(render_table(results))
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
 EXPERIMENTS: dict[str, tuple[Callable[[], ArgumentParser], Callable[[Namespace], int | None]]] = {
     "scaling": (_scaling_parser, cmd_scaling),
     "pe-ablation": (_pe_ablation_parser, cmd_pe_ablation),
+    "speed": (_speed_parser, cmd_speed),
+    "long-range": (_long_range_parser, cmd_long_range),
 }
 
 
@@ -523,7 +571,7 @@ def cmd_memory(a: Namespace) -> None:
           f"device and micro-step, {a.dtype} autocast, {a.world_size} devices; GB per device (1 GB = 10⁹ bytes)")
     rows = [("weights (fp32)", "weights"), ("gradients (fp32)", "gradients"), ("AdamW state", "optimizer"),
             ("autocast weight copies", "autocast_copies"), ("activations", "activations"),
-            ("logits transient", "logits_transient"), ("rebuilt block (AC)", "recompute")]
+            ("logits transient", "logits_transient"), ("one block's activations", "block_activations")]
     print(f"{'':<24}" + "".join(f"{k:>11}" for k in plans))
     for label, key in rows:
         print(f"{label:<24}" + "".join(f"{getattr(v, key) / 1e9:>11,.2f}" for v in plans.values()))

@@ -54,10 +54,16 @@ class StaticKVCache(nn.Module):
         self.pos.zero_()
 
 
+def activation_dtype(model: nn.Module) -> torch.dtype:
+    """The floating-point dtype `model` computes in: that of its first floating-point parameter (not simply the token
+    embedding's, which quantize() may turn into int8)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def make_cache(model: nn.Module, batch_size: int, max_len: int) -> nn.Module:
     """A StaticKVCache for a Transformer; any other model (a recurrent baseline) brings its own cache."""
     if isinstance(model, Transformer):
-        return StaticKVCache(model.config, batch_size, max_len, model.tok_emb.weight.device, model.tok_emb.weight.dtype)
+        return StaticKVCache(model.config, batch_size, max_len, model.tok_emb.weight.device, activation_dtype(model))
     return model.make_cache(batch_size, max_len)
 
 

@@ -36,4 +36,5 @@ class ConversionError(TLMError):
 
 class DistributedError(TLMError):
     """A multi-process run lost a rank: a collective failed because another process died, or timed out waiting for
-    one that hangs."""
+    one that hangs. The process should end soon after (the CLI exits at once): freeing a gloo process group with a
+    collective still queued to the lost peer can deadlock."""

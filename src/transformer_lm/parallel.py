@@ -158,7 +158,9 @@ def parallelize(model: nn.Module, info: DistInfo, cfg: TrainConfig) -> nn.Module
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # gradients as views of the all-reduce buckets: one copy of the gradients instead of two
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   gradient_as_bucket_view=True)
 
 
 @contextlib.contextmanager

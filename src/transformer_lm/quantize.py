@@ -1,4 +1,4 @@
-"""Weight-only quantization of a finished model, by swapping its nn.Linear modules (as gpt-fast does).
+"""Weight-only quantization of a finished model, by swapping its linear layers (as gpt-fast does).
 
     model = quantize(load_run(path).model, bits=8)          # int8, one symmetric scale per output channel
     model = quantize(model, bits=4, group_size=32)          # int4, one scale and zero point per group of inputs
@@ -6,9 +6,14 @@
 Activations stay in floating point; only the weights are stored in fewer bits and dequantized on the fly. The
 transformation is applied after loading and never written back: checkpoints always hold the float weights.
 
-The LM head is left in floating point. When it is tied to the token embedding, quantizing it would either untie the
-pair (a second copy of the largest matrix) or quantize the embedding lookup too; when it is untied it is still the
-layer whose error lands directly on the logits. Every other nn.Linear (attention QKV and output, the MLP) is swapped.
+int8 also quantizes the LM head (`head=True`, the default for 8 bits): in a small model it is the largest matrix
+(GPT-2: 38.6M of 124M parameters), so a float head would be most of what each decode step reads. A head tied to the
+token embedding stays tied: the embedding then looks up the same int8 rows and scales (Int8Embedding), so the pair
+is held once, in int8. int4 leaves the head in floating point (its coarser error lands directly on the logits).
+
+Speed: eager PyTorch has no fast int8-weight matmul on CPU, so in eager mode int8 saves memory, not time. Under
+`torch.compile` (the compiled decode step, `--compile`) a one-row product is written as a fused
+multiply-reduce that Inductor turns into one loop reading each int8 weight once; see Int8Linear.forward.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .layout import TransposedEmbedding, TransposedLinear
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +60,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
 class Int8Linear(nn.Module):
     """y = x Wᵀ + b with W stored as int8 plus one float scale per output channel."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear | TransposedLinear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale = quantize_int8(linear.weight.detach())
@@ -67,20 +73,45 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The scale is per output channel, so it applies to the output: x (q·s)ᵀ = (x qᵀ)·s, one multiply per output
-        # instead of per weight. torch._weight_int8pack_mm computes the same (checked to 2e-6) but measured 2-100×
-        # slower on this machine's CPU (no AVX-512 VNNI), from batch 1 to 512 rows; see BENCHMARKS.md.
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        # instead of per weight.
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and x.numel() == self.in_features:
+            # One row (a batch-1 decode step): Σ_i x_i q_ji as a multiply-reduce, which Inductor compiles into a
+            # single loop that widens each int8 weight as it uses it (1 byte read per weight; 1.5× faster than the
+            # fp32 matmul for 768→2304 on one core). Eagerly the same expression would materialize (out, in) floats.
+            y = (x.reshape(1, -1) * self.weight.to(x.dtype)).sum(-1).view(*x.shape[:-1], -1)
+        else:
+            # Eager and for many rows: widen to x's dtype, then the float matmul. torch._weight_int8pack_mm computes
+            # the same but measured 3-20× slower on this project's CPU at 1-8 rows (torch 2.13), as did
+            # torch.compile of this dequantize-then-matmul form (it does not fuse the widening into the GEMM).
+            y = F.linear(x, self.weight.to(x.dtype))
+        y = y * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class Int8Embedding(nn.Module):
+    """The token embedding of a model whose tied LM head became an Int8Linear: row i of the table is q_i · s_i, read
+    from the head's own int8 weight and scales (the same buffers), so the tie holds and the table is held once."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight", head.weight)
+        self.register_buffer("scales", head.scales)
+        self.dtype = dtype
+        """The float dtype of the embeddings it returns (the model's)."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(idx, self.weight).to(self.scales.dtype)  # (..., n_embd) int8 levels
+        return (rows * self.scales[idx].unsqueeze(-1)).to(self.dtype)
+
+
 class Int4Linear(nn.Module):
     """y = x Wᵀ + b with W stored as packed 4-bit levels plus a float scale and zero point per group of inputs;
     the weight is dequantized at every forward (memory saved, compute not)."""
 
-    def __init__(self, linear: nn.Linear, group_size: int) -> None:
+    def __init__(self, linear: nn.Linear | TransposedLinear, group_size: int) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         packed, scale, zero = quantize_int4(linear.weight.detach(), group_size)
@@ -100,18 +131,22 @@ class Int4Linear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def quantize(model: nn.Module, bits: int = 8, group_size: int = 128) -> nn.Module:
-    """Swap every nn.Linear of `model` except `lm_head` for an Int8Linear (bits=8) or Int4Linear (bits=4, groups of
-    `group_size` inputs), in place; returns the model, in eval mode. Apply it to a loaded model: the quantized
-    modules are for inference only and are not meant to be saved."""
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool | None = None) -> nn.Module:
+    """Swap the linear layers of `model` (nn.Linear, or layout.TransposedLinear) for Int8Linear (bits=8) or
+    Int4Linear (bits=4, groups of `group_size` inputs), in place; returns the model, in eval mode. `head` also
+    quantizes the LM head (default: with int8 only), a tied token embedding with it (Int8Embedding; int4 heads are
+    not supported). Apply it to a loaded model: the quantized modules are for inference only and are not saved."""
     if bits not in (4, 8):
         raise ConfigError(f"quantization supports 8 or 4 bits, got {bits}")
+    head = bits == 8 if head is None else head
+    if head and bits != 8:
+        raise ConfigError("only int8 quantizes the LM head; use head=False with int4")
     arch = getattr(getattr(model, "config", None), "arch", "transformer")
     if arch != "transformer":  # its only nn.Linear is the LM head, which stays in floating point
         raise ConfigError(f"weight-only quantization swaps the attention and feed-forward layers; an {arch} model "
                           "has none (its recurrent weights live in torch's fused cell): sample it unquantized")
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and name.split(".")[-1] != "lm_head"]
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear | TransposedLinear)
+               and (head or name.split(".")[-1] != "lm_head")]
     if bits == 4:
         if group_size < 2 or group_size % 2:
             raise ConfigError(f"int4 group_size must be an even number >= 2, got {group_size}")
@@ -119,11 +154,23 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128) -> nn.Modul
         if bad:  # checked before any swap, so a failure leaves the model untouched
             raise ConfigError(f"int4 group_size {group_size} does not divide the input width(s) {bad}; choose a "
                               f"divisor, e.g. --group_size 32")
+    tied = head and _head_is_tied(model)
+    emb_dtype = model.tok_emb.weight.dtype if tied else None
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, Int8Linear(linear) if bits == 8 else Int4Linear(linear, group_size))
+    if tied:
+        model.tok_emb = Int8Embedding(model.lm_head, emb_dtype)
     return model.eval()
+
+
+def _head_is_tied(model: nn.Module) -> bool:
+    """Whether the LM head shares its weight with the token embedding (in either layout)."""
+    emb, head = getattr(model, "tok_emb", None), getattr(model, "lm_head", None)
+    if isinstance(emb, TransposedEmbedding):
+        return isinstance(head, TransposedLinear) and emb.weight_t is head.weight_t
+    return isinstance(emb, nn.Embedding) and isinstance(head, nn.Linear) and emb.weight is head.weight
 
 
 def parse_quantize(spec: str) -> tuple[int, int]:

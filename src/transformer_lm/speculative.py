@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from .decode import activation_dtype
 from .errors import ConfigError
 from .generate import crop_prompt, next_token_probs
 from .model import Transformer
@@ -46,7 +47,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     device = target.tok_emb.weight.device
     block = min(target.config.block_size, draft.config.block_size)
     ids = crop_prompt(prompt, block)
-    caches = [m.make_cache(1, max_len=min(block, len(ids) + max_new_tokens + k)) for m in (target, draft)]
+    caches = [m.make_cache(1, max_len=min(block, len(ids) + max_new_tokens + k), dtype=activation_dtype(m))
+              for m in (target, draft)]
     tcache, dcache = caches
     start = 0  # the caches hold ids[start : start + cache.pos]
     limit, keep = min(block, tcache.max_len), max(1, block // 2)

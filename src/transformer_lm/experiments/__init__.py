@@ -5,4 +5,13 @@
   accelerators (`tlm plan`).
 - `attention`: per-layer, per-head attention maps and per-token surprisal of a text under a trained run
   (`tlm attention`).
+- `scaling`: a ladder of model sizes trained by the real trainer, L(N) and L(C) power-law fits
+  (`tlm experiment scaling`).
+- `synthetic_pe`: sequence reversal learned with each positional encoding and none (`tlm experiment pe-ablation`).
+- `report`: one offline HTML page over runs and experiment folders (`tlm report`).
+- `speed`: training tokens/s and forward latency of a Transformer, an LSTM and an RNN of matched size against sequence
+  length (`tlm experiment speed`).
+- `synthetic` and `long_range`: associative recall and copy with answers a controlled distance back; a Transformer and
+  an LSTM of matched size trained on them and scored by distance (`tlm experiment long-range`).
+- `plotting`: matplotlib figures on the Agg canvas, shared by the experiments.
 """

@@ -36,6 +36,7 @@ from .synthetic import AssociativeRecall, Copy, Task
 log = logging.getLogger(__name__)
 
 ARCHS = ("transformer", "lstm")
+TASKS = ("recall", "copy")
 
 
 @dataclass
@@ -55,20 +56,62 @@ class TaskResult:
     """Accuracy on the answer tokens, by distance."""
 
 
-def make_task(name: str, n_pairs: int, n_queries: int, copy_length: int) -> Task:
-    """The task called `name` (recall or copy) at the given size."""
-    if name == "recall":
-        return AssociativeRecall(n_pairs=n_pairs, n_queries=n_queries, n_keys=2 * n_pairs, n_values=16)
-    if name == "copy":
-        return Copy(length=copy_length, n_symbols=2 * copy_length, min_length=1)
-    raise ConfigError(f"unknown long-range task {name!r}; choose recall or copy")
+@dataclass
+class LongRangeConfig:
+    """What `tlm experiment long-range` trains and measures."""
 
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    """Tasks: recall (associative recall), copy."""
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    """Architectures: transformer, lstm, rnn; the recurrent ones are matched to the Transformer's non-embedding size."""
+    n_pairs: int = 64
+    """Recall: key-value pairs per sequence (as many keys, 8 values)."""
+    n_queries: int = 32
+    """Recall: queries per sequence (answers stand 2 to n_pairs + n_queries tokens back)."""
+    copy_length: int = 32
+    """Copy: the longest sequence copied (answers stand 1 to copy_length tokens back)."""
+    n_layer: int = 2
+    """Layers of every model."""
+    n_embd: int = 64
+    """Width of the Transformer."""
+    n_head: int = 4
+    """Attention heads of the Transformer."""
+    steps: int = 1500
+    """Training steps per model, each on a fresh batch."""
+    batch_size: int = 32
+    """Sequences per step."""
+    lr: float = 3e-3
+    """Peak learning rate (warmup, then cosine decay to a tenth)."""
+    eval_distances: int = 8
+    """Distances evaluated, spread over each task's range."""
+    eval_answers: int = 512
+    """Answers scored per distance."""
+    seed: int = 0
+    """Seed of the weights, the training data and (offset) the evaluation data."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N or mps."""
 
-def model_configs(task: Task, n_layer: int, n_embd: int, n_head: int, archs: Sequence[str]) -> dict[str, ModelConfig]:
-    """A Transformer (learned positions over the task's length) and recurrent models of matched non-embedding size."""
-    transformer = ModelConfig(vocab_size=task.vocab_size, block_size=task.seq_len, n_layer=n_layer, n_embd=n_embd,
-                              n_head=n_head)
-    return {arch: transformer if arch == "transformer" else match_params(transformer, arch) for arch in archs}
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.tasks) - set(TASKS)) + sorted(set(self.archs) - {"transformer", "lstm", "rnn"})
+        if bad or not self.tasks or not self.archs:
+            raise ConfigError(f"unknown task(s) or architecture(s) {bad}; tasks: {', '.join(TASKS)}; architectures: "
+                              "transformer, lstm, rnn")
+        if min(self.steps, self.batch_size, self.eval_distances, self.eval_answers) < 1:
+            raise ConfigError("steps, batch_size, eval_distances and eval_answers must be >= 1")
+
+    def task(self, name: str) -> Task:
+        """The task called `name` at this size."""
+        if name == "recall":
+            return AssociativeRecall(n_pairs=self.n_pairs, n_queries=self.n_queries, n_keys=self.n_pairs)
+        return Copy(length=self.copy_length, n_symbols=2 * self.copy_length)
+
+    def model_configs(self, task: Task) -> dict[str, ModelConfig]:
+        """A Transformer with rotary positions over the task's length and recurrent models of matched size. Rotary,
+        because one relative pattern ("the token after the one I match") then serves every position: with learned
+        positions the Transformer reached 79 % copy accuracy at distance 32 in 1,200 steps, with rotary 100 %."""
+        transformer = ModelConfig(vocab_size=task.vocab_size, block_size=task.seq_len, n_layer=self.n_layer,
+                                  n_embd=self.n_embd, n_head=self.n_head, pos_encoding="rope")
+        return {a: transformer if a == "transformer" else match_params(transformer, a) for a in self.archs}
 
 
 def train_on_task(model: torch.nn.Module, task: Task, steps: int, batch_size: int, lr: float, seed: int,
@@ -87,7 +130,7 @@ def train_on_task(model: torch.nn.Module, task: Task, steps: int, batch_size: in
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if on_step is not None:
             on_step(step, losses[-1])
     return losses
@@ -96,18 +139,17 @@ def train_on_task(model: torch.nn.Module, task: Task, steps: int, batch_size: in
 @torch.no_grad()
 def accuracy_by_distance(model: torch.nn.Module, task: Task, distances: Sequence[int], n_answers: int, seed: int,
                          device: torch.device) -> dict[int, float]:
-    """Greedy accuracy on the answer tokens of sequences whose every answer stands exactly d back, for each d;
-    about `n_answers` answers per distance, from a generator seeded apart from training's."""
+    """Greedy accuracy on the answers standing exactly d back, for each d: about `n_answers` of them, in sequences
+    sampled with that distance from a generator seeded apart from training's."""
     gen = torch.Generator().manual_seed(seed + 1_000_003)
     model.eval()
     out = {}
     for d in distances:
-        per_row = int((task.sample(1, gen, d).targets >= 0).sum())
+        per_row = int((task.sample(1, gen, d).distance == d).sum())
         batch = task.sample(max(1, -(-n_answers // per_row)), gen, d)
-        logits = model(batch.ids.to(device)).logits
-        answered = batch.targets >= 0
-        correct = logits.argmax(-1).cpu()[answered] == batch.targets[answered]
-        out[d] = float(correct.float().mean())
+        predicted = model(batch.ids.to(device)).logits.argmax(dim=-1).cpu()
+        scored = batch.distance == d
+        out[d] = float((predicted[scored] == batch.targets[scored]).float().mean())
     return out
 
 
@@ -119,39 +161,31 @@ def pick_distances(task: Task, count: int) -> list[int]:
     return sorted({valid[round(i * (len(valid) - 1) / (count - 1))] for i in range(count)}) if count > 1 else valid[-1:]
 
 
-def run_long_range(out: str | Path, tasks: Sequence[str] = ("recall", "copy"), archs: Sequence[str] = ARCHS,
-                   n_pairs: int = 32, n_queries: int = 8, copy_length: int = 32, n_layer: int = 2, n_embd: int = 64,
-                   n_head: int = 4, steps: int = 1500, batch_size: int = 32, lr: float = 3e-3,
-                   eval_distances: int = 8, eval_answers: int = 512, seed: int = 0, device: str = "auto",
-                   on_step: Callable[[str, str, int, float], None] | None = None) -> list[TaskResult]:
+def run_long_range(cfg: LongRangeConfig, out: str | Path,
+                   on_step: Callable[[str, str, int, float], None] | None = None
+                   ) -> tuple[list[TaskResult], dict[str, Path]]:
     """Train each architecture on each task and score it by distance; write long_range.csv, long_range.json and
-    long_range.png (accuracy against distance, one panel per task) into `out`."""
-    for arch in archs:
-        if arch not in ("transformer", "lstm", "rnn"):
-            raise ConfigError(f"unknown architecture {arch!r}; choose among transformer, lstm, rnn")
-    dev = resolve_device(device)
+    long_range.png (accuracy against distance, one panel per task) into `out`; -> the results and files."""
+    dev = resolve_device(cfg.device)
     results = []
-    for name in tasks:
-        task = make_task(name, n_pairs, n_queries, copy_length)
-        distances = pick_distances(task, eval_distances)
-        for arch, config in model_configs(task, n_layer, n_embd, n_head, archs).items():
-            torch.manual_seed(seed)
-            model = build_model(config).to(dev).init_weights(seed)
+    for name in cfg.tasks:
+        task = cfg.task(name)
+        distances = pick_distances(task, cfg.eval_distances)
+        for arch, config in cfg.model_configs(task).items():
+            torch.manual_seed(cfg.seed)
+            model = build_model(config).to(dev).init_weights(cfg.seed)
             t0 = time.perf_counter()
-            losses = train_on_task(model, task, steps, batch_size, lr, seed, dev,
-                                   None if on_step is None else lambda s, v, n=name, a=arch: on_step(n, a, s, v))
+            report = None if on_step is None else (lambda s, v, n=name, a=arch: on_step(n, a, s, v))
+            losses = train_on_task(model, task, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, dev, report)
             seconds = time.perf_counter() - t0
-            acc = accuracy_by_distance(model, task, distances, eval_answers, seed, dev)
+            acc = accuracy_by_distance(model, task, distances, cfg.eval_answers, cfg.seed, dev)
             tail = losses[-50:]
             p = count_params(config)
-            results.append(TaskResult(name, arch, p.total, p.non_embedding, config.n_layer, config.n_embd, steps,
+            results.append(TaskResult(name, arch, p.total, p.non_embedding, config.n_layer, config.n_embd, cfg.steps,
                                       seconds, sum(tail) / len(tail), task.chance, acc))
             log.info("%s %s: %.1fs, accuracy by distance %s", name, arch, seconds, acc)
-    write_results(results, Path(out), {"tasks": list(tasks), "archs": list(archs), "n_pairs": n_pairs,
-                                       "n_queries": n_queries, "copy_length": copy_length, "n_layer": n_layer,
-                                       "n_embd": n_embd, "n_head": n_head, "steps": steps, "batch_size": batch_size,
-                                       "lr": lr, "seed": seed, "device": str(dev)})
-    return results
+    settings = {**asdict(cfg), "resolved_device": str(dev), "threads": torch.get_num_threads()}
+    return results, write_results(results, Path(out), settings)
 
 
 def write_results(results: Sequence[TaskResult], out: Path, settings: dict[str, Any]) -> dict[str, Path]:

@@ -89,7 +89,7 @@ def fit_power_law(x: Any, y: Any, iters: int = 200) -> PowerLawFit:
     """Least-squares fit of y = E + A·x^(−α) with E ≥ 0 (method: module docstring). Needs ≥ 3 points, x > 0."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
-        raise DataError(f"a power-law fit needs at least 3 (x, y) points, got {len(x)}; add rungs")
+        raise DataError(f"a power-law fit needs at least 3 (x, y) pairs, got x {x.shape} and y {y.shape}; add rungs")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0) and np.all(y > 0)):
         raise DataError("a power-law fit needs finite positive losses and positive sizes")
     scale = math.exp(float(np.mean(np.log(x))))  # fit in u = x / scale, where A is O(y) and well conditioned
@@ -124,8 +124,7 @@ def fit_power_law(x: Any, y: Any, iters: int = 200) -> PowerLawFit:
             break
     E, alpha = float(p[0]), float(p[2])
     A = float(math.exp(p[1]) * scale**alpha)  # A'·(x/scale)^−α = A'·scale^α·x^−α
-    fit = PowerLawFit(E, A, alpha, 0.0, len(x))
-    return PowerLawFit(E, A, alpha, r_squared(y, fit.predict(x)), len(x))
+    return PowerLawFit(E, A, alpha, r_squared(y, E + A * x**-alpha), len(x))
 
 
 # The sweep
@@ -154,7 +153,8 @@ class ScalingConfig:
     warmup_fraction: float = 0.05
     """Linear warmup over this fraction of each rung's steps, then cosine decay to 10 % of the peak."""
     evals: int = 8
-    """Validation passes per rung, evenly spaced (the points of the loss-vs-compute frontier)."""
+    """Validation passes per rung, every steps // evals steps, plus one at the last step (the points of the
+    loss-vs-compute frontier)."""
     eval_batches: int = 24
     """Validation batches per pass (the same start of the val split every time)."""
     device: str = "auto"

@@ -17,6 +17,11 @@ small model gets in the same training budget.
 
 Metrics on held-out sequences, teacher-forced, argmax: token accuracy (each reversed symbol), sequence accuracy (all
 of a sequence's symbols right) and accuracy per answer position; chance is 1/num_symbols per token.
+
+The learning rate is high (1e-2) because of the sinusoidal model: GPT-2 initialization draws token embeddings with
+std 0.02 while the sinusoids have amplitude 1 (Vaswani et al. scale embeddings by √d_model; this model does not), so
+its token signal starts ~50× below the position signal and grows at the pace the learning rate allows. At 3e-3 and
+1500 steps it still stood at 79 % token accuracy while learned and rope had reached 100 %.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ class ReversalTask:
     """`length` random symbols out of `num_symbols`, a separator, then the symbols reversed."""
 
     num_symbols: int = 16
-    length: int = 12
+    length: int = 8
 
     def __post_init__(self) -> None:
         if self.num_symbols < 2 or self.length < 1:
@@ -87,7 +92,7 @@ class PEAblationConfig:
     """Positional encodings to compare (ModelConfig.pos_encoding values)."""
     num_symbols: int = 16
     """Alphabet of the task (chance accuracy is 1/num_symbols)."""
-    length: int = 12
+    length: int = 8
     """Symbols to reverse."""
     n_layer: int = 2
     """Blocks of every model."""
@@ -95,11 +100,11 @@ class PEAblationConfig:
     """Width of every model."""
     n_head: int = 4
     """Heads of every model."""
-    steps: int = 1500
+    steps: int = 1000
     """Optimizer steps per encoding."""
     batch_size: int = 64
     """Sequences per step (fresh random sequences every step)."""
-    lr: float = 3e-3
+    lr: float = 1e-2
     """Peak learning rate (AdamW, linear warmup over 5 % of the steps, then cosine decay to 10 %)."""
     eval_sequences: int = 2000
     """Held-out sequences for the accuracies."""

@@ -1,0 +1,113 @@
+"""The memory planner against PyTorch's own memory tracker (torch.distributed._tools), which follows every tensor of a
+real training step on CPU: one process (DDP's per-device memory) and FSDP2 on a fake 4-rank process group (each rank's
+shards, exactly as on 4 devices, without their communication)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from transformer_lm.cli import main
+from transformer_lm.config import ModelConfig, TrainConfig
+from transformer_lm.experiments.memory import MemoryPlan, plan_memory
+from transformer_lm.model import Transformer
+from transformer_lm.parallel import DistInfo, parallelize
+
+CONFIGS = {
+    "gpt2": ModelConfig(vocab_size=256, n_layer=2, n_head=4, n_embd=64, block_size=64),
+    "llama": ModelConfig(vocab_size=256, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=64,
+                         pos_encoding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+}
+TOLERANCE = {False: 0.05, True: 0.15}
+"""Peak within 5% without activation checkpointing, 15% with it (the planner counts a whole rebuilt block)."""
+
+
+def measure(tracker_cls, model: Transformer, forward, optimizer, x: torch.Tensor, **kw) -> dict[str, int]:
+    """The tracker's per-category bytes at the peak of the second of two training steps (the first allocates the
+    optimizer state)."""
+    tracker = tracker_cls(model, optimizer) if kw.get("fsdp") else tracker_cls()
+    if not kw.get("fsdp"):
+        tracker.track_external(model, optimizer)
+    with tracker:
+        for i in range(2):
+            forward(x, x).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if i == 0:
+                tracker.reset_mod_stats()
+    peak = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {str(k).rsplit(".", 1)[-1]: v for k, v in peak.items()}
+
+
+def report(name: str, plan: MemoryPlan, got: dict[str, int]) -> float:
+    ratio = plan.peak / got["Total"]
+    print(f"{name}: planned peak {plan.peak:,} B, measured {got['Total']:,} B (x{ratio:.3f}); measured {got}")
+    return ratio
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_one_device(name: str, checkpointing: bool):
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    config, b = CONFIGS[name], 4
+    model = Transformer(config).init_weights(0)
+    forward = parallelize(model, DistInfo(), TrainConfig(activation_checkpointing=checkpointing, device="cpu"))
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=True)  # as on CPU: the foreach step
+    got = measure(MemTracker, model, forward, optimizer, torch.randint(0, config.vocab_size, (b, config.block_size)))
+    plan = plan_memory(config, b, world_size=1, dtype="float32", activation_checkpointing=checkpointing,
+                       fused_optimizer=False)
+    ratio = report(f"{name}{' +AC' if checkpointing else ''}", plan, got)
+    assert plan.weights == got["PARAM"]  # exact: fp32 parameters
+    assert abs(plan.optimizer - got["OPT"]) <= 4 * len(list(model.parameters()))  # + AdamW's scalar step counts
+    if not checkpointing:  # at the peak (the end of the forward pass) every saved activation is alive
+        assert abs(plan.activations / got["ACT"] - 1) < 0.01
+        assert plan.logits_transient == got["TEMP"]
+    assert abs(ratio - 1) < TOLERANCE[checkpointing]
+
+
+@pytest.fixture
+def fake_group() -> Iterator[int]:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    world = 4
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        yield world
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fsdp_per_device(fake_group: int, checkpointing: bool):
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    config, b, world = ModelConfig(**{**CONFIGS["llama"].to_dict(), "n_layer": 4}), 4, fake_group
+    model = Transformer(config).init_weights(0)
+    forward = parallelize(model, DistInfo(0, world, 0), TrainConfig(parallel="fsdp", device="cpu",
+                                                                    activation_checkpointing=checkpointing))
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+    got = measure(FSDPMemTracker, model, forward, optimizer,
+                  torch.randint(0, config.vocab_size, (b, config.block_size)), fsdp=True)
+    plan = plan_memory(config, b, world_size=world, parallel="fsdp", dtype="float32",
+                       activation_checkpointing=checkpointing, fused_optimizer=False)
+    ratio = report(f"fsdp x{world}{' +AC' if checkpointing else ''}", plan, got)
+    n = sum(p.numel() for p in Transformer(config).parameters())
+    assert got["SHARDED_PARAM"] == 4 * n // world  # each rank holds a quarter of the fp32 parameters
+    assert 8 * n // world <= got["OPT"] <= 8 * n // world + 4 * len(list(model.parameters()))
+    assert abs(ratio - 1) < TOLERANCE[checkpointing]
+
+
+def test_cli_prints_the_four_layouts(capsys: pytest.CaptureFixture):
+    assert main(["memory", "--preset", "llama-2-7b", "--batch_size", "1", "--seq_len", "4096", "--world_size", "8",
+                 "--gpu_gb", "80"]) == 0
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if "DDP+AC" in ln).split()
+    assert header == ["DDP", "DDP+AC", "FSDP", "FSDP+AC"]
+    fits = next(ln for ln in out.splitlines() if ln.startswith("fits 80 GB")).split()[3:]
+    assert fits == ["no", "no", "yes", "yes"]  # 16 B/parameter of fp32 training state alone is 108 GB unsharded
+    weights = next(ln for ln in out.splitlines() if ln.startswith("weights")).split()[-4:]
+    assert [float(w) for w in weights] == pytest.approx([26.95, 26.95, 6.04, 6.04], abs=0.01)

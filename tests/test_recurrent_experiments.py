@@ -1,0 +1,171 @@
+"""`tlm experiment speed` and `tlm experiment long-range`: the synthetic tasks against naive solvers, the scoring
+against an oracle, and both pipelines end to end at tiny sizes (files, tables, the CLI)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from transformer_lm.accounting import count_params
+from transformer_lm.cli import main
+from transformer_lm.errors import ConfigError
+from transformer_lm.experiments.long_range import LongRangeConfig, accuracy_by_distance, render_table, run_long_range
+from transformer_lm.experiments.speed import SpeedConfig, run_speed
+from transformer_lm.experiments.speed import render_table as speed_table
+from transformer_lm.experiments.synthetic import AssociativeRecall, Copy, TaskBatch
+
+RECALL = AssociativeRecall(n_pairs=6, n_queries=4, n_keys=9, n_values=5, min_pairs=2)
+COPY = Copy(length=7, n_symbols=10, min_length=2)
+
+
+def solve_recall(task: AssociativeRecall, row: list[int]) -> dict[int, tuple[int, int]]:
+    """Position -> (answer, distance), read off the sequence the slow way: decode each pair token into its key and
+    value and remember where it stood, then answer every query after the separator."""
+    V = task.n_values
+    query_base, value_base = task.n_keys * V, task.n_keys * V + task.n_keys
+    bound, answers = {}, {}
+    for p, tok in enumerate(row):
+        if tok < query_base:  # a pair
+            assert tok // V not in bound, "keys of a row are distinct"
+            bound[tok // V] = (value_base + tok % V, p)
+        elif tok < value_base:  # a query
+            value, where = bound[tok - query_base]
+            answers[p] = (value, p - where)
+        elif tok == value_base + V:
+            assert p == task.n_pairs  # the separator, between pairs and queries
+        else:
+            assert tok == value_base + V + 1  # padding
+    return answers
+
+
+def solve_copy(task: Copy, row: list[int]) -> dict[int, tuple[int, int]]:
+    sep = row.index(task.n_symbols)
+    source = row[:sep]
+    assert len(set(source)) == len(source) and max(source) < task.n_symbols
+    return {sep + i: (source[i], sep) for i in range(sep)}
+
+
+def check_against_solver(batch: TaskBatch, solve, task) -> None:
+    for ids, targets, dist in zip(batch.ids.tolist(), batch.targets.tolist(), batch.distance.tolist()):
+        expected = solve(task, ids)
+        got = {p: (t, d) for p, (t, d) in enumerate(zip(targets, dist)) if t >= 0}
+        assert got == expected
+        assert all(d == -1 for t, d in zip(targets, dist) if t < 0)
+
+
+@pytest.mark.parametrize("task,solve", [(RECALL, solve_recall), (COPY, solve_copy)])
+def test_tasks_match_a_naive_solver(task, solve):
+    gen = torch.Generator().manual_seed(0)
+    batch = task.sample(64, gen)
+    assert batch.ids.shape == (64, task.seq_len) and int(batch.ids.max()) < task.vocab_size
+    check_against_solver(batch, solve, task)
+    assert len(set(batch.distance[batch.distance >= 0].tolist())) > 3  # training mixes distances
+    for d in task.distances():
+        at = task.sample(8, gen, d)
+        check_against_solver(at, solve, task)
+        assert (at.distance == d).sum() >= 8  # every row has answers at exactly d
+    again = task.sample(64, torch.Generator().manual_seed(0))
+    assert torch.equal(again.ids, batch.ids)  # seeded
+    with pytest.raises(ConfigError):
+        task.sample(1, gen, max(task.distances()) + 1)
+
+
+def test_task_sizes_are_validated():
+    with pytest.raises(ConfigError):
+        AssociativeRecall(n_pairs=10, n_queries=2, n_keys=5)
+    with pytest.raises(ConfigError):
+        Copy(length=20, n_symbols=10)
+
+
+class Oracle(nn.Module):
+    """Logits that put the naive solver's answer first: what a perfect model scores."""
+
+    def __init__(self, task, solve) -> None:
+        super().__init__()
+        self.task, self.solve = task, solve
+
+    def forward(self, idx: torch.Tensor):
+        logits = torch.zeros(*idx.shape, self.task.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            for p, (answer, _) in self.solve(self.task, row).items():
+                logits[b, p, answer] = 1.0
+        return type("Out", (), {"logits": logits})
+
+
+@pytest.mark.parametrize("task,solve", [(RECALL, solve_recall), (COPY, solve_copy)])
+def test_accuracy_by_distance_scores_an_oracle_perfect_and_a_constant_at_chance(task, solve):
+    distances = task.distances()[::3]
+    assert accuracy_by_distance(Oracle(task, solve), task, distances, 64, 0, torch.device("cpu")) == \
+        {d: 1.0 for d in distances}
+
+    class Constant(nn.Module):
+        def forward(self, idx):  # always the first answer token
+            first = task.n_keys * (task.n_values + 1) if isinstance(task, AssociativeRecall) else 0
+            return type("Out", (), {"logits": nn.functional.one_hot(torch.full_like(idx, first), task.vocab_size)})
+
+    acc = accuracy_by_distance(Constant(), task, distances, 400, 0, torch.device("cpu"))
+    assert all(a < 4 * task.chance for a in acc.values())
+
+
+def test_speed_pipeline_at_tiny_size(tmp_path: Path):
+    cfg = SpeedConfig(n_layer=1, n_embd=16, seq_lens=[8, 16], tokens_per_batch=32, repeats=1, device="cpu")
+    rows, files = run_speed(cfg, tmp_path)
+    assert [(r.arch, r.seq_len) for r in rows] == [(a, T) for T in (8, 16) for a in ("transformer", "lstm", "rnn")]
+    assert all(r.train_tokens_per_s > 0 and r.forward_ms > 0 for r in rows)
+    assert {r.batch_size for r in rows if r.seq_len == 16} == {2}
+    sizes = {r.arch: r.non_embedding_params for r in rows}
+    assert all(abs(n - sizes["transformer"]) / sizes["transformer"] < 0.05 for n in sizes.values())
+    with open(files["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 6
+    saved = json.loads(files["json"].read_text())
+    assert saved["settings"]["models"]["lstm"]["arch"] == "lstm" and len(saved["rows"]) == 6
+    assert files["png"].read_bytes()[:4] == b"\x89PNG"
+    table = speed_table(rows)
+    assert "× vs lstm" in table and "× vs rnn" in table and table.count("\n") == 4
+    with pytest.raises(ConfigError):
+        SpeedConfig(archs=["gru"])
+    with pytest.raises(ConfigError, match="exceeds"):
+        from transformer_lm.experiments.speed import measure
+
+        measure({"transformer": cfg.model_configs()["transformer"]}, [cfg.model_configs()["transformer"].block_size
+                                                                      + 1], device="cpu")
+
+
+def test_long_range_pipeline_at_tiny_size(tmp_path: Path):
+    cfg = LongRangeConfig(n_pairs=4, n_queries=4, copy_length=4, n_layer=1, n_embd=16, n_head=2, steps=3,
+                          batch_size=4, eval_distances=3, eval_answers=8, device="cpu")
+    results, files = run_long_range(cfg, tmp_path)
+    assert [(r.task, r.arch) for r in results] == [(t, a) for t in ("recall", "copy") for a in ("transformer", "lstm")]
+    for r in results:
+        assert len(r.accuracy) == 3 and all(0 <= a <= 1 for a in r.accuracy.values()) and r.steps == 3
+        configs = cfg.model_configs(cfg.task(r.task))
+        assert r.non_embedding_params == count_params(configs[r.arch]).non_embedding
+    with open(files["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 2 * 2 * 3
+    assert json.loads(files["json"].read_text())["settings"]["steps"] == 3
+    assert files["png"].read_bytes()[:4] == b"\x89PNG"
+    assert "recall (chance 0.125)" in render_table(results)
+    with pytest.raises(ConfigError):
+        LongRangeConfig(tasks=["brackets"])
+
+
+def test_cli_experiments(tmp_path: Path, capsys):
+    code = main(["experiment", "speed", "--out", str(tmp_path / "speed"), "--n_layer", "1", "--n_embd", "16",
+                 "--seq_lens", "[8]", "--tokens_per_batch", "16", "--repeats", "1", "--archs", "[transformer,lstm]"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "× vs lstm" in out and (tmp_path / "speed" / "speed.png").exists()
+    code = main(["experiment", "long-range", "--out", str(tmp_path / "lr"), "--tasks", "[copy]", "--copy_length", "3",
+                 "--n_layer", "1", "--n_embd", "8", "--n_head", "2", "--steps", "2", "--batch_size", "2",
+                 "--eval_distances", "2", "--eval_answers", "4"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "copy (chance" in out and (tmp_path / "lr" / "long_range.csv").exists()
+    code = main(["experiment", "long-range", "--archs", "[gru]", "--out", str(tmp_path / "bad")])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("tlm: error:") and err.count("\n") == 1

@@ -1,0 +1,80 @@
+"""`tlm report` (issue 6): a self-contained HTML page with the runs' names, embedded images and tables, and no
+external references."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import make_corpus
+from transformer_lm.cli import main
+from transformer_lm.config import ModelConfig, TrainConfig
+from transformer_lm.experiments import report
+from transformer_lm.experiments.plotting import figure, save_png
+from transformer_lm.model import Transformer
+from transformer_lm.train import train, training_data
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("report")
+    corpus = root / "corpus.txt"
+    corpus.write_text(make_corpus(), encoding="utf-8")
+    data = training_data(corpus, "char")
+    runs = {}
+    for name, width in (("run-narrow", 16), ("run-wide", 32)):
+        cfg = ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=width)
+        train(cfg, TrainConfig(batch_size=4, max_iters=6, eval_interval=3, eval_batches=1, log_interval=2,
+                               warmup_iters=2), data, root / name, progress=False)
+        runs[name] = root / name
+    exp = root / "my-experiment"  # an experiment folder: a plot, a table and a JSON summary, plus a run inside
+    exp.mkdir()
+    fig = figure(3, 2)
+    fig.add_subplot(1, 1, 1).plot([1, 2], [3, 4])
+    save_png(fig, exp / "result.png")
+    (exp / "table.csv").write_text("encoding,accuracy\nrope,0.987\nnone,<b>0.1</b>\n")
+    (exp / "summary.json").write_text(json.dumps({"experiment": "demo", "fit": {"alpha": 0.321}, "skip": [1, 2]}))
+    (exp / "ignored.json").write_text("[1, 2]")
+    train(ModelConfig(block_size=16, n_layer=1, n_head=2, n_embd=16), TrainConfig(batch_size=4, max_iters=2,
+          eval_batches=1, warmup_iters=1), data, exp / "runs" / "inner", progress=False)
+    return {**runs, "exp": exp}
+
+
+def test_report_is_self_contained(folders: dict[str, Path], tmp_path: Path, capsys):
+    out = tmp_path / "r" / "report.html"
+    assert main(["report", str(folders["run-narrow"]), str(folders["run-wide"]), str(folders["exp"]), "--out",
+                 str(out), "--title", "My <report>"]) == 0
+    assert str(out) in capsys.readouterr().out
+    page = out.read_text(encoding="utf-8")
+    for name in ("run-narrow", "run-wide", "inner", "my-experiment", "result.png", "table.csv"):
+        assert name in page, name
+    assert "My &lt;report&gt;" in page and "&lt;b&gt;0.1&lt;/b&gt;" in page  # text is escaped
+    assert "0.987" in page and "fit.alpha" in page and "0.321" in page
+    images = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 4  # loss, lr, throughput, and the experiment's plot
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert base64.b64encode((folders["exp"] / "result.png").read_bytes()).decode() in images
+    assert not re.search(r"https?://", page)
+    assert "<script" not in page and "<link" not in page and re.search(r"<img[^>]+src=\"(?!data:)", page) is None
+
+
+def test_report_run_table(folders: dict[str, Path]):
+    runs, experiments = report.collect([folders["run-wide"], folders["exp"]])
+    assert [r.label for r in runs] == ["run-wide", "inner"] and [e.path.name for e in experiments] == ["my-experiment"]
+    row = report._run_row(runs[0])
+    params = Transformer(ModelConfig.from_dict(runs[0].config["model"])).num_params()
+    assert row[:4] == ["run-wide", "1x32 learned", params, 6]
+    final_val = [r for r in runs[0].records if "val_loss" in r][-1]["val_loss"]
+    assert row[6] == final_val
+
+
+def test_report_bad_input(tmp_path: Path, capsys):
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r.html")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
+    assert "found no run" in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""Scaling-law sweep (issue 6): the power-law fit against known laws and a brute-force least-squares reference, the
+hyperparameter rule, the frontier against its definition, and `tlm experiment scaling` end to end at tiny sizes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from transformer_lm.accounting import count_params, flops_per_token
+from transformer_lm.cli import main
+from transformer_lm.errors import ConfigError, DataError
+from transformer_lm.experiments import scaling
+from transformer_lm.train import read_metrics
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("E, A, alpha", [(1.7, 35.0, 0.32), (0.9, 400.0, 0.55), (2.5, 6.0, 0.08), (0.0, 30.0, 0.25)])
+def test_fit_recovers_a_known_power_law(E, A, alpha):
+    n = np.geomspace(2e4, 3e6, 6)
+    fit = scaling.fit_power_law(n, E + A * n**-alpha)
+    assert fit.alpha == pytest.approx(alpha, rel=0.01)
+    assert fit.A == pytest.approx(A, rel=0.01)
+    assert fit.E == pytest.approx(E, rel=0.01, abs=1e-6)
+    assert fit.r2 == pytest.approx(1.0, abs=1e-9) and fit.points == 6
+
+
+def _reference_sse(x: np.ndarray, y: np.ndarray) -> float:
+    """Brute force: for each α on a fine grid, E and A are a linear least-squares problem (E clamped at 0)."""
+    best = math.inf
+    for alpha in np.linspace(0.005, 1.5, 6000):
+        f = x**-alpha
+        (E, A), *_ = np.linalg.lstsq(np.stack([np.ones_like(f), f], 1), y, rcond=None)
+        if E < 0:
+            E, A = 0.0, float(f @ y / (f @ f))
+        best = min(best, float(np.sum((E + A * f - y) ** 2)))
+    return best
+
+
+def test_fit_is_least_squares_and_r2_is_by_definition():
+    rng = np.random.default_rng(0)
+    x = np.geomspace(1e4, 5e6, 7)
+    y = 1.6 + 25 * x**-0.3 + rng.normal(0, 0.01, len(x))
+    fit = scaling.fit_power_law(x, y)
+    sse = float(np.sum((fit.E + fit.A * x**-fit.alpha - y) ** 2))
+    assert sse <= _reference_sse(x, y) * (1 + 1e-6)  # no worse than the brute-force optimum
+    assert fit.r2 == pytest.approx(1 - sse / float(np.sum((y - y.mean()) ** 2)), rel=1e-12)
+    assert scaling.r_squared(np.array([1.0, 2.0, 3.0]), np.array([2.0, 2.0, 2.0])) == pytest.approx(0.0)
+    assert scaling.r_squared(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("x, y", [([1, 2], [3, 2]), ([1, 2, 0], [3, 2, 1]), ([1, 2, 3], [3, float("nan"), 1])])
+def test_fit_rejects_bad_points(x, y):
+    with pytest.raises(DataError):
+        scaling.fit_power_law(x, y)
+
+
+def test_rungs_follow_the_rule():
+    cfg = scaling.ScalingConfig(base_lr=3e-3, base_width=64, head_dim=32, tokens=1e6, block_size=64, batch_size=8)
+    plans = scaling.plan_rungs(cfg, vocab_size=256)
+    assert [p.name for p in plans] == ["L2-d32", "L2-d64", "L3-d96", "L4-d128", "L5-d160", "L6-d192"]
+    for p in plans:
+        assert p.train.lr == pytest.approx(3e-3 * 64 / p.model.n_embd)
+        assert p.model.n_head * 32 == p.model.n_embd and p.model.block_size == 64
+        assert p.train.max_iters == round(1e6 / (8 * 64))
+    n = [count_params(p.model).non_embedding for p in plans]
+    assert len(n) >= 5 and math.log10(max(n) / min(n)) >= 1.5 and n == sorted(n)
+    matched = scaling.plan_rungs(scaling.ScalingConfig(compute=1e13, block_size=64, batch_size=8), 256)
+    for p in matched:  # the same compute per rung, to within one step's tokens
+        assert p.train.max_iters * 8 * 64 * flops_per_token(p.model)["train"] == pytest.approx(1e13, rel=0.01)
+    for bad in (["4x100"], ["4by128"], ["2x32", "2x32"]):
+        with pytest.raises(ConfigError):
+            scaling.ScalingConfig(sizes=bad)
+
+
+def test_frontier_matches_its_definition():
+    rng = np.random.default_rng(1)
+    points = [{"compute": float(c), "val_loss": float(v)} for c, v in zip(rng.uniform(1, 100, 60),
+                                                                          rng.uniform(1, 5, 60))]
+    scaling._mark_frontier(points)
+    for p in points:  # naive: no point at most as expensive is at least as good
+        beaten = any(q is not p and q["compute"] <= p["compute"] and q["val_loss"] <= p["val_loss"] for q in points)
+        assert p["on_frontier"] == (not beaten)
+
+
+def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["experiment", "scaling", str(corpus_file), "--out", str(out), "--sizes", "[1x32, 1x64, 2x64]",
+            "--tokens", "4096", "--block_size", "32", "--batch_size", "8", "--evals", "2", "--eval_batches", "2",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "L(N) = " in printed and "L(C) = " in printed and "L2-d64" in printed
+    for name in ("scaling.csv", "scaling_points.csv", "scaling.json", "loss_vs_params.png", "loss_vs_compute.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "loss_vs_params.png").read_bytes()[:8] == PNG
+    with open(out / "scaling.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == ["L1-d32", "L1-d64", "L2-d64"]
+    result = json.loads((out / "scaling.json").read_text())
+    assert result["experiment"] == "scaling" and result["fit_params"]["points"] == 3
+    for row in rows:  # every rung is a normal run folder; the table holds its last validation loss
+        final = [r for r in read_metrics(Path(row["run_dir"]) / "metrics.jsonl") if "val_loss" in r][-1]
+        assert float(row["val_loss"]) == pytest.approx(final["val_loss"])
+        assert int(row["tokens"]) == 16 * 8 * 32 == final["tokens"]
+        assert (Path(row["run_dir"]) / "checkpoints").is_dir()
+    fit = result["fit_params"]
+    losses = np.array([float(r["val_loss"]) for r in rows])
+    n = np.array([int(r["non_embedding_params"]) for r in rows])
+    assert fit["r2"] == pytest.approx(scaling.r_squared(losses, fit["E"] + fit["A"] * n ** -fit["alpha"]), abs=1e-9)
+
+    assert main(argv) == 0  # a second call reuses the finished rungs
+    assert capsys.readouterr().out.count("(reused)") == 3
+    assert main([*argv[:-2], "--tokens", "8192"]) == 2  # another budget: the folders hold other runs
+    assert "--overwrite" in capsys.readouterr().err

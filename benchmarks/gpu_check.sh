@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks for the core (one short run on a lent GPU machine): the gpu-marked tests (bf16/fp16 autocast training,
+# GPU checks (one short run on a lent GPU machine): the gpu-marked tests (bf16/fp16 autocast training,
 # torch.compile, GPU-vs-CPU greedy agreement) and the default `tlm train` on CUDA, timed.
 # The GPU image has torch but not jsonargparse: carry its wheels in .gpu_wheels/ (pip download --no-deps -d
 # .gpu_wheels jsonargparse docstring-parser typeshed-client).
@@ -14,3 +14,5 @@ python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$o
 /usr/bin/time -f "wall %e s" python3 -m transformer_lm.cli train --out /tmp/gpu-run --train.device cuda \
   2>&1 | tail -5 | tee "$out/default_train.txt"
 python3 -m transformer_lm.cli sample /tmp/gpu-run "def " --max_new_tokens 300 --seed 0 2>&1 | tee "$out/sample.txt"
+# performance (issue 4): 124M training MFU in bf16 with compile, decode MBU at batch 1, GPU-vs-CPU greedy agreement
+python3 benchmarks/gpu_perf.py --json "$out/gpu_perf.json" 2>&1 | tee "$out/gpu_perf.txt"

@@ -99,6 +99,36 @@ def test_int8_forward_matches_the_dequantized_weight_and_the_int8_kernel():
             torch.testing.assert_close(kernel, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 20])
+@pytest.mark.parametrize("compiling", [False, True])
+def test_int8_kernels_equal_the_dequantize_then_matmul_reference(rows, compiling, monkeypatch):
+    """Every path of Int8Linear.forward — the fused multiply-reduce that compiled one-row steps take (run eagerly
+    here by pretending to compile), the eager block-by-block widening for few rows (300 outputs: 3 blocks of
+    WIDEN_BLOCK) and the plain widening — equals x·dequantize(W)ᵀ + b."""
+    torch.manual_seed(0)
+    q = Int8Linear(nn.Linear(48, 300, bias=True))
+    x = torch.randn(rows, 1, 48)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), x @ q.dequantize().T + q.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_embedding_looks_up_the_dequantized_head_rows():
+    head = Int8Linear(nn.Linear(16, 50, bias=False))
+    emb = Int8Embedding(head, torch.float32)
+    idx = torch.tensor([[0, 49, 7], [7, 7, 3]])
+    torch.testing.assert_close(emb(idx), head.dequantize()[idx], rtol=0, atol=0)
+    assert emb.weight is head.weight and emb.scales is head.scales  # one table
+
+
+@pytest.mark.slow
+def test_compiled_int8_decode_equals_eager():
+    """The compiled decode step takes the fused int8 path (~30 s to compile on a 2-core CPU, hence slow)."""
+    model = quantize(random_model(tiny_config()), 8)
+    prompt = [1, 2, 3, 4]
+    assert list(generate(model, prompt, 16, 0.0, compile=True)) == list(generate(model, prompt, 16, 0.0))
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_quantized_model_logits_close_and_greedy_mostly_equal(variant):
     """Per layer the relative output error of W x is about step/(√12·rms(w)) (independent rounding errors, uniform
@@ -124,7 +154,8 @@ def test_quantized_model_logits_close_and_greedy_mostly_equal(variant):
     q8 = quantize(copy.deepcopy(model), 8)
     if variant == "gpt2":  # the int8 tie: one table, looked up and multiplied
         assert type(q8.tok_emb) is Int8Embedding and q8.tok_emb.weight is q8.lm_head.weight
-        assert sum(b.numel() for b in q8.buffers() if b.dtype == torch.int8) == 61 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 128)
+        int8 = sum(b.numel() for b in q8.buffers() if b.dtype == torch.int8)
+        assert int8 == 61 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 128)  # head once, 2 × (qkv, proj, up, down)
     plain, quant = list(generate(model, [1, 2, 3], 30, 0.0)), list(generate(q8, [1, 2, 3], 30, 0.0))
     assert sum(a == b for a, b in zip(plain, quant)) >= 27
 

@@ -149,7 +149,7 @@ def test_long_range_pipeline_at_tiny_size(tmp_path: Path):
         assert len(list(csv.DictReader(f))) == 2 * 2 * 3
     assert json.loads(files["json"].read_text())["settings"]["steps"] == 3
     assert files["png"].read_bytes()[:4] == b"\x89PNG"
-    assert "recall (chance 0.125)" in render_table(results)
+    assert "recall (chance 0.250)" in render_table(results)
     with pytest.raises(ConfigError):
         LongRangeConfig(tasks=["brackets"])
 

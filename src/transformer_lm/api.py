@@ -45,11 +45,19 @@ class Run:
     """Draft proposals per target forward."""
 
     def quantize(self, bits: int, group_size: int = 128) -> Run:
-        """Swap the model's linear layers (not its LM head) for int8 or group-wise int4 weight-only versions, in
-        place; returns self. For inference only: the run folder is not touched."""
+        """Swap the model's linear layers for int8 (the LM head too) or group-wise int4 (not the head) weight-only
+        versions, in place; returns self. For inference only: the run folder is not touched."""
         from .quantize import quantize
 
         quantize(self.model, bits, group_size)
+        return self
+
+    def use_decode_layout(self) -> Run:
+        """Store the linear weights transposed ([in, out]) where that makes inference faster (float32 on a CPU:
+        layout.decode_layout), in place; returns self. Call it after quantize(); the run folder is not touched."""
+        from .layout import decode_layout
+
+        decode_layout(self.model)
         return self
 
     def use_draft(self, draft: Run | None, k: int = 4) -> Run:

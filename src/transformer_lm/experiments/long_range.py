@@ -64,10 +64,12 @@ class LongRangeConfig:
     """Tasks: recall (associative recall), copy."""
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     """Architectures: transformer, lstm, rnn; the recurrent ones are matched to the Transformer's non-embedding size."""
-    n_pairs: int = 64
-    """Recall: key-value pairs per sequence (as many keys, 8 values)."""
-    n_queries: int = 32
+    n_pairs: int = 24
+    """Recall: key-value pairs per sequence (drawn from as many keys)."""
+    n_queries: int = 24
     """Recall: queries per sequence (answers stand 2 to n_pairs + n_queries tokens back)."""
+    n_values: int = 4
+    """Recall: values a key can take (chance accuracy is 1/n_values)."""
     copy_length: int = 32
     """Copy: the longest sequence copied (answers stand 1 to copy_length tokens back)."""
     n_layer: int = 2
@@ -102,7 +104,8 @@ class LongRangeConfig:
     def task(self, name: str) -> Task:
         """The task called `name` at this size."""
         if name == "recall":
-            return AssociativeRecall(n_pairs=self.n_pairs, n_queries=self.n_queries, n_keys=self.n_pairs)
+            return AssociativeRecall(n_pairs=self.n_pairs, n_queries=self.n_queries, n_keys=self.n_pairs,
+                                     n_values=self.n_values)
         return Copy(length=self.copy_length, n_symbols=2 * self.copy_length)
 
     def model_configs(self, task: Task) -> dict[str, ModelConfig]:

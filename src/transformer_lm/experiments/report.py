@@ -187,7 +187,9 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if math.isnan(v) or math.isinf(v):
             return str(v)
-        return f"{v:,.4g}" if abs(v) >= 1e5 or (v != 0 and abs(v) < 1e-3) else f"{v:,.4f}".rstrip("0").rstrip(".")
+        if abs(v) >= 1e6 or (v != 0 and abs(v) < 1e-3):
+            return f"{v:.4g}"
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4f}".rstrip("0").rstrip(".")
     if isinstance(v, int) and not isinstance(v, bool):
         return f"{v:,}"
     return str(v)

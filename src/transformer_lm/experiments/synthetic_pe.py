@@ -21,7 +21,8 @@ of a sequence's symbols right) and accuracy per answer position; chance is 1/num
 The learning rate is high (1e-2) because of the sinusoidal model: GPT-2 initialization draws token embeddings with
 std 0.02 while the sinusoids have amplitude 1 (Vaswani et al. scale embeddings by √d_model; this model does not), so
 its token signal starts ~50× below the position signal and grows at the pace the learning rate allows. At 3e-3 and
-1500 steps it still stood at 79 % token accuracy while learned and rope had reached 100 %.
+1500 steps, reversing 12 symbols, it still stood at 79 % token accuracy; learned and rope reached 100 % within
+600 steps.
 """
 
 from __future__ import annotations

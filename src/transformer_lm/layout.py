@@ -2,11 +2,13 @@
 
     model = decode_layout(load_run(path).model)   # in place; a no-op where it does not pay
 
-nn.Linear keeps W as [out, in] and multiplies by its transpose (an "NT" GEMM). On this project's CPU (MKL, fp32)
-that path is 2-3× slower than the plain "NN" product x @ Wᵀ-stored-as-[in, out] at a few rows (batched decoding:
-768→2304 at 8 rows, 0.91 ms vs 0.38 ms on one thread), equal at 1 row and at 1024 rows (prefill), and the tied LM
-head at 1 row is ~1.2× faster too. GPT-2's Conv1D stores its weights this way for the same reason. In bf16 the NT
-path is the faster one (oneDNN), and on GPUs cuBLAS takes either layout at full speed: there the model is left alone.
+nn.Linear keeps W as [out, in] and multiplies by its transpose (an "NT" GEMM). On this project's CPU (MKL, fp32,
+one thread) that path is slower than the plain "NN" product with Wᵀ stored [in, out] at a few rows: 768→2304 at 8
+rows 0.9 ms vs 0.4 ms with the weight in cache, and the tied GPT-2 head at 1 row ~1.2× faster. Whole-model GPT-2
+decoding on one thread: batch 8 1.2-1.3× faster, batch 1 1.1×, prefill of 1024 tokens unchanged (measured on a
+loaded machine; with two threads there, no consistent difference). GPT-2's Conv1D stores its weights this way. In
+bf16 the NT path is the faster one (oneDNN), and on GPUs cuBLAS takes either layout at full speed: there the model
+is left alone.
 
 Like quantization, this is a transformation of a finished model for inference, applied after loading and never
 saved: training and checkpoints keep nn.Linear. A tied LM head keeps its tie: the token embedding then looks its

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .errors import ConfigError, DistributedError, TLMError
-from .runtime import resolve_device
+from .runtime import autocast_dtype, resolve_device
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -149,11 +149,16 @@ def parallelize(model: nn.Module, info: DistInfo, cfg: TrainConfig) -> nn.Module
         for block in getattr(model, "blocks", [model]):  # a recurrent model (no blocks) is compiled whole
             block.compile()
     if cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # bf16 runs: blocks gathered and computed in bf16 (half the all-gather traffic), gradients reduce-scattered
+        # in fp32; the sharded master weights and the optimizer state stay fp32
+        amp = autocast_dtype(next(model.parameters()).device, cfg.dtype)
+        mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32) if amp == torch.bfloat16 else \
+            MixedPrecisionPolicy()
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)  # the root: embeddings, final norm and (tied) LM head
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)  # the root: embeddings, final norm and (tied) LM head
         return model
     from torch.nn.parallel import DistributedDataParallel
 

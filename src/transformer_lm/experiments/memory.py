@@ -4,14 +4,16 @@ FSDP2, with or without activation checkpointing, for a micro-batch, sequence len
 The terms count what this package's training loop holds (fp32 parameters, AdamW, autocast for bf16/fp16), in bytes:
 
 - weights: fp32 parameters, 4 B each: whole on every device under DDP; under FSDP2 a 1/world shard, plus the
-  all-gathered fp32 parameters of the units in flight: the root (embeddings, final norm, LM head) and two blocks (the
-  one computing, the one prefetched).
+  all-gathered parameters of the units in flight: the root (embeddings, final norm, LM head) and two blocks (the
+  one computing, the one prefetched) — fp32, or bf16 under bfloat16, where FSDP2's MixedPrecisionPolicy gathers them
+  in bf16.
 - gradients: fp32, 4 B per parameter: whole under DDP (its buckets are views of them); under FSDP2 a shard, plus one
   block's unsharded gradients awaiting their reduce-scatter.
 - optimizer: AdamW's two fp32 moments, 8 B per parameter (whole or sharded), plus, when the step is not fused (the
   foreach implementation used off CUDA), one temporary of the local parameter size during the step.
 - autocast weight copies: under bf16/fp16, autocast casts each matmul weight once per forward and the backward keeps
-  the copy: 2 B per matmul weight, whole on every device, FSDP2 included (the cast follows the all-gather).
+  the copy: 2 B per matmul weight, whole on every device (DDP); none under FSDP2 in bf16, whose gathered weights are
+  already bf16 and are freed after each block's forward and gathered again for its backward.
 - activations: the tensors saved for the backward pass, counted for this model's ops (b sequences of s tokens, width
   h, FFN width f, n_head a, KV heads k, head size d). Per block: the residual-stream inputs of the two norms (fp32) and
   their statistics; the inputs of the Q/K/V projection, output projection and FFN matmuls; the Q/K/V projection's
@@ -128,11 +130,13 @@ def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, wor
     per_block = block_params(c)
     sharded = parallel == "fsdp"
     local = -(-n // world_size) if sharded else n  # a shard rounds up
-    weights = 4 * local + (4 * (n - c.n_layer * per_block + min(2, c.n_layer) * per_block) if sharded else 0)
+    mixed = sharded and dtype == "bfloat16"  # FSDP2's MixedPrecisionPolicy: bf16 all-gathers, no autocast copies
+    in_flight = n - c.n_layer * per_block + min(2, c.n_layer) * per_block  # the root and two blocks, all-gathered
+    weights = 4 * local + ((2 if mixed else 4) * in_flight if sharded else 0)
     gradients = 4 * local + (4 * per_block if sharded else 0)
     optimizer = 8 * local
     step_temp = 0 if fused_optimizer else 4 * local
-    autocast = 2 * matmul_weights(c) if compute != 4 else 0
+    autocast = 2 * matmul_weights(c) if compute != 4 and not mixed else 0
     block = block_activations(c, b, s, compute)
     outside = b * s * 8 + b * s * c.n_embd * (4 + compute) + b * s * 4 * (2 if c.norm == "layernorm" else 1)
     outside += b * s * c.vocab_size * 4  # log-softmax of the logits, fp32

@@ -38,7 +38,8 @@ SEQ_LENS = (64, 128, 256, 512, 1024, 2048)
 
 @dataclass
 class SpeedConfig:
-    """What `tlm experiment speed` measures (defaults: about 1-2 minutes on 2 idle CPU cores)."""
+    """What `tlm experiment speed` measures; the longest sequences cost the most (the Transformer's attention grows as
+    T², the recurrent models' steps as T)."""
 
     preset: str = "tiny"
     """The Transformer, as a model preset; the LSTM and RNN get the width that matches its non-embedding parameters."""

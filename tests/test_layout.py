@@ -79,6 +79,7 @@ def test_quantizing_a_transposed_model_equals_quantizing_the_original(variant):
         assert type(ma) is type(mb), name
         if isinstance(ma, Int8Linear):
             assert torch.equal(ma.weight, mb.weight) and torch.equal(ma.scales, mb.scales), name
+            assert mb.weight.is_contiguous(), name  # row-major, as the fused int8 kernel reads it
     if variant == "gpt2":
         assert isinstance(b.tok_emb, Int8Embedding) and b.tok_emb.weight is b.lm_head.weight
     idx = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(2))

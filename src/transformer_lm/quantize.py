@@ -29,7 +29,7 @@ from .layout import TransposedEmbedding, TransposedLinear
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: w ≈ q * scale[:, None], scale = max|w_row| / 127.
     (out, in) float -> (out, in) int8, (out,) float32. Each element is off by at most scale/2."""
-    w = w.float()
+    w = w.float().contiguous()  # row-major q whatever w's strides (a TransposedLinear's weight is a transposed view)
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # an all-zero row keeps a tiny positive scale
     q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scale
@@ -109,8 +109,7 @@ class Int8Embedding(nn.Module):
         super().__init__()
         self.register_buffer("weight", head.weight)
         self.register_buffer("scales", head.scales)
-        self.dtype = dtype
-        """The float dtype of the embeddings it returns (the model's)."""
+        self.dtype = dtype  # the float dtype of the embeddings it returns (the model's)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(idx, self.weight).to(self.scales.dtype)  # (..., n_embd) int8 levels

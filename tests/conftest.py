@@ -1,4 +1,5 @@
-"""Shared fixtures: a small corpus the tests write themselves, and a private cache folder per test session."""
+"""Shared fixtures: a small corpus the tests write themselves, a private cache folder per test session, and models
+with large random weights."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from transformer_lm.config import ModelConfig
+from transformer_lm.model import Transformer
 
 
 def make_corpus(n_lines: int = 400, seed: int = 0) -> str:
@@ -49,3 +53,15 @@ def corpus_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(make_corpus(), encoding="utf-8")
     return path
+
+
+def random_model(config: ModelConfig, seed: int = 0, std: float = 0.3) -> Transformer:
+    """A model with *large* random weights (norm gains around 1, biases included): GPT-2's 0.02 init makes attention
+    almost uniform and logits almost flat, which would let a wrong mask, head split or transpose pass unnoticed."""
+    model = Transformer(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            gain = name.endswith(("norm1.weight", "norm2.weight", "norm.weight"))
+            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if gain else 0.0))
+    return model.eval()

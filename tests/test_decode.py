@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 
+from conftest import random_model
 from transformer_lm.config import ModelConfig
 from transformer_lm.decode import (
     DecodeStats,
@@ -33,17 +34,6 @@ CONFIGS = {
 
 def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32), **overrides})
-
-
-def random_model(config: ModelConfig, seed: int = 0, std: float = 0.3) -> Transformer:
-    """Large random weights: GPT-2's 0.02 init gives near-flat logits, where a wrong mask could pass unnoticed."""
-    model = Transformer(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = name.endswith(("norm1.weight", "norm2.weight", "norm.weight"))
-            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if gain else 0.0))
-    return model.eval()
 
 
 def full_recompute_greedy(model: Transformer, prompt: list[int], n: int) -> list[int]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import conftest
 from transformer_lm.config import ModelConfig
 from transformer_lm.errors import ConfigError
 from transformer_lm.generate import generate, generate_batch
@@ -23,14 +24,9 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def random_model(config: ModelConfig, seed: int = 0, std: float = 0.1) -> Transformer:
-    """Random weights larger than GPT-2's init (whose near-flat logits make argmax ties likely), norm gains near 1."""
-    model = Transformer(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = name.endswith(("norm1.weight", "norm2.weight", "norm.weight"))
-            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if gain else 0.0))
-    return model.eval()
+    """Smaller than the shared default: random weights still larger than GPT-2's init (near-flat logits make argmax
+    ties likely)."""
+    return conftest.random_model(config, seed, std)
 
 
 VARIANTS = {"gpt2": {}, "llama": dict(pos_encoding="rope", mlp="swiglu", norm="rmsnorm", n_kv_head=2, bias=True,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import conftest
 from transformer_lm.config import ModelConfig
 from transformer_lm.generate import generate, generate_batch
 from transformer_lm.layout import TransposedEmbedding, TransposedLinear, decode_layout, transpose_linears
@@ -25,13 +26,7 @@ VARIANTS = {"gpt2": dict(pos_encoding="learned"),  # tied head, biases
 def random_model(variant: str, seed: int = 0) -> Transformer:
     """Weights far from GPT-2's 0.02 init, so that logits are not near-flat and a wrong transpose shows."""
     config = ModelConfig(vocab_size=61, block_size=48, n_layer=2, n_head=4, n_embd=32, **VARIANTS[variant])
-    model = Transformer(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gain = name.endswith(("norm1.weight", "norm2.weight", "norm.weight"))
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if gain else 0.0))
-    return model.eval()
+    return conftest.random_model(config, seed)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

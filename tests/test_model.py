@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import random_model
 from transformer_lm.accounting import count_params
 from transformer_lm.config import ModelConfig
 from transformer_lm.errors import ConfigError
@@ -23,20 +24,6 @@ POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(vocab_size=61, block_size=32, n_layer=2, n_head=4, n_embd=32)
     return ModelConfig(**{**base, **overrides})
-
-
-def random_model(config: ModelConfig, seed: int = 0, std: float = 0.3) -> Transformer:
-    """A model with *large* random weights (norm gains and biases included): GPT-2's 0.02 init makes attention almost
-    uniform and logits almost flat, which would let a wrong mask or head split pass unnoticed."""
-    model = Transformer(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
-        for name, p in model.named_parameters():
-            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
-                p.add_(1.0)  # gains around 1, not around 0
-    return model.eval()
 
 
 def random_ids(config: ModelConfig, batch: int, length: int, seed: int = 0) -> torch.Tensor:

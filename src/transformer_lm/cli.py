@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
@@ -21,6 +21,7 @@ from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recip
 from .errors import ConfigError, DistributedError, TLMError
 
 log = logging.getLogger("transformer_lm")
+T = TypeVar("T")
 
 TOKENIZER_HELP = "Tokenizer for raw text: byte, char, bpe (trained on the corpus) or gpt2 (needs --gpt2_dir)."
 QUANTIZE_HELP = ("Weight-only quantization applied after loading: int8 (the LM head included), int4 or int4:GROUP_SIZE "
@@ -162,7 +163,7 @@ def cmd_sample(a: Namespace) -> None:
     prompt = a.prompt
     if prompt is None:
         prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
-    cfg = SampleConfig(**{k: a[k] for k in SampleConfig.__dataclass_fields__})
+    cfg = _config(SampleConfig, a)
     run = load_run(a.run, a.device)
     if a.quantize:
         run.quantize(*parse_quantize(a.quantize))
@@ -366,6 +367,24 @@ def cmd_report(a: Namespace) -> None:
 # `tlm experiment NAME`: EXPERIMENTS maps each name to (a function building its parser, its command).
 
 
+def _config(cls: type[T], a: Namespace) -> T:
+    """The config dataclass `cls` from the parsed fields it declares (added flat by add_class_arguments)."""
+    return cls(**{k: a[k] for k in cls.__dataclass_fields__})
+
+
+def _experiment_parser(config: type, out: str, description: str) -> ArgumentParser:
+    """A `tlm experiment NAME` parser: --out and every field of the experiment's config dataclass."""
+    p = ArgumentParser(exit_on_error=False, description=description)
+    p.add_argument("--out", type=str, default=out, help="Output folder.")
+    p.add_class_arguments(config, nested_key=None, instantiate=False)
+    return p
+
+
+def _print_results(table: str, files: dict[str, Path]) -> None:
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
 def _scaling_parser() -> ArgumentParser:
     from .experiments.scaling import ScalingConfig
 
@@ -384,61 +403,49 @@ def cmd_scaling(a: Namespace) -> None:
     from .experiments.scaling import ScalingConfig, render_summary, run_scaling
     from .train import training_data
 
-    cfg = ScalingConfig(**{k: a[k] for k in ScalingConfig.__dataclass_fields__})
+    cfg = _config(ScalingConfig, a)
     data = training_data(a.data, a.tokenizer, a.vocab_size, a.gpt2_dir)
     res = run_scaling(cfg, data, a.out, overwrite=a.overwrite, data_label=a.data or "python-stdlib")
-    print(render_summary(res))
-    print("wrote " + ", ".join(str(p) for p in res.files.values()))
+    _print_results(render_summary(res), res.files)
 
 
 def _pe_ablation_parser() -> ArgumentParser:
     from .experiments.synthetic_pe import PEAblationConfig
 
-    p = ArgumentParser(exit_on_error=False, description="Positional-encoding ablation: sequence reversal learned "
-                       "with each encoding (and none); accuracy table, CSV, JSON and plot in --out.")
-    p.add_argument("--out", type=str, default="runs/pe-ablation", help="Output folder.")
-    p.add_class_arguments(PEAblationConfig, nested_key=None, instantiate=False)
-    return p
+    return _experiment_parser(PEAblationConfig, "runs/pe-ablation", "Positional-encoding ablation: sequence reversal "
+                              "learned with each encoding (and none); accuracy table, CSV, JSON and plot in --out.")
 
 
 def cmd_pe_ablation(a: Namespace) -> None:
     from .experiments.synthetic_pe import PEAblationConfig, render_table, run_pe_ablation
 
-    res = run_pe_ablation(PEAblationConfig(**{k: a[k] for k in PEAblationConfig.__dataclass_fields__}), a.out)
-    print(render_table(res))
-    print("wrote " + ", ".join(str(p) for p in res.files.values()))
+    res = run_pe_ablation(_config(PEAblationConfig, a), a.out)
+    _print_results(render_table(res), res.files)
 
 
 def _speed_parser() -> ArgumentParser:
     from .experiments.speed import SpeedConfig
 
-    p = ArgumentParser(exit_on_error=False, description="Parallel vs recurrent: training tokens/s and forward latency "
-                       "of a Transformer and an LSTM and RNN of matched size against sequence length; table, CSV, "
-                       "JSON and plot in --out.")
-    p.add_argument("--out", type=str, default="runs/speed", help="Output folder.")
-    p.add_class_arguments(SpeedConfig, nested_key=None, instantiate=False)
-    return p
+    return _experiment_parser(SpeedConfig, "runs/speed", "Parallel vs recurrent: training tokens/s and forward latency "
+                              "of a Transformer and an LSTM and RNN of matched size against sequence length; table, "
+                              "CSV, JSON and plot in --out.")
 
 
 def cmd_speed(a: Namespace) -> None:
     from .experiments.speed import SpeedConfig, render_table, run_speed
 
-    rows, files = run_speed(SpeedConfig(**{k: a[k] for k in SpeedConfig.__dataclass_fields__}), a.out,
+    rows, files = run_speed(_config(SpeedConfig, a), a.out,
                             on_row=lambda r: log.info("%s T=%d: %.0f training tokens/s, forward %.2f ms", r.arch,
                                                       r.seq_len, r.train_tokens_per_s, r.forward_ms))
-    print(render_table(rows))
-    print("wrote " + ", ".join(str(p) for p in files.values()))
+    _print_results(render_table(rows), files)
 
 
 def _long_range_parser() -> ArgumentParser:
     from .experiments.long_range import LongRangeConfig
 
-    p = ArgumentParser(exit_on_error=False, description="Long-range dependencies: a Transformer and an LSTM of "
-                       "matched size trained on associative recall and copy, accuracy against the distance to the "
-                       "answer; table, CSV, JSON and plot in --out.")
-    p.add_argument("--out", type=str, default="runs/long-range", help="Output folder.")
-    p.add_class_arguments(LongRangeConfig, nested_key=None, instantiate=False)
-    return p
+    return _experiment_parser(LongRangeConfig, "runs/long-range", "Long-range dependencies: a Transformer and an LSTM "
+                              "of matched size trained on associative recall and copy, accuracy against the distance "
+                              "to the answer; table, CSV, JSON and plot in --out.")
 
 
 def cmd_long_range(a: Namespace) -> None:
@@ -448,10 +455,9 @@ def cmd_long_range(a: Namespace) -> None:
         if (step + 1) % 250 == 0:
             log.info("%s %s: step %d, loss %.4f", task, arch, step + 1, loss)
 
-    results, files = run_long_range(LongRangeConfig(**{k: a[k] for k in LongRangeConfig.__dataclass_fields__}),
+    results, files = run_long_range(_config(LongRangeConfig, a),
                                     a.out, progress)
-    print(render_table(results))
-    print("wrote " + ", ".join(str(p) for p in files.values()))
+    _print_results(render_table(results), files)
 
 
 EXPERIMENTS: dict[str, tuple[Callable[[], ArgumentParser], Callable[[Namespace], int | None]]] = {

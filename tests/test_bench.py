@@ -48,3 +48,14 @@ def test_hf_equivalent_of_a_llama_style_model_has_our_logits():
 def test_bench_rejects_bad_settings(capsys):
     assert main(["bench", "--preset", "tiny", "--steps", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_bench_compiled_adds_a_compiled_training_row(tmp_path, capsys):
+    """--compile trains ours through torch.compile too (compiling in the untimed warm-up) and decodes w8a8."""
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--preset", "tiny", "--steps", "1", "--seq", "32", "--prefill_len", "32", "--new_tokens",
+                 "4", "--decode_batch", "2", "--quantize", "w8a8", "--compile", "true", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    names = [r["name"] for r in json.loads(out.read_text())["rows"]]
+    assert names == ["train", "train compiled", "prefill", "decode batch 1", "decode batch 2", "decode 1 w8a8"]

@@ -15,7 +15,7 @@ from transformer_lm.config import ModelConfig
 from transformer_lm.errors import ConfigError
 from transformer_lm.generate import generate, generate_batch
 from transformer_lm.model import Transformer
-from transformer_lm.quantize import Int4Linear, Int8Embedding, Int8Linear, quantize
+from transformer_lm.quantize import Int4Linear, Int8Embedding, Int8Linear, W8A8Linear, parse_quantize, quantize
 from transformer_lm.speculative import speculative_generate
 
 
@@ -121,6 +121,57 @@ def test_int8_embedding_looks_up_the_dequantized_head_rows():
 def test_compiled_int8_decode_equals_eager():
     """The compiled decode step takes the fused int8 path (~30 s to compile on a 2-core CPU, hence slow)."""
     model = quantize(random_model(tiny_config()), 8)
+    prompt = [1, 2, 3, 4]
+    assert list(generate(model, prompt, 16, 0.0, compile=True)) == list(generate(model, prompt, 16, 0.0))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_w8a8_error_is_within_the_activation_rounding_bound(rows):
+    """w8a8 multiplies the int8 weights Ŵ by the input rounded onto 256 levels spanning [min(x, 0), max(x, 0)]
+    (fbgemm's dynamic quantization: one step s_x = span/255 per call, 127 levels' worth with 7-bit inputs). Each
+    input is then off by at most s_x/2, so output j is off from x·Ŵⱼᵀ + b by at most s_x/2 · Σᵢ|Ŵⱼᵢ|."""
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(96, 40)
+    q = W8A8Linear(linear)
+    x = torch.randn(rows, 96, generator=gen) * 3
+    w = q.dequantize()
+    ref = x @ w.T + q.bias
+    span = x.max().clamp(min=0) - x.min().clamp(max=0)
+    step = span / (127 if q.reduce_range else 255)
+    bound = step / 2 * w.abs().sum(dim=1) + 1e-4  # (40,), plus float32 slack
+    err = (q(x) - ref).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    assert err.max() > 0  # the activations really are rounded (not a float matmul in disguise)
+    assert q(x.view(rows, 1, 96)).shape == (rows, 1, 40)
+
+
+def test_w8a8_model_is_close_to_int8_and_survives_a_deep_copy():
+    """A w8a8 model keeps int8's weights (same levels and scales, head and tied embedding included) and adds only the
+    activations' rounding; a deep copy is a working model of its own, also after the original is gone."""
+    model = random_model(tiny_config())
+    x = torch.randint(0, 61, (4, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x).logits
+        q8 = quantize(copy.deepcopy(model), 8)
+        w8 = quantize(copy.deepcopy(model), 8, dynamic=True)
+        assert type(w8.lm_head) is W8A8Linear and type(w8.tok_emb) is Int8Embedding
+        torch.testing.assert_close(w8.lm_head.weight, q8.lm_head.weight, rtol=0, atol=0)
+        logits = w8(x).logits
+        assert (logits - ref).norm() / ref.norm() < 0.08
+        assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+        twin = copy.deepcopy(w8)
+        assert twin.lm_head.key != w8.lm_head.key
+        del w8
+        torch.testing.assert_close(twin(x).logits, logits, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="w8a8"):
+        quantize(copy.deepcopy(model), 4, dynamic=True)
+    assert parse_quantize("w8a8") == {"bits": 8, "group_size": 128, "dynamic": True}
+
+
+@pytest.mark.slow
+def test_compiled_w8a8_decode_equals_eager():
+    """Compiled, the fbgemm call is an opaque custom op inside one decode graph."""
+    model = quantize(random_model(tiny_config()), 8, dynamic=True)
     prompt = [1, 2, 3, 4]
     assert list(generate(model, prompt, 16, 0.0, compile=True)) == list(generate(model, prompt, 16, 0.0))
 
@@ -271,7 +322,7 @@ def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys):
     greedy = ["--greedy", "true", "--max_new_tokens", "40"]
     code, plain, err = tlm(capsys, "sample", run, "def ", *greedy)
     assert code == 0, err
-    for spec in ("int8", "int4:16"):
+    for spec in ("int8", "w8a8", "int4:16"):
         code, out, err = tlm(capsys, "sample", run, "def ", *greedy, "--quantize", spec)
         assert code == 0 and out.startswith("def "), err
     code, out, err = tlm(capsys, "sample", run, "def ", *greedy, "--draft", run, "--draft_k", "3")
@@ -282,11 +333,14 @@ def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys):
     code, q8, err = tlm(capsys, "eval", run, "--data", corpus_file, "--json", "true", "--quantize", "int8")
     assert code == 0, err
     assert abs(json.loads(q8)["loss"] - json.loads(ref)["loss"]) < 0.02 * json.loads(ref)["loss"]
+    code, w8, err = tlm(capsys, "eval", run, "--data", corpus_file, "--json", "true", "--quantize", "w8a8")
+    assert code == 0, err
+    assert abs(json.loads(w8)["loss"] - json.loads(ref)["loss"]) < 0.03 * json.loads(ref)["loss"]
     assert folder_bytes(run) == before  # quantization is applied after loading, never saved
 
     code, _, err = tlm(capsys, "sample", run, "def ", "--draft", other)
     assert code == 2 and "different tokenizer" in err
     code, _, err = tlm(capsys, "sample", run, "def ", "--quantize", "int3")
-    assert code == 2 and "int8, int4" in err
+    assert code == 2 and "int8, w8a8, int4" in err
     code, _, err = tlm(capsys, "eval", run, "--data", corpus_file, "--quantize", "int4:24")
     assert code == 2 and "does not divide" in err

@@ -44,12 +44,13 @@ class Run:
     draft_k: int = 4
     """Draft proposals per target forward."""
 
-    def quantize(self, bits: int, group_size: int = 128) -> Run:
+    def quantize(self, bits: int, group_size: int = 128, dynamic: bool = False) -> Run:
         """Swap the model's linear layers for int8 (the LM head too) or group-wise int4 (not the head) weight-only
-        versions, in place; returns self. For inference only: the run folder is not touched."""
+        versions, in place; returns self. `dynamic` (int8, CPU) quantizes the activations too, per call, for
+        fbgemm's fast int8 kernels. For inference only: the run folder is not touched."""
         from .quantize import quantize
 
-        quantize(self.model, bits, group_size)
+        quantize(self.model, bits, group_size, dynamic=dynamic)
         return self
 
     def use_decode_layout(self) -> Run:

@@ -220,16 +220,20 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tens
     opt.zero_grad(set_to_none=True)
 
 
-def _train_row(ours: Transformer, theirs: nn.Module, tokens: torch.Tensor, steps: int, device: torch.device) -> Row:
-    """Training steps of both models with identical AdamW settings (the optimizers are dropped afterwards)."""
+def _train_row(ours: Transformer, theirs: nn.Module, tokens: torch.Tensor, steps: int, device: torch.device,
+               compile: bool = False) -> Row:
+    """Training steps of both models with identical AdamW settings (the optimizers are dropped afterwards); with
+    `compile`, ours runs through torch.compile as `tlm train --train.compile true` runs it (compiled in the warm-up)."""
     # The fused kernel (CUDA, and CPU since torch 2.4) is the fastest AdamW: on this project's CPU 0.24 s per step
     # at 124M parameters against 1.05 s for foreach, time that would dilute the difference between the two models.
     fused = device.type in ("cuda", "cpu")
     opts = [torch.optim.AdamW(m.train().parameters(), lr=1e-4, weight_decay=0.1, fused=fused, foreach=not fused)
             for m in (ours, theirs)]
     B, T = tokens.size(0), tokens.size(1) - 1
-    row = _measure(Row("train", B * T, util_per_token=flops_per_token(ours.config, T)["train"]),
-                   lambda: _train_step(ours, opts[0], tokens, False),
+    forward = torch.compile(ours) if compile else ours
+    row = _measure(Row("train compiled" if compile else "train", B * T,
+                       util_per_token=flops_per_token(ours.config, T)["train"]),
+                   lambda: _train_step(forward, opts[0], tokens, False),
                    lambda: _train_step(theirs, opts[1], tokens, True), steps, device)
     for m in (ours, theirs):
         m.eval().zero_grad(set_to_none=True)
@@ -263,8 +267,9 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
     prefill and decode tokens/s, peak memory, MFU/MBU, in `steps` interleaved repetitions each.
 
     `seq` defaults to the block size (training), `prefill_len` is capped at the block size; `quantize` (int8, int4,
-    int4:G) adds a decode row of ours with quantized weights against their float weights; `compile` compiles our
-    decode step (excluded from the timings: done in the warm-up)."""
+    int4:G, w8a8) adds a decode row of ours with quantized weights against their float weights; `compile` adds a
+    training row with our model compiled and compiles our decode step (compiling happens in the untimed warm-up;
+    theirs stays eager, as transformers runs by default)."""
     if steps < 1 or batch < 1 or decode_batch < 1 or new_tokens < 1 or prefill_len < 1:
         raise ConfigError("steps, batch, decode_batch, new_tokens and prefill_len must be >= 1")
     dev = resolve_device(device)
@@ -289,7 +294,10 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
         raise ConfigError(f"our model and transformers' {family} disagree (max |Δlogit| {diff:.2e}); the benchmark "
                           "would compare different models")
 
-    rows = [_train_row(ours, theirs, ids(batch, seq + 1), steps, dev)]
+    tokens = ids(batch, seq + 1)
+    rows = [_train_row(ours, theirs, tokens, steps, dev)]
+    if compile:
+        rows.append(_train_row(ours, theirs, tokens, steps, dev, compile=True))
     decode_layout(ours)  # inference as `tlm sample` runs it: transposed weights where that is faster
     with torch.no_grad():
         prompt = ids(1, prefill_len)
@@ -320,8 +328,7 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
         rows.append(decode_row("decode batch 1", ours, 1))
         rows.append(decode_row(f"decode batch {decode_batch}", ours, decode_batch))
         if quantize:
-            bits, group = parse_quantize(quantize)
-            quantized = quantize_model(copy.deepcopy(ours), bits, group)
+            quantized = quantize_model(copy.deepcopy(ours), **parse_quantize(quantize))
             rows.append(decode_row(f"decode 1 {quantize}", quantized, 1))
 
     settings = {"steps": steps, "batch": batch, "seq": seq, "prefill_len": prefill_len, "prompt_len": PROMPT_LEN,

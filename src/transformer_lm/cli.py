@@ -24,8 +24,9 @@ log = logging.getLogger("transformer_lm")
 T = TypeVar("T")
 
 TOKENIZER_HELP = "Tokenizer for raw text: byte, char, bpe (trained on the corpus) or gpt2 (needs --gpt2_dir)."
-QUANTIZE_HELP = ("Weight-only quantization applied after loading: int8 (the LM head included), int4 or int4:GROUP_SIZE "
-                 "(default group 128). int8 decodes faster than float only with --compile.")
+QUANTIZE_HELP = ("Quantization applied after loading: int8 (weight-only, the LM head included), int4 or "
+                 "int4:GROUP_SIZE (weight-only, default group 128), or w8a8 (int8 weights and per-call int8 "
+                 "activations on fbgemm's CPU kernels: the fastest on a CPU, a little less exact).")
 
 
 def _add_tokenizer_args(p: ArgumentParser) -> None:
@@ -166,7 +167,7 @@ def cmd_sample(a: Namespace) -> None:
     cfg = _config(SampleConfig, a)
     run = load_run(a.run, a.device)
     if a.quantize:
-        run.quantize(*parse_quantize(a.quantize))
+        run.quantize(**parse_quantize(a.quantize))
     run.use_decode_layout()
     if a.draft:
         run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
@@ -194,7 +195,7 @@ def cmd_eval(a: Namespace) -> None:
 
     run = load_run(a.run, a.device)
     if a.quantize:
-        run.quantize(*parse_quantize(a.quantize))
+        run.quantize(**parse_quantize(a.quantize))
     res = run.evaluate(a.data, a.batch_size)
     if a.json:
         print(json.dumps(res.to_dict()))
@@ -606,8 +607,10 @@ def _add_bench_parser(cmds: dict[str, ArgumentParser]) -> None:
     p.add_argument("--new_tokens", type=int, default=32, help="Greedy tokens per decode measurement.")
     p.add_argument("--decode_batch", type=int, default=8, help="Rows of the batched decode measurement.")
     p.add_argument("--quantize", type=str | None, default=None,
-                   help="Also decode (batch 1) with our weights quantized (int8, int4, int4:G) against their fp32.")
-    p.add_argument("--compile", type=bool, default=False, help="torch.compile our decode step (compiled in warm-up).")
+                   help="Also decode (batch 1) with our weights quantized (int8, w8a8, int4, int4:G) against their "
+                   "fp32.")
+    p.add_argument("--compile", type=bool, default=False,
+                   help="Also train ours compiled (an extra row), and compile our decode step (in the warm-up).")
     p.add_argument("--threads", type=int | None, default=None, help="torch intra-op threads (default: torch's).")
     p.add_argument("--json", type=str | None, default=None, help="Also write every timing as JSON to this file.")
 

@@ -88,7 +88,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     muon — Muon (peak lr `cfg.muon_lr`) on the hidden matrices, AdamW (peak lr `cfg.lr`) on the embeddings, an
     untied LM head, biases and gains."""
     roles = _param_roles(model)
-    fused = device.type == "cuda"  # the fused kernel exists for CUDA; foreach is the fast path elsewhere
+    # The fused kernel (CUDA, and CPU since torch 2.4) is the fastest AdamW: on this project's 2-core CPU 0.24 s per
+    # step at GPT-2's 124M parameters against 1.05 s for foreach, the fast path everywhere else.
+    fused = device.type in ("cuda", "cpu")
     adamw_kw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "fused": fused, "foreach": not fused}
     rest = {"params": roles["embeddings"] + roles["vectors"], "weight_decay": 0.0, "lr_scale": 1.0}
     if cfg.optimizer == "adamw":

@@ -14,9 +14,19 @@ is held once, in int8. int4 leaves the head in floating point (its coarser error
 Speed: eager PyTorch has no fast int8-weight matmul on CPU, so in eager mode int8 saves memory, not time. Under
 `torch.compile` (the compiled decode step, `--compile`) a one-row product is written as a fused
 multiply-reduce that Inductor turns into one loop reading each int8 weight once; see Int8Linear.forward.
+
+Where speed matters on a CPU, `dynamic=True` (`--quantize w8a8`) also quantizes the activations, per call: each input
+is mapped onto int8 with one scale taken from its own range, and the product runs in int8 × int8 with int32 sums in
+PyTorch's fbgemm kernels (`torch.ops.quantized.linear_dynamic`), which read the packed int8 weights at memory
+bandwidth (GPT-2's 768 -> 3072 layer at one row: 0.05 ms vs 0.25 ms in fp32). This is no longer weight-only: the
+activations' rounding adds error (measured as a perplexity delta in BENCHMARKS.md), so it is a separate choice.
 """
 
 from __future__ import annotations
+
+import itertools
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +126,64 @@ class Int8Embedding(nn.Module):
         return (rows * self.scales[idx].unsqueeze(-1)).to(self.dtype)
 
 
+def _dynamic_kernels() -> bool:
+    """Whether this PyTorch has the fbgemm int8 × int8 CPU kernels that W8A8Linear calls."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+class W8A8Linear(Int8Linear):
+    """An Int8Linear whose product also quantizes its input, per call (int8 weights, int8 activations, int32 sums):
+    y ≈ (x̂ q̂ᵀ)·s_x·s_w + b with x̂ = round(x / s_x). CPU only. The plain int8 weight and scales stay as buffers (the
+    embedding lookup of a tied head, dequantize() and the bytes-read accounting use them); the kernel reads its own
+    packed copy of the same levels."""
+
+    def __init__(self, linear: nn.Linear | TransposedLinear) -> None:
+        super().__init__(linear)
+        with warnings.catch_warnings():  # torch >= 2.10 marks quantized tensor creation deprecated; the kernels stay
+            warnings.simplefilter("ignore")
+            q = torch.quantize_per_channel(self.weight.float() * self.scales[:, None], self.scales.double(),
+                                           torch.zeros(self.out_features, dtype=torch.long), 0, torch.qint8)
+        bias = None if self.bias is None else self.bias.detach().float()
+        self.packed = torch.ops.quantized.linear_prepack(q, bias)
+        # Full-range activations need the VNNI int8 dot product; without it fbgemm's 16-bit intermediate sums could
+        # saturate, so the inputs use 7 bits (PyTorch's own x86 default makes the same choice).
+        self.reduce_range = not torch.cpu._is_vnni_supported()
+        self._register()
+
+    def _register(self) -> None:
+        self.key = next(_W8A8_KEYS)
+        _W8A8_LAYERS[self.key] = self
+
+    def __setstate__(self, state: dict) -> None:  # a deep copy is a new layer with its own key
+        super().__setstate__(state)
+        self._register()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features).float().contiguous()
+        if torch.compiler.is_compiling():
+            y = _w8a8_linear(x2d, self.key, self.out_features)
+        else:  # the direct call: a custom op's Python dispatch costs ~0.1 ms, as much as the product at one row
+            y = torch.ops.quantized.linear_dynamic(x2d, self.packed, self.reduce_range)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+# torch.compile cannot trace the packed weights (a TorchScript object) as an argument, so the kernel call is an
+# opaque custom op that finds its layer by an integer key: the compiled decode step then stays one graph.
+_W8A8_KEYS = itertools.count()
+_W8A8_LAYERS: weakref.WeakValueDictionary[int, W8A8Linear] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("transformer_lm::w8a8_linear", mutates_args=())
+def _w8a8_linear(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    layer = _W8A8_LAYERS[key]
+    return torch.ops.quantized.linear_dynamic(x, layer.packed, layer.reduce_range)
+
+
+@_w8a8_linear.register_fake
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
 class Int4Linear(nn.Module):
     """y = x Wᵀ + b with W stored as packed 4-bit levels plus a float scale and zero point per group of inputs;
     the weight is dequantized at every forward (memory saved, compute not)."""
@@ -140,13 +208,20 @@ class Int4Linear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool | None = None) -> nn.Module:
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool | None = None,
+             dynamic: bool = False) -> nn.Module:
     """Swap the linear layers of `model` (nn.Linear, or layout.TransposedLinear) for Int8Linear (bits=8) or
     Int4Linear (bits=4, groups of `group_size` inputs), in place; returns the model, in eval mode. `head` also
     quantizes the LM head (default: with int8 only), a tied token embedding with it (Int8Embedding; int4 heads are
-    not supported). Apply it to a loaded model: the quantized modules are for inference only and are not saved."""
+    not supported). `dynamic` (int8 on a CPU) takes W8A8Linear instead: activations quantized per call too, for
+    speed. Apply it to a loaded model: the quantized modules are for inference only and are not saved."""
     if bits not in (4, 8):
         raise ConfigError(f"quantization supports 8 or 4 bits, got {bits}")
+    if dynamic:
+        device = next(model.parameters()).device
+        if bits != 8 or device.type != "cpu" or not _dynamic_kernels():
+            raise ConfigError(f"w8a8 (int8 activations too) runs on PyTorch's fbgemm CPU kernels; this is {bits}-bit "
+                              f"on {device.type}{'' if _dynamic_kernels() else ' without fbgemm'}: use int8 instead")
     head = bits == 8 if head is None else head
     if head and bits != 8:
         raise ConfigError("only int8 quantizes the LM head; use head=False with int4")
@@ -168,7 +243,8 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool 
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(linear) if bits == 8 else Int4Linear(linear, group_size))
+        int8 = W8A8Linear if dynamic else Int8Linear
+        setattr(parent, child, int8(linear) if bits == 8 else Int4Linear(linear, group_size))
     if tied:
         model.tok_emb = Int8Embedding(model.lm_head, emb_dtype)
     return model.eval()
@@ -182,10 +258,11 @@ def _head_is_tied(model: nn.Module) -> bool:
     return isinstance(emb, nn.Embedding) and isinstance(head, nn.Linear) and emb.weight is head.weight
 
 
-def parse_quantize(spec: str) -> tuple[int, int]:
-    """The CLI's --quantize values: 'int8' -> (8, 128), 'int4' -> (4, 128), 'int4:32' -> (4, 32): (bits, group_size)."""
+def parse_quantize(spec: str) -> dict[str, int | bool]:
+    """The CLI's --quantize values as quantize() arguments: 'int8' -> 8 bits, 'w8a8' -> 8 bits with dynamic
+    activations, 'int4' -> 4 bits in groups of 128, 'int4:32' -> groups of 32."""
     name, _, group = spec.partition(":")
-    bits = {"int8": 8, "int4": 4}.get(name)
+    bits = {"int8": 8, "w8a8": 8, "int4": 4}.get(name)
     if bits is None or (group and (bits == 8 or not group.isdigit())):
-        raise ConfigError(f"--quantize must be int8, int4 or int4:GROUP_SIZE (e.g. int4:32), got {spec!r}")
-    return bits, int(group) if group else 128
+        raise ConfigError(f"--quantize must be int8, w8a8, int4 or int4:GROUP_SIZE (e.g. int4:32), got {spec!r}")
+    return {"bits": bits, "group_size": int(group) if group else 128, "dynamic": name == "w8a8"}

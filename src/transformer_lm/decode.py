@@ -42,6 +42,9 @@ class StaticKVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("pos", torch.zeros((), device=device, dtype=torch.long), persistent=False)
+        if self.k.is_cuda:  # updated in place by a CUDA-graphed decode step: their addresses must never change
+            for t in (self.k, self.v, self.pos):
+                torch._dynamo.mark_static_address(t)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) of `layer` at slots pos..pos+T-1; return every slot (B, n_kv, max_len, hd),
@@ -119,14 +122,17 @@ def _with_eager_fallback(compiled: DecodeStep) -> DecodeStep:
 
 
 @functools.cache
-def compiled_decode_step() -> DecodeStep:
-    """decode_one_token compiled once per process (shapes are static, so one trace serves every step of a run)."""
-    return _with_eager_fallback(torch.compile(decode_one_token, dynamic=False))
+def compiled_decode_step(cuda_graphs: bool = False) -> DecodeStep:
+    """decode_one_token compiled once per process (shapes are static, so one trace serves every step of a run).
+    `cuda_graphs` (on CUDA) also records the step as a CUDA graph replayed whole ("reduce-overhead"), as gpt-fast
+    does: a small model's decode step is otherwise bound by kernel launches, not by reading the weights."""
+    return _with_eager_fallback(torch.compile(decode_one_token, dynamic=False,
+                                              mode="reduce-overhead" if cuda_graphs else None))
 
 
-def decode_step(compile: bool = False) -> DecodeStep:
-    """The decode step to use: compiled (falling back to eager on failure) or eager."""
-    return compiled_decode_step() if compile else decode_one_token
+def decode_step(compile: bool = False, device: torch.device | None = None) -> DecodeStep:
+    """The decode step to use: compiled (falling back to eager on failure; CUDA graphs on a CUDA device) or eager."""
+    return compiled_decode_step(device is not None and device.type == "cuda") if compile else decode_one_token
 
 
 @dataclass

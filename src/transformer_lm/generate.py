@@ -102,7 +102,7 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
     device = model.tok_emb.weight.device
     block = model.config.block_size
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
-    step = decode_step(compile)
+    step = decode_step(compile, device)
     # the cache holds at most what this call writes: imported models have contexts of 32K-128K positions
     max_len = min(block, len(ids) + max_new_tokens)
     cache = make_cache(model, 1, max_len)
@@ -207,7 +207,7 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     ids = torch.tensor([[0] * (longest - n) + list(p) for p, n in zip(prompts, lens)], device=device)  # (B, L)
     key_mask = torch.arange(longest + max_new_tokens, device=device)[None, :] >= pad[:, None]  # (B, S), False: pad
     cache = make_cache(model, B, longest + max_new_tokens - 1)
-    step = decode_step(compile)
+    step = decode_step(compile, device)
     positions = (torch.arange(longest, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
     out = []
     try:

@@ -19,28 +19,21 @@ from transformer_lm.experiments.speed import SpeedConfig, run_speed
 from transformer_lm.experiments.speed import render_table as speed_table
 from transformer_lm.experiments.synthetic import AssociativeRecall, Copy, TaskBatch
 
-RECALL = AssociativeRecall(n_pairs=6, n_queries=4, n_keys=9, n_values=5, min_pairs=2)
+RECALL = AssociativeRecall(length=7, n_symbols=10, min_length=2)
 COPY = Copy(length=7, n_symbols=10, min_length=2)
 
 
 def solve_recall(task: AssociativeRecall, row: list[int]) -> dict[int, tuple[int, int]]:
-    """Position -> (answer, distance), read off the sequence the slow way: decode each pair token into its key and
-    value and remember where it stood, then answer every query after the separator."""
-    V = task.n_values
-    query_base, value_base = task.n_keys * V, task.n_keys * V + task.n_keys
-    bound, answers = {}, {}
-    for p, tok in enumerate(row):
-        if tok < query_base:  # a pair
-            assert tok // V not in bound, "keys of a row are distinct"
-            bound[tok // V] = (value_base + tok % V, p)
-        elif tok < value_base:  # a query
-            value, where = bound[tok - query_base]
-            answers[p] = (value, p - where)
-        elif tok == value_base + V:
-            assert p == task.n_pairs  # the separator, between pairs and queries
-        else:
-            assert tok == value_base + V + 1  # padding
-    return answers
+    """Position -> (answer, distance), read off the sequence the slow way: remember where each symbol before the
+    separator stood, then answer every query after it with the symbol that followed the queried one."""
+    sep = row.index(task.n_symbols)
+    source = row[:sep]
+    assert len(set(source)) == len(source) and max(source) < task.n_symbols
+    where = {s: p for p, s in enumerate(source)}
+    queries = [tok for tok in row[sep + 1:] if tok != task.n_symbols + 1]
+    assert row[sep + 1:] == queries + [task.n_symbols + 1] * (len(row) - sep - 1 - len(queries))  # padded at the end
+    assert sorted(queries) == sorted(source[:-1])  # every symbol but the last asked once
+    return {p: (source[where[tok] + 1], p - where[tok] - 1) for p, tok in enumerate(row) if p > sep and tok in where}
 
 
 def solve_copy(task: Copy, row: list[int]) -> dict[int, tuple[int, int]]:
@@ -56,6 +49,7 @@ def check_against_solver(batch: TaskBatch, solve, task) -> None:
         got = {p: (t, d) for p, (t, d) in enumerate(zip(targets, dist)) if t >= 0}
         assert got == expected
         assert all(d == -1 for t, d in zip(targets, dist) if t < 0)
+        assert all(ids[p - d] == t for p, (t, d) in got.items())  # the answer is the token `distance` back
 
 
 @pytest.mark.parametrize("task,solve", [(RECALL, solve_recall), (COPY, solve_copy)])
@@ -77,7 +71,9 @@ def test_tasks_match_a_naive_solver(task, solve):
 
 def test_task_sizes_are_validated():
     with pytest.raises(ConfigError):
-        AssociativeRecall(n_pairs=10, n_queries=2, n_keys=5)
+        AssociativeRecall(length=20, n_symbols=10)
+    with pytest.raises(ConfigError):
+        AssociativeRecall(length=1)
     with pytest.raises(ConfigError):
         Copy(length=20, n_symbols=10)
 
@@ -104,9 +100,8 @@ def test_accuracy_by_distance_scores_an_oracle_perfect_and_a_constant_at_chance(
         {d: 1.0 for d in distances}
 
     class Constant(nn.Module):
-        def forward(self, idx):  # always the first answer token
-            first = task.n_keys * (task.n_values + 1) if isinstance(task, AssociativeRecall) else 0
-            return type("Out", (), {"logits": nn.functional.one_hot(torch.full_like(idx, first), task.vocab_size)})
+        def forward(self, idx):  # always the first symbol
+            return type("Out", (), {"logits": nn.functional.one_hot(torch.zeros_like(idx), task.vocab_size)})
 
     acc = accuracy_by_distance(Constant(), task, distances, 400, 0, torch.device("cpu"))
     assert all(a < 4 * task.chance for a in acc.values())
@@ -137,7 +132,7 @@ def test_speed_pipeline_at_tiny_size(tmp_path: Path):
 
 
 def test_long_range_pipeline_at_tiny_size(tmp_path: Path):
-    cfg = LongRangeConfig(n_pairs=4, n_queries=4, copy_length=4, n_layer=1, n_embd=16, n_head=2, steps=3,
+    cfg = LongRangeConfig(recall_length=4, copy_length=4, n_layer=1, n_embd=16, n_head=2, steps=3,
                           batch_size=4, eval_distances=3, eval_answers=8, device="cpu")
     results, files = run_long_range(cfg, tmp_path)
     assert [(r.task, r.arch) for r in results] == [(t, a) for t in ("recall", "copy") for a in ("transformer", "lstm")]
@@ -149,7 +144,7 @@ def test_long_range_pipeline_at_tiny_size(tmp_path: Path):
         assert len(list(csv.DictReader(f))) == 2 * 2 * 3
     assert json.loads(files["json"].read_text())["settings"]["steps"] == 3
     assert files["png"].read_bytes()[:4] == b"\x89PNG"
-    assert "recall (chance 0.250)" in render_table(results)
+    assert "recall (chance 0.333)" in render_table(results)
     with pytest.raises(ConfigError):
         LongRangeConfig(tasks=["brackets"])
 
@@ -169,3 +164,17 @@ def test_cli_experiments(tmp_path: Path, capsys):
     code = main(["experiment", "long-range", "--archs", "[gru]", "--out", str(tmp_path / "bad")])
     out, err = capsys.readouterr()
     assert code == 2 and err.startswith("tlm: error:") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task,size", [("copy", {"copy_length": 24}), ("recall", {"recall_length": 16})])
+def test_transformer_reaches_far_where_the_lstm_does_not(tmp_path: Path, task: str, size: dict):
+    """The experiment's claim at a reduced size (25-45 s a task on one thread): the Transformer answers at every
+    distance, the LSTM of matched size falls far below it at the longest. Measured at these settings: Transformer
+    99-100 % at every distance (copy seeds 0-2, recall seeds 0-3); LSTM at the longest distance 31-32 % (copy,
+    seeds 0-2) and 0.4 % (recall, seed 0)."""
+    cfg = LongRangeConfig(tasks=[task], steps=800, eval_distances=4, eval_answers=256, device="cpu", **size)
+    results, _ = run_long_range(cfg, tmp_path)
+    acc = {r.arch: list(r.accuracy.values()) for r in results}
+    assert min(acc["transformer"]) >= 0.9, acc
+    assert acc["lstm"][-1] < acc["transformer"][-1] - 0.4, acc

@@ -42,6 +42,7 @@ from .errors import ConfigError
 from .generate import generate, generate_batch
 from .layout import decode_layout
 from .model import Transformer
+from .optim import fused_adamw
 from .perf import copy_bandwidth, decode_bytes_per_token, mbu, mfu, now, peak_flops, synchronize
 from .quantize import parse_quantize
 from .quantize import quantize as quantize_model
@@ -224,9 +225,7 @@ def _train_row(ours: Transformer, theirs: nn.Module, tokens: torch.Tensor, steps
                compile: bool = False) -> Row:
     """Training steps of both models with identical AdamW settings (the optimizers are dropped afterwards); with
     `compile`, ours runs through torch.compile as `tlm train --train.compile true` runs it (compiled in the warm-up)."""
-    # The fused kernel (CUDA, and CPU since torch 2.4) is the fastest AdamW: on this project's CPU 0.24 s per step
-    # at 124M parameters against 1.05 s for foreach, time that would dilute the difference between the two models.
-    fused = device.type in ("cuda", "cpu")
+    fused = fused_adamw(device)  # the fastest AdamW, so that optimizer time dilutes the two models' difference least
     opts = [torch.optim.AdamW(m.train().parameters(), lr=1e-4, weight_decay=0.1, fused=fused, foreach=not fused)
             for m in (ours, theirs)]
     B, T = tokens.size(0), tokens.size(1) - 1

@@ -1,0 +1,23 @@
+"""Parser pieces shared by the `tlm` commands of cli.py and cli_experiments.py."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from jsonargparse import ArgumentParser, Namespace
+
+T = TypeVar("T")
+
+TOKENIZER_HELP = "Tokenizer for raw text: byte, char, bpe (trained on the corpus) or gpt2 (needs --gpt2_dir)."
+
+
+def add_tokenizer_args(p: ArgumentParser) -> None:
+    p.add_argument("--tokenizer", type=str, default="byte", help=TOKENIZER_HELP)
+    p.add_argument("--vocab_size", type=int, default=4096, help="Vocabulary size of a trained bpe tokenizer.")
+    p.add_argument("--gpt2_dir", type=str | None, default=None,
+                   help="Folder with GPT-2's encoder.json and vocab.bpe (for --tokenizer gpt2).")
+
+
+def config_from(cls: type[T], a: Namespace) -> T:
+    """The config dataclass `cls` from the parsed fields it declares (added flat by add_class_arguments)."""
+    return cls(**{k: a[k] for k in cls.__dataclass_fields__})

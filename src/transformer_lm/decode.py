@@ -30,7 +30,11 @@ DecodeStep = Callable[[Transformer, "StaticKVCache", torch.Tensor, torch.Tensor 
 class StaticKVCache(nn.Module):
     """Keys and values of every layer in buffers of fixed size, written at the positions `pos` (a 0-d long tensor
     on the device) onwards. update() returns all max_len slots; the model masks those not yet written (the causal
-    mask does: slot s is visible to a query at position p only when s <= p)."""
+    mask does: slot s is visible to a query at position p only when s <= p).
+
+    Each layer has its own pair of buffers (k_0, v_0, ...), as gpt-fast's and transformers' static caches do: an
+    in-place write into a view of one (layers, ...) buffer is functionalized by torch.compile into a rewrite of the
+    whole buffer, every layer, every step (GPT-2 with 1024 slots: 6.6 compiled tokens/s against 38 with 64)."""
 
     static = True
 
@@ -38,26 +42,43 @@ class StaticKVCache(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.max_len = min(max_len or config.block_size, config.block_size)
-        shape = (config.n_layer, batch_size, config.kv_heads, self.max_len, config.head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.n_layer = config.n_layer
+        shape = (batch_size, config.kv_heads, self.max_len, config.head_dim)
+        for i in range(config.n_layer):
+            self.register_buffer(f"k_{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+            self.register_buffer(f"v_{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("pos", torch.zeros((), device=device, dtype=torch.long), persistent=False)
-        if self.k.is_cuda:  # updated in place by a CUDA-graphed decode step: their addresses must never change
-            for t in (self.k, self.v, self.pos):
+        if self.pos.is_cuda:  # updated in place by a CUDA-graphed decode step: their addresses must never change
+            for t in self.buffers():
                 torch._dynamo.mark_static_address(t)
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers (B, n_kv, max_len, hd) of `layer`."""
+        return getattr(self, f"k_{layer}"), getattr(self, f"v_{layer}")
+
+    @property
+    def k(self) -> torch.Tensor:
+        """Every layer's keys, (layers, B, n_kv, max_len, hd), as KVCache.k holds them (a copy)."""
+        return torch.stack([self.layer(i)[0] for i in range(self.n_layer)])
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Every layer's values, like `k`."""
+        return torch.stack([self.layer(i)[1] for i in range(self.n_layer)])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, n_kv, T, hd) of `layer` at slots pos..pos+T-1; return every slot (B, n_kv, max_len, hd),
         or, while filling from empty (from_start), just the T slots written."""
+        k_buf, v_buf = self.layer(layer)
         if not self.static:
             T = k.size(2)
-            self.k[layer, :, :, :T] = k
-            self.v[layer, :, :, :T] = v
-            return self.k[layer, :, :, :T], self.v[layer, :, :, :T]
+            k_buf[:, :, :T] = k
+            v_buf[:, :, :T] = v
+            return k_buf[:, :, :T], v_buf[:, :, :T]
         slots = self.pos + torch.arange(k.size(2), device=k.device)  # (T,)
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
-        return self.k[layer], self.v[layer]
+        k_buf.index_copy_(2, slots, k)
+        v_buf.index_copy_(2, slots, v)
+        return k_buf, v_buf
 
     @contextlib.contextmanager
     def from_start(self) -> Iterator[None]:

@@ -12,7 +12,7 @@ import torch
 
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.model import Transformer
-from transformer_lm.optim import MuonAdamW, lr_at, make_optimizer
+from transformer_lm.optim import BatchedMuon, MuonAdamW, lr_at, make_optimizer
 from transformer_lm.train import Budget, read_metrics, train, training_data
 
 SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -60,6 +60,27 @@ def test_muon_first_step_is_the_orthogonalized_gradient():
     assert (update - expected).norm() / expected.norm() < 0.1
     singular = torch.linalg.svdvals(update)
     assert 0.6 < singular.median() and singular.max() < 1.3  # near-orthogonal: singular values about 1
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_steps_equal_torch_muon(nesterov: bool):
+    """Same-shape matrices orthogonalized as one batch give torch.optim.Muon's parameters and momentum, step by step
+    (tall, wide and square matrices, weight decay, a parameter without a gradient left alone)."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 16), (16, 48), (48, 16), (16, 16), (24, 16)]
+    ref = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    kw = dict(lr=0.03, weight_decay=0.1, momentum=0.9, nesterov=nesterov)
+    torch_muon, batched = torch.optim.Muon(ref, **kw), BatchedMuon(ours, **kw)
+    for step in range(4):
+        for i, (p, q) in enumerate(zip(ref, ours)):
+            g = None if (step, i) == (2, 5) else torch.randn(p.shape)
+            p.grad, q.grad = g, None if g is None else g.clone()
+        torch_muon.step()
+        batched.step()
+        for p, q in zip(ref, ours):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(batched.state[q]["momentum_buffer"], torch_muon.state[p]["momentum_buffer"])
 
 
 def test_muon_reduces_loss_and_resumes_exactly(corpus_file: Path, tmp_path: Path):

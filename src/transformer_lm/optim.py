@@ -1,14 +1,15 @@
 """Optimizers and learning-rate schedules.
 
-AdamW (decay on hidden matrices only) is the default; Muon (Jordan et al. 2024, `torch.optim.Muon`) orthogonalizes the
-momentum of the 2-D weights inside the network and leaves embeddings, the LM head, biases and gains to AdamW, as its
-authors prescribe. Both share one schedule: each parameter group carries an `lr_scale`, and the loop sets
-`lr = schedule(step) * lr_scale` on every group.
+AdamW (decay on hidden matrices only) is the default; Muon (Jordan et al. 2024; `torch.optim.Muon`'s update, batched by
+shape in BatchedMuon) orthogonalizes the momentum of the 2-D weights inside the network and leaves embeddings, the LM
+head, biases and gains to AdamW, as its authors prescribe. Both share one schedule: each parameter group carries an
+`lr_scale`, and the loop sets `lr = schedule(step) * lr_scale` on every group.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -32,6 +33,56 @@ def _param_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
                     "head" if id(p) in head_ids else "hidden")
             roles[role].append(p)
     return roles
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> torch.Tensor:
+    """The quintic Newton–Schulz orthogonalization of torch.optim.Muon (its coefficients, bfloat16 arithmetic, the
+    wide orientation), applied to a stack of same-shape matrices (n, rows, cols) at once."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+class BatchedMuon(torch.optim.Muon):
+    """torch.optim.Muon (same update, hyperparameters and state) with the Newton–Schulz iterations of all same-shape
+    matrices run as one batched chain, and momentum and decay as foreach ops. torch's step runs 15 small products
+    per matrix, one matrix at a time: on the speedrun preset (16 matrices of 128 × 128 to 384 × 128) that was 28 % of
+    a CPU training step, bound by per-call overhead, not arithmetic."""
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("BatchedMuon.step does not take a closure")
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            momentum, lr = group["momentum"], group["lr"]
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, bufs, momentum) if group["nesterov"] else bufs
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            by_shape: dict[torch.Size, list[int]] = defaultdict(list)
+            for i, p in enumerate(params):
+                by_shape[p.shape].append(i)
+            for shape, idx in by_shape.items():
+                ortho = newton_schulz(torch.stack([updates[i] for i in idx]), group["ns_coefficients"],
+                                      group["ns_steps"], group["eps"])
+                rows, cols = shape
+                scale = math.sqrt(max(1.0, rows / cols))  # torch.optim.Muon's default ("original") adjustment
+                torch._foreach_add_([params[i] for i in idx], list(ortho.to(params[idx[0]].dtype).unbind(0)),
+                                    alpha=-lr * scale)
 
 
 class MuonAdamW:
@@ -108,7 +159,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     if not hasattr(torch.optim, "Muon"):
         raise ConfigError(f"train.optimizer=muon needs torch >= 2.9 (this is {torch.__version__}); upgrade torch or "
                           "use --train.optimizer adamw")
-    muon = torch.optim.Muon([{"params": roles["hidden"], "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
+    muon = BatchedMuon([{"params": roles["hidden"], "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
                             weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     head = [{"params": roles["head"], "weight_decay": cfg.weight_decay, "lr_scale": 1.0}] if roles["head"] else []
     adamw = torch.optim.AdamW([*head, rest], **adamw_kw)

@@ -110,6 +110,31 @@ def test_fsdp_resumes_a_single_process_checkpoint(data: PreparedData, reference:
     assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
 
 
+def test_two_nodes_by_c10d_rendezvous(data: PreparedData, reference: Path, tmp_path: Path):
+    """README's two-node command shape, both "nodes" on this machine: two torchrun agents (--nnodes 2, one process
+    each, --node_rank 0/1) meet at a c10d rendezvous endpoint. Both processes have LOCAL_RANK 0, so anything keyed on
+    the local rank instead of the global one (who writes the run folder, who logs) would show up here."""
+    run, port = tmp_path / "two-nodes", free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+         "--rdzv_id", "tlm-test", "-m", "transformer_lm.cli", "train", str(data.path), "--out", str(run), *ARGS,
+         "--train.parallel=fsdp"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in range(2)]
+    try:
+        outputs = [agent.communicate(timeout=180) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert [a.returncode for a in agents] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sum(out.count(f"{run}: 20 steps") for out, _ in outputs) == 1  # one report, from global rank 0
+    ref, got = curve(reference), curve(run)
+    assert sorted(got) == list(range(1, 21))
+    assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
+    assert (final_checkpoint(run) / ckpt.SHARDS).is_dir()  # both nodes' shards in the one run folder
+
+
 SCRIPT = Path(__file__).with_name("dist_train.py")
 
 

@@ -2,14 +2,16 @@
 
     python benchmarks/train_throughput.py                       # both configs, defaults below (~3 min on 2 cores)
     python benchmarks/train_throughput.py --config tiny --steps 3 --rounds 2 --json /tmp/tp.json
+    python benchmarks/train_throughput.py --config gpt2 --dtype bfloat16   # both under bf16 autocast
 
 What is compared. Both models are built from a config (random weights, nothing is downloaded) with the same
 architecture: learned positions, pre-norm LayerNorm, tanh-GELU MLP (HF's `gelu_new`), biases, tied LM head, dropout 0,
-fp32, HF in `attn_implementation="sdpa"` (`--hf-attn eager` for the other path) and `use_cache=False`. Our weights are
-copied into the HF model and the two initial losses must agree, which proves the architectures are the same. Both get
-the same batch, the same thread count, and the same optimizer: our `train.make_optimizer` (AdamW, foreach, decay on
-matrices only), rebuilt with identical groups and hyper-parameters for HF. One training step, timed as a whole, is
-forward with loss → backward → clip_grad_norm_(1.0) → optimizer.step → zero_grad(set_to_none=True), in train() mode.
+fp32 (or both under `torch.autocast` with `--dtype bfloat16`), HF in `attn_implementation="sdpa"` (`--hf-attn eager` for
+the other path) and `use_cache=False`. Our weights are copied into the HF model and the two initial losses must agree,
+which proves the architectures are the same. Both get the same batch, the same thread count, and the same optimizer: our
+`train.make_optimizer` (AdamW, fused kernel, decay on matrices only), rebuilt with identical groups and hyper-parameters
+for HF. One training step, timed as a whole, is forward with loss → backward → clip_grad_norm_(1.0) → optimizer.step →
+zero_grad(set_to_none=True), in train() mode.
 
 Method. `--warmup` untimed steps per model first (allocator, oneDNN primitive caches, lazy optimizer state). Then
 `--rounds` rounds, each timing `--steps` consecutive steps of ours and then of HF (A B A B …), short blocks so that
@@ -100,11 +102,14 @@ def hf_optimizer(hf: torch.nn.Module, like: torch.optim.AdamW) -> torch.optim.Ad
     return opt
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, hf: bool) -> float:
-    """One timed optimizer step. HF shifts `labels` itself; ours takes explicit next-token targets."""
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, hf: bool,
+               dtype: torch.dtype = torch.float32) -> float:
+    """One timed optimizer step (forward under autocast to `dtype` unless fp32). HF shifts `labels` itself; ours takes
+    explicit next-token targets."""
     x = tokens[:, :-1]
     start = time.perf_counter()
-    loss = model(x, labels=x).loss if hf else model(x, tokens[:, 1:]).loss
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = model(x, labels=x).loss if hf else model(x, tokens[:, 1:]).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
@@ -115,6 +120,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, tokens: torch
 def bench(name: str, args: argparse.Namespace) -> dict:
     d = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS[name].items()}
     ours, hf, cfg = build(name, args.hf_attn)
+    dtype = getattr(torch, args.dtype)
     assert d["seq"] <= cfg.block_size, f"--seq {d['seq']} exceeds the block size {cfg.block_size}"
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(cfg.vocab_size, (d["batch"], d["seq"] + 1), generator=gen)
@@ -126,11 +132,11 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     contenders[f"hf-{args.hf_attn}"] = (hf, hf_optimizer(hf, contenders["ours"][1]), True)
     for model, opt, is_hf in contenders.values():
         for _ in range(d["warmup"]):
-            train_step(model, opt, tokens, is_hf)
+            train_step(model, opt, tokens, is_hf, dtype)
     times: dict[str, list[list[float]]] = {k: [] for k in contenders}  # per model, per round, per step
     for _ in range(d["rounds"]):
         for key, (model, opt, is_hf) in contenders.items():
-            times[key].append([train_step(model, opt, tokens, is_hf) for _ in range(d["steps"])])
+            times[key].append([train_step(model, opt, tokens, is_hf, dtype) for _ in range(d["steps"])])
     n_tok = d["batch"] * d["seq"]
     rows = {}
     for key, per_round in times.items():
@@ -141,8 +147,8 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     ratio = rows[ours_key]["tokens_per_s"] / rows[hf_key]["tokens_per_s"]
     # A cross-check robust to load that comes and goes: the ratio within each round (neighbours in time), median.
     paired = statistics.median(sum(h) / sum(o) for o, h in zip(times[ours_key], times[hf_key], strict=True))
-    return {"config": name, **d, "initial_loss": a, "params": ours.num_params(), "results": rows, "ratio": ratio,
-            "paired_ratio": paired}
+    return {"config": name, **d, "dtype": args.dtype, "initial_loss": a, "params": ours.num_params(), "results": rows,
+            "ratio": ratio, "paired_ratio": paired}
 
 
 def cpu_name() -> str:
@@ -168,6 +174,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, help="timed steps per model and round (default: 5 tiny, 1 gpt2)")
     p.add_argument("--rounds", type=int, help="interleaved rounds (default: 10 tiny, 10 gpt2)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="autocast precision of both models' forward (bf16 runs on AMX units where the CPU has them)")
     p.add_argument("--hf-attn", choices=["sdpa", "eager"], default="sdpa", help="HF attention implementation")
     p.add_argument("--json", metavar="PATH", help="also write the results (with every step time) as JSON")
     args = p.parse_args()

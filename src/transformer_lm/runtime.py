@@ -36,7 +36,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
-    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 elsewhere (bf16 matmul is slower on most CPUs)."""
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 elsewhere (without AMX units a CPU runs bf16 matmuls
+    slower; with them, small models still lose more to the casts than they gain: BENCHMARKS.md)."""
     if dtype != "auto":
         return getattr(torch, dtype)
     if device.type == "cuda":

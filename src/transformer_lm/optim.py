@@ -160,7 +160,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         raise ConfigError(f"train.optimizer=muon needs torch >= 2.9 (this is {torch.__version__}); upgrade torch or "
                           "use --train.optimizer adamw")
     muon = BatchedMuon([{"params": roles["hidden"], "lr_scale": cfg.muon_lr / cfg.lr}], lr=cfg.muon_lr,
-                            weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+                       weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     head = [{"params": roles["head"], "weight_decay": cfg.weight_decay, "lr_scale": 1.0}] if roles["head"] else []
     adamw = torch.optim.AdamW([*head, rest], **adamw_kw)
     return MuonAdamW(muon, adamw)

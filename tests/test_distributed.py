@@ -135,6 +135,34 @@ def test_two_nodes_by_c10d_rendezvous(data: PreparedData, reference: Path, tmp_p
     assert (final_checkpoint(run) / ckpt.SHARDS).is_dir()  # both nodes' shards in the one run folder
 
 
+def test_slurm_script_with_stand_in_srun(data: PreparedData, reference: Path, tmp_path: Path):
+    """scripts/train.sbatch as a SLURM job of two nodes would run it, with stand-ins for the two SLURM commands it
+    calls: `scontrol show hostnames` names this machine twice, `srun` starts the script's torchrun once per "node"
+    with SLURM's per-task variables. The torchrun line, its rendezvous and the tlm arguments are the script's own."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf '127.0.0.1\\n127.0.0.1\\n'\n")
+    (bin_dir / "srun").write_text(
+        "#!/bin/bash\nfor node in $(seq 0 $((SLURM_NNODES - 1))); do\n"
+        "  SLURM_NODEID=$node SLURM_PROCID=$node \"$@\" &\n  pids+=($!)\ndone\n"
+        "rc=0; for p in \"${pids[@]}\"; do wait \"$p\" || rc=$?; done; exit $rc\n")
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    run = tmp_path / "slurm"
+    path = f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}"  # the stand-ins, then this venv's torchrun
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path,
+           "SLURM_NNODES": "2", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[0-1]", "GPUS_PER_NODE": "1",
+           "RDZV_PORT": str(free_port())}
+    script = Path(__file__).parents[1] / "scripts" / "train.sbatch"
+    proc = subprocess.run(["bash", str(script), str(data.path), "--out", str(run), *ARGS, "--train.parallel=ddp"],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(f"{run}: 20 steps") == 1
+    ref, got = curve(reference), curve(run)
+    assert sorted(got) == list(range(1, 21))
+    assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
+
+
 SCRIPT = Path(__file__).with_name("dist_train.py")
 
 

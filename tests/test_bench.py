@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from transformer_lm.bench import hf_equivalent, prefill_flops_per_token
+from transformer_lm.accounting import prefill_flops_per_token
+from transformer_lm.bench import hf_equivalent
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, preset
 from transformer_lm.model import Transformer

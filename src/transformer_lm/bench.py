@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accounting import flops_per_token
+from .accounting import flops_per_token, prefill_flops_per_token
 from .config import ModelConfig, preset
 from .decode import StaticKVCache, prefill
 from .errors import ConfigError
@@ -210,13 +210,6 @@ def hf_equivalent(model: Transformer) -> tuple[nn.Module, str]:
     hf.generation_config.pad_token_id = 0
     hf.generation_config.eos_token_id = None
     return hf.to(model.tok_emb.weight.device).eval(), family
-
-
-def prefill_flops_per_token(config: ModelConfig, prompt_len: int) -> float:
-    """Forward FLOPs per prompt token of a prefill, which runs the LM head on the last position only (counting it at
-    every position overstated GPT-2's prefill MFU by a third: 123 % of the measured peak)."""
-    head = 2 * config.vocab_size * config.n_embd
-    return flops_per_token(config, prompt_len)["forward"] - head * (prompt_len - 1) / prompt_len
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, tokens: torch.Tensor, hf: bool) -> None:

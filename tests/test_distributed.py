@@ -110,9 +110,12 @@ def test_fsdp_resumes_a_single_process_checkpoint(data: PreparedData, reference:
     assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
 
 
-# Slow, and out of the default run: about once in 15 launches one torchrun agent stayed up after its worker had
-# reported (possibly torchrun's exit-barrier race, pytorch/pytorch#69520), and the test timed out.
-@pytest.mark.slow
+# The launcher tests are slow, and out of the default run: about once in 15 launches one torchrun agent stayed up
+# after its worker had reported (possibly torchrun's exit-barrier race, pytorch/pytorch#69520), and the test timed out.
+LAUNCHER = pytest.mark.slow
+
+
+@LAUNCHER
 def test_two_nodes_by_c10d_rendezvous(data: PreparedData, reference: Path, tmp_path: Path):
     """README's two-node command shape, both "nodes" on this machine: two torchrun agents (--nnodes 2, one process
     each, --node_rank 0/1) meet at a c10d rendezvous endpoint. Both processes have LOCAL_RANK 0, so anything keyed on
@@ -146,15 +149,11 @@ def test_two_nodes_by_c10d_rendezvous(data: PreparedData, reference: Path, tmp_p
             agent.kill()
     assert [a.returncode for a in agents] == [0, 0], [err[-2000:] for _, err in outputs]
     assert sum(out.count(f"{run}: 20 steps") for out, _ in outputs) == 1  # one report, from global rank 0
-    ref, got = curve(reference), curve(run)
-    assert sorted(got) == list(range(1, 21))
-    assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
+    assert_same_curve(run, reference)
     assert (final_checkpoint(run) / ckpt.SHARDS).is_dir()  # both nodes' shards in the one run folder
 
 
-# Slow, and out of the default run: about once in 15 launches one torchrun agent stayed up after its worker had
-# reported (possibly torchrun's exit-barrier race, pytorch/pytorch#69520), and the test timed out.
-@pytest.mark.slow
+@LAUNCHER
 def test_slurm_script_with_stand_in_srun(data: PreparedData, reference: Path, tmp_path: Path):
     """scripts/train.sbatch as a SLURM job of two nodes would run it, with stand-ins for the two SLURM commands it
     calls: `scontrol show hostnames` names this machine twice, `srun` starts the script's torchrun once per "node"
@@ -181,9 +180,7 @@ def test_slurm_script_with_stand_in_srun(data: PreparedData, reference: Path, tm
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(f"{run}: 20 steps") == 1
-    ref, got = curve(reference), curve(run)
-    assert sorted(got) == list(range(1, 21))
-    assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
+    assert_same_curve(run, reference)
 
 
 SCRIPT = Path(__file__).with_name("dist_train.py")

@@ -8,6 +8,7 @@ import sys
 
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.data import load_prepared
+from transformer_lm.parallel import leave
 from transformer_lm.train import train
 
 if __name__ == "__main__":
@@ -15,3 +16,4 @@ if __name__ == "__main__":
     res = train(ModelConfig(**spec["model"]), TrainConfig(**spec["train"]), load_prepared(data), out,
                 resume=spec.get("resume", False), progress=False, stop_at=spec.get("stop_at"))
     print(f"rank done at step {res.step}")
+    leave(0)  # as `tlm train` ends a worker: without the interpreter's finalization (see parallel.leave)

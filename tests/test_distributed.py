@@ -110,12 +110,6 @@ def test_fsdp_resumes_a_single_process_checkpoint(data: PreparedData, reference:
     assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
 
 
-# The launcher tests are slow, and out of the default run: about once in 15 launches one torchrun agent stayed up
-# after its worker had reported (possibly torchrun's exit-barrier race, pytorch/pytorch#69520), and the test timed out.
-LAUNCHER = pytest.mark.slow
-
-
-@LAUNCHER
 def test_two_nodes_by_c10d_rendezvous(data: PreparedData, reference: Path, tmp_path: Path):
     """README's two-node command shape, both "nodes" on this machine: two torchrun agents (--nnodes 2, one process
     each, --node_rank 0/1) meet at a c10d rendezvous endpoint. Both processes have LOCAL_RANK 0, so anything keyed on
@@ -153,7 +147,6 @@ def test_two_nodes_by_c10d_rendezvous(data: PreparedData, reference: Path, tmp_p
     assert (final_checkpoint(run) / ckpt.SHARDS).is_dir()  # both nodes' shards in the one run folder
 
 
-@LAUNCHER
 def test_slurm_script_with_stand_in_srun(data: PreparedData, reference: Path, tmp_path: Path):
     """scripts/train.sbatch as a SLURM job of two nodes would run it, with stand-ins for the two SLURM commands it
     calls: `scontrol show hostnames` names this machine twice, `srun` starts the script's torchrun once per "node"
@@ -335,6 +328,20 @@ def test_lost_rank_ends_the_others_with_an_error(data: PreparedData, tmp_path: P
     lines = [ln for ln in err.splitlines() if ln.startswith("tlm: error")]
     assert len(lines) == 1 and "rank 0 of 2: another rank died or stopped answering" in lines[0], err[-2000:]
     assert waited < (timeout if how == "killed" else timeout + 10), waited  # killed: no waiting for the timeout
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_leave_ends_a_worker_that_ran_a_process_group(started: bool):
+    """A worker that ran a process group ends at once with its status and its output flushed (a pipe's buffered
+    stdout would otherwise be lost with os._exit); any other process goes on to exit normally."""
+    script = ("import atexit, transformer_lm.parallel as p\n"
+              "atexit.register(print, 'finalized')\n"
+              f"p._started_group = {started}\n"
+              "print('report')\n"
+              "p.leave(3)\n"
+              "raise SystemExit(0)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.split()) == ((3, ["report"]) if started else (0, ["report", "finalized"]))
 
 
 def test_world_size_must_divide_batch(data: PreparedData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

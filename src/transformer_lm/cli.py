@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +25,7 @@ from .cli_experiments import (
     cmd_report,
 )
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recipe, presets
-from .errors import DistributedError, TLMError
+from .errors import TLMError
 
 log = logging.getLogger("transformer_lm")
 
@@ -391,20 +390,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ns = parse(argv)
         a = ns[ns.command]
-        return COMMANDS[ns.command](a) or 0
-    except DistributedError as e:
-        # A process group that lost a peer can deadlock when it is freed (gloo's destructor joins a worker thread
-        # that waits for the interpreter lock), so leave at once: the last checkpoint on disk is what there is to keep.
-        print(f"tlm: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(2)
+        code = COMMANDS[ns.command](a) or 0
     except (TLMError, argparse.ArgumentError) as e:
         msg = " ".join(str(e).split())  # one line, whatever the library or parser wrote
         print(f"tlm: error: {msg}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("tlm: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    parallel = sys.modules.get(f"{__package__}.parallel")  # imported by the commands that can start a process group
+    if parallel is not None:
+        parallel.leave(code)  # a torchrun worker that ran one ends here
+    return code
 
 
 if __name__ == "__main__":

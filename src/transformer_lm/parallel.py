@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +30,7 @@ from .runtime import autocast_dtype, resolve_device
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+_started_group = False  # whether this process ever initialized a process group (see `leave`)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,8 @@ def distributed(info: DistInfo, device: torch.device, timeout: float = 1800.0) -
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    global _started_group
+    _started_group = True
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             device_id=device if device.type == "cuda" else None, timeout=timedelta(seconds=timeout))
     try:
@@ -98,6 +102,27 @@ def distributed(info: DistInfo, device: torch.device, timeout: float = 1800.0) -
                                "(see the other ranks' logs for the cause)") from e
     finally:
         dist.destroy_process_group()
+
+
+def leave(code: int) -> None:
+    """End a torchrun worker with exit status `code` once its work is done, without the interpreter's finalization,
+    if this process ran a process group; otherwise return, for a normal exit.
+
+    Gloo's worker threads outlive `destroy_process_group` (the group object stays referenced from the sharded model)
+    and free each finished collective on their own thread. Freeing one whose tensors still hold a Python object needs
+    the interpreter lock; if finalization has begun by then, Python ends the thread with `pthread_exit`, whose unwind
+    through a C++ destructor calls std::terminate: a rank that finished its work dies of SIGABRT ("terminate called
+    without an active exception"), torchrun reports the job failed and the other node's agent waits for it
+    (core dump: `runLoop` → `~AsyncBroadcastWork` → `decref_pyobject` → `take_gil` → `pthread_exit`, while the main
+    thread was in `Py_FinalizeEx`; about 1 launch in 30-100 here, pytorch/pytorch#190489). After a lost peer, freeing
+    the group can also deadlock (its destructor joins a thread that waits for the lock). Everything this process
+    writes is closed by then, so leaving at once loses nothing: output is flushed first."""
+    if not _started_group:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _lost_contact(e: BaseException) -> bool:

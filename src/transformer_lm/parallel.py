@@ -109,14 +109,14 @@ def leave(code: int) -> None:
     this process ran a process group; otherwise return, for a normal exit.
 
     Gloo's worker threads outlive `destroy_process_group` (something still references the group object) and free
-    each finished collective on their own thread. Freeing one whose tensors still hold a
-    Python object needs the interpreter lock; if finalization has begun by then, Python ends the thread with
-    `pthread_exit`, whose unwind through a C++ destructor calls std::terminate: a rank that finished its work dies
-    of SIGABRT ("terminate called without an active exception"), torchrun reports the job failed and the other
-    node's agent waits for it (core dump: `runLoop` → `~AsyncBroadcastWork` → `decref_pyobject` → `take_gil` →
-    `pthread_exit`, while the main thread was in `Py_FinalizeEx`; 1 launch in 20-150 here, pytorch/pytorch#190489).
-    After a lost peer, freeing the group can also deadlock (its destructor joins a thread that waits for the lock).
-    Everything this process writes is closed by then, so leaving at once loses nothing: output is flushed first."""
+    each finished collective on their own thread. Freeing one whose tensors still hold a Python object needs the
+    interpreter lock; if finalization has begun by then, Python ends the thread with `pthread_exit`, whose unwind
+    through a C++ destructor calls std::terminate: a rank that finished its work dies of SIGABRT ("terminate called
+    without an active exception"), torchrun reports the job failed and the other node's agent waits for it (core
+    dump: `runLoop` → `~AsyncBroadcastWork` → `decref_pyobject` → `take_gil` → `pthread_exit`, while the main thread
+    was in `Py_FinalizeEx`; 1 launch in 20-150 here, pytorch/pytorch#190489). After a lost peer, freeing the group
+    can also deadlock (its destructor joins a thread that waits for the lock). Everything this process writes is
+    closed by then, so leaving at once loses nothing: output is flushed first."""
     if not _started_group:
         return
     for stream in (sys.stdout, sys.stderr):

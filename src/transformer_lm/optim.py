@@ -149,7 +149,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     roles = _param_roles(model)
     # FSDP2's sharded (DTensor) parameters keep foreach: with the fused kernel, the gloo exit abort that
     # parallel.leave sidesteps for `tlm train` (not for a script of the user's calling train()) was far more frequent:
-    # 2-rank CPU runs aborted in 1 launch of 4-30 against about 1 in 100.
+    # 2-rank CPU runs aborted in 1 launch of 4-30 against 1 in 20-150 with foreach.
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     fused = fused_adamw(device) and not sharded
     adamw_kw = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "fused": fused, "foreach": not fused}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from transformer_lm.accounting import prefill_flops_per_token
-from transformer_lm.bench import hf_equivalent
+from transformer_lm.bench import Row, hf_equivalent
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, preset
 from transformer_lm.model import Transformer
@@ -34,7 +34,20 @@ def test_cli_bench_tiny_prints_every_row(tmp_path, capsys):
         for key in ("ratio", "paired_ratio", "ours_util", "theirs_util", "ours_tokens_per_s", "theirs_tokens_per_s"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["name"], key, r[key])
         assert {r["util_kind"]} <= {"MFU", "MBU"}
+        assert len(r["bandwidths"]) == (1 if r["util_kind"] == "MBU" else 0), r["name"]  # one probe per round
     assert result["peak_flops"] > 0 and result["bandwidth"] > 0
+
+
+def test_mbu_divides_each_round_by_the_bandwidth_probed_before_it():
+    """Bytes per token × tokens / round time / that round's bandwidth, median over rounds; without probes, the
+    median time against the start-up bandwidth."""
+    row = Row("decode", tokens=10, ours_s=[1.0, 2.0, 4.0], theirs_s=[2.0, 2.0, 2.0], util_kind="MBU",
+              util_per_token=1e9, bandwidths=[10e9, 5e9, 1e9])
+    # ours per round: 10e9/1/10e9 = 1.0, 10e9/2/5e9 = 1.0, 10e9/4/1e9 = 2.5; theirs: 0.5, 1.0, 5.0
+    assert row.util(True, peak=1.0, bandwidth=123.0) == pytest.approx(1.0)
+    assert row.util(False, peak=1.0, bandwidth=123.0) == pytest.approx(1.0)
+    row.bandwidths = []
+    assert row.util(True, peak=1.0, bandwidth=5e9) == pytest.approx(10 / 2.0 * 1e9 / 5e9)
 
 
 def test_hf_equivalent_of_a_llama_style_model_has_our_logits():

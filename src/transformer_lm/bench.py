@@ -10,14 +10,17 @@ ours, theirs, ...) after a warm-up of each, so that load on a shared machine slo
   zero_grad — on batch × seq random tokens;
 - prefill: a prompt of `prefill_len` tokens (1024 for gpt2) into an empty KV cache, last-position logits only (what
   generation needs; transformers' `logits_to_keep=1`);
-- decode: `new_tokens` greedy tokens after a 16-token prompt, batch 1 (our generate(), their generate()) and batch
-  `decode_batch`; the whole call is timed, the short prefill included.
+- decode: `new_tokens` (128) greedy tokens after a 16-token prompt, batch 1 (our generate(), their generate()) and
+  batch `decode_batch`; the whole call is timed, the short prefill included (gpt-fast times 200 tokens this way; at
+  32 tokens the 16-token prefill was ~7 % of our call and pulled the reading below the decode steps' own rate).
 
 Prefill and decode run our model as `tlm sample` does: after the training row, layout.decode_layout (weights stored
 [in, out] where that is faster) and, for the quantized row, quantize() on top of it.
 
 MFU (model FLOPs utilization) is reported for train and prefill against perf.peak_flops (a datasheet figure, or a
-measured matmul on unknown devices such as CPUs); MBU (bytes read per token ÷ measured copy bandwidth) for decode.
+measured matmul on unknown devices such as CPUs); MBU (bytes read per token ÷ measured copy bandwidth) for decode,
+each round against a copy bandwidth probed just before it (median over rounds): on a shared machine the bandwidth
+itself drifts by 10-20 % within minutes, and one start-up figure would turn that drift into MBU.
 Peak memory is the allocator's peak on CUDA, and the peak resident-set growth over the warm-up call on CPU.
 """
 
@@ -43,7 +46,16 @@ from .generate import generate, generate_batch
 from .layout import decode_layout
 from .model import Transformer
 from .optim import fused_adamw
-from .perf import copy_bandwidth, decode_bytes_per_token, mbu, mfu, now, peak_flops, synchronize
+from .perf import (
+    copy_bandwidth,
+    decode_bytes_per_token,
+    mbu,
+    measured_copy_bandwidth,
+    mfu,
+    now,
+    peak_flops,
+    synchronize,
+)
 from .quantize import parse_quantize
 from .quantize import quantize as quantize_model
 from .runtime import resolve_device
@@ -68,6 +80,8 @@ class Row:
     """FLOPs (MFU) or bytes (MBU) per token of ours; theirs, the same model, is charged the same."""
     theirs_util_per_token: float | None = None
     """When theirs differs (ours quantized against their float weights)."""
+    bandwidths: list[float] = field(default_factory=list)
+    """MBU rows: the copy bandwidth (bytes/s) probed before each round, which that round's MBU divides by."""
 
     def tokens_per_s(self, ours: bool) -> float:
         times = self.ours_s if ours else self.theirs_s
@@ -83,9 +97,14 @@ class Row:
         return statistics.median(t / o for o, t in zip(self.ours_s, self.theirs_s))
 
     def util(self, ours: bool, peak: float, bandwidth: float) -> float:
+        """MFU against `peak`; MBU per round against that round's probed bandwidth (median), else `bandwidth`."""
         per_token = self.util_per_token if ours or self.theirs_util_per_token is None else self.theirs_util_per_token
-        tps = self.tokens_per_s(ours)
-        return mfu(per_token, tps, peak) if self.util_kind == "MFU" else mbu(per_token, tps, bandwidth)
+        if self.util_kind == "MFU":
+            return mfu(per_token, self.tokens_per_s(ours), peak)
+        times = self.ours_s if ours else self.theirs_s
+        if self.bandwidths:
+            return statistics.median(mbu(per_token, self.tokens / t, bw) for t, bw in zip(times, self.bandwidths))
+        return mbu(per_token, self.tokens_per_s(ours), bandwidth)
 
 
 @dataclass
@@ -104,9 +123,11 @@ class BenchResult:
 
     def table(self) -> str:
         """The results as a plain-text table, with ours/theirs ratios."""
+        probed = [bw for r in self.rows for bw in r.bandwidths]
+        rounds = f" (before decode rounds {min(probed) / 1e9:.1f}-{max(probed) / 1e9:.1f})" if probed else ""
         head = (f"{self.preset} ({self.params / 1e6:.2f}M params, transformers {self.family}) on {self.device}, "
                 f"{self.threads} threads; peak {self.peak_flops / 1e9:.0f} GFLOP/s, copy bandwidth "
-                f"{self.bandwidth / 1e9:.1f} GB/s; max |Δlogit| ours vs theirs {self.max_logit_diff:.1e}")
+                f"{self.bandwidth / 1e9:.1f} GB/s{rounds}; max |Δlogit| ours vs theirs {self.max_logit_diff:.1e}")
         cols = f"{'measurement':<18}{'ours tok/s':>12}{'theirs tok/s':>14}{'ours/theirs':>13}{'(paired)':>10}" \
                f"{'ours peak MB':>14}{'theirs peak MB':>16}{'util':>6}{'ours':>8}{'theirs':>8}"
         lines = [head, cols]
@@ -125,7 +146,7 @@ class BenchResult:
                  "ours_peak_bytes": r.ours_peak, "theirs_peak_bytes": r.theirs_peak, "util_kind": r.util_kind,
                  "ours_util": r.util(True, self.peak_flops, self.bandwidth),
                  "theirs_util": r.util(False, self.peak_flops, self.bandwidth), "ours_s": r.ours_s,
-                 "theirs_s": r.theirs_s} for r in self.rows]
+                 "theirs_s": r.theirs_s, "bandwidths": r.bandwidths} for r in self.rows]
         return {"preset": self.preset, "family": self.family, "params": self.params, "device": self.device,
                 "threads": self.threads, "peak_flops": self.peak_flops, "bandwidth": self.bandwidth,
                 "max_logit_diff": self.max_logit_diff, "settings": self.settings, "rows": rows}
@@ -240,8 +261,9 @@ def _train_row(ours: Transformer, theirs: nn.Module, tokens: torch.Tensor, steps
 
 
 def _measure(row: Row, ours: Callable[[], object], theirs: Callable[[], object], steps: int,
-             device: torch.device) -> Row:
-    """Warm each up once (its peak memory measured), then `steps` interleaved timed repetitions."""
+             device: torch.device, probe: Callable[[], float] | None = None) -> Row:
+    """Warm each up once (its peak memory measured), then `steps` interleaved timed repetitions, each round after a
+    call of `probe` (its result kept in row.bandwidths)."""
     for fn, is_ours in ((ours, True), (theirs, False)):
         with PeakMemory(device) as mem:
             fn()
@@ -250,6 +272,8 @@ def _measure(row: Row, ours: Callable[[], object], theirs: Callable[[], object],
         else:
             row.theirs_peak = mem.peak
     for i in range(steps):
+        if probe is not None:
+            row.bandwidths.append(probe())
         pair = ((ours, row.ours_s), (theirs, row.theirs_s))
         for fn, times in (pair if i % 2 == 0 else pair[::-1]):  # alternate who goes first
             start = now(device)
@@ -259,7 +283,7 @@ def _measure(row: Row, ours: Callable[[], object], theirs: Callable[[], object],
 
 
 def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device: str = "auto",
-          steps: int = 3, batch: int = 1, seq: int | None = None, prefill_len: int = 1024, new_tokens: int = 32,
+          steps: int = 3, batch: int = 1, seq: int | None = None, prefill_len: int = 1024, new_tokens: int = 128,
           decode_batch: int = 8, quantize: str | None = None, compile: bool = False,
           seed: int = 0) -> BenchResult:
     """Measure our model against transformers' on the preset's config (with `model` field overrides): training,
@@ -322,7 +346,7 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
                 return theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                        min_new_tokens=new_tokens, do_sample=False)
 
-            return _measure(row, ours_fn, theirs_fn, steps, dev)
+            return _measure(row, ours_fn, theirs_fn, steps, dev, lambda: measured_copy_bandwidth(dev, repeats=3))
 
         rows.append(decode_row("decode batch 1", ours, 1))
         rows.append(decode_row(f"decode batch {decode_batch}", ours, decode_batch))

@@ -156,6 +156,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> floa
 
 @functools.cache
 def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """measured_copy_bandwidth, measured once per process (the figure start-up MBU readings divide by)."""
+    return measured_copy_bandwidth(device, nbytes, repeats)
+
+
+def measured_copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
     """Memory bandwidth of `device` in bytes/s: (bytes read + bytes written) per second of a tensor copy, best of
     `repeats`. The default size (256 MiB on CPU, 1 GiB on GPU) exceeds the caches, so this is DRAM/HBM speed."""
     device = torch.device(device)

@@ -38,16 +38,15 @@ def test_cli_bench_tiny_prints_every_row(tmp_path, capsys):
     assert result["peak_flops"] > 0 and result["bandwidth"] > 0
 
 
-def test_mbu_divides_each_round_by_the_bandwidth_probed_before_it():
-    """Bytes per token × tokens / round time / that round's bandwidth, median over rounds; without probes, the
-    median time against the start-up bandwidth."""
-    row = Row("decode", tokens=10, ours_s=[1.0, 2.0, 4.0], theirs_s=[2.0, 2.0, 2.0], util_kind="MBU",
-              util_per_token=1e9, bandwidths=[10e9, 5e9, 1e9])
-    # ours per round: 10e9/1/10e9 = 1.0, 10e9/2/5e9 = 1.0, 10e9/4/1e9 = 2.5; theirs: 0.5, 1.0, 5.0
-    assert row.util(True, peak=1.0, bandwidth=123.0) == pytest.approx(1.0)
-    assert row.util(False, peak=1.0, bandwidth=123.0) == pytest.approx(1.0)
+def test_mbu_divides_by_the_median_bandwidth_probed_during_the_row():
+    """Bytes per token × tokens per second (median time) / median of the row's probed bandwidths; a row without
+    probes divides by the bandwidth it is given (the start-up one)."""
+    row = Row("decode", tokens=10, ours_s=[1.0, 2.0, 4.0], theirs_s=[5.0, 4.0, 4.0], util_kind="MBU",
+              util_per_token=1e9, bandwidths=[10e9, 1e9, 4e9])
+    assert row.util(True, peak=1.0, bandwidth=123.0) == pytest.approx(1e9 * 10 / 2.0 / 4e9)
+    assert row.util(False, peak=1.0, bandwidth=123.0) == pytest.approx(1e9 * 10 / 4.0 / 4e9)
     row.bandwidths = []
-    assert row.util(True, peak=1.0, bandwidth=5e9) == pytest.approx(10 / 2.0 * 1e9 / 5e9)
+    assert row.util(True, peak=1.0, bandwidth=5e9) == pytest.approx(1e9 * 10 / 2.0 / 5e9)
 
 
 def test_hf_equivalent_of_a_llama_style_model_has_our_logits():

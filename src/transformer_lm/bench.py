@@ -19,8 +19,9 @@ Prefill and decode run our model as `tlm sample` does: after the training row, l
 
 MFU (model FLOPs utilization) is reported for train and prefill against perf.peak_flops (a datasheet figure, or a
 measured matmul on unknown devices such as CPUs); MBU (bytes read per token ÷ measured copy bandwidth) for decode,
-each round against a copy bandwidth probed just before it (median over rounds): on a shared machine the bandwidth
-itself drifts by 10-20 % within minutes, and one start-up figure would turn that drift into MBU.
+against the median of copy bandwidths probed before each of its rounds: on a shared machine the bandwidth drifts
+by 10-40 % within minutes (a neighbour's load), so a start-up figure can be far from the one the row ran under, and
+a single probe is noisier than the decode timings themselves (17-28 GB/s between rounds that decoded within ±5 %).
 Peak memory is the allocator's peak on CUDA, and the peak resident-set growth over the warm-up call on CPU.
 """
 
@@ -81,7 +82,7 @@ class Row:
     theirs_util_per_token: float | None = None
     """When theirs differs (ours quantized against their float weights)."""
     bandwidths: list[float] = field(default_factory=list)
-    """MBU rows: the copy bandwidth (bytes/s) probed before each round, which that round's MBU divides by."""
+    """MBU rows: the copy bandwidth (bytes/s) probed before each round; their median is the row's bandwidth."""
 
     def tokens_per_s(self, ours: bool) -> float:
         times = self.ours_s if ours else self.theirs_s
@@ -97,14 +98,11 @@ class Row:
         return statistics.median(t / o for o, t in zip(self.ours_s, self.theirs_s))
 
     def util(self, ours: bool, peak: float, bandwidth: float) -> float:
-        """MFU against `peak`; MBU per round against that round's probed bandwidth (median), else `bandwidth`."""
+        """MFU against `peak`; MBU against the median bandwidth probed during the row, else against `bandwidth`."""
         per_token = self.util_per_token if ours or self.theirs_util_per_token is None else self.theirs_util_per_token
         if self.util_kind == "MFU":
             return mfu(per_token, self.tokens_per_s(ours), peak)
-        times = self.ours_s if ours else self.theirs_s
-        if self.bandwidths:
-            return statistics.median(mbu(per_token, self.tokens / t, bw) for t, bw in zip(times, self.bandwidths))
-        return mbu(per_token, self.tokens_per_s(ours), bandwidth)
+        return mbu(per_token, self.tokens_per_s(ours), statistics.median(self.bandwidths or [bandwidth]))
 
 
 @dataclass
@@ -124,7 +122,7 @@ class BenchResult:
     def table(self) -> str:
         """The results as a plain-text table, with ours/theirs ratios."""
         probed = [bw for r in self.rows for bw in r.bandwidths]
-        rounds = f" (before decode rounds {min(probed) / 1e9:.1f}-{max(probed) / 1e9:.1f})" if probed else ""
+        rounds = f" (during the decode rows {min(probed) / 1e9:.1f}-{max(probed) / 1e9:.1f})" if probed else ""
         head = (f"{self.preset} ({self.params / 1e6:.2f}M params, transformers {self.family}) on {self.device}, "
                 f"{self.threads} threads; peak {self.peak_flops / 1e9:.0f} GFLOP/s, copy bandwidth "
                 f"{self.bandwidth / 1e9:.1f} GB/s{rounds}; max |Δlogit| ours vs theirs {self.max_logit_diff:.1e}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 
 if TYPE_CHECKING:
     from .recurrent import RecurrentLM
@@ -221,12 +222,27 @@ class Block(nn.Module):
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor
-    """(B, T, vocab) — or (B, 1, vocab) when only the last position was asked for."""
+    logits: torch.Tensor | None
+    """(B, T, vocab) — or (B, 1, vocab) when only the last position was asked for. None when a training step's loss
+    was computed together with the head (targets given, gradients enabled: see head_loss)."""
     loss: torch.Tensor | None = None
     """Mean next-token cross-entropy in nats, when targets were given."""
     attentions: list[torch.Tensor] | None = None
     """Per layer, the (B, n_head, T, S) attention weights, when asked for."""
+
+
+def head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
+              attentions: list[torch.Tensor] | None = None) -> LMOutput:
+    """The LM head on the final hidden states x (B, T, C), and the mean next-token cross-entropy against targets (B, T)
+    (-1: no target). A training step (gradients enabled) on a plain linear head gets the loss without the logits:
+    linear_cross_entropy never holds the (B·T, vocab) logits' gradients, the largest tensors of a small model's step."""
+    if targets is not None and torch.is_grad_enabled() and type(head) is nn.Linear:
+        return LMOutput(None, linear_cross_entropy(x, head.weight, head.bias, targets), attentions)
+    logits = head(x)  # (B, T, vocab)
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+    return LMOutput(logits, loss, attentions)
 
 
 class Transformer(nn.Module):
@@ -319,11 +335,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return LMOutput(logits, loss, attentions)
+        return head_loss(self.lm_head, x, targets, attentions)
 
 
 def build_model(config: ModelConfig) -> Transformer | RecurrentLM:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
-from .model import LMOutput
+from .model import LMOutput, head_loss
 
 State = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 """(h, c) of an LSTM or h of an RNN, each (n_layer, B, n_embd): what nn.LSTM / nn.RNN take and return."""
@@ -138,11 +137,7 @@ class RecurrentLM(nn.Module):
         y = self.dropout(y)
         if last_only:
             y = y[:, -1:, :]
-        logits = self.lm_head(y)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return LMOutput(logits, loss)
+        return head_loss(self.lm_head, y, targets)
 
     def _step_through(self, x: torch.Tensor, cache: RecurrentCache | None, key_mask: torch.Tensor | None
                       ) -> torch.Tensor:

@@ -21,9 +21,12 @@ The terms count what this package's training loop holds (fp32 parameters, AdamW,
   or repeated Q and K/V are new tensors besides); the fused attention's output (b·s·h, which is already the output
   projection's input) and its log-sum-exp (b·a·s, fp32); the FFN's hidden activations (2·b·s·f for GELU, 4·b·s·f
   for SwiGLU); 1-byte dropout masks when dropout > 0. Outside the blocks: the token ids, the final norm's input and
-  output, and the fp32 log-softmax of the logits (b·s·V). With activation checkpointing only each block's input is
-  kept, and one block's activations are rebuilt at a time in the backward pass.
-- logits transient: the logits' gradient and the log-softmax's, b·s·V each at the start of the backward pass.
+  output, and what the fused head and loss (loss.py) keep for the backward pass: the gradients of the head's weight
+  (V·h) and of its input (b·s·h), fp32 (bf16 under FSDP2's bf16 policy). With activation checkpointing only each
+  block's input is kept, and one block's activations are rebuilt at a time in the backward pass.
+- logits transient: the fused head and loss's buffer at the end of the forward pass: fp32 logits, overwritten in
+  place by their gradient, for b·s positions (or the rows of one chunk, loss.CHUNK_BYTES), beside the weighted copy
+  of its input (b·s·h); under autocast also the low-precision copies its matmuls take of both.
 
 Peak ≈ weights + optimizer + the largest of: activations + logits transient + autocast copies (the end of the
 forward pass); with activation checkpointing, the last block's backward (its whole block rebuilt beside that, an
@@ -44,6 +47,7 @@ from typing import Any, Literal
 from ..accounting import count_params
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..loss import CHUNK_BYTES
 
 Parallel = Literal["ddp", "fsdp"]
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -73,7 +77,7 @@ class MemoryPlan:
     def peak(self) -> int:
         forward_end = self.activations + self.logits_transient + self.autocast_copies
         # the backward pass of the last block: under checkpointing its activations are rebuilt beside the kept ones
-        last_block = self.activations + self.logits_transient + self.block_activations + self.autocast_copies
+        last_block = self.activations + self.block_activations + self.autocast_copies
         # the backward pass of the first block: its activations beside the other blocks' gradients
         first_block = self.block_activations + self.gradients * (self.layers - 1) // self.layers
         step = self.gradients + self.optimizer_step_temp
@@ -139,8 +143,11 @@ def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, wor
     autocast = 2 * matmul_weights(c) if compute != 4 and not mixed else 0
     block = block_activations(c, b, s, compute)
     outside = b * s * 8 + b * s * c.n_embd * (4 + compute) + b * s * 4 * (2 if c.norm == "layernorm" else 1)
-    outside += b * s * c.vocab_size * 4  # log-softmax of the logits, fp32
+    head = 2 if mixed else 4  # the head's weight and input: bf16 under FSDP2's policy, fp32 otherwise
+    outside += (c.vocab_size + b * s) * c.n_embd * head  # their gradients, kept by the fused loss for the backward
     kept = b * s * c.n_embd * 4 if activation_checkpointing else block  # per block: its fp32 input, or everything
-    logits = 2 * b * s * c.vocab_size * 4
+    rows = min(b * s, max(1, CHUNK_BYTES // (4 * c.vocab_size)))  # positions in the loss's buffer at once
+    low = 2 if compute != 4 else 0  # the half-precision copies the loss's matmuls take of the buffer and input
+    logits = rows * (c.vocab_size * (4 + low) + c.n_embd * (head + low))
     return MemoryPlan(parallel, world_size, activation_checkpointing, weights, gradients, optimizer, step_temp,
                       autocast, c.n_layer * kept + outside, logits, block, c.n_layer)

@@ -48,12 +48,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # Row i's gradient is weighted by ws_i: weight the (n, C) factors, never the (n, V) buffer.
             if want_x:
                 grad_x[s:s + rows] = (g @ weight) * ws[:, None].to(x.dtype)
-            if want_w:
-                xw = (xs * ws[:, None]).to(weight.dtype)
-                if grad_w is None:
-                    grad_w = (g.t() @ xw).to(weight.dtype)  # (V, C)
-                else:
-                    grad_w.addmm_(g.t(), xw)
+            if want_w:  # (V, C); an out-of-place product, so that autocast still runs it in low precision
+                part = g.t() @ (xs * ws[:, None]).to(weight.dtype)
+                grad_w = part.to(weight.dtype) if grad_w is None else grad_w.add_(part)
             if want_b:
                 part = (g.t() @ ws.to(g.dtype)).to(bias.dtype)  # (V,)
                 grad_b = part if grad_b is None else grad_b.add_(part)

@@ -65,3 +65,30 @@ def test_cuda_graphed_decode_equals_eager():
         assert list(generate(model, prompt, 24, temperature=0.0, compile=True)) == eager
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
     assert generate_batch(model, prompts, 12, compile=True) == generate_batch(model, prompts, 12)
+
+
+@pytest.mark.parametrize("vocab", [97, 50257])  # a short row and a GPT-2 row: CUDA's softmax kernels differ by length
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_head_loss_equals_the_plain_loss_on_gpu(vocab: int, autocast: bool, device: str = "cuda"):
+    """loss.py overwrites its logits buffer in place (log-softmax into itself, then softmax, then the gradient): on
+    CUDA's kernels too, the loss and the gradients must equal F.cross_entropy's through autograd."""
+    import torch.nn.functional as F
+
+    from transformer_lm.loss import linear_cross_entropy
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(300, 64, device=device, generator=gen).requires_grad_()
+    w = (torch.randn(vocab, 64, device=device, generator=gen) * 0.5).requires_grad_()
+    t = torch.randint(0, vocab, (300,), device=device, generator=gen)
+    t[::7] = -1
+    results = []
+    for fn in (lambda: F.cross_entropy(F.linear(x, w).float(), t, ignore_index=-1),
+               lambda: linear_cross_entropy(x, w, None, t)):
+        x.grad = w.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            loss = fn()
+        loss.backward()
+        results.append((loss.detach(), x.grad.clone(), w.grad.clone()))
+    tolerance = dict(atol=2e-3, rtol=2e-2) if autocast else dict(atol=1e-4, rtol=1e-3)  # TF32 may be on for fp32
+    for plain, fused in zip(*results, strict=True):
+        torch.testing.assert_close(fused, plain, **tolerance)

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from transformer_lm.api import load_run
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.generate import generate
+from transformer_lm.loss import linear_cross_entropy
 from transformer_lm.model import Transformer
 from transformer_lm.train import read_metrics, train, training_data
 
@@ -72,10 +74,6 @@ def test_cuda_graphed_decode_equals_eager():
 def test_fused_head_loss_equals_the_plain_loss_on_gpu(vocab: int, autocast: bool, device: str = "cuda"):
     """loss.py overwrites its logits buffer in place (log-softmax into itself, then softmax, then the gradient): on
     CUDA's kernels too, the loss and the gradients must equal F.cross_entropy's through autograd."""
-    import torch.nn.functional as F
-
-    from transformer_lm.loss import linear_cross_entropy
-
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(300, 64, device=device, generator=gen).requires_grad_()
     w = (torch.randn(vocab, 64, device=device, generator=gen) * 0.5).requires_grad_()

@@ -120,6 +120,8 @@ def test_model_training_step_equals_the_plain_loss(family):
         out = model(idx, targets)
     assert out.logits is not None
     torch.testing.assert_close(out.loss, want_loss)
+    with torch.autocast("cpu", dtype=torch.float16):  # float16 keeps the plain path, for the GradScaler (see head_loss)
+        assert model(idx, targets).logits is not None
 
 
 def test_recurrent_baseline_uses_the_same_loss():

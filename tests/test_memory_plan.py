@@ -69,6 +69,26 @@ def test_one_device(name: str, checkpointing: bool):
     assert abs(ratio - 1) < TOLERANCE[checkpointing]
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_one_device_under_autocast(dtype: str):
+    """bf16 trains through the fused head + loss, float16 through the plain loss (model.head_loss): the plan follows."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    config, b = CONFIGS["gpt2"], 4
+    model = Transformer(config).init_weights(0)
+
+    def forward(x: torch.Tensor, y: torch.Tensor):
+        with torch.autocast("cpu", dtype=getattr(torch, dtype)):
+            return model(x, y)
+
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
+    got = measure(MemTracker, model, forward, optimizer, torch.randint(0, config.vocab_size, (b, config.block_size)))
+    plan = plan_memory(config, b, world_size=1, dtype=dtype, fused_optimizer=False)
+    ratio = report(f"gpt2 {dtype} autocast", plan, got)
+    assert got["TEMP"] == plan.logits_in_backward  # the plain loss's two gradients, or nothing
+    assert abs(ratio - 1) < TOLERANCE[False]
+
+
 @pytest.fixture
 def fake_group() -> Iterator[int]:
     from torch.testing._internal.distributed.fake_pg import FakeStore

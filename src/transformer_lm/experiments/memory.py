@@ -26,7 +26,10 @@ The terms count what this package's training loop holds (fp32 parameters, AdamW,
   block's input is kept, and one block's activations are rebuilt at a time in the backward pass.
 - logits transient: the fused head and loss's buffer at the end of the forward pass: fp32 logits, overwritten in
   place by their gradient, for b·s positions (or the rows of one chunk, loss.CHUNK_BYTES), beside the weighted copy
-  of its input (b·s·h); under autocast also the low-precision copies its matmuls take of both.
+  of its input (b·s·h); under autocast also the low-precision copies its matmuls take of both. Under float16
+  autocast the model keeps the plain loss (see model.head_loss): the fp32 log-softmax of the logits (b·s·V) is an
+  activation instead, and the logits' gradient and the log-softmax's (b·s·V each) are alive at the start of the
+  backward pass.
 
 Peak ≈ weights + optimizer + the largest of: activations + logits transient + autocast copies (the end of the
 forward pass); with activation checkpointing, the last block's backward (its whole block rebuilt beside that, an
@@ -72,12 +75,15 @@ class MemoryPlan:
     """One block's activations: what the backward pass holds of the first block at its end (and rebuilds for
     each block in turn under activation checkpointing)."""
     layers: int
+    logits_in_backward: int = 0
+    """Logits-sized gradients still alive when the backward pass reaches the last block: none with the fused loss,
+    the plain loss's two under float16 autocast."""
 
     @property
     def peak(self) -> int:
         forward_end = self.activations + self.logits_transient + self.autocast_copies
         # the backward pass of the last block: under checkpointing its activations are rebuilt beside the kept ones
-        last_block = self.activations + self.block_activations + self.autocast_copies
+        last_block = self.activations + self.logits_in_backward + self.block_activations + self.autocast_copies
         # the backward pass of the first block: its activations beside the other blocks' gradients
         first_block = self.block_activations + self.gradients * (self.layers - 1) // self.layers
         step = self.gradients + self.optimizer_step_temp
@@ -143,9 +149,14 @@ def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, wor
     autocast = 2 * matmul_weights(c) if compute != 4 and not mixed else 0
     block = block_activations(c, b, s, compute)
     outside = b * s * 8 + b * s * c.n_embd * (4 + compute) + b * s * 4 * (2 if c.norm == "layernorm" else 1)
+    kept = b * s * c.n_embd * 4 if activation_checkpointing else block  # per block: its fp32 input, or everything
+    if dtype == "float16":  # model.head_loss keeps the plain loss: the fp32 log-softmax, then two b·s·V gradients
+        outside += b * s * c.vocab_size * 4
+        logits = 2 * b * s * c.vocab_size * 4
+        return MemoryPlan(parallel, world_size, activation_checkpointing, weights, gradients, optimizer, step_temp,
+                          autocast, c.n_layer * kept + outside, logits, block, c.n_layer, logits)
     head = 2 if mixed else 4  # the head's weight and input: bf16 under FSDP2's policy, fp32 otherwise
     outside += (c.vocab_size + b * s) * c.n_embd * head  # their gradients, kept by the fused loss for the backward
-    kept = b * s * c.n_embd * 4 if activation_checkpointing else block  # per block: its fp32 input, or everything
     rows = min(b * s, max(1, CHUNK_BYTES // (4 * c.vocab_size)))  # positions in the loss's buffer at once
     low = 2 if compute != 4 else 0  # the half-precision copies the loss's matmuls take of the buffer and input
     logits = rows * (c.vocab_size * (4 + low) + c.n_embd * (head + low))

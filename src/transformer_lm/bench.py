@@ -7,7 +7,8 @@ their logits must agree before anything is timed. Each measurement is repeated i
 ours, theirs, ...) after a warm-up of each, so that load on a shared machine slows both alike; the median counts.
 
 - train: one optimizer step — forward with loss, backward, clip to 1.0, AdamW step (same settings for both),
-  zero_grad — on batch × seq random tokens;
+  zero_grad — on batch × seq random tokens (each model's own loss: ours computes the head and the loss together,
+  loss.py; transformers builds the logits and calls cross-entropy on them);
 - prefill: a prompt of `prefill_len` tokens (1024 for gpt2) into an empty KV cache, last-position logits only (what
   generation needs; transformers' `logits_to_keep=1`);
 - decode: `new_tokens` (128) greedy tokens after a 16-token prompt, batch 1 (our generate(), their generate()) and

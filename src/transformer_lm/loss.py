@@ -7,8 +7,8 @@ the head's input and weight instead, and computes the loss and the gradients of 
 pass, in one buffer overwritten in place: logits → log-probabilities → probabilities → their gradient (softmax minus
 one-hot), which the same two matmuls as autograd's turn into the input gradients. The backward pass only scales them.
 Liger-Kernel's fused linear cross-entropy does the same on GPUs with Triton; this is plain PyTorch. On this project's
-CPU (BENCHMARKS.md, seventh reading) it is a memory saving first: GPT-2 124M's peak at 4 × 1024 tokens fell from 7.5 to
-6.0 GB and its page faults per step halved, while the step got at most a few per cent faster.
+CPU (BENCHMARKS.md, seventh reading; `benchmarks/fused_loss.py`) it is a memory saving first: GPT-2 124M's peak at
+4 × 1024 tokens fell from 7.5-7.9 to 5.4-6.0 GB and its page faults per step halved; the step got 0-5 % faster.
 
 Positions whose target is `ignore_index` count for nothing (as in F.cross_entropy's mean); the per-row weights that
 mask them and divide by the count are applied to the small N × C side of the products, never to the N × V buffer.

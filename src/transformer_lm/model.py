@@ -238,9 +238,9 @@ def head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
     linear_cross_entropy never holds the (B·T, vocab) logits' gradients, the largest tensors of a small model's step.
     Not in float16: it computes the head's gradients in the forward pass, before a GradScaler's scale could keep their
     small values from underflowing in half precision."""
-    half = x.dtype == torch.float16 or (torch.is_autocast_enabled(x.device.type)
-                                        and torch.get_autocast_dtype(x.device.type) == torch.float16)
-    if targets is not None and torch.is_grad_enabled() and type(head) is nn.Linear and not half:
+    dev = x.device.type
+    if (targets is not None and torch.is_grad_enabled() and type(head) is nn.Linear and x.dtype != torch.float16
+            and not (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16)):
         return LMOutput(None, linear_cross_entropy(x, head.weight, head.bias, targets), attentions)
     logits = head(x)  # (B, T, vocab)
     loss = None

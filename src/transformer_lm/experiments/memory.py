@@ -152,13 +152,12 @@ def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, wor
     kept = b * s * c.n_embd * 4 if activation_checkpointing else block  # per block: its fp32 input, or everything
     if dtype == "float16":  # model.head_loss keeps the plain loss: the fp32 log-softmax, then two b·s·V gradients
         outside += b * s * c.vocab_size * 4
-        logits = 2 * b * s * c.vocab_size * 4
-        return MemoryPlan(parallel, world_size, activation_checkpointing, weights, gradients, optimizer, step_temp,
-                          autocast, c.n_layer * kept + outside, logits, block, c.n_layer, logits)
-    head = 2 if mixed else 4  # the head's weight and input: bf16 under FSDP2's policy, fp32 otherwise
-    outside += (c.vocab_size + b * s) * c.n_embd * head  # their gradients, kept by the fused loss for the backward
-    rows = min(b * s, max(1, CHUNK_BYTES // (4 * c.vocab_size)))  # positions in the loss's buffer at once
-    low = 2 if compute != 4 else 0  # the half-precision copies the loss's matmuls take of the buffer and input
-    logits = rows * (c.vocab_size * (4 + low) + c.n_embd * (head + low))
+        logits = in_backward = 2 * b * s * c.vocab_size * 4
+    else:
+        head = 2 if mixed else 4  # the head's weight and input: bf16 under FSDP2's policy, fp32 otherwise
+        outside += (c.vocab_size + b * s) * c.n_embd * head  # their gradients, kept by the fused loss for the backward
+        rows = min(b * s, max(1, CHUNK_BYTES // (4 * c.vocab_size)))  # positions in the loss's buffer at once
+        low = 2 if compute != 4 else 0  # the half-precision copies the loss's matmuls take of the buffer and input
+        logits, in_backward = rows * (c.vocab_size * (4 + low) + c.n_embd * (head + low)), 0
     return MemoryPlan(parallel, world_size, activation_checkpointing, weights, gradients, optimizer, step_temp,
-                      autocast, c.n_layer * kept + outside, logits, block, c.n_layer)
+                      autocast, c.n_layer * kept + outside, logits, block, c.n_layer, in_backward)

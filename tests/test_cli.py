@@ -209,3 +209,16 @@ def test_resume_finds_the_runs_data_and_refuses_other_tokenizers(trained_run: Pa
     one_line_error(capsys, "train", corpus_file, "--out", trained_run, "--tokenizer", "byte", *TINY,
                    "--train.max_iters", "8", "--train.eval_interval", "3", "--resume", "true",
                    match="tokenizer differs")
+
+
+def test_sample_into_a_closed_pipe_stops_quietly(trained_run: Path):
+    """`tlm sample ... | head`: when the reader goes away, exit with 141 (SIGPIPE) and no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "transformer_lm.cli", "sample", str(trained_run), "de",
+                             "--max_new_tokens", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first token is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -398,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tlm: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:  # the reader went away (`tlm sample ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail again
+        code = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     parallel = sys.modules.get(f"{__package__}.parallel")  # imported by the commands that can start a process group
     if parallel is not None:
         parallel.leave(code)  # a torchrun worker that ran one ends here

@@ -31,6 +31,7 @@ from .runtime import autocast_dtype, resolve_device
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _started_group = False  # whether this process ever initialized a process group (see `leave`)
+_lost_collectives: list[BaseException] = []  # failed collectives' errors, never freed (see `distributed`)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,12 @@ def distributed(info: DistInfo, device: torch.device, timeout: float = 1800.0) -
     except (dist.DistError, RuntimeError) as e:
         if not _lost_contact(e):
             raise
+        # Kept until the process ends (through `leave`): the error's traceback holds the frames that hold the model,
+        # and freeing a DDP model frees its process group on this thread with the interpreter lock held, which
+        # joins a gloo worker thread that is itself waiting for that lock to free the failed collective: a deadlock
+        # (the rank printed its error and hung, 1 lost-rank run in ~20 here; py-spy: `~Reducer` ->
+        # `~ProcessGroupGloo` -> `thread::join` against `~AsyncWork` -> `gil_scoped_acquire`).
+        _lost_collectives.append(e)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistributedError(f"rank {info.rank} of {info.world_size}: another rank died or stopped answering "
                                f"({first}); the job stops here, continue it from the last checkpoint with --resume "

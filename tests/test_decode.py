@@ -17,9 +17,11 @@ from transformer_lm.decode import (
     _with_eager_fallback,
     compiled_decode_step,
     decode_one_token,
+    lent_cache,
     prefill,
+    release_cache,
 )
-from transformer_lm.generate import generate, sample_next
+from transformer_lm.generate import generate, generate_batch, sample_next
 from transformer_lm.model import KVCache, Transformer
 
 CONFIGS = {
@@ -82,6 +84,43 @@ def test_generate_syncs_in_chunks_and_fills_stats():
         assert list(generate(model, prompt, 40, temperature=0, sync_every=every, stats=stats)) == ref
         assert (stats.prompt_tokens, stats.new_tokens) == (5, 40)
         assert stats.decode_s > 0 and stats.prefill_s > 0
+
+
+def test_generations_reuse_the_models_cache_and_match_fresh_ones():
+    """A model lends its cache from one generation to the next of the same shape; a reused cache gives exactly what a
+    new one gives (its old slots zeroed), interleaved generations never share one, and a new shape replaces it."""
+    config = tiny_config()
+    model = random_model(config, seed=4, std=0.5)
+    with lent_cache(model, 1, 30) as first:
+        pass
+    with lent_cache(model, 1, 30) as again:
+        assert again is first and int(again.pos) == 0
+        assert all(not buf.any() for buf in again.buffers())
+        # a stale inf in a slot the mask hides would turn into NaN (0 x inf): reset must clear it
+        again.k_1.fill_(float("inf"))
+    long_prompt, short_prompt = list(range(3, 25)), [7, 1, 9]
+    # 22 + 8 and 3 + 27 positions: the same 30 slots, so the second call gets the first one's used cache
+    assert list(generate(model, long_prompt, 8, temperature=0)) == full_recompute_greedy(model, long_prompt, 8)
+    reused = list(generate(model, short_prompt, 27, temperature=0))
+    assert reused == full_recompute_greedy(model, short_prompt, 27) and len(set(reused)) > 1
+    release_cache(model)
+    with lent_cache(model, 1, 30) as fresh:
+        assert fresh is not first
+
+    a, b = generate(model, long_prompt, 8, temperature=0), generate(model, short_prompt, 27, temperature=0)
+    out_a, out_b = [next(a)], [next(b)]  # both started: each holds its own cache
+    for x, y in zip(a, b):
+        out_a.append(x)
+        out_b.append(y)
+    out_b.extend(b)
+    assert (out_a, out_b) == (full_recompute_greedy(model, long_prompt, 8), reused)
+
+    with lent_cache(model, 2, 30) as wider:
+        assert wider.k_0.shape[0] == 2
+    prompts = [[5, 6, 7, 8], [2]]
+    first_batch = generate_batch(model, prompts, 9)
+    assert generate_batch(model, prompts, 9) == first_batch == [
+        full_recompute_greedy(model, p, 9) for p in prompts]
 
 
 def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):

@@ -10,7 +10,8 @@ ours, theirs, ...) after a warm-up of each, so that load on a shared machine slo
   zero_grad — on batch × seq random tokens (each model's own loss: ours computes the head and the loss together,
   loss.py; transformers builds the logits and calls cross-entropy on them);
 - prefill: a prompt of `prefill_len` tokens (1024 for gpt2) into an empty KV cache, last-position logits only (what
-  generation needs; transformers' `logits_to_keep=1`);
+  generation needs; transformers' `logits_to_keep=1`); each library's cache as its generate() gets one: ours the
+  static cache the model keeps from call to call (zeroed; decode.lent_cache), theirs a new DynamicCache per call;
 - decode: `new_tokens` (128) greedy tokens after a 16-token prompt, batch 1 (our generate(), their generate()) and
   batch `decode_batch`; the whole call is timed, the short prefill included (gpt-fast times 200 tokens this way; at
   32 tokens the 16-token prefill was ~7 % of our call and pulled the reading below the decode steps' own rate).
@@ -42,7 +43,7 @@ from torch import nn
 
 from .accounting import flops_per_token, prefill_flops_per_token
 from .config import ModelConfig, preset
-from .decode import StaticKVCache, prefill
+from .decode import lent_cache, prefill
 from .errors import ConfigError
 from .generate import generate, generate_batch
 from .layout import decode_layout
@@ -323,10 +324,14 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
     decode_layout(ours)  # inference as `tlm sample` runs it: transposed weights where that is faster
     with torch.no_grad():
         prompt = ids(1, prefill_len)
+
+        def ours_prefill() -> object:
+            with lent_cache(ours, 1, prefill_len) as cache:  # as generate() takes it: the model's kept cache
+                return prefill(ours, cache, prompt)
+
         rows.append(_measure(
             Row("prefill", prefill_len, util_per_token=prefill_flops_per_token(config, prefill_len)),
-            lambda: prefill(ours, StaticKVCache(config, 1, prefill_len, dev), prompt),
-            lambda: theirs(prompt, use_cache=True, logits_to_keep=1), steps, dev))
+            ours_prefill, lambda: theirs(prompt, use_cache=True, logits_to_keep=1), steps, dev))
 
         def decode_row(name: str, model: Transformer, b: int) -> Row:
             prompts = ids(b, PROMPT_LEN)

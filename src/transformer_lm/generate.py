@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .config import SampleConfig
-from .decode import DecodeStats, decode_step, make_cache, prefill
+from .decode import DecodeStats, decode_step, lent_cache, prefill
 from .model import Transformer
 from .perf import now
 from .tokenizers import Tokenizer
@@ -105,35 +105,35 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
     step = decode_step(compile, device)
     # the cache holds at most what this call writes: imported models have contexts of 32K-128K positions
     max_len = min(block, len(ids) + max_new_tokens)
-    cache = make_cache(model, 1, max_len)
     stats = stats if stats is not None else DecodeStats()
-    start = now(device)
-    logits = prefill(model, cache, torch.tensor([ids], device=device))
-    filled = len(ids)  # the host's count of the cache's position, so that nothing needs to read it back
-    stats.prompt_tokens, stats.prefill_s, stats.new_tokens = filled, now(device) - start, 0
-    start = time.perf_counter()
-    produced = 0
-    while produced < max_new_tokens:
-        drawn, full = [], False
-        while len(drawn) < sync_every and produced + len(drawn) < max_new_tokens:
-            drawn.append(sample_next(logits, temperature, top_k, top_p, generator))  # (1,), on the device
-            if produced + len(drawn) == max_new_tokens:
-                break  # the last token needs no forward
-            if filled == max_len:
-                full = True  # no slot for the new token: restart, which needs the ids on the host
-                break
-            logits = step(model, cache, drawn[-1][:, None], None, None)
-            filled += 1
-        new = torch.cat(drawn).tolist()  # the one host sync per chunk
-        ids.extend(new)
-        produced += len(new)
-        stats.new_tokens, stats.decode_s, stats.context = produced, time.perf_counter() - start, filled
-        yield from new
-        if full:  # window full: restart from the recent half window, the newest token included
-            pending = ids[-max(1, block // 2):]
-            cache = make_cache(model, 1, max_len)
-            logits = prefill(model, cache, torch.tensor([pending], device=device))
-            filled = len(pending)
+    with lent_cache(model, 1, max_len) as cache:
+        start = now(device)
+        logits = prefill(model, cache, torch.tensor([ids], device=device))
+        filled = len(ids)  # the host's count of the cache's position, so that nothing needs to read it back
+        stats.prompt_tokens, stats.prefill_s, stats.new_tokens = filled, now(device) - start, 0
+        start = time.perf_counter()
+        produced = 0
+        while produced < max_new_tokens:
+            drawn, full = [], False
+            while len(drawn) < sync_every and produced + len(drawn) < max_new_tokens:
+                drawn.append(sample_next(logits, temperature, top_k, top_p, generator))  # (1,), on the device
+                if produced + len(drawn) == max_new_tokens:
+                    break  # the last token needs no forward
+                if filled == max_len:
+                    full = True  # no slot for the new token: restart, which needs the ids on the host
+                    break
+                logits = step(model, cache, drawn[-1][:, None], None, None)
+                filled += 1
+            new = torch.cat(drawn).tolist()  # the one host sync per chunk
+            ids.extend(new)
+            produced += len(new)
+            stats.new_tokens, stats.decode_s, stats.context = produced, time.perf_counter() - start, filled
+            yield from new
+            if full:  # window full: restart from the recent half window, the newest token included
+                pending = ids[-max(1, block // 2):]
+                cache.reset()
+                logits = prefill(model, cache, torch.tensor([pending], device=device))
+                filled = len(pending)
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
@@ -206,18 +206,18 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     pad = torch.tensor([longest - n for n in lens], device=device)  # (B,)
     ids = torch.tensor([[0] * (longest - n) + list(p) for p, n in zip(prompts, lens)], device=device)  # (B, L)
     key_mask = torch.arange(longest + max_new_tokens, device=device)[None, :] >= pad[:, None]  # (B, S), False: pad
-    cache = make_cache(model, B, longest + max_new_tokens - 1)
     step = decode_step(compile, device)
     positions = (torch.arange(longest, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
     out = []
     try:
-        logits = prefill(model, cache, ids, positions, key_mask)
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            out.append(nxt)
-            if i + 1 < max_new_tokens:
-                positions = (longest + i - pad)[:, None]  # (B, 1)
-                logits = step(model, cache, nxt[:, None], positions, key_mask)
+        with lent_cache(model, B, longest + max_new_tokens - 1) as cache:
+            logits = prefill(model, cache, ids, positions, key_mask)
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                out.append(nxt)
+                if i + 1 < max_new_tokens:
+                    positions = (longest + i - pad)[:, None]  # (B, 1)
+                    logits = step(model, cache, nxt[:, None], positions, key_mask)
     finally:
         model.train(was_training)
     return torch.stack(out, 1).tolist()

@@ -51,6 +51,10 @@ class RecurrentCache(nn.Module):
             return h if self.c is None else (h, torch.zeros_like(h))
         return self.h[self.pos - 1] if self.c is None else (self.h[self.pos - 1], self.c[self.pos - 1])
 
+    def reset(self) -> None:
+        """Start over from the zero state."""
+        self.pos = 0
+
     def write(self, position: int, state: State) -> None:
         """Record the state after absolute `position` (0-based)."""
         if self.c is None:

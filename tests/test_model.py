@@ -16,7 +16,7 @@ from transformer_lm.accounting import count_params
 from transformer_lm.config import ModelConfig
 from transformer_lm.errors import ConfigError
 from transformer_lm.generate import crop_prompt, generate, sample_next
-from transformer_lm.model import KVCache, Transformer, apply_rope, rope_cos_sin, sinusoidal_encoding
+from transformer_lm.model import FeedForward, KVCache, Transformer, apply_rope, rope_cos_sin, sinusoidal_encoding
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rope", "none")
 
@@ -93,6 +93,33 @@ def capture_attention_io(model: Transformer, idx: torch.Tensor, **kwargs):
         for h in hooks:
             h.remove()
     return out, records
+
+
+@pytest.mark.parametrize("mlp,approximate", [("gelu", "tanh"), ("gelu", "none"), ("swiglu", "none")])
+def test_feed_forward_matches_its_formula_with_and_without_autograd(mlp, approximate):
+    """Without autograd the activation runs in place on the up-projection's output; with it, out of place (its
+    backward needs the input). Both equal the written-out formula, and gradients flow as through it."""
+    config = tiny_config(mlp=mlp, gelu_approximate=approximate)
+    ffn = FeedForward(config)
+    torch.nn.init.normal_(ffn.up.weight, std=0.5)  # activations well away from 0, where the GELU forms differ
+    x = torch.randn(3, 5, config.n_embd, requires_grad=True)
+
+    def formula(x: torch.Tensor) -> torch.Tensor:
+        up = F.linear(x, ffn.up.weight, ffn.up.bias)
+        if mlp == "swiglu":
+            h = F.linear(x, ffn.gate.weight, ffn.gate.bias)
+            h = h * torch.sigmoid(h) * up
+        else:
+            h = F.gelu(up, approximate=approximate)
+        return F.linear(h, ffn.down.weight, ffn.down.bias)
+
+    expected = formula(x)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), expected.detach())
+    out = ffn(x)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), [x, ffn.up.weight])
+    torch.testing.assert_close(grads, torch.autograd.grad(expected.square().sum(), [x, ffn.up.weight]))
 
 
 @pytest.mark.parametrize("pos_encoding", ["learned", "rope"])

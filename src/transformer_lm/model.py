@@ -179,7 +179,8 @@ class CausalSelfAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Position-wise network: GELU MLP (up → gelu → down) or SwiGLU (silu(gate) * up → down)."""
+    """Position-wise network: GELU MLP (up → gelu → down) or SwiGLU (silu(gate) * up → down). Without autograd the
+    activation is applied in place, so a forward hook on `up` (or `gate`) that keeps its output must clone it."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -195,8 +195,8 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
         # Without autograd (inference) the activation overwrites its input instead of allocating another (tokens,
-        # ffn_dim) buffer: a CPU page-faults every fresh large buffer in, and a 1024-token GPT-2 prefill ran 1.1x
-        # faster this way (BENCHMARKS.md). Training keeps the input, which the activation's backward reads.
+        # ffn_dim) buffer, which a CPU page-faults in whenever the allocator has returned the last one to the system:
+        # a 1024-token GPT-2 prefill up to 1.1x faster (BENCHMARKS.md). Training keeps the input for the backward.
         inplace = not h.requires_grad
         if self.gate is not None:
             g = F.silu(self.gate(x), inplace=inplace)

@@ -76,6 +76,8 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     token). `use_cache=False` recomputes everything every step: the slow reference the cache is tested against.
     `compile` compiles the decode step (decode.py). Tokens stay on the device and reach the host `sync_every` at a
     time (default: 1 on CPU, where reading a tensor costs nothing; 8 elsewhere). `stats` receives the timings.
+    The model keeps its KV cache afterwards for the next generation of the same length (decode.lent_cache;
+    decode.release_cache(model) frees it).
     """
     if not prompt:
         raise ValueError("generation needs a non-empty prompt")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,9 +215,6 @@ def test_resume_finds_the_runs_data_and_refuses_other_tokenizers(trained_run: Pa
 
 def test_sample_into_a_closed_pipe_stops_quietly(trained_run: Path):
     """`tlm sample ... | head`: when the reader goes away, exit with 141 (SIGPIPE) and no traceback."""
-    import subprocess
-    import sys
-
     proc = subprocess.Popen([sys.executable, "-m", "transformer_lm.cli", "sample", str(trained_run), "de",
                              "--max_new_tokens", "50"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # the reader is gone before the first token is written

@@ -96,8 +96,13 @@ class Int8Linear(nn.Module):
         if torch.compiler.is_compiling() and cpu and rows == 1:
             # A batch-1 decode step: Σ_i x_i q_ji as a multiply-reduce, which Inductor compiles into one loop that
             # widens each int8 weight as it uses it (1 byte read per weight; 1.5-1.8× faster than the fp32 matmul
-            # on one core). Run eagerly, the same expression would materialize (out, in) floats.
-            y = (x.reshape(1, -1) * self.weight.to(x.dtype)).sum(-1).view(*x.shape[:-1], -1)
+            # on one core). Run eagerly, the same expression would materialize (out, in) floats. as_strided (a no-op
+            # view of the contiguous row) makes Inductor store the row before the loop: otherwise it inlines the
+            # producer (the residual add and layer norm before a projection) into the loop body and recomputes it for
+            # every output (the GPT-2 step 20.6 -> 15.1 ms; BENCHMARKS.md).
+            row = x.reshape(1, -1).contiguous()
+            row = row.as_strided(row.shape, (self.in_features, 1))
+            y = (row * self.weight.to(x.dtype)).sum(-1).view(*x.shape[:-1], -1)
         elif not torch.compiler.is_compiling() and cpu and rows <= 16:
             # Eager, few rows: widen WIDEN_BLOCK output rows at a time, so that the float copy stays in cache instead
             # of going through memory (the GPT-2 head at 1 row: 18 ms instead of 89; the fp32 head takes 10).
@@ -163,7 +168,7 @@ class W8A8Linear(Int8Linear):
         if torch.compiler.is_compiling():
             y = torch.ops.transformer_lm.w8a8_linear(x2d, self.key, self.out_features)
         else:  # the direct call, without the registered operator's dispatch
-            y = torch.ops.quantized.linear_dynamic(x2d, self.packed, self.reduce_range)
+            y = _linear_dynamic(self, x2d)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -177,9 +182,17 @@ _LIB = torch.library.Library("transformer_lm", "DEF")
 _LIB.define("w8a8_linear(Tensor x, int key, int out_features) -> Tensor")
 
 
+def _linear_dynamic(layer: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
+    """fbgemm's int8 × int8 product of `layer` on x (rows, in). Called with tensor subclasses' __torch_function__
+    off: otherwise each call asks its arguments for one, and the packed weights (a TorchScript object) answer by
+    throwing and catching a C++ exception, about 15 µs a call, half of a one-row call's fixed cost (49 calls a GPT-2
+    token; BENCHMARKS.md). x is always a plain tensor here, so nothing else changes."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.ops.quantized.linear_dynamic.default(x, layer.packed, layer.reduce_range)
+
+
 def _w8a8_linear_cpu(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
-    layer = _W8A8_LAYERS[key]
-    return torch.ops.quantized.linear_dynamic(x, layer.packed, layer.reduce_range)
+    return _linear_dynamic(_W8A8_LAYERS[key], x)
 
 
 _LIB.impl("w8a8_linear", _w8a8_linear_cpu, "CPU")

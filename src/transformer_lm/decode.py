@@ -182,10 +182,14 @@ def _with_eager_fallback(compiled: DecodeStep) -> DecodeStep:
 def compiled_decode_step(cuda_graphs: bool = False) -> DecodeStep:
     """decode_one_token compiled once per process (shapes are static, so one trace serves every step of a run).
     `cuda_graphs` (on CUDA) also records the step as a CUDA graph replayed whole ("reduce-overhead"), as gpt-fast
-    does: a small model's decode step is otherwise bound by kernel launches, not by reading the weights.
-    Inductor's checks of every input's sizes and strides at each call are left out: dynamo's guards already check
-    them before the graph runs (on this CPU the step's fixed cost went from 1.50 to 1.37 ms; see BENCHMARKS.md)."""
-    options = {"size_asserts": False, "triton.cudagraphs": cuda_graphs}  # cudagraphs: what mode="reduce-overhead" sets
+    does: a small model's decode step is otherwise bound by kernel launches, not by reading the weights. Without
+    (on a CPU), Inductor writes the code that calls the step's kernels in C++ instead of Python (`cpp_wrapper`): a
+    GPT-2 step 1.03-1.05× faster in fp32 and 1.09× with w8a8 on this CPU, for a longer first compile (~28 s instead
+    of ~6 s; Inductor caches it on disk). Inductor's checks of every input's sizes and strides at each call are left
+    out: dynamo's guards already check them before the graph runs (the step's fixed cost went from 1.50 to 1.37 ms
+    on this CPU). Measurements in BENCHMARKS.md."""
+    # cudagraphs: what mode="reduce-overhead" sets
+    options = {"size_asserts": False, "triton.cudagraphs": cuda_graphs, "cpp_wrapper": not cuda_graphs}
     return _with_eager_fallback(torch.compile(decode_one_token, dynamic=False, options=options))
 
 

@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from transformer_lm.accounting import count_params, flops_per_token, training_memory
+from transformer_lm.accounting import count_params, flops_per_token, prefill_flops_per_token, training_memory
 from transformer_lm.config import ModelConfig
+from transformer_lm.decode import StaticKVCache, prefill
 from transformer_lm.model import Transformer
 
 CONFIGS = {
@@ -95,3 +96,24 @@ def test_training_memory_is_sixteen_bytes_per_param(name):
 def test_training_memory_gpt2():
     # 124,439,808 parameters × 16 bytes
     assert training_memory(ModelConfig.from_preset("gpt2"))["total"] == 124_439_808 * 16
+
+
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 2, "mlp": "swiglu", "pos_encoding": "rope"}])
+def test_prefill_flops_count_what_a_prefill_runs(overrides):
+    """A prefill's FLOPs against the matmuls a real one runs (FlopCounterMode; it does not see SDPA's on a CPU, so the
+    attention is added by hand: every query over the whole prompt in the first blocks, the last query alone in the
+    last): every block at every position but the last block, which runs its Q/K/V projection at every position and
+    the rest at the last one only, as the LM head."""
+    config = ModelConfig(vocab_size=500, n_layer=3, n_head=4, n_embd=64, block_size=128, **overrides)
+    model = Transformer(config).init_weights(seed=0).eval()
+    T = 100
+    idx = torch.randint(0, config.vocab_size, (1, T), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        prefill(model, StaticKVCache(config, 1, T), idx)
+    matmuls = counter.get_total_flops()
+    attention = 2 * 2 * (config.n_layer - 1) * T * T * config.n_embd + 2 * 2 * T * config.n_embd
+    assert prefill_flops_per_token(config, T) == pytest.approx((matmuls + attention) / T)
+    block = sum(2 * m.in_features * m.out_features for m in model.blocks[0].modules() if isinstance(m, torch.nn.Linear))
+    head = 2 * config.vocab_size * config.n_embd
+    assert matmuls < config.n_layer * T * block + head  # the last block really skipped its other positions

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from transformer_lm.accounting import prefill_flops_per_token
 from transformer_lm.bench import Row, hf_equivalent
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, preset
@@ -72,14 +71,3 @@ def test_cli_bench_compiled_adds_a_compiled_training_row(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     names = [r["name"] for r in json.loads(out.read_text())["rows"]]
     assert names == ["train", "train compiled", "prefill", "decode batch 1", "decode batch 2", "decode 1 w8a8"]
-
-
-def test_prefill_flops_count_the_head_once():
-    """A prefill's FLOPs, counted from the model's own linear layers: every block matmul at every position, the
-    attention scores and values over the whole prompt, the LM head at the last position only."""
-    config = ModelConfig(vocab_size=500, n_layer=2, n_head=4, n_embd=64, block_size=128)
-    model = Transformer(config)
-    T = 100
-    block = sum(2 * m.in_features * m.out_features for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
-    total = T * block + 2 * 2 * config.n_layer * T * T * config.n_embd + 2 * config.vocab_size * config.n_embd
-    assert prefill_flops_per_token(config, T) == pytest.approx(total / T)

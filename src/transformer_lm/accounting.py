@@ -78,10 +78,16 @@ def flops_per_token(c: ModelConfig, seq_len: int | None = None) -> dict[str, flo
 
 
 def prefill_flops_per_token(config: ModelConfig, prompt_len: int) -> float:
-    """Forward FLOPs per prompt token of a prefill, which runs the LM head on the last position only (counting it at
-    every position overstated GPT-2's prefill MFU by a third: 123 % of the measured peak)."""
-    head = 2 * config.vocab_size * config.n_embd
-    return flops_per_token(config, prompt_len)["forward"] - head * (prompt_len - 1) / prompt_len
+    """Forward FLOPs per prompt token of a Transformer's prefill, whose only output is the last position's logits:
+    the LM head runs there only (counting it at every position overstated GPT-2's prefill MFU by a third), and so do
+    the last block's attention, output projection and feed-forward, its other positions being needed only for the
+    keys and values it caches (model.Transformer.forward); its Q/K/V projection runs at every position."""
+    c, T = config, prompt_len
+    full = flops_per_token(c, T)["forward"]  # every layer and the head at every position
+    head = 2 * c.vocab_size * c.n_embd
+    qkv = 2 * c.n_embd * (c.n_head + 2 * c.kv_heads) * c.head_dim
+    layer = (full - head) / c.n_layer  # one block at one position, attending over T keys
+    return full - (head + layer - qkv) * (T - 1) / T
 
 
 def training_memory(c: ModelConfig, param_bytes: int = 4, grad_bytes: int = 4) -> dict[str, int]:

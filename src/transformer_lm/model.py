@@ -140,7 +140,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-                return_weights: bool, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_weights: bool, key_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> the attention output (B, T, C), or with `last_only` that of the last query only (B, 1, C): keys and
+        values still come from, and go into the cache at, every position."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
@@ -164,6 +167,10 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if (cache is not None and cache.static) or windowed or (start > 0 and T > 1) or key_mask is not None:
             mask = attention_mask(T, S, start, window, x.device, key_mask)
+        causal = mask is None and T > 1
+        if last_only:  # the last query sees every key written so far: its row of the mask, or no mask at all
+            q, T, causal = q[:, :, -1:], 1, False
+            mask = None if mask is None else mask[..., -1:, :]
         dropout = self.config.dropout if self.training else 0.0
         weights = None
         if return_weights:  # explicit path: softmax(QKᵀ/√d)·V, keeping the weights for inspection
@@ -172,8 +179,7 @@ class CausalSelfAttention(nn.Module):
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             y = self.attn_dropout(weights) @ v  # (B, nh, T, hd)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                               is_causal=mask is None and T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
         return self.resid_dropout(self.proj(y)), weights
 
@@ -219,9 +225,11 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-                return_weights: bool, key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, weights = self.attn(self.norm1(x), rope, cache, return_weights, key_mask)
-        x = x + a
+                return_weights: bool, key_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (B, T, C), or with `last_only` the last position's output only (B, 1, C)."""
+        a, weights = self.attn(self.norm1(x), rope, cache, return_weights, key_mask, last_only)
+        x = (x[:, -1:] if last_only else x) + a
         return x + self.ffn(self.norm2(x)), weights
 
 
@@ -339,8 +347,12 @@ class Transformer(nn.Module):
             rope = cos.view(shape), sin.view(shape)
         x = self.dropout(x)
         attentions = [] if return_attentions else None
-        for block in self.blocks:
-            x, w = block(x, rope, cache, return_attentions, key_mask)
+        for i, block in enumerate(self.blocks):
+            # When only the last position's logits are wanted, the last block needs its other positions only for the
+            # keys and values it caches: attention, projection and feed-forward run on the last row alone (as
+            # llama.cpp does; a 1024-token GPT-2 prefill does ~6 % less work).
+            last = last_only and i == len(self.blocks) - 1 and not return_attentions
+            x, w = block(x, rope, cache, return_attentions, key_mask, last)
             if attentions is not None:
                 attentions.append(w)
         if cache is not None:

@@ -10,8 +10,10 @@ ours, theirs, ...) after a warm-up of each, so that load on a shared machine slo
   zero_grad — on batch × seq random tokens (each model's own loss: ours computes the head and the loss together,
   loss.py; transformers builds the logits and calls cross-entropy on them);
 - prefill: a prompt of `prefill_len` tokens (1024 for gpt2) into an empty KV cache, last-position logits only (what
-  generation needs; transformers' `logits_to_keep=1`); each library's cache as its generate() gets one: ours the
-  static cache the model keeps from call to call (zeroed; decode.lent_cache), theirs a new DynamicCache per call;
+  generation needs; transformers' `logits_to_keep=1`: ours also runs its last block past the Q/K/V projection on
+  the last position alone, theirs at every position, and both are charged the FLOPs ours needs,
+  accounting.prefill_flops_per_token); each library's cache as its generate() gets one: ours the static cache the
+  model keeps from call to call (zeroed; decode.lent_cache), theirs a new DynamicCache per call;
 - decode: `new_tokens` (128) greedy tokens after a 16-token prompt, batch 1 (our generate(), their generate()) and
   batch `decode_batch`; the whole call is timed, the short prefill included (gpt-fast times 200 tokens this way; at
   32 tokens the 16-token prefill was ~7 % of our call and pulled the reading below the decode steps' own rate).

@@ -323,7 +323,8 @@ class Transformer(nn.Module):
                 last_only: bool = False, return_attentions: bool = False, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None) -> LMOutput:
         """idx (B, T) token ids. `cache` continues from cache.pos; `last_only` computes logits of the last position
-        only (all that sampling needs: the head is the largest matmul for big vocabularies). For left-padded
+        only (all that sampling needs: the head is the largest matmul for big vocabularies), and the last block's
+        output there only (the cache still gets every position's keys and values). For left-padded
         batches: `positions` (B, T) per-row positions (default: cache.pos + 0..T-1 for all rows) and `key_mask`
         (B, cache.pos + T or more) bool, False at padding slots."""
         B, T = idx.shape

@@ -125,15 +125,15 @@ def lent_cache(model: nn.Module, batch_size: int, max_len: int) -> Iterator[nn.M
     if not isinstance(model, Transformer):
         yield model.make_cache(batch_size, max_len)
         return
-    config, device, dtype = model.config, model.tok_emb.weight.device, activation_dtype(model)
-    shape = (batch_size, config.kv_heads, min(max_len, config.block_size), config.head_dim)
+    device, dtype = model.tok_emb.weight.device, activation_dtype(model)
     kept = _KEPT.pop(model, None)
-    if kept is not None and (kept.k_0.shape, kept.k_0.device, kept.k_0.dtype) == (shape, device, dtype):
+    if kept is not None and (kept.k_0.size(0), kept.max_len, kept.k_0.device, kept.k_0.dtype) == (
+            batch_size, min(max_len, model.config.block_size), device, dtype):
         cache = kept
         cache.reset()
     else:
         del kept  # freed before the new one is allocated
-        cache = StaticKVCache(config, batch_size, max_len, device, dtype)
+        cache = StaticKVCache(model.config, batch_size, max_len, device, dtype)
     try:
         yield cache
     finally:

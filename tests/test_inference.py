@@ -97,16 +97,23 @@ def test_int8_forward_matches_the_dequantized_weight_and_the_int8_kernel():
 
 @pytest.mark.parametrize("rows", [1, 3, 20])
 @pytest.mark.parametrize("compiling", [False, True])
-def test_int8_kernels_equal_the_dequantize_then_matmul_reference(rows, compiling, monkeypatch):
-    """Every path of Int8Linear.forward — the fused multiply-reduce that compiled one-row steps take (run eagerly
-    here by pretending to compile), the eager block-by-block widening for few rows (300 outputs: 3 blocks of
-    WIDEN_BLOCK) and the plain widening — equals x·dequantize(W)ᵀ + b."""
+@pytest.mark.parametrize("kind", ["int8", "int4:16", "int4:48"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_quantized_kernels_equal_the_dequantize_then_matmul_reference(rows, compiling, kind, bias, monkeypatch):
+    """Every path of Int8Linear.forward and Int4Linear.forward — the fused multiply-reduce that compiled one-row
+    steps take (run eagerly here by pretending to compile; int4's applies zero points and scales per group, after
+    the sum), the eager block-by-block widening for few rows (300 outputs: 3 blocks of WIDEN_BLOCK) and the plain
+    widening — equals x·dequantize(W)ᵀ + b."""
     torch.manual_seed(0)
-    q = Int8Linear(nn.Linear(48, 300, bias=True))
+    linear = nn.Linear(48, 300, bias=bias)
+    with torch.no_grad():
+        linear.weight[:, :16] += 1.0  # a group far from 0: the zero point's term must be right
+    q = Int8Linear(linear) if kind == "int8" else Int4Linear(linear, int(kind.split(":")[1]))
     x = torch.randn(rows, 1, 48)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     with torch.no_grad():
-        torch.testing.assert_close(q(x), x @ q.dequantize().T + q.bias, rtol=1e-5, atol=1e-5)
+        reference = x @ q.dequantize().T + (q.bias if bias else 0)
+        torch.testing.assert_close(q(x), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_embedding_looks_up_the_dequantized_head_rows():
@@ -118,9 +125,10 @@ def test_int8_embedding_looks_up_the_dequantized_head_rows():
 
 
 @pytest.mark.slow
-def test_compiled_int8_decode_equals_eager():
-    """The compiled decode step takes the fused int8 path (~30 s to compile on a 2-core CPU, hence slow)."""
-    model = quantize(random_model(tiny_config()), 8)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compiled_quantized_decode_equals_eager(bits):
+    """The compiled decode step takes the fused int8 / int4 path (~30 s to compile on a 2-core CPU, hence slow)."""
+    model = quantize(random_model(tiny_config()), bits, group_size=16)
     prompt = [1, 2, 3, 4]
     assert list(generate(model, prompt, 16, 0.0, compile=True)) == list(generate(model, prompt, 16, 0.0))
 

@@ -199,18 +199,19 @@ def test_quantized_model_logits_close_and_greedy_mostly_equal(variant):
         for bits, bound, agree_min in ((8, 0.05, 0.95), (4, 0.3, 0.7)):
             q = quantize(copy.deepcopy(model), bits, group_size=16)
             assert not any(type(m) is nn.Linear for n, m in q.named_modules() if n != "lm_head")
-            # int8 quantizes the head too (and a tied embedding with it); int4 keeps it in float
-            assert type(q.lm_head) is (Int8Linear if bits == 8 else nn.Linear)
+            # the head is quantized too, to int8 with int4 blocks as well (and a tied embedding with it)
+            assert type(q.lm_head) is Int8Linear
             logits = q(x).logits
             assert (logits - ref).norm() / ref.norm() < bound
             assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= agree_min
-            if variant == "gpt2" and bits == 4:
-                assert q.lm_head.weight is q.tok_emb.weight  # the float tie survives
+            if variant == "gpt2":  # the int8 tie: one table, looked up and multiplied
+                assert type(q.tok_emb) is Int8Embedding and q.tok_emb.weight is q.lm_head.weight
+                held = {dt: sum(b.numel() for b in q.buffers() if b.dtype == dt) for dt in (torch.int8, torch.uint8)}
+                blocks = 2 * (4 * 32 * 32 + 2 * 32 * 128)  # 2 × (qkv, proj, up, down) weights
+                # the head once; int4 blocks two weights a byte
+                assert held == ({torch.int8: 61 * 32 + blocks, torch.uint8: 0} if bits == 8 else
+                                {torch.int8: 61 * 32, torch.uint8: blocks // 2})
     q8 = quantize(copy.deepcopy(model), 8)
-    if variant == "gpt2":  # the int8 tie: one table, looked up and multiplied
-        assert type(q8.tok_emb) is Int8Embedding and q8.tok_emb.weight is q8.lm_head.weight
-        int8 = sum(b.numel() for b in q8.buffers() if b.dtype == torch.int8)
-        assert int8 == 61 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 128)  # head once, 2 × (qkv, proj, up, down)
     plain, quant = list(generate(model, [1, 2, 3], 30, 0.0)), list(generate(q8, [1, 2, 3], 30, 0.0))
     assert sum(a == b for a, b in zip(plain, quant)) >= 27
 

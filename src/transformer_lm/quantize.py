@@ -6,10 +6,12 @@
 Activations stay in floating point; only the weights are stored in fewer bits and dequantized on the fly. The
 transformation is applied after loading and never written back: checkpoints always hold the float weights.
 
-int8 also quantizes the LM head (`head=True`, the default for 8 bits): in a small model it is the largest matrix
-(GPT-2: 38.6M of 124M parameters), so a float head would be most of what each decode step reads. A head tied to the
-token embedding stays tied: the embedding then looks up the same int8 rows and scales (Int8Embedding), so the pair
-is held once, in int8. int4 leaves the head in floating point (its coarser error lands directly on the logits).
+The LM head is quantized too (`head=True`, the default), always to int8: in a small model it is the largest matrix
+(GPT-2: 38.6M of 124M parameters), so a float head would be most of what each decode step reads (int4 with a float
+head held 206 MB of GPT-2's weights instead of 90), while its error lands directly on the logits, so even with int4
+elsewhere it gets int8's 16× finer steps (as llama.cpp's 4-bit formats keep their output matrix at 6-8 bits). A head
+tied to the token embedding stays tied: the embedding then looks up the same int8 rows and scales (Int8Embedding),
+so the pair is held once, in int8.
 
 Speed: eager PyTorch has no fast int8- or int4-weight matmul on CPU, so in eager mode they save memory, not time.
 Under `torch.compile` (the compiled decode step, `--compile`) a one-row product is written as a fused
@@ -255,9 +257,9 @@ class Int4Linear(nn.Module):
 def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool | None = None,
              dynamic: bool = False) -> nn.Module:
     """Swap the linear layers of `model` (nn.Linear, or layout.TransposedLinear) for Int8Linear (bits=8) or
-    Int4Linear (bits=4, groups of `group_size` inputs), in place; returns the model, in eval mode. `head` also
-    quantizes the LM head (default: with int8 only), a tied token embedding with it (Int8Embedding; int4 heads are
-    not supported). `dynamic` (int8 on a CPU) takes W8A8Linear instead: activations quantized per call too, for
+    Int4Linear (bits=4, groups of `group_size` inputs), in place; returns the model, in eval mode. `head` (default
+    True) also quantizes the LM head, to int8 whatever `bits` (see the module doc), and a tied token embedding with it
+    (Int8Embedding). `dynamic` (int8 on a CPU) takes W8A8Linear instead: activations quantized per call too, for
     speed. Apply it to a loaded model: the quantized modules are for inference only and are not saved."""
     if bits not in (4, 8):
         raise ConfigError(f"quantization supports 8 or 4 bits, got {bits}")
@@ -266,19 +268,17 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool 
         if bits != 8 or device.type != "cpu" or not _dynamic_kernels():
             raise ConfigError(f"w8a8 (int8 activations too) runs on PyTorch's fbgemm CPU kernels; this is {bits}-bit "
                               f"on {device.type}{'' if _dynamic_kernels() else ' without fbgemm'}: use int8 instead")
-    head = bits == 8 if head is None else head
-    if head and bits != 8:
-        raise ConfigError("only int8 quantizes the LM head; use head=False with int4")
+    head = True if head is None else head
     arch = getattr(getattr(model, "config", None), "arch", "transformer")
     if arch != "transformer":  # its only nn.Linear is the LM head, which stays in floating point
         raise ConfigError(f"weight-only quantization swaps the attention and feed-forward layers; an {arch} model "
                           "has none (its recurrent weights live in torch's fused cell): sample it unquantized")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear | TransposedLinear)
-               and (head or name.split(".")[-1] != "lm_head")]
+               and (head or name != "lm_head")]
     if bits == 4:
         if group_size < 2 or group_size % 2:
             raise ConfigError(f"int4 group_size must be an even number >= 2, got {group_size}")
-        bad = sorted({m.in_features for _, m in targets if m.in_features % group_size})
+        bad = sorted({m.in_features for name, m in targets if name != "lm_head" and m.in_features % group_size})
         if bad:  # checked before any swap, so a failure leaves the model untouched
             raise ConfigError(f"int4 group_size {group_size} does not divide the input width(s) {bad}; choose a "
                               f"divisor, e.g. --group_size 32")
@@ -288,7 +288,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         int8 = W8A8Linear if dynamic else Int8Linear
-        setattr(parent, child, int8(linear) if bits == 8 else Int4Linear(linear, group_size))
+        setattr(parent, child, int8(linear) if bits == 8 or name == "lm_head" else Int4Linear(linear, group_size))
     if tied:
         model.tok_emb = Int8Embedding(model.lm_head, emb_dtype)
     return model.eval()

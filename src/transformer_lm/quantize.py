@@ -254,11 +254,11 @@ class Int4Linear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool | None = None,
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool = True,
              dynamic: bool = False) -> nn.Module:
     """Swap the linear layers of `model` (nn.Linear, or layout.TransposedLinear) for Int8Linear (bits=8) or
-    Int4Linear (bits=4, groups of `group_size` inputs), in place; returns the model, in eval mode. `head` (default
-    True) also quantizes the LM head, to int8 whatever `bits` (see the module doc), and a tied token embedding with it
+    Int4Linear (bits=4, groups of `group_size` inputs), in place; returns the model, in eval mode. `head` also
+    quantizes the LM head, to int8 whatever `bits` (see the module doc), and a tied token embedding with it
     (Int8Embedding). `dynamic` (int8 on a CPU) takes W8A8Linear instead: activations quantized per call too, for
     speed. Apply it to a loaded model: the quantized modules are for inference only and are not saved."""
     if bits not in (4, 8):
@@ -268,7 +268,6 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool 
         if bits != 8 or device.type != "cpu" or not _dynamic_kernels():
             raise ConfigError(f"w8a8 (int8 activations too) runs on PyTorch's fbgemm CPU kernels; this is {bits}-bit "
                               f"on {device.type}{'' if _dynamic_kernels() else ' without fbgemm'}: use int8 instead")
-    head = True if head is None else head
     arch = getattr(getattr(model, "config", None), "arch", "transformer")
     if arch != "transformer":  # its only nn.Linear is the LM head, which stays in floating point
         raise ConfigError(f"weight-only quantization swaps the attention and feed-forward layers; an {arch} model "

@@ -108,7 +108,6 @@ def decode(config: ModelConfig, device: torch.device, new_tokens: int, compile: 
            dtype: torch.dtype = torch.float32, compare_cpu: bool = False) -> dict:
     """Greedy batch-1 decoding after a 16-token prompt: tokens/s of the decode steps and MBU; with `compare_cpu`, also
     whether the first (up to 32) ids equal those of the same weights decoded on the CPU in fp32."""
-    result = {}
     if compare_cpu:
         cpu = Transformer(config).init_weights(0).eval()
         reference = list(generate(cpu, PROMPT, min(32, new_tokens), temperature=0.0))
@@ -119,8 +118,8 @@ def decode(config: ModelConfig, device: torch.device, new_tokens: int, compile: 
     stats = DecodeStats()
     ids = list(generate(model, PROMPT, new_tokens, temperature=0.0, compile=compile, stats=stats))
     context = len(PROMPT) + new_tokens // 2  # the mean cached length over the generation
-    result.update(tokens_per_s=stats.decode_tokens_per_s, bandwidth_gb_s=copy_bandwidth(device) / 1e9,
-                  mbu=decode_mbu(model, stats.decode_tokens_per_s, context), peak_memory_gb=_peak_gb(device))
+    result = {"tokens_per_s": stats.decode_tokens_per_s, "bandwidth_gb_s": copy_bandwidth(device) / 1e9,
+              "mbu": decode_mbu(model, stats.decode_tokens_per_s, context), "peak_memory_gb": _peak_gb(device)}
     if compare_cpu:
         got = ids[:len(reference)]
         mismatch = next((i for i, (a, b) in enumerate(zip(got, reference)) if a != b), None)

@@ -163,8 +163,9 @@ def main() -> None:
     compile = bool(args.compile)
     config = ModelConfig(**{**preset(args.preset), "dropout": 0.0})
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.preset} ({Transformer(config).num_params() / 1e6:.1f}M) on {name}, torch {torch.__version__}",
-          flush=True)
+    with torch.device("meta"):  # counted without allocating the weights
+        params = Transformer(config).num_params()
+    print(f"{args.preset} ({params / 1e6:.1f}M) on {name}, torch {torch.__version__}", flush=True)
 
     def train_row(batch: int, loss: str = "fused", cfg: ModelConfig = config) -> Callable[[], dict]:
         return lambda: train_mfu(cfg, device, batch, args.steps, compile, loss)

@@ -33,6 +33,16 @@ VOCAB = 320  # larger than the tokenizer's ids, as in published models whose emb
 WINDOW = 8
 
 
+def _rope(**params: object) -> dict[str, object]:
+    """RoPE settings as this transformers spells them: 5.x takes one `rope_parameters` dict, 4.x a top-level
+    `rope_theta` and a `rope_scaling` dict (and ignores `rope_parameters`), so each config file the tests save is
+    in its version's own format, as published checkpoints are."""
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": params}
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return {"rope_theta": params["rope_theta"], "rope_scaling": scaling if scaling["rope_type"] != "default" else None}
+
+
 def hf_configs() -> dict[str, object]:
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64, vocab_size=VOCAB)
@@ -40,12 +50,12 @@ def hf_configs() -> dict[str, object]:
         "gpt2": transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=VOCAB,
                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
                                         eos_token_id=None),
-        "llama": transformers.LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+        "llama": transformers.LlamaConfig(**common, tie_word_embeddings=False, **_rope(
+            rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16)),
         "mistral": transformers.MistralConfig(**common, sliding_window=WINDOW),
         "qwen2": transformers.Qwen2Config(**common, tie_word_embeddings=True,
-                                          rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+                                          **_rope(rope_type="default", rope_theta=1e6)),
     }
 
 

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from transformer_lm.config import ModelConfig, TrainConfig
+from transformer_lm.errors import ConfigError
 from transformer_lm.model import Transformer
 from transformer_lm.optim import BatchedMuon, MuonAdamW, lr_at, make_optimizer
 from transformer_lm.train import Budget, read_metrics, train, training_data
 
 SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
+needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
@@ -31,6 +33,16 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return x.T if transposed else x
 
 
+def test_muon_on_a_torch_without_it_is_a_clear_config_error(monkeypatch):
+    """torch < 2.9 has no torch.optim.Muon: the package still imports (BatchedMuon is defined all the same) and
+    asking for Muon names the version and the way out instead of failing in the middle of training."""
+    monkeypatch.delattr(torch.optim, "Muon", raising=False)
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    with pytest.raises(ConfigError, match=r"needs torch >= 2\.9.*--train\.optimizer adamw"):
+        make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+
+
+@needs_muon
 def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     model = Transformer(ModelConfig(**SMALL, tie_embeddings=False)).init_weights(0)
     opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
@@ -44,6 +56,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
     assert id(model.lm_head.weight) in adamw_ids and id(model.tok_emb.weight) in adamw_ids
 
 
+@needs_muon
 def test_muon_first_step_is_the_orthogonalized_gradient():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**SMALL)).init_weights(0)
@@ -62,6 +75,7 @@ def test_muon_first_step_is_the_orthogonalized_gradient():
     assert 0.6 < singular.median() and singular.max() < 1.3  # near-orthogonal: singular values about 1
 
 
+@needs_muon
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_batched_muon_steps_equal_torch_muon(nesterov: bool):
     """Same-shape matrices orthogonalized as one batch give torch.optim.Muon's parameters and momentum, step by step
@@ -83,6 +97,7 @@ def test_batched_muon_steps_equal_torch_muon(nesterov: bool):
             torch.testing.assert_close(batched.state[q]["momentum_buffer"], torch_muon.state[p]["momentum_buffer"])
 
 
+@needs_muon
 def test_muon_reduces_loss_and_resumes_exactly(corpus_file: Path, tmp_path: Path):
     data = training_data(corpus_file, "char")
     cfg = TrainConfig(batch_size=4, max_iters=40, eval_interval=40, eval_batches=2, log_interval=1, warmup_iters=5,
@@ -97,6 +112,7 @@ def test_muon_reduces_loss_and_resumes_exactly(corpus_file: Path, tmp_path: Path
     assert resumed == curve
 
 
+@needs_muon
 def test_muon_state_dict_round_trip():
     model = Transformer(ModelConfig(**SMALL)).init_weights(0)
     opt = make_optimizer(model, TrainConfig(optimizer="muon"), torch.device("cpu"))

@@ -50,7 +50,11 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     return x.mT if tall else x
 
 
-class BatchedMuon(torch.optim.Muon):
+# torch < 2.9 has no Muon; make_optimizer refuses the option there, so the class only needs to exist.
+_Muon = getattr(torch.optim, "Muon", torch.optim.Optimizer)
+
+
+class BatchedMuon(_Muon):
     """torch.optim.Muon (same update, hyperparameters and state) with the Newton–Schulz iterations of all same-shape
     matrices run as one batched chain, and momentum and decay as foreach ops. torch's step runs 15 small products
     per matrix, one matrix at a time: on the speedrun preset (16 matrices of 128 × 128 to 384 × 128) that was 28 % of

@@ -178,6 +178,18 @@ def test_overwrite_replaces_a_run(trained_run: Path, corpus_file: Path, capsys):
     assert json.loads((trained_run / "config.json").read_text())["model"]["vocab_size"] == 256
 
 
+def test_overwrite_refuses_to_delete_what_the_command_reads(trained_run: Path, tmp_path: Path, capsys):
+    """`tlm export RUN --out RUN --overwrite true` would have deleted the run it exports."""
+    files = {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
+    one_line_error(capsys, "export", trained_run, "--out", trained_run, "--overwrite", "true",
+                   match="which this command reads")
+    one_line_error(capsys, "export", trained_run, "--out", trained_run / "checkpoints", "--overwrite", "true",
+                   match="no config.json")
+    one_line_error(capsys, "export", trained_run, "--out", tmp_path, "--overwrite", "true",
+                   match="which this command reads")
+    assert files == {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
+
+
 def test_yaml_config_with_command_line_override(tmp_path: Path, corpus_file: Path, capsys):
     (tmp_path / "run.yaml").write_text(
         "preset: tiny\ntokenizer: char\nmodel:\n  n_layer: 1\n  n_head: 2\n  n_embd: 16\n  block_size: 16\n"

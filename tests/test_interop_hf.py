@@ -21,7 +21,7 @@ from transformer_lm.api import load_run
 from transformer_lm.checkpoint import latest_checkpoint, save_checkpoint
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, dump_json
-from transformer_lm.errors import CheckpointError, ConversionError
+from transformer_lm.errors import CheckpointError, ConversionError, RunExistsError
 from transformer_lm.generate import generate
 from transformer_lm.interop.hf import export_hf, import_hf, load_hf, load_hf_tokenizer
 from transformer_lm.model import Transformer
@@ -94,6 +94,15 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Import: parity with transformers
+
+
+def test_import_never_replaces_its_source(hf_models, tmp_path):
+    _, folder = hf_models["gpt2"]
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    for out in (folder, folder.parent):
+        with pytest.raises(RunExistsError, match="which this command reads"):
+            import_hf(folder, out, overwrite=True)
+    assert before == {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -17,7 +17,7 @@ import torch
 from transformer_lm import checkpoint as ckpt
 from transformer_lm.api import load_run
 from transformer_lm.config import ModelConfig, TrainConfig
-from transformer_lm.errors import CheckpointError, RunExistsError
+from transformer_lm.errors import CheckpointError, ConfigError, RunExistsError
 from transformer_lm.model import Transformer
 from transformer_lm.optim import lr_at
 from transformer_lm.train import Budget, read_metrics, train, training_data
@@ -164,6 +164,63 @@ def test_existing_run_is_refused_and_untouched(corpus_file: Path, tmp_path: Path
         train(ModelConfig(**{**SMALL, "n_layer": 3}), small_train(), data, tmp_path / "run", resume=True,
               progress=False)
     assert snapshot == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+
+def test_overwrite_deletes_only_a_run_and_only_once_the_new_one_is_set_up(corpus_file: Path, tmp_path: Path,
+                                                                          monkeypatch):
+    data = training_data(corpus_file, "char")
+    run = tmp_path / "run"
+    train(ModelConfig(**SMALL), small_train(max_iters=5), data, run, progress=False)
+    files = lambda folder: {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}  # noqa: E731
+    snapshot = files(run)
+
+    def broken(*args, **kwargs):
+        raise ConfigError("the optimizer cannot be built")
+    with monkeypatch.context() as m:  # a new run that fails while being set up leaves the old one whole
+        m.setattr(sys.modules["transformer_lm.train"], "make_optimizer", broken)
+        with pytest.raises(ConfigError, match="optimizer"):
+            train(ModelConfig(**SMALL), small_train(), data, run, overwrite=True, progress=False)
+    assert files(run) == snapshot
+
+    notes = tmp_path / "notes"  # a folder tlm did not write
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(RunExistsError, match="is not empty and holds no run"):
+        train(ModelConfig(**SMALL), small_train(), data, notes, progress=False)
+    with pytest.raises(RunExistsError, match="no config.json"):
+        train(ModelConfig(**SMALL), small_train(), data, notes, overwrite=True, progress=False)
+    (notes / "config.json").write_text("{}")  # even one that looks like a run is kept if it holds the data
+    (notes / "corpus.txt").write_text(corpus_file.read_text())
+    with pytest.raises(RunExistsError, match="which this command reads"):
+        train(ModelConfig(**SMALL), small_train(), training_data(notes / "corpus.txt", "char"), notes,
+              overwrite=True, progress=False)
+    with pytest.raises(RunExistsError, match="which this command reads"):  # the prepared folder is read too
+        train(ModelConfig(**SMALL), small_train(), data, data.path.parent, overwrite=True, progress=False)
+    monkeypatch.chdir(run)
+    with pytest.raises(RunExistsError, match="working directory"):
+        train(ModelConfig(**SMALL), small_train(), data, Path("."), overwrite=True, progress=False)
+    assert files(run) == snapshot and (notes / "notes.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path)
+    train(ModelConfig(**SMALL), small_train(max_iters=2), data, tmp_path / "run", overwrite=True, progress=False)
+    assert read_metrics(run / "metrics.jsonl")[-1]["step"] == 2  # the old run's metrics are gone with it
+
+
+def test_a_checkpoint_pointer_names_only_its_own_step_folder(corpus_file: Path, tmp_path: Path):
+    """The `latest` pointer is data, not a path to follow: one naming a folder outside the run (whose checkpoint
+    the next save would delete) or a malformed one is a corrupt pointer, and nothing is deleted."""
+    data = training_data(corpus_file, "char")
+    victim, run = tmp_path / "victim", tmp_path / "run"
+    for folder in (victim, run):
+        train(ModelConfig(**SMALL), small_train(max_iters=5), data, folder, progress=False)
+    pointer = run / "checkpoints" / "latest"
+    for bad in ({"step": 5, "dir": "../../victim/checkpoints/step-0000005"}, {"dir": "step-0000005"},
+                {"step": "5", "dir": "step-0000005"}, {"step": 4, "dir": "step-0000005"}, [5]):
+        pointer.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match="pointer .* is corrupt"):
+            train(ModelConfig(**SMALL), small_train(max_iters=8), data, run, resume=True, progress=False)
+        with pytest.raises(CheckpointError, match="pointer .* is corrupt"):
+            load_run(run, "cpu")
+    assert (victim / "checkpoints" / "step-0000005" / "model.safetensors").is_file()
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_matches(corpus_file: Path, tmp_path: Path):

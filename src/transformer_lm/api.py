@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_weights, write_weights
+from .checkpoint import checkpoint_step, latest_checkpoint, load_weights, write_weights
 from .config import ModelConfig, SampleConfig
 from .data import read_sources, resolve_sources
 from .decode import DecodeStats
@@ -124,8 +124,7 @@ def load_run(path: str | Path, device: str = "auto") -> Run:
         model = build_model(model_config)
     load_weights(model, folder)
     model = model.to(resolve_device(device)).eval()
-    step = int(json.loads((folder.parent / "latest").read_text())["step"])
-    return Run(path, config, model, tokenizer, step)
+    return Run(path, config, model, tokenizer, checkpoint_step(folder))
 
 
 def consolidate(path: str | Path) -> Path:
@@ -144,7 +143,7 @@ def consolidate(path: str | Path) -> Path:
     with torch.device("meta"):
         model = build_model(model_config)
     load_weights(model, folder)
-    return write_weights(folder, model, int(json.loads((folder.parent / "latest").read_text())["step"]))
+    return write_weights(folder, model, checkpoint_step(folder))
 
 
 def _generator(seed: int | None, model: Transformer) -> torch.Generator:

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, RunExistsError
 
 POINTER = "latest"
 SHARDS = "shards"
@@ -51,6 +51,37 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (), resumable: bool = False) -> None:
+    """Raise RunExistsError unless `out` (a run, import or export folder about to be written) may be written: it is
+    missing or empty, or `overwrite` is given and it holds something tlm wrote (a config.json), is not the working
+    directory or above it, and holds none of `inputs` (the data or model the command reads), so that a mistyped --out
+    never deletes anything else. Nothing is deleted here: clear_out does it once the new run is set up."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    is_run = (out / "config.json").is_file()
+    if not overwrite:
+        if not is_run:
+            raise RunExistsError(f"{out} is not empty and holds no run; choose another --out")
+        raise RunExistsError(f"{out} already holds a run; pass {'--resume to continue it, ' if resumable else ''}"
+                             "--overwrite to replace it, or choose another --out")
+    where, cwd = out.resolve(), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise RunExistsError(f"--overwrite would delete {out}, which holds the working directory; choose another --out")
+    for p in inputs:
+        if where == Path(p).resolve() or where in Path(p).resolve().parents:
+            raise RunExistsError(f"--overwrite would delete {p}, which this command reads; choose another --out")
+    if not is_run:
+        raise RunExistsError(f"{out} holds files but no run (no config.json), and --overwrite replaces only a folder "
+                             "tlm wrote; empty it yourself or choose another --out")
+
+
+def clear_out(out: Path) -> None:
+    """Empty (or create) `out`, once check_out has allowed it."""
+    if out.is_dir() and any(out.iterdir()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _fsync_file(path: Path) -> None:
@@ -202,17 +233,28 @@ def _first_line(e: BaseException) -> str:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The folder `latest` points at, or None when the run has no checkpoint yet."""
+    """The folder `latest` points at, or None when the run has no checkpoint yet. The pointer may only name this
+    run's own step-NNNNNNN folder of its step: anything else (a path out of the run, whose old checkpoint the next
+    save would delete) is a corrupt pointer."""
     pointer = Path(run_dir) / "checkpoints" / POINTER
     if not pointer.exists():
         return None
     try:
-        folder = pointer.parent / json.loads(pointer.read_text())["dir"]
+        saved = json.loads(pointer.read_text())
+        step, name = saved["step"], saved["dir"]
+        if type(step) is not int or name != _step_dir(step):
+            raise ValueError(f"it names {name!r} for step {step!r}, not this run's step-NNNNNNN folder")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint pointer {pointer} is corrupt ({e}); delete the run or restore it") from e
+    folder = pointer.parent / name
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder} named by {pointer} is missing; the run folder was altered")
     return folder
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a checkpoint folder returned by latest_checkpoint (its name says it)."""
+    return int(folder.name.removeprefix("step-"))
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import time
 from contextlib import contextmanager
@@ -27,6 +26,8 @@ from .accounting import flops_per_token
 from .checkpoint import (
     atomic_write_text,
     begin_checkpoint,
+    check_out,
+    clear_out,
     commit_checkpoint,
     is_sharded,
     latest_checkpoint,
@@ -47,7 +48,7 @@ from .data import (
     read_sources,
     resolve_sources,
 )
-from .errors import CheckpointError, ConfigError, RunExistsError
+from .errors import CheckpointError, ConfigError
 from .evaluate import EvalResult, evaluate_tokens
 from .model import build_model
 from .optim import lr_at, make_optimizer, set_lr
@@ -147,7 +148,8 @@ def resumed_data(run_dir: str | Path) -> str | None:
 def prepare_run_dir(run_dir: Path, config: dict[str, Any], data: PreparedData, resume: bool, overwrite: bool) -> bool:
     """Validate what is already in `run_dir`; return True when there is a checkpoint to resume from.
 
-    A folder holding another run is refused unless --resume (same model config required) or --overwrite.
+    A folder holding another run is refused unless --resume (same model config required) or --overwrite (see
+    check_out: never a folder that holds the data, or one tlm did not write).
     """
     saved = run_dir / "config.json"
     if resume:
@@ -163,12 +165,8 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], data: PreparedData, r
             raise CheckpointError(f"checkpoint in {run_dir} was trained with a different model config (fields {diff});"
                                   " resume with the same config or start a new run with --overwrite")
         return True
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunExistsError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                                 "replace it, or choose another --out")
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    sources = [s["path"] for s in data.manifest.get("sources", [])]
+    check_out(run_dir, overwrite, [data.path, *sources], resumable=True)  # emptied only once the new run is set up
     return False
 
 
@@ -260,6 +258,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             _truncate_metrics(metrics_path, step)  # drop lines logged after the checkpoint by the interrupted run
         log.info("resumed %s at step %d", run_dir, step)
     elif info.is_main:
+        clear_out(run_dir)  # an old run replaced with --overwrite goes only now that the new one is set up
         atomic_write_text(run_dir / "config.json", dump_json(config))
         save_tokenizer(data.tokenizer, run_dir / "tokenizer.json")
         atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=2))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,9 +31,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import save_checkpoint
+from ..checkpoint import check_out, clear_out, save_checkpoint
 from ..config import ModelConfig, dump_json
-from ..errors import CheckpointError, ConversionError, RunExistsError, TLMError
+from ..errors import CheckpointError, ConversionError, TLMError
 from ..model import Transformer
 from ..tokenizers import HFFileTokenizer, SentencePieceTokenizer, Tokenizer, save_tokenizer
 
@@ -472,14 +471,6 @@ def _write_tokenizer(tok: Tokenizer, out: Path, block_size: int, family: str) ->
 # The two verbs
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunExistsError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Convert a Hugging Face model folder into a run folder (config.json, tokenizer.json, checkpoints/) that
     load_run, `tlm sample` and `tlm eval` read. `dtype` (float32, bfloat16, float16) casts the weights; by default
@@ -490,7 +481,8 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{model.config.vocab_size} embeddings; the folder mixes two models")
-    _prepare_out(out, overwrite)
+    check_out(out, overwrite, [src])
+    clear_out(out)
     source = {"format": "huggingface", "model_type": family, "path": str(src.resolve())}
     (out / "config.json").write_text(dump_json({"model": model.config.to_dict(), "source": source}))
     save_tokenizer(tokenizer, out / "tokenizer.json")
@@ -512,7 +504,8 @@ def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype
     hf_config = config_to_hf(config, family, loaded.tokenizer, torch_dtype)  # raises before anything is written
     tensors = {k: v.to(torch_dtype) for k, v in hf_state_dict(loaded.model, family).items()}
     out = Path(out)
-    _prepare_out(out, overwrite)
+    check_out(out, overwrite, [run])
+    clear_out(out)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     _write_tokenizer(loaded.tokenizer, out, config.block_size, family)

@@ -16,7 +16,6 @@ of wq and wk are permuted per head on import (`rope_pairs_to_halves`).
 from __future__ import annotations
 
 import logging
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text, save_checkpoint
+from ..checkpoint import atomic_write_text, check_out, clear_out, save_checkpoint
 from ..config import ModelConfig, dump_json
-from ..errors import CheckpointError, ConfigError, RunExistsError, TokenizerError
+from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..model import Transformer
 from ..tokenizers import Llama2cTokenizer, SentencePieceTokenizer, Tokenizer, save_tokenizer
 
@@ -199,10 +198,8 @@ def import_llama2c(bin_path: str | Path, out_dir: str | Path, tokenizer_path: st
     or tokenizer.model beside the checkpoint. The run's config.json records where the weights came from.
     """
     bin_path, out_dir = Path(bin_path), Path(out_dir)
-    if (out_dir / "config.json").exists() and not overwrite:
-        raise RunExistsError(f"{out_dir} already holds a run; choose another folder or pass overwrite=True "
-                             "(`--overwrite true`)")
     tok_path = Path(tokenizer_path) if tokenizer_path is not None else _find_tokenizer(bin_path)
+    check_out(out_dir, overwrite, [bin_path, tok_path])
     try:
         model = load_llama2c(bin_path)
     except ConfigError as e:
@@ -212,8 +209,7 @@ def import_llama2c(bin_path: str | Path, out_dir: str | Path, tokenizer_path: st
         raise CheckpointError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but {bin_path} has "
                               f"vocab_size {model.config.vocab_size}; pass the tokenizer the model was trained with")
     header = read_header(bin_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)  # a stale step 0 would be kept as "already saved"
+    clear_out(out_dir)
     save_tokenizer(tokenizer, out_dir / "tokenizer.json")
     save_checkpoint(out_dir, model, state={}, step=0)
     config = {

@@ -147,6 +147,10 @@ def test_data_errors(tmp_path: Path, capsys):
     (["--tokenizer", "wordpiece"], "wordpiece"),
     (["--train.max_iters", "-1"], "max_iters"),
     (["--model.n_layer", "two"], "n_layer"),
+    (["--train.grad_clip", "-1"], "train.grad_clip must be >= 0"),  # was accepted: gradient ascent
+    (["--train.beta1", "1.5"], "train.beta1 must be in [0, 1)"),  # was torch's traceback
+    (["--train.warmup_iters", "-1"], "train.warmup_iters must be >= 0"),
+    (["--model.pos_encoding", "rope", "--model.rope_theta", "0"], "model.rope_theta must be > 1"),  # was nan loss
 ])
 def test_config_errors(args, match, corpus_file: Path, tmp_path: Path, capsys):
     one_line_error(capsys, "train", corpus_file, "--out", tmp_path / "r", *args, match=match)
@@ -169,6 +173,16 @@ def test_checkpoint_errors_leave_run_intact(trained_run: Path, corpus_file: Path
     one_line_error(capsys, "eval", trained_run, "--data", corpus_file, match="truncated or corrupt")
     weights.unlink()
     one_line_error(capsys, "sample", trained_run, "de", match="missing weights")
+
+
+def test_a_hand_edited_run_config_of_the_wrong_type_is_one_line(trained_run: Path, capsys):
+    config = json.loads((trained_run / "config.json").read_text())
+    for field, value, match in (("n_layer", 1.5, "model.n_layer must be an integer, got 1.5"),
+                                ("n_embd", "32", "model.n_embd must be an integer, got '32'"),
+                                ("norm", "batchnorm", "model.norm must be one of 'layernorm', 'rmsnorm'")):
+        (trained_run / "config.json").write_text(json.dumps({**config, "model": {**config["model"], field: value}}))
+        one_line_error(capsys, "sample", trained_run, "de", match=match)
+        one_line_error(capsys, "info", trained_run, match=match)
 
 
 def test_overwrite_replaces_a_run(trained_run: Path, corpus_file: Path, capsys):

@@ -7,7 +7,10 @@ and back unchanged; the run folder keeps the resolved config beside the weights.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,6 +19,50 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+
+
+def check_types(config: Any, prefix: str) -> None:
+    """Raise ConfigError for a field whose value is not of its annotated type: a config.json or preset is text that
+    anyone may have edited, and a float layer count or a string width would otherwise fail deep inside PyTorch.
+    An int field takes only ints (not bools), a float field any real number, a Literal one of its values."""
+    hints = _hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _fits(value, hints[f.name]):
+            raise ConfigError(f"{prefix}.{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return any(type(value) is type(a) and value == a for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if tp is float:
+        return type(value) in (int, float)
+    if tp in (int, bool, str, type(None)):
+        return type(value) is tp
+    return True
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list ({_describe(args[0])} each)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+            list: "a list"}.get(origin or tp, str(tp))
+
 
 Architecture = Literal["transformer", "lstm", "rnn"]
 PositionalEncoding = Literal["learned", "sinusoidal", "rope", "none"]
@@ -83,6 +130,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent field and how to fix it."""
+        check_types(self, "model")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -102,6 +150,10 @@ class ModelConfig:
             )
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ConfigError(f"rope needs an even head size, got n_embd/n_head = {self.head_dim}")
+        if self.pos_encoding == "rope" and not self.rope_theta > 1:
+            raise ConfigError(f"model.rope_theta must be > 1 (10000 in most models), got {self.rope_theta}")
+        if not self.norm_eps >= 0:
+            raise ConfigError(f"model.norm_eps must be >= 0, got {self.norm_eps}")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             raise ConfigError(f"sinusoidal encoding needs an even n_embd, got {self.n_embd}")
         if self.rope_scaling == "llama3" and not (self.rope_scaling_factor > 0 and self.rope_original_max_position > 0
@@ -253,6 +305,7 @@ class TrainConfig:
     error, e.g. when a rank died or hangs. Keep it above the longest pause of one rank: a checkpoint write."""
 
     def __post_init__(self) -> None:
+        check_types(self, "train")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         if self.max_iters is None and self.max_tokens is None and self.max_time is None:
@@ -269,6 +322,12 @@ class TrainConfig:
             raise ConfigError("train.eval_interval, train.eval_batches and train.log_interval must be >= 1")
         if self.dist_timeout <= 0:
             raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        for name in ("warmup_iters", "weight_decay", "grad_clip"):  # a negative clip norm would flip the gradient
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2", "muon_momentum"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass
@@ -296,6 +355,7 @@ class SampleConfig:
     with a warning if compiling fails)."""
 
     def __post_init__(self) -> None:
+        check_types(self, "sample")
         if self.max_new_tokens < 0 or self.num_samples < 1:
             raise ConfigError("sample.max_new_tokens must be >= 0 and sample.num_samples >= 1")
         if self.temperature < 0:

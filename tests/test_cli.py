@@ -137,6 +137,12 @@ def test_data_errors(tmp_path: Path, capsys):
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 10)
     one_line_error(capsys, "train", tmp_path / "binary.bin", "--out", out, match="binary.bin")
     one_line_error(capsys, "eval", tmp_path / "nowhere", "--data", tmp_path / "short.txt", match="not a run folder")
+    # what the operating system refuses is one line too, naming the path (here --out is a file)
+    (tmp_path / "long.txt").write_text("long enough for a window of 32 tokens, " * 20)
+    one_line_error(capsys, "train", tmp_path / "long.txt", "--out", tmp_path / "binary.bin", "--tokenizer", "char",
+                   *TINY, match="binary.bin: File exists; check the path")
+    assert (tmp_path / "binary.bin").read_bytes() == bytes(range(256)) * 10
+    one_line_error(capsys, "bench", "--json", tmp_path / "nowhere" / "b.json", match="its folder does not exist")
 
 
 @pytest.mark.parametrize("args,match", [

@@ -295,8 +295,8 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
     int4:G, w8a8) adds a decode row of ours with quantized weights against their float weights; `compile` adds a
     training row with our model compiled and compiles our decode step (compiling happens in the untimed warm-up;
     theirs stays eager, as transformers runs by default)."""
-    if steps < 1 or batch < 1 or decode_batch < 1 or new_tokens < 1 or prefill_len < 1:
-        raise ConfigError("steps, batch, decode_batch, new_tokens and prefill_len must be >= 1")
+    if steps < 1 or batch < 1 or decode_batch < 1 or new_tokens < 1 or prefill_len < 1 or (seq is not None and seq < 1):
+        raise ConfigError("steps, batch, seq, decode_batch, new_tokens and prefill_len must be >= 1")
     dev = resolve_device(device)
     config = ModelConfig(**{**preset(preset_name), "dropout": 0.0, **(model or {})})
     seq = seq or config.block_size

@@ -26,7 +26,7 @@ from .cli_experiments import (
     cmd_report,
 )
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recipe, presets
-from .errors import TLMError
+from .errors import ConfigError, TLMError
 
 log = logging.getLogger("transformer_lm")
 
@@ -368,6 +368,10 @@ def _add_bench_parser(cmds: dict[str, ArgumentParser]) -> None:
 def cmd_bench(a: Namespace) -> None:
     from .bench import bench
 
+    if a.threads is not None and a.threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {a.threads}")
+    if a.json and not Path(a.json).resolve().parent.is_dir():  # checked now, not after minutes of measuring
+        raise ConfigError(f"--json {a.json}: its folder does not exist; create it or choose another path")
     if a.threads:
         import torch
 
@@ -402,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`tlm sample ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush cannot fail again
         code = 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+    except OSError as e:  # a path the system refuses (read-only, a file where a folder is meant, a full disk)
+        what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else " ".join(str(e).split())
+        print(f"tlm: error: {what}; check the path, its permissions and the free space", file=sys.stderr)
+        code = 2
     parallel = sys.modules.get(f"{__package__}.parallel")  # imported by the commands that can start a process group
     if parallel is not None:
         parallel.leave(code)  # a torchrun worker that ran one ends here

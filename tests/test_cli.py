@@ -245,6 +245,31 @@ def test_resume_finds_the_runs_data_and_refuses_other_tokenizers(trained_run: Pa
                    match="tokenizer differs")
 
 
+def test_resume_continues_the_run_as_it_was_started(trained_run: Path, capsys):
+    """`tlm train --out RUN --resume true` alone: the model and training settings are the run's own (they were the
+    command-line defaults, so a run started with other flags was refused as "a different model config"), and
+    flags still override them (here: a longer budget)."""
+    code, out, err = tlm(capsys, "train", "--out", trained_run, "--resume", "true", "--train.max_iters", "9")
+    assert code == 0, err
+    assert "9 steps" in out
+    steps = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in steps if "val_loss" in r] == [3, 6, 9]  # the run's eval_interval, not the default's
+    assert json.loads((trained_run / "config.json").read_text())["model"]["n_layer"] == 2
+
+
+def test_config_file_data_and_print_config_with_a_preset(tmp_path: Path, corpus_file: Path, capsys):
+    (tmp_path / "run.yaml").write_text(f"data: {corpus_file}\ntokenizer: char\nmodel:\n  n_layer: 1\n  n_head: 2\n"
+                                       "  n_embd: 16\n  block_size: 16\ntrain:\n  batch_size: 2\n  max_iters: 2\n"
+                                       "  eval_batches: 1\n")
+    code, _, err = tlm(capsys, "train", "--config", tmp_path / "run.yaml", "--out", tmp_path / "run")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["source"] == str(corpus_file)
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "tiny-llama", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "norm: rmsnorm" in printed and "mlp: swiglu" in printed
+
+
 def test_sample_into_a_closed_pipe_stops_quietly(trained_run: Path):
     """`tlm sample ... | head`: when the reader goes away, exit with 141 (SIGPIPE) and no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "transformer_lm.cli", "sample", str(trained_run), "de",

@@ -64,8 +64,8 @@ def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (), res
     if not overwrite:
         if not is_run:
             raise RunExistsError(f"{out} is not empty and holds no run; choose another --out")
-        raise RunExistsError(f"{out} already holds a run; pass {'--resume to continue it, ' if resumable else ''}"
-                             "--overwrite to replace it, or choose another --out")
+        raise RunExistsError(f"{out} already holds a run; pass {'--resume true to continue it, ' if resumable else ''}"
+                             "--overwrite true to replace it, or choose another --out")
     where, cwd = out.resolve(), Path.cwd().resolve()
     if where == cwd or where in cwd.parents:
         raise RunExistsError(f"--overwrite would delete {out}, which holds the working directory; choose another --out")

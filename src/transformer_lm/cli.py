@@ -6,6 +6,7 @@ overridable on the command line. Library errors become one line on stderr and ex
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -53,7 +54,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p = cmds["train"] = ArgumentParser(exit_on_error=False, description="Train a model (default data: the Python "
                                        "standard library's source, so it works offline).")
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file of options (fields as below).")
-    p.add_argument("data", type=str | None, nargs="?", default=None,
+    # SUPPRESS, not None: an absent positional's default would replace the `data:` of a --config file
+    p.add_argument("data", type=str | None, nargs="?", default=argparse.SUPPRESS,
                    help="Text file, folder, glob, or a folder made by `tlm prepare` (default: embedded corpus).")
     p.add_argument("--out", type=str, default="runs/default", help="Run folder for checkpoints, metrics and plots.")
     p.add_argument("--preset", type=str | None, default="tiny",
@@ -105,19 +107,40 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
 
 
 def parse(argv: list[str]) -> Namespace:
-    """Parse twice when a preset is named: the preset's fields (and a recipe preset's training settings) become the
-    defaults that --model.* and --train.* then override, whatever the order on the command line or in --config."""
+    """Parse twice when a preset is named or a run resumed: the preset's fields (and a recipe preset's training
+    settings), then a resumed run's own saved model and training config, become the defaults that --model.* and
+    --train.* override, whatever the order on the command line or in --config. The first pass leaves out
+    --print_config, which would print (and exit) before those defaults are in."""
     parser, cmds = build_parser()
-    ns = parser.parse_args(argv)
+    ns = parser.parse_args([a for a in argv if not a.startswith("--print_config")])
     cmd = ns.command
+    defaults: dict[str, Any] = {}
     chosen = ns[cmd].get("preset")
     if chosen and cmd in ("train", "info", "plan", "memory"):
-        defaults = {f"model.{k}": v for k, v in preset(chosen).items()}
+        defaults |= {f"model.{k}": v for k, v in preset(chosen).items()}
         if cmd == "train":
             defaults |= {f"train.{k}": v for k, v in preset_recipe(chosen).items()}
+    if cmd == "train" and ns.train.resume:
+        defaults |= _saved_settings(Path(ns.train.out))
+    if defaults or any(a.startswith("--print_config") for a in argv):
         cmds[cmd].set_defaults(defaults)
         ns = parser.parse_args(argv)
     return ns
+
+
+def _saved_settings(run: Path) -> dict[str, Any]:
+    """A run's saved model and training config as parser defaults (fields this version no longer has dropped), so
+    that `--resume true` continues the run as it was started, to the end of its own budget."""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}  # no run there: train()'s checks say so
+    out = {}
+    for key, cls in (("model", ModelConfig), ("train", TrainConfig)):
+        known = {f.name for f in dataclasses.fields(cls)}
+        section = saved.get(key) if isinstance(saved, dict) else None
+        out |= {f"{key}.{k}": v for k, v in (section or {}).items() if k in known}
+    return out
 
 
 def cmd_prepare(a: Namespace) -> None:
@@ -136,18 +159,19 @@ def cmd_train(a: Namespace) -> int:
 
     model_cfg = ModelConfig(**a.model.as_dict())
     train_cfg = TrainConfig(**a.train.as_dict())
-    data_arg = a.data
+    data_arg = a.get("data")
     if a.resume and data_arg is None:  # continue on the data the run was started with
         data_arg = resumed_data(a.out)
     data = training_data(data_arg, a.tokenizer, a.vocab_size, a.gpt2_dir)
-    extra = {"data": {"source": a.data or "python-stdlib", "tokenizer": a.tokenizer, "prepared": str(data.path)},
+    extra = {"data": {"source": a.get("data") or "python-stdlib", "tokenizer": data.tokenizer.kind,
+                      "prepared": str(data.path)},
              "preset": a.preset}
     res = train(model_cfg, train_cfg, data, a.out, resume=a.resume, overwrite=a.overwrite, extra_config=extra)
     if not res.is_main:  # under torchrun, rank 0 reports for all
         return 130 if res.interrupted else 0
     val = f", val loss {res.val.loss:.4f}, bpb {res.val.bpb:.4f}" if res.val else ""
     if res.interrupted:
-        print(f"interrupted: checkpoint saved at step {res.step} in {res.run_dir}; continue with --resume",
+        print(f"interrupted: checkpoint saved at step {res.step} in {res.run_dir}; continue with --resume true",
               file=sys.stderr)
         return 130
     print(f"{res.run_dir}: {res.step} steps, {res.tokens:,} tokens in {res.elapsed:.1f}s{val}")

@@ -29,9 +29,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError as e:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --train.device cpu")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; choose device cpu (or auto)")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r} requested but MPS is not available; use --train.device cpu")
+        raise ConfigError(f"device {name!r} requested but MPS is not available; choose device cpu (or auto)")
     return device
 
 

@@ -191,6 +191,22 @@ def test_a_hand_edited_run_config_of_the_wrong_type_is_one_line(trained_run: Pat
         one_line_error(capsys, "info", trained_run, match=match)
 
 
+def test_a_run_with_another_runs_tokenizer_or_corrupt_ids_is_one_line(trained_run: Path, corpus_file: Path,
+                                                                       tmp_path: Path, capsys):
+    import numpy as np
+
+    code, _, err = tlm(capsys, "prepare", corpus_file, "--out", tmp_path / "bytes", "--tokenizer", "byte")
+    assert code == 0, err
+    (trained_run / "tokenizer.json").write_bytes((tmp_path / "bytes" / "tokenizer.json").read_bytes())
+    one_line_error(capsys, "sample", trained_run, "de", match="the run folder mixes two runs' files")
+    train_bin = tmp_path / "bytes" / "train.bin"
+    ids = np.fromfile(train_bin, dtype=np.uint16)
+    ids[::7] = 1000  # the byte tokenizer has 256 ids
+    ids.tofile(train_bin)
+    one_line_error(capsys, "train", tmp_path / "bytes", "--out", tmp_path / "r", *TINY, "--train.max_iters", "2",
+                   match="holds token id 1000")
+
+
 def test_overwrite_replaces_a_run(trained_run: Path, corpus_file: Path, capsys):
     code, _, err = tlm(capsys, "train", corpus_file, "--out", trained_run, "--tokenizer", "byte", *TINY,
                        "--train.max_iters", "2", "--overwrite", "true")

@@ -73,9 +73,11 @@ def test_rungs_follow_the_rule():
     matched = scaling.plan_rungs(scaling.ScalingConfig(compute=1e13, block_size=64, batch_size=8), 256)
     for p in matched:  # the same compute per rung, to within one step's tokens
         assert p.train.max_iters * 8 * 64 * flops_per_token(p.model)["train"] == pytest.approx(1e13, rel=0.01)
-    for bad in (["4x100"], ["4by128"], ["2x32", "2x32"]):
+    for bad in (["4x100"], ["4by128"], ["2x32", "2x32"], []):
         with pytest.raises(ConfigError):
             scaling.ScalingConfig(sizes=bad)
+    with pytest.raises(ConfigError, match="head_dim"):  # was a ZeroDivisionError
+        scaling.ScalingConfig(head_dim=0)
 
 
 def test_frontier_matches_its_definition():

@@ -120,6 +120,9 @@ def load_run(path: str | Path, device: str = "auto") -> Run:
     if folder is None:
         raise CheckpointError(f"{path} has no checkpoint yet; train it first (or wait for its first evaluation)")
     tokenizer = load_tokenizer(path / "tokenizer.json")
+    if tokenizer.vocab_size > model_config.vocab_size:  # a smaller tokenizer is normal (a padded embedding table)
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                              f"{model_config.vocab_size} embeddings; the run folder mixes two runs' files")
     with torch.device("meta"):
         model = build_model(model_config)
     load_weights(model, folder)

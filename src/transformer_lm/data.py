@@ -372,6 +372,16 @@ def _windows(tokens: np.ndarray, starts: Sequence[int], length: int) -> tuple[to
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
+def check_ids(x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> None:
+    """Raise DataError when a window holds an id the model has no embedding for: a prepared .bin that was edited,
+    truncated into another dtype or made by another tokenizer (otherwise an IndexError, or on a GPU a device-side
+    assert, deep in the embedding lookup). Cheap: one reduction over a batch already in host memory."""
+    top = max(int(x.max()), int(y.max()))
+    if top >= vocab_size:
+        raise DataError(f"the data holds token id {top}, but the model has embeddings for {vocab_size} ids only; "
+                        "the prepared data is corrupt or from another tokenizer: prepare it again")
+
+
 class BatchSampler:
     """Random training windows whose sequence resumes exactly from a checkpoint.
 
@@ -381,9 +391,10 @@ class BatchSampler:
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, vocab_size: int | None = None):
         """`rank` of `world_size` keeps rows [rank·b, (rank+1)·b) of each global batch of `batch_size` rows, with
-        b = batch_size / world_size: every rank draws the same starts, so the shards together are the global batch."""
+        b = batch_size / world_size: every rank draws the same starts, so the shards together are the global batch.
+        With `vocab_size`, each batch is checked to hold only ids below it (check_ids)."""
         if batch_size < 1 or block_size < 1:
             raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if len(tokens) < block_size + 1:
@@ -395,12 +406,16 @@ class BatchSampler:
         self.shard = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
+        self.vocab_size = vocab_size
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), both int64 of shape (batch_size / world_size, block_size)."""
         starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
         self.batches_drawn += 1
-        return _windows(self.tokens, starts[self.shard].tolist(), self.block_size)
+        x, y = _windows(self.tokens, starts[self.shard].tolist(), self.block_size)
+        if self.vocab_size is not None:
+            check_ids(x, y, self.vocab_size)
+        return x, y
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn}

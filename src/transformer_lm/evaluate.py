@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import iter_eval_batches
+from .data import check_ids, iter_eval_batches
 from .model import Transformer
 
 
@@ -47,6 +47,7 @@ def evaluate_tokens(model: Transformer, tokens: np.ndarray, bytes_per_token: flo
     total, count = 0.0, 0
     try:
         for x, y in iter_eval_batches(tokens, batch_size, model.config.block_size, max_batches):
+            check_ids(x, y, model.config.vocab_size)
             with autocast or nullcontext():
                 logits = model(x.to(device)).logits
             nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),

@@ -235,7 +235,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
-                           world_size=info.world_size)
+                           world_size=info.world_size, vocab_size=model_config.vocab_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
     budget = Budget(cfg, tokens_per_step)
     flops_per_step = flops_per_token(model_config)["train"] * tokens_per_step / info.world_size  # per device

@@ -163,13 +163,15 @@ class ScalingConfig:
     """Seed of every rung (initialization and batch order)."""
 
     def __post_init__(self) -> None:
+        if min(self.block_size, self.batch_size, self.head_dim, self.base_width, self.evals, self.eval_batches) < 1:
+            raise ConfigError("block_size, batch_size, head_dim, base_width, evals and eval_batches must be >= 1")
+        if not self.sizes:
+            raise ConfigError("sizes is empty; give the rungs as LAYERSxWIDTH, e.g. --sizes '[2x32, 2x64, 4x64]'")
         self.rungs()  # validates the sizes
         if self.compute is None and not self.tokens > 0:
             raise ConfigError(f"tokens must be > 0, got {self.tokens}")
         if self.compute is not None and not self.compute > 0:
             raise ConfigError(f"compute must be > 0 FLOPs, got {self.compute}")
-        if min(self.block_size, self.batch_size, self.head_dim, self.base_width, self.evals, self.eval_batches) < 1:
-            raise ConfigError("block_size, batch_size, head_dim, base_width, evals and eval_batches must be >= 1")
         if self.base_lr <= 0 or not 0 <= self.warmup_fraction < 1:
             raise ConfigError("base_lr must be > 0 and warmup_fraction in [0, 1)")
 

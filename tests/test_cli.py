@@ -172,6 +172,7 @@ def test_checkpoint_errors_leave_run_intact(trained_run: Path, corpus_file: Path
     assert files == {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
     # the char tokenizer cannot encode characters it never saw
     one_line_error(capsys, "sample", trained_run, "日本", match="'日'")
+    one_line_error(capsys, "sample", trained_run, "de", "--stop", "x", match="--stop '[a, b]'")  # how lists are written
     weights = next(trained_run.glob("checkpoints/step-*/model.safetensors"))
     weights.write_bytes(weights.read_bytes()[:1000])
     one_line_error(capsys, "sample", trained_run, "de", match="truncated or corrupt")

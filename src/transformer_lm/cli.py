@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -422,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[ns.command](a) or 0
     except (TLMError, argparse.ArgumentError) as e:
         msg = " ".join(str(e).split())  # one line, whatever the library or parser wrote
+        listed = re.search(r'key "([\w.]+)": Expected a <class \'list\'>', msg)  # jsonargparse on `--stop a`
+        if listed:
+            opt = f"--{listed.group(1)}"
+            msg += f"; write a list in brackets, {opt} '[a, b]', or give items one at a time with {opt}+ a"
         print(f"tlm: error: {msg}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

@@ -224,6 +224,10 @@ def test_overwrite_refuses_to_delete_what_the_command_reads(trained_run: Path, t
                    match="no config.json")
     one_line_error(capsys, "export", trained_run, "--out", tmp_path, "--overwrite", "true",
                    match="which this command reads")
+    one_line_error(capsys, "convert", trained_run, "--out", tmp_path / "c", match="is a tlm run folder")
+    (tmp_path / "data.csv").write_text("a,b\n")  # report writes only over an .html page
+    one_line_error(capsys, "report", trained_run, "--out", tmp_path / "data.csv", match="not an .html page")
+    assert (tmp_path / "data.csv").read_text() == "a,b\n"
     assert files == {p: p.read_bytes() for p in trained_run.rglob("*") if p.is_file()}
 
 

@@ -231,7 +231,13 @@ def test_sharded_checkpoint_resumes_on_two_processes_and_consolidates(data: Prep
     have = load_file(folder / "model.safetensors")
     assert sorted(have) == sorted(want)
     assert all(torch.allclose(have[k], want[k], atol=TOL) for k in want)
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
     assert main(["consolidate", str(run)]) == 0  # already consolidated: left as it is
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    (folder / "model.safetensors").write_bytes(b"\x07" * 64)  # damaged: rebuilt from the shards, not reported whole
+    assert main(["consolidate", str(run)]) == 0
+    have = load_file(folder / "model.safetensors")
+    assert all(torch.allclose(have[k], want[k], atol=TOL) for k in want)
     assert main(["sample", str(run), "def", "--max_new_tokens", "4", "--seed", "0", "--device", "cpu"]) == 0
 
 

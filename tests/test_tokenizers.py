@@ -266,7 +266,7 @@ def test_vocab_size_is_ignored_by_kinds_whose_size_is_fixed(small_gpt2_dir: Path
 def test_char_rejects_unseen_character_with_position() -> None:
     tok = build_tokenizer("char", (t for t in ["abc", "cab "]))
     assert tok.vocab_size == 4
-    with pytest.raises(TokenizerError, match=r"'z' at position 3.*--tokenizer byte"):
+    with pytest.raises(TokenizerError, match=r"'z' at position 3.*byte tokenizer"):
         tok.encode("ab zc")
 
 

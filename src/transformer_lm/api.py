@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import checkpoint_step, latest_checkpoint, load_weights, write_weights
+from .checkpoint import checkpoint_step, is_sharded, latest_checkpoint, load_weights, write_weights
 from .config import ModelConfig, SampleConfig
 from .data import read_sources, resolve_sources
 from .decode import DecodeStats
@@ -103,7 +103,7 @@ def read_run_config(path: str | Path) -> tuple[dict[str, Any], ModelConfig]:
     """A run folder's config.json and its model config, without touching the weights."""
     config_path = Path(path) / "config.json"
     if not config_path.exists():
-        raise CheckpointError(f"{path} is not a run folder (no config.json); train one with `tlm train --out {path}`")
+        raise CheckpointError(f"{path} is not a run folder (no config.json): give the folder `tlm train --out` wrote")
     try:
         config = json.loads(config_path.read_text())
         return config, ModelConfig.from_dict(config["model"])
@@ -134,17 +134,24 @@ def consolidate(path: str | Path) -> Path:
     """Write the whole weights of a run's latest checkpoint as model.safetensors beside its shards: the single-file
     format of every other checkpoint, for `tlm export`, for tools outside this package, and for loading without
     reassembling shards each time. One process, no process group: the shards of any world size are read whole.
-    Returns the weights file; a checkpoint that has one already is left as it is."""
+    Returns the weights file. One that is there already is read through first: whole, it is left as it is; damaged,
+    it is written again from the shards (or, with no shards to rebuild it from, the damage is the error)."""
     path = Path(path)
     _, model_config = read_run_config(path)
     folder = latest_checkpoint(path)
     if folder is None:
         raise CheckpointError(f"{path} has no checkpoint yet; train it first (or wait for its first evaluation)")
     weights = folder / "model.safetensors"
-    if weights.exists():
-        return weights
     with torch.device("meta"):
         model = build_model(model_config)
+    if weights.exists():
+        try:
+            load_weights(model, folder)
+            return weights
+        except CheckpointError:
+            if not is_sharded(folder):
+                raise
+            weights.unlink()  # a derived copy of the shards: rebuilt below
     load_weights(model, folder)
     return write_weights(folder, model, checkpoint_step(folder))
 

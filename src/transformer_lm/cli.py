@@ -342,6 +342,8 @@ def cmd_consolidate(a: Namespace) -> None:
 def cmd_memory(a: Namespace) -> None:
     from .experiments.memory import plan_memory
 
+    if not a.gpu_gb > 0:
+        raise ConfigError(f"--gpu_gb must be > 0, got {a.gpu_gb}")
     cfg = ModelConfig(**a.model.as_dict())
     plans = {f"{par.upper()}{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size, par,
                                                                  a.dtype, ac)

@@ -353,9 +353,10 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
     splits = {}
     for split in ("train", "val"):
         file, n = path / f"{split}.bin", m[f"{split}_tokens"]
-        size = file.stat().st_size if file.is_file() else None
-        if size != n * dtype.itemsize:
-            raise DataError(f"{file} has {size} bytes, but the manifest says {n} {dtype.name} tokens "
+        if not file.is_file():
+            raise DataError(f"{file} is missing; the folder is damaged: run prepare again")
+        if file.stat().st_size != n * dtype.itemsize:
+            raise DataError(f"{file} has {file.stat().st_size} bytes, but the manifest says {n} {dtype.name} tokens "
                             f"({n * dtype.itemsize} bytes); the folder is damaged: run prepare again")
         splits[split] = np.memmap(file, dtype=dtype, mode="r", shape=(n,))
     tokenizer = load_tokenizer(path / "tokenizer.json")

@@ -36,8 +36,8 @@ def _utf8(text: str) -> bytes:
         return text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise TokenizerError(
-            f"text has a lone surrogate {text[e.start]!r} at position {e.start}, which is not valid Unicode; "
-            "read text files with encoding='utf-8' (errors='replace' for damaged files)"
+            f"text has a lone surrogate {text[e.start]!r} at position {e.start}, which is not valid Unicode "
+            "(bytes that are not UTF-8, read by Python as surrogates); pass UTF-8 text"
         ) from None
 
 
@@ -145,7 +145,7 @@ class CharTokenizer(Tokenizer):
             pos = text.index(e.args[0])
             raise TokenizerError(
                 f"character {e.args[0]!r} at position {pos} is not in the char tokenizer's vocabulary; "
-                "train on a corpus containing it or use --tokenizer byte"
+                "remove it from the text, or train on a corpus containing it (or with the byte tokenizer)"
             ) from None
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -104,8 +104,12 @@ class LongRangeConfig:
         if bad or not self.tasks or not self.archs:
             raise ConfigError(f"unknown task(s) or architecture(s) {bad}; tasks: {', '.join(TASKS)}; architectures: "
                               "transformer, lstm, rnn")
-        if min(self.steps, self.batch_size, self.eval_distances, self.eval_answers) < 1:
-            raise ConfigError("steps, batch_size, eval_distances and eval_answers must be >= 1")
+        if min(self.steps, self.batch_size, self.eval_distances, self.eval_answers, self.recall_length,
+               self.copy_length, self.n_layer, self.n_embd, self.n_head) < 1:
+            raise ConfigError("steps, batch_size, eval_distances, eval_answers, recall_length, copy_length, n_layer, "
+                              "n_embd and n_head must be >= 1")
+        if not (self.recall_lr > 0 and self.copy_lr > 0):
+            raise ConfigError(f"recall_lr and copy_lr must be > 0, got {self.recall_lr} and {self.copy_lr}")
 
     def task(self, name: str) -> Task:
         """The task called `name` at this size."""

@@ -279,8 +279,11 @@ def build_report(paths: list[str | Path], title: str = "transformer-lm report") 
 
 
 def write_report(paths: list[str | Path], out: str | Path, title: str = "transformer-lm report") -> Path:
-    """Write `build_report(paths, title)` to `out` (parent folders created)."""
+    """Write `build_report(paths, title)` to `out` (parent folders created). An existing file is replaced only when
+    it is an HTML page (a report written before), so a mistyped --out cannot overwrite data or a script."""
     out = Path(out)
+    if out.exists() and (out.is_dir() or out.suffix.lower() not in (".html", ".htm")):
+        raise ConfigError(f"--out {out} exists and is not an .html page; choose another file name")
     text = build_report(paths, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")

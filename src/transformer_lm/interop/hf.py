@@ -476,6 +476,9 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     load_run, `tlm sample` and `tlm eval` read. `dtype` (float32, bfloat16, float16) casts the weights; by default
     they keep the dtype they are stored in."""
     src, out = Path(src), Path(out)
+    if (src / "checkpoints" / "latest").is_file():  # the checkpoint pointer of a run folder
+        raise ConversionError(f"{src} is a tlm run folder, not a Hugging Face one: sample or evaluate it as it is, or "
+                              "`tlm export` it")
     tokenizer = load_hf_tokenizer(src)
     model, family = load_hf(src, _dtype(dtype))
     if tokenizer.vocab_size > model.config.vocab_size:

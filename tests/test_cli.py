@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from transformer_lm.cli import main
@@ -194,8 +195,6 @@ def test_a_hand_edited_run_config_of_the_wrong_type_is_one_line(trained_run: Pat
 
 def test_a_run_with_another_runs_tokenizer_or_corrupt_ids_is_one_line(trained_run: Path, corpus_file: Path,
                                                                        tmp_path: Path, capsys):
-    import numpy as np
-
     code, _, err = tlm(capsys, "prepare", corpus_file, "--out", tmp_path / "bytes", "--tokenizer", "byte")
     assert code == 0, err
     (trained_run / "tokenizer.json").write_bytes((tmp_path / "bytes" / "tokenizer.json").read_bytes())

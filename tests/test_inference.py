@@ -302,6 +302,37 @@ def test_batched_sampling_is_seeded_and_in_vocabulary():
     assert a == b and all(len(r) == 10 and all(0 <= t < 61 for t in r) for r in a)
 
 
+def test_padded_embedding_rows_are_never_drawn():
+    """Imported models pad the embedding table past the tokenizer's ids (Qwen2: 151,936 rows for 151,646 ids). Rows
+    that are no token must never be drawn, greedy or sampled, one prompt, a batch or speculative; here they are made
+    the most likely ones, so any path that looked at them would pick them."""
+    model, tokens = random_model(tiny_config()), 50  # 61 rows, a tokenizer of 50 ids
+    with torch.no_grad():
+        model.lm_head.weight[tokens:] = model.lm_head.weight[:tokens].abs().amax(0) * 50
+    assert int(model(torch.tensor([[1, 2]])).logits[0, -1].argmax()) >= tokens  # the trap is set
+    draft = random_model(tiny_config(n_layer=1), seed=1)
+    gen = torch.Generator().manual_seed(0)
+    runs = [list(generate(model, [1, 2], 12, temperature=t, generator=gen, vocab_size=tokens)) for t in (0, 1, 1e-40)]
+    runs += generate_batch(model, [[1, 2], [3]], 12, temperature=1.0, generator=gen, vocab_size=tokens)
+    runs.append(list(speculative_generate(model, draft, [1, 2], 12, 3, 1.0, generator=gen, vocab_size=tokens)))
+    greedy = list(speculative_generate(model, draft, [1, 2], 12, 3, vocab_size=tokens))
+    assert greedy == runs[0]
+    assert all(len(r) == 12 and max(r) < tokens for r in runs)
+    ids = [1, 2]  # greedy is the argmax over the real ids only, recomputed naively
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1, :tokens].argmax()))
+    assert runs[0] == ids[2:]
+
+
+def test_a_tiny_temperature_tends_to_greedy_instead_of_overflowing():
+    """logits / 1e-40 overflowed to inf and the softmax to NaN, whose argmax is id 0."""
+    model = random_model(tiny_config())
+    greedy = list(generate(model, [1, 2], 12, temperature=0))
+    for t in (1e-6, 1e-38, 1e-40):
+        assert list(generate(model, [1, 2], 12, temperature=t, generator=torch.Generator().manual_seed(0))) == greedy
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. The CLI: tlm sample --quantize/--draft, tlm eval --quantize
 

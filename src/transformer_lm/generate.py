@@ -23,11 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one id per row of `logits` (B, V) -> (B,). temperature 0 is greedy (argmax).
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                vocab_size: int | None = None) -> torch.Tensor:
+    """Draw one id per row of `logits` (B, V) -> (B,). temperature 0 is greedy (argmax). With `vocab_size`, only
+    ids below it (a tokenizer smaller than the model's padded embedding table: its extra rows are no tokens).
 
     Drawn with the exponential race (equivalent to the Gumbel-max trick): with E_i ~ Exp(1) independent,
     argmax_i p_i / E_i is i with probability p_i. Unlike torch.multinomial it never waits for the host."""
+    logits = logits[..., :vocab_size]
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = next_token_probs(logits, temperature, top_k, top_p)
@@ -39,8 +42,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                      top_p: float | None = None) -> torch.Tensor:
     """The distribution sample_next draws from (temperature > 0): (..., V) logits -> (..., V) float32 probabilities
-    after temperature, top-k and top-p filtering."""
-    logits = logits.float() / temperature
+    after temperature, top-k and top-p filtering. The max is taken out before dividing by the temperature, so that
+    a tiny one cannot overflow the logits to inf (and the softmax to NaN): it tends to greedy, as it should."""
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -68,7 +73,7 @@ def crop_prompt(ids: Sequence[int], block_size: int) -> list[int]:
 def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True, compile: bool = False, sync_every: int | None = None,
-             stats: DecodeStats | None = None) -> Iterator[int]:
+             stats: DecodeStats | None = None, vocab_size: int | None = None) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids continuing `prompt` (a non-empty id list).
 
     With the cache, the prompt is processed once and each step runs the model on the newest token only. When the
@@ -76,6 +81,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     token). `use_cache=False` recomputes everything every step: the slow reference the cache is tested against.
     `compile` compiles the decode step (decode.py). Tokens stay on the device and reach the host `sync_every` at a
     time (default: 1 on CPU, where reading a tensor costs nothing; 8 elsewhere). `stats` receives the timings.
+    `vocab_size` limits the ids drawn (sample_next).
     The model keeps its KV cache afterwards for the next generation of the same length (decode.lent_cache;
     decode.release_cache(model) frees it).
     """
@@ -87,12 +93,12 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     try:
         if use_cache:
             yield from _generate_cached(model, ids, max_new_tokens, temperature, top_k, top_p, generator, compile,
-                                        sync_every, stats)
+                                        sync_every, stats, vocab_size)
             return
         device = model.tok_emb.weight.device
         for _ in range(max_new_tokens):
             logits = model(torch.tensor([ids[-model.config.block_size:]], device=device), last_only=True).logits
-            ids.append(int(sample_next(logits[:, -1], temperature, top_k, top_p, generator)))
+            ids.append(int(sample_next(logits[:, -1], temperature, top_k, top_p, generator, vocab_size)))
             yield ids[-1]
     finally:
         model.train(was_training)
@@ -100,7 +106,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
 
 def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float,
                      top_k: int | None, top_p: float | None, generator: torch.Generator | None, compile: bool,
-                     sync_every: int | None, stats: DecodeStats | None) -> Iterator[int]:
+                     sync_every: int | None, stats: DecodeStats | None, vocab_size: int | None) -> Iterator[int]:
     device = model.tok_emb.weight.device
     block = model.config.block_size
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
@@ -118,7 +124,7 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
         while produced < max_new_tokens:
             drawn, full = [], False
             while len(drawn) < sync_every and produced + len(drawn) < max_new_tokens:
-                drawn.append(sample_next(logits, temperature, top_k, top_p, generator))  # (1,), on the device
+                drawn.append(sample_next(logits, temperature, top_k, top_p, generator, vocab_size))  # (1,), on device
                 if produced + len(drawn) == max_new_tokens:
                     break  # the last token needs no forward
                 if filled == max_len:
@@ -156,12 +162,12 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     hold = max((len(s) for s in cfg.stop), default=1) - 1
     if draft is None:
         tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator,
-                          compile=cfg.compile, stats=stats)
+                          compile=cfg.compile, stats=stats, vocab_size=tokenizer.vocab_size)
     else:
         from .speculative import speculative_generate  # speculative imports this module
 
         tokens = speculative_generate(model, draft, prompt_ids, cfg.max_new_tokens, draft_k, temperature, cfg.top_k,
-                                      cfg.top_p, generator)
+                                      cfg.top_p, generator, tokenizer.vocab_size)
     for tok in tokens:
         if tok == tokenizer.eot_id:
             break
@@ -185,9 +191,10 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
 @torch.no_grad()
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                   generator: torch.Generator | None = None, compile: bool = False) -> list[list[int]]:
+                   generator: torch.Generator | None = None, compile: bool = False,
+                   vocab_size: int | None = None) -> list[list[int]]:
     """Continue several prompts of different lengths at once: `max_new_tokens` new ids per prompt (`compile`: the
-    decode step compiled, as in generate()). The ids reach the host once, at the end.
+    decode step compiled, and `vocab_size`, as in generate()). The ids reach the host once, at the end.
 
     Prompts are left-padded to the longest and prefilled in one forward; each row gets its own positions (counted
     from its first real token) and a key mask hides the padding, so every row sees exactly the positions and context
@@ -215,7 +222,7 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
         with lent_cache(model, B, longest + max_new_tokens - 1) as cache:
             logits = prefill(model, cache, ids, positions, key_mask)
             for i in range(max_new_tokens):
-                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                nxt = sample_next(logits, temperature, top_k, top_p, generator, vocab_size)  # (B,)
                 out.append(nxt)
                 if i + 1 < max_new_tokens:
                     positions = (longest + i - pad)[:, None]  # (B, 1)

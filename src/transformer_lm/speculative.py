@@ -30,9 +30,10 @@ def check_draft(target: Transformer, draft: Transformer) -> None:
 @torch.no_grad()
 def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequence[int], max_new_tokens: int,
                          k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                         generator: torch.Generator | None = None) -> Iterator[int]:
+                         generator: torch.Generator | None = None, vocab_size: int | None = None) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids continuing `prompt`, distributed as `generate(target, ...)` would draw them
-    (temperature 0: the same greedy ids). `k` is the number of draft proposals per target forward.
+    (temperature 0: the same greedy ids). `k` is the number of draft proposals per target forward; `vocab_size`
+    limits the ids drawn, as in generate().
 
     While prompt + output fit in the context window the greedy ids equal generate()'s; past it, both models restart
     from the last half window (as generate() does, though not at the same token, so long greedy outputs may differ).
@@ -75,7 +76,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
             for _ in range(k_round):
                 seq = ids + drafted
                 x = torch.tensor([seq[start + dcache.pos:]], device=device)
-                logits = draft(x, cache=dcache, last_only=True).logits[0, -1]
+                logits = draft(x, cache=dcache, last_only=True).logits[0, -1, :vocab_size]
                 if greedy:
                     drafted.append(int(logits.argmax()))
                 else:
@@ -85,7 +86,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
             # 2. the target scores the pending ids and all proposals in one forward: k_round + 1 distributions
             seq = ids + drafted
             x = torch.tensor([seq[start + tcache.pos:]], device=device)
-            logits = target(x, cache=tcache).logits[0, -(k_round + 1):]  # (k_round + 1, V)
+            logits = target(x, cache=tcache).logits[0, -(k_round + 1):, :vocab_size]  # (k_round + 1, V)
 
             # 3. keep proposals while they pass; the first failure is replaced by a draw from the residual
             new: list[int] = []

@@ -183,6 +183,24 @@ def test_checkpoint_errors_leave_run_intact(trained_run: Path, corpus_file: Path
     one_line_error(capsys, "sample", trained_run, "de", match="missing weights")
 
 
+def test_sample_input_errors_come_before_any_output(trained_run: Path, capsys):
+    code, out, err = tlm(capsys, "sample", trained_run, "日本")
+    assert code == 2 and out == "" and "'日'" in err  # the prompt was printed, then the error
+    one_line_error(capsys, "sample", trained_run, "de", "--stop", '["", "x"]', match="empty string")
+
+
+def test_api_prompt_and_draft_arguments(trained_run: Path):
+    from transformer_lm.api import load_run
+    from transformer_lm.errors import ConfigError
+
+    run = load_run(trained_run, "cpu")
+    for bad in ([1, 2, 3], 5):
+        with pytest.raises(ConfigError, match="the prompt must be text"):
+            run.generate(bad, max_new_tokens=2)
+    greedy = run.generate("de", max_new_tokens=8, greedy=True)
+    assert run.use_draft(trained_run, k=3).generate("de", max_new_tokens=8, greedy=True) == greedy  # a folder
+
+
 def test_a_hand_edited_run_config_of_the_wrong_type_is_one_line(trained_run: Path, capsys):
     config = json.loads((trained_run / "config.json").read_text())
     for field, value, match in (("n_layer", 1.5, "model.n_layer must be an integer, got 1.5"),

@@ -218,11 +218,14 @@ def test_quantized_model_logits_close_and_greedy_mostly_equal(variant):
 
 def test_int4_group_size_must_divide_the_inputs():
     model = random_model(tiny_config())  # widths 32 (n_embd) and 128 (MLP hidden)
-    with pytest.raises(ConfigError, match="does not divide"):
+    with pytest.raises(ConfigError, match=r"does not divide .*e\.g\. 32 \(--quantize int4:32\)"):
         quantize(model, 4, group_size=24)
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear | Int4Linear))  # untouched
     with pytest.raises(ConfigError, match="8 or 4"):
         quantize(model, 3)
+    quantize(model, 8)
+    with pytest.raises(ConfigError, match="quantized already"):  # a second call was silently a no-op
+        quantize(model, 4, group_size=16)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -61,9 +61,12 @@ class Run:
         decode_layout(self.model)
         return self
 
-    def use_draft(self, draft: Run | None, k: int = 4) -> Run:
-        """Generate with speculative decoding, `draft` proposing `k` tokens per step (None: plain decoding).
-        The samples keep this run's distribution; the draft must share its tokenizer exactly."""
+    def use_draft(self, draft: Run | str | Path | None, k: int = 4) -> Run:
+        """Generate with speculative decoding, `draft` (a loaded run or a run folder, loaded on this run's device)
+        proposing `k` tokens per step (None: plain decoding). The samples keep this run's distribution; the draft
+        must share its tokenizer exactly."""
+        if isinstance(draft, str | Path):
+            draft = load_run(draft, str(self.model.tok_emb.weight.device))
         if draft is not None and draft.tokenizer.to_dict() != self.tokenizer.to_dict():
             raise ConfigError(f"the draft run {draft.path} has a different tokenizer from {self.path}; speculative "
                               f"decoding needs the same one")
@@ -76,6 +79,9 @@ class Run:
                        stats: DecodeStats | None = None) -> Iterator[Iterator[str]]:
         """cfg.num_samples streams of text pieces, drawn one after another from one seeded generator. `stats` is
         refilled with each sample's timings (prefill and decode tokens/s) as it is generated."""
+        if not isinstance(prompt, str):
+            raise ConfigError(f"the prompt must be text (a str), got {type(prompt).__name__}; for token ids use "
+                              "transformer_lm.generate.generate(run.model, ids, ...)")
         gen = _generator(cfg.seed, self.model)
         for _ in range(cfg.num_samples):
             yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats)

@@ -196,6 +196,7 @@ def cmd_sample(a: Namespace) -> None:
     if a.draft:
         run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
     stats = DecodeStats() if a.verbose else None
+    run.tokenizer.encode(prompt)  # a prompt the tokenizer cannot encode fails before anything is printed
     for i, pieces in enumerate(run.stream_samples(prompt, cfg, stats)):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---")

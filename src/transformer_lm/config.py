@@ -356,6 +356,8 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "sample")
+        if "" in self.stop:
+            raise ConfigError("sample.stop holds an empty string, which every text contains; drop it")
         if self.max_new_tokens < 0 or self.num_samples < 1:
             raise ConfigError("sample.max_new_tokens must be >= 0 and sample.num_samples >= 1")
         if self.temperature < 0:

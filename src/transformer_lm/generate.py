@@ -198,7 +198,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
 
     Prompts are left-padded to the longest and prefilled in one forward; each row gets its own positions (counted
     from its first real token) and a key mask hides the padding, so every row sees exactly the positions and context
-    that generate() gives it alone, and greedy ids are the same.
+    that generate() gives it alone, and greedy ids are the same (for a model with float or weight-only quantized
+    weights; w8a8's activation scale is the whole call's, so there they may differ: quantize.py).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generation needs non-empty prompts")

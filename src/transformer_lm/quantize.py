@@ -23,6 +23,9 @@ is mapped onto int8 with one scale taken from its own range, and the product run
 PyTorch's fbgemm kernels (`torch.ops.quantized.linear_dynamic`), which read the packed int8 weights at memory
 bandwidth (GPT-2's 768 -> 3072 layer at one row: 0.05 ms vs 0.25 ms in fp32). This is no longer weight-only: the
 activations' rounding adds error (measured as a perplexity delta in BENCHMARKS.md), so it is a separate choice.
+The scale is the whole call's, so a row's result also depends on the rows beside it: batched generation and
+speculative decoding (several rows or positions per call) then give one-by-one greedy's tokens only approximately;
+with weight-only int8 / int4 they give them exactly.
 """
 
 from __future__ import annotations
@@ -268,6 +271,9 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool 
         if bits != 8 or device.type != "cpu" or not _dynamic_kernels():
             raise ConfigError(f"w8a8 (int8 activations too) runs on PyTorch's fbgemm CPU kernels; this is {bits}-bit "
                               f"on {device.type}{'' if _dynamic_kernels() else ' without fbgemm'}: use int8 instead")
+    if any(isinstance(m, Int8Linear | Int4Linear) for m in model.modules()):
+        raise ConfigError("the model is quantized already (its float weights are gone); load the run again to "
+                          "quantize it another way")
     arch = getattr(getattr(model, "config", None), "arch", "transformer")
     if arch != "transformer":  # its only nn.Linear is the LM head, which stays in floating point
         raise ConfigError(f"weight-only quantization swaps the attention and feed-forward layers; an {arch} model "
@@ -277,10 +283,13 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool 
     if bits == 4:
         if group_size < 2 or group_size % 2:
             raise ConfigError(f"int4 group_size must be an even number >= 2, got {group_size}")
-        bad = sorted({m.in_features for name, m in targets if name != "lm_head" and m.in_features % group_size})
+        widths = {m.in_features for name, m in targets if name != "lm_head"}
+        bad = sorted(w for w in widths if w % group_size)
         if bad:  # checked before any swap, so a failure leaves the model untouched
+            fits = max((g for g in range(2, 129, 2) if all(w % g == 0 for w in widths)), default=None)
+            hint = f"e.g. {fits} (--quantize int4:{fits})" if fits else "or int8 (an input width is odd)"
             raise ConfigError(f"int4 group_size {group_size} does not divide the input width(s) {bad}; choose a "
-                              f"divisor, e.g. --group_size 32")
+                              f"divisor of every width, {hint}")
     tied = head and _head_is_tied(model)
     emb_dtype = model.tok_emb.weight.dtype if tied else None
     for name, linear in targets:

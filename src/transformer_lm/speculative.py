@@ -35,8 +35,9 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     (temperature 0: the same greedy ids). `k` is the number of draft proposals per target forward; `vocab_size`
     limits the ids drawn, as in generate().
 
-    While prompt + output fit in the context window the greedy ids equal generate()'s; past it, both models restart
-    from the last half window (as generate() does, though not at the same token, so long greedy outputs may differ).
+    While prompt + output fit in the context window the greedy ids equal generate()'s (except with a w8a8 target,
+    whose activation scale is the whole call's: quantize.py); past it, both models restart from the last half
+    window (as generate() does, though not at the same token, so long greedy outputs may differ).
     """
     if not prompt:
         raise ValueError("generation needs a non-empty prompt")

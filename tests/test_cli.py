@@ -308,6 +308,14 @@ def test_config_file_data_and_print_config_with_a_preset(tmp_path: Path, corpus_
     assert "norm: rmsnorm" in printed and "mlp: swiglu" in printed
 
 
+def test_sample_refuses_standard_input_that_is_not_utf8(trained_run: Path):
+    proc = subprocess.run([sys.executable, "-m", "transformer_lm.cli", "sample", str(trained_run), "--max_new_tokens",
+                           "3"], input=b"de\xff\xfe", capture_output=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert proc.stderr.decode().strip() == ("tlm: error: standard input is not UTF-8 text; convert it first "
+                                            "(e.g. with iconv)")
+
+
 def test_sample_into_a_closed_pipe_stops_quietly(trained_run: Path):
     """`tlm sample ... | head`: when the reader goes away, exit with 141 (SIGPIPE) and no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "transformer_lm.cli", "sample", str(trained_run), "de",

@@ -5,6 +5,7 @@ equations, incremental decoding against the full forward, causality, the closed-
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -175,7 +176,7 @@ def tlm(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_cli_train_sample_eval_lstm_end_to_end(tmp_path: Path, corpus_file: Path, capsys):
+def test_cli_train_sample_eval_lstm_end_to_end(tmp_path: Path, corpus_file: Path, capsys, caplog):
     run = tmp_path / "run"
     code, out, err = tlm(capsys, "train", corpus_file, "--out", run, "--tokenizer", "char", "--model.arch", "lstm",
                          "--model.n_layer", "1", "--model.n_embd", "32", "--model.block_size", "32",
@@ -191,6 +192,10 @@ def test_cli_train_sample_eval_lstm_end_to_end(tmp_path: Path, corpus_file: Path
     assert code == 0, err
     assert out.startswith("def ") and len(out) > len("def \n")
     assert tlm(capsys, "sample", run, "def ", "--max_new_tokens", "20", "--seed", "0")[1] == out  # seeded
+    with caplog.at_level(logging.WARNING):  # compiling its step would recompile at every position: eager, said once
+        compiled = tlm(capsys, "sample", run, "def ", "--max_new_tokens", "20", "--seed", "0", "--compile", "true")
+    assert compiled[1] == out
+    assert "this lstm samples eagerly" in caplog.text
 
     code, out, err = tlm(capsys, "eval", run, "--data", corpus_file, "--json", "true")
     assert code == 0, err

@@ -28,7 +28,7 @@ from .cli_experiments import (
     cmd_report,
 )
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recipe, presets
-from .errors import ConfigError, TLMError
+from .errors import ConfigError, DataError, TLMError
 
 log = logging.getLogger("transformer_lm")
 
@@ -187,9 +187,19 @@ def cmd_sample(a: Namespace) -> None:
 
     prompt = a.prompt
     if prompt is None:
-        prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        try:
+            prompt = "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+            prompt.encode("utf-8")  # bytes a C locale's stdin let through as surrogates are not text either
+        except UnicodeError:
+            raise DataError("standard input is not UTF-8 text; convert it first (e.g. with iconv)") from None
     cfg = config_from(SampleConfig, a)
+    if a.verbose and a.draft:
+        log.warning("--verbose reports plain decoding's timings; with --draft there are none to report")
     run = load_run(a.run, a.device)
+    if cfg.compile and run.model.config.arch != "transformer":  # its cache position is a Python int: recompiles
+        log.warning("--compile applies to the Transformer's decode step; this %s samples eagerly",
+                    run.model.config.arch)
+        cfg.compile = False
     if a.quantize:
         run.quantize(**parse_quantize(a.quantize))
     run.use_decode_layout()

@@ -277,7 +277,7 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool 
     arch = getattr(getattr(model, "config", None), "arch", "transformer")
     if arch != "transformer":  # its only nn.Linear is the LM head, which stays in floating point
         raise ConfigError(f"weight-only quantization swaps the attention and feed-forward layers; an {arch} model "
-                          "has none (its recurrent weights live in torch's fused cell): sample it unquantized")
+                          "has none (its recurrent weights live in torch's fused cell): use it unquantized")
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear | TransposedLinear)
                and (head or name != "lm_head")]
     if bits == 4:

@@ -293,6 +293,10 @@ def test_batched_generation_equals_one_by_one(variant):
     assert batched == [list(generate(model, p, 20, temperature=0.0)) for p in prompts]
     assert generate_batch(model, [[3, 1]], 5) == [list(generate(model, [3, 1], 5, temperature=0.0))]
     assert generate_batch(model, prompts, 0) == [[] for _ in prompts]
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):  # was an empty result, silently
+        generate_batch(model, prompts, -3)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):  # was torch's "Dimension size" error
+        list(generate(model, [1], -3))
     with pytest.raises(ValueError, match="context window"):
         generate_batch(model, prompts, 60)
 

@@ -87,6 +87,8 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     """
     if not prompt:
         raise ValueError("generation needs a non-empty prompt")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     was_training = model.training
     model.eval()
     ids = crop_prompt(prompt, model.config.block_size)
@@ -203,7 +205,9 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generation needs non-empty prompts")
-    if not prompts or max_new_tokens <= 0:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompts or max_new_tokens == 0:
         return [[] for _ in prompts]
     lens = [len(p) for p in prompts]
     longest, B = max(lens), len(prompts)

@@ -120,3 +120,25 @@ def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
     assert capsys.readouterr().out.count("(reused)") == 3
     assert main([*argv[:-2], "--tokens", "8192"]) == 2  # another budget: the folders hold other runs
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_sweep_stopped_by_ctrl_c_stops_and_resumes_its_rung(corpus_file: Path, tmp_path: Path, monkeypatch,
+                                                               capsys):
+    """Ctrl-C in a rung (here: train's stop_at, which behaves as Ctrl-C) ends the sweep as an interruption (it went
+    on with a half-trained rung, or crashed on one not yet evaluated) and the same command resumes the rung: the
+    results equal an uninterrupted sweep's."""
+    argv = ["experiment", "scaling", str(corpus_file), "--sizes", "[1x32, 1x64]", "--tokens", "4096",
+            "--block_size", "32", "--batch_size", "8", "--evals", "2", "--eval_batches", "2", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    real_train = scaling.train
+    with monkeypatch.context() as m:
+        m.setattr(scaling, "train", lambda *a, **kw: real_train(*a, **kw, stop_at=3))
+        assert main([*argv, "--out", str(tmp_path / "cut")]) == 130
+    assert "tlm: interrupted" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "cut")]) == 0
+
+    def table(sweep: str) -> list[tuple[str, str, str]]:
+        with open(tmp_path / sweep / "scaling.csv", newline="") as f:
+            return [(r["name"], r["tokens"], r["val_loss"]) for r in csv.DictReader(f)]
+    assert table("cut") == table("whole")
+

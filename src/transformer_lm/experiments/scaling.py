@@ -72,7 +72,7 @@ class PowerLawFit:
         return asdict(self)
 
     def formula(self, var: str) -> str:
-        return f"L({var}) = {self.E:.3f} + {self.A:.4g}·{var}^-{self.alpha:.3f}  (R² = {self.r2:.3f})"
+        return f"L({var}) = {self.E:.3f} + {self.A:.4g}·{var}^{-self.alpha:.3f}  (R² = {self.r2:.3f})"
 
 
 def r_squared(y: np.ndarray, predicted: np.ndarray) -> float:
@@ -270,15 +270,19 @@ class ScalingResult:
         return math.log10(max(n) / min(n)) if n else 0.0
 
 
-def _finished(run_dir: Path, config: dict[str, Any], steps: int) -> bool:
-    """The folder holds this exact rung (same model, training and data config), trained to its last step."""
+def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None:
+    """"finished" when the folder holds this exact rung (same model, training and data config) trained to its last
+    step, "paused" when it holds it stopped earlier (Ctrl-C) with a checkpoint to resume from, else None."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
         records = read_metrics(run_dir / "metrics.jsonl")
     except (OSError, ValueError):
-        return False
-    return all(saved.get(k) == v for k, v in config.items()) and \
-        any(r.get("step") == steps and "val_loss" in r for r in records)
+        return None
+    if not (isinstance(saved, dict) and all(saved.get(k) == v for k, v in config.items())):
+        return None
+    if any(r.get("step") == steps and "val_loss" in r for r in records):
+        return "finished"
+    return "paused" if (run_dir / "checkpoints" / "latest").is_file() else None
 
 
 def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwrite: bool = False,
@@ -294,17 +298,25 @@ def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwri
                  "scaling": {"rung": plan.name, "rule": "lr = base_lr * base_width / n_embd",
                              "base_lr": cfg.base_lr, "base_width": cfg.base_width}}
         config = {"model": plan.model.to_dict(), "train": json.loads(dump_json(plan.train)), **extra}
-        reused = _finished(run_dir, config, plan.train.max_iters)
+        state = _rung_state(run_dir, config, plan.train.max_iters)
+        reused = state == "finished"
         if reused:
             log.info("rung %s: reusing the finished run in %s", plan.name, run_dir)
         else:
-            log.info("rung %s: %d steps at lr %.3g", plan.name, plan.train.max_iters, plan.train.lr)
+            log.info("rung %s: %d steps at lr %.3g%s", plan.name, plan.train.max_iters, plan.train.lr,
+                     ", resumed" if state == "paused" else "")
             try:
-                train(plan.model, plan.train, data, run_dir, overwrite=overwrite, progress=progress,
-                      extra_config=extra)
-            except RunExistsError:
+                res = train(plan.model, plan.train, data, run_dir, resume=state == "paused",
+                            overwrite=overwrite, progress=progress, extra_config=extra)
+            except RunExistsError as e:
+                if not (run_dir / "config.json").is_file():
+                    raise  # not another run: train's own reason (files tlm did not write, ...) is the one to give
                 raise RunExistsError(f"{run_dir} holds another run than rung {plan.name} of this sweep; pass "
-                                     "--overwrite to retrain it, or choose another --out") from None
+                                     "--overwrite true to retrain it, or choose another --out") from e
+            if res.interrupted:  # Ctrl-C: the rung is checkpointed; the same command resumes it
+                log.info("rung %s paused at step %d; run the same command again to continue the sweep",
+                         plan.name, res.step)
+                raise KeyboardInterrupt
         rungs.append(_rung_result(plan, run_dir, reused))
         fpt = rungs[-1].flops_per_token
         points += [{"rung": plan.name, "step": r["step"], "tokens": r["tokens"], "compute": fpt * r["tokens"],

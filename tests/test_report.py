@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,20 @@ def test_report_run_table(folders: dict[str, Path]):
     assert row[6] == final_val
 
 
-def test_report_bad_input(tmp_path: Path, capsys):
+def test_report_bad_input(tmp_path: Path, capsys, folders: dict[str, Path]):
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r.html")]) == 2
     assert "not a folder" in capsys.readouterr().err
+    run = tmp_path / "run"  # a metrics line that is JSON but no record, a CSV that is not UTF-8: one line each
+    shutil.copytree(folders["run-narrow"], run)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("[1, 2]\n")
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 2
+    assert "is not JSON lines" in capsys.readouterr().err
+    (tmp_path / "exp").mkdir()
+    shutil.copytree(folders["run-wide"], tmp_path / "exp" / "run")
+    (tmp_path / "exp" / "t.csv").write_bytes(b"a,b\n\xff\xfe,1\n")
+    assert main(["report", str(tmp_path / "exp"), "--out", str(tmp_path / "r.html")]) == 2
+    assert "is not UTF-8 text" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
     assert "found no run" in capsys.readouterr().err

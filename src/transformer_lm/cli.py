@@ -408,8 +408,8 @@ def cmd_bench(a: Namespace) -> None:
 
     if a.threads is not None and a.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {a.threads}")
-    if a.json and not Path(a.json).resolve().parent.is_dir():  # checked now, not after minutes of measuring
-        raise ConfigError(f"--json {a.json}: its folder does not exist; create it or choose another path")
+    if a.json and (Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir()):  # now, not after minutes
+        raise ConfigError(f"--json {a.json}: a folder, or in a folder that does not exist; give a file path")
     if a.threads:
         import torch
 

@@ -400,7 +400,7 @@ class BatchSampler:
             raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if len(tokens) < block_size + 1:
             raise DataError(f"the data has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1} for "
-                            "one training window; use a smaller --model.block_size or more data")
+                            "one training window; use a smaller block_size or more data")
         if batch_size % world_size:
             raise ConfigError(f"batch_size {batch_size} is not divisible by the world size {world_size}")
         self.tokens, self.batch_size, self.block_size = tokens, batch_size, block_size

@@ -358,7 +358,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a metrics.jsonl; ValueError for a line that is not a JSON object."""
+    records = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError("a line holds JSON that is not an object")
+    return records
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:

@@ -182,6 +182,7 @@ def run_long_range(cfg: LongRangeConfig, out: str | Path,
                    ) -> tuple[list[TaskResult], dict[str, Path]]:
     """Train each architecture on each task and score it by distance; write long_range.csv, long_range.json and
     long_range.png (accuracy against distance, one panel per task) into `out`; -> the results and files."""
+    Path(out).mkdir(parents=True, exist_ok=True)  # before training: an --out the system refuses fails at once
     dev = resolve_device(cfg.device)
     results = []
     for name in cfg.tasks:

@@ -132,7 +132,7 @@ def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, wor
         raise ConfigError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
     if parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {parallel!r}")
-    s = seq_len or c.block_size
+    s = c.block_size if seq_len is None else seq_len
     if batch_size < 1 or world_size < 1 or not 1 <= s <= c.block_size:
         raise ConfigError(f"need batch_size >= 1, world_size >= 1 and 1 <= seq_len <= block_size ({c.block_size})")
     b, compute = batch_size, DTYPE_BYTES[dtype]

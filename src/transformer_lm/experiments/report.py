@@ -218,8 +218,11 @@ def _run_row(run: RunData) -> list[Any]:
 
 
 def _csv_table(path: Path) -> str:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; convert it or move it out of the folder") from None
     if not rows:
         return '<p class="note">(empty)</p>'
     body = [[_number(v) for v in r] for r in rows[1 : MAX_TABLE_ROWS + 1]]

@@ -154,6 +154,7 @@ def _forward(model: torch.nn.Module, idx: torch.Tensor, ctx: Any, device: torch.
 def run_speed(cfg: SpeedConfig, out: str | Path, on_row: Callable[[SpeedRow], None] | None = None
               ) -> tuple[list[SpeedRow], dict[str, Path]]:
     """Measure (see `measure`) and write speed.csv, speed.json and speed.png into `out`; -> the rows and files."""
+    Path(out).mkdir(parents=True, exist_ok=True)  # before measuring: an --out the system refuses fails at once
     configs = cfg.model_configs()
     rows = measure(configs, cfg.seq_lens, cfg.tokens_per_batch, cfg.repeats, cfg.device, cfg.seed, on_row)
     settings = {**asdict(cfg), "models": {a: c.to_dict() for a, c in configs.items()},

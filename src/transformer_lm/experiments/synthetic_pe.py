@@ -202,9 +202,9 @@ def train_encoding(cfg: PEAblationConfig, encoding: str) -> EncodingResult:
 
 def run_pe_ablation(cfg: PEAblationConfig, out: str | Path) -> PEAblationResult:
     """Train one model per encoding; write pe_ablation.json, pe_ablation.csv and pe_ablation.png into `out`."""
-    result = PEAblationResult(cfg, [train_encoding(cfg, e) for e in cfg.encodings])
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # before the training: an --out the system refuses fails at once
+    result = PEAblationResult(cfg, [train_encoding(cfg, e) for e in cfg.encodings])
     result.files = {"png": plot_pe_ablation(result, out / "pe_ablation.png"), "csv": out / "pe_ablation.csv",
                     "json": out / "pe_ablation.json"}
     with open(result.files["csv"], "w", newline="") as f:

@@ -60,8 +60,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
         return f"a list ({_describe(args[0])} each)"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
-            list: "a list"}.get(origin or tp, str(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, str(tp))
 
 
 Architecture = Literal["transformer", "lstm", "rnn"]

@@ -197,11 +197,16 @@ def test_cli_attention(tiny_run: Path, tmp_path: Path, capsys):
     assert code == 0, err
     assert "top-3 attended (layer 1, head 0)" in out and "mean loss" in out
     assert (out_dir / "attention_L1_H0.png").stat().st_size > 0
+    before = (out_dir / "attention.json").read_bytes()
+    code, out, err = tlm(capsys, "attention", tiny_run, "other text", "--out", out_dir, "--device", "cpu")
+    assert code == 2 and "earlier `tlm attention`" in err and "--overwrite true" in err and err.count("\n") == 1
+    assert (out_dir / "attention.json").read_bytes() == before  # the earlier maps are kept
     code, out, err = tlm(capsys, "attention", tiny_run, TEXT, "--out", out_dir, "--head", "null", "--json", "true",
-                         "--device", "cpu")
+                         "--device", "cpu", "--overwrite", "true")
     assert code == 0, err
     data = json.loads(out)
     assert data["head"] is None and data["step"] == 5 and (out_dir / "attention_L1_Hmean.png").is_file()
+    assert not (out_dir / "attention_L1_H0.png").exists()  # the earlier run's zoom is not left beside the new maps
     for argv in ([tiny_run, "", "--out", out_dir], [tiny_run, TEXT, "--out", out_dir, "--layer", "7"],
                  [tmp_path / "missing", TEXT, "--out", out_dir]):
         code, out, err = tlm(capsys, "attention", *argv, "--device", "cpu")

@@ -155,6 +155,11 @@ def test_cli_experiments(tmp_path: Path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "× vs lstm" in out and (tmp_path / "speed" / "speed.png").exists()
+    before = (tmp_path / "speed" / "speed.json").read_bytes()
+    code = main(["experiment", "speed", "--out", str(tmp_path / "speed"), "--n_layer", "2"])  # refused before measuring
+    out, err = capsys.readouterr()
+    assert code == 2 and "earlier `tlm experiment speed` (speed.csv)" in err and err.count("\n") == 1
+    assert (tmp_path / "speed" / "speed.json").read_bytes() == before
     code = main(["experiment", "long-range", "--out", str(tmp_path / "lr"), "--tasks", "[copy]", "--copy_length", "3",
                  "--n_layer", "1", "--n_embd", "8", "--n_head", "2", "--steps", "2", "--batch_size", "2",
                  "--eval_distances", "2", "--eval_answers", "4"])

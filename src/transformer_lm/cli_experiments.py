@@ -15,7 +15,7 @@ from jsonargparse import ArgumentParser, Namespace
 
 from .cli_args import add_tokenizer_args, config_from
 from .config import ModelConfig, presets
-from .errors import ConfigError
+from .errors import ConfigError, RunExistsError
 
 log = logging.getLogger("transformer_lm")
 
@@ -60,6 +60,8 @@ def add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
     p.add_argument("--top_k", type=int, default=3, help="Attended tokens listed per token.")
     p.add_argument("--json", type=bool, default=False, help="Print attention.json instead of the table.")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    p.add_argument("--overwrite", type=bool, default=False,
+                   help="Replace the maps an earlier `tlm attention` wrote into --out (all its zoom images too).")
 
     cmds["experiment"] = ArgumentParser(exit_on_error=False, description="Run an experiment: "
                                         f"{', '.join(EXPERIMENTS)} (see `tlm experiment NAME --help`).")
@@ -131,12 +133,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f} s"
 
 
+def _check_results(out: str, patterns: tuple[str, ...], overwrite: bool, command: str) -> list[Path]:
+    """Refuse an --out that holds an earlier run's results of `command` (files matching `patterns`) unless
+    `overwrite`, before any work; -> those files, for the command to delete once its new results are ready."""
+    old = sorted({f for pattern in patterns for f in Path(out).glob(pattern) if f.is_file()})
+    if old and not overwrite:
+        raise RunExistsError(f"{out} holds the results of an earlier `tlm {command}` ({old[0].name}); pass "
+                             "--overwrite true to replace them, or choose another --out")
+    return old
+
+
 def cmd_attention(a: Namespace) -> None:
     from .api import load_run
     from .experiments.attention import analyze, render_table, write_report
 
+    old = _check_results(a.out, ("attention.json", "attention_grid.png", "attention_L*_H*.png", "surprisal.png"),
+                         a.overwrite, "attention")
     run = load_run(a.run, a.device)
     report = analyze(run.model, run.tokenizer, a.text)
+    for f in old:  # zoom images of other heads would otherwise sit beside maps of another text
+        f.unlink()
     files = write_report(report, a.out, a.layer, a.head, a.top_k,
                          extra={"run": str(a.run), "step": run.step, "text": a.text})
     if a.json:
@@ -156,9 +172,10 @@ def cmd_report(a: Namespace) -> None:
 
 
 def _experiment_parser(config: type, out: str, description: str) -> ArgumentParser:
-    """A `tlm experiment NAME` parser: --out and every field of the experiment's config dataclass."""
+    """A `tlm experiment NAME` parser: --out, --overwrite and every field of the experiment's config dataclass."""
     p = ArgumentParser(exit_on_error=False, description=description)
     p.add_argument("--out", type=str, default=out, help="Output folder.")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace the results an earlier run wrote to --out.")
     p.add_class_arguments(config, nested_key=None, instantiate=False)
     return p
 
@@ -202,6 +219,7 @@ def _pe_ablation_parser() -> ArgumentParser:
 def cmd_pe_ablation(a: Namespace) -> None:
     from .experiments.synthetic_pe import PEAblationConfig, render_table, run_pe_ablation
 
+    _check_results(a.out, ("pe_ablation.*",), a.overwrite, "experiment pe-ablation")
     res = run_pe_ablation(config_from(PEAblationConfig, a), a.out)
     _print_results(render_table(res), res.files)
 
@@ -217,6 +235,7 @@ def _speed_parser() -> ArgumentParser:
 def cmd_speed(a: Namespace) -> None:
     from .experiments.speed import SpeedConfig, render_table, run_speed
 
+    _check_results(a.out, ("speed.*",), a.overwrite, "experiment speed")
     rows, files = run_speed(config_from(SpeedConfig, a), a.out,
                             on_row=lambda r: log.info("%s T=%d: %.0f training tokens/s, forward %.2f ms", r.arch,
                                                       r.seq_len, r.train_tokens_per_s, r.forward_ms))
@@ -234,6 +253,7 @@ def _long_range_parser() -> ArgumentParser:
 def cmd_long_range(a: Namespace) -> None:
     from .experiments.long_range import LongRangeConfig, render_table, run_long_range
 
+    _check_results(a.out, ("long_range.*",), a.overwrite, "experiment long-range")
     def progress(task: str, arch: str, step: int, loss: float) -> None:
         if (step + 1) % 250 == 0:
             log.info("%s %s: step %d, loss %.4f", task, arch, step + 1, loss)

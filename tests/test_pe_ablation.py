@@ -57,6 +57,8 @@ def test_config_rejects_unknown_encoding():
         pe.PEAblationConfig(encodings=["alibi"])
     with pytest.raises(ConfigError):
         pe.ReversalTask(num_symbols=1)
+    with pytest.raises(ConfigError, match="encodings names rope more than once"):  # it trained rope twice
+        pe.PEAblationConfig(encodings=["rope", "none", "rope"])
 
 
 def test_pe_ablation_end_to_end(tmp_path: Path, capsys):

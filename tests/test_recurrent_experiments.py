@@ -147,6 +147,10 @@ def test_long_range_pipeline_at_tiny_size(tmp_path: Path):
     assert "recall (chance 0.333)" in render_table(results)
     with pytest.raises(ConfigError):
         LongRangeConfig(tasks=["brackets"])
+    with pytest.raises(ConfigError, match="tasks names copy more than once"):
+        LongRangeConfig(tasks=["copy", "copy"])
+    with pytest.raises(ConfigError, match="seq_lens names 64 more than once"):
+        SpeedConfig(seq_lens=[64, 128, 64])
 
 
 def test_cli_experiments(tmp_path: Path, capsys):

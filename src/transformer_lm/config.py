@@ -32,6 +32,13 @@ def check_types(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}.{f.name} must be {_describe(hints[f.name])}, got {value!r}")
 
 
+def check_unique(name: str, values: list[Any]) -> None:
+    """Refuse a list option naming an item twice (an experiment would train or measure it twice)."""
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise ConfigError(f"{name} names {', '.join(twice)} more than once; list each once")
+
+
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)

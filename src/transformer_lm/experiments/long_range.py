@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..accounting import count_params, match_params
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig, check_unique
 from ..errors import ConfigError
 from ..model import build_model
 from ..optim import lr_at, make_optimizer, set_lr
@@ -104,6 +104,8 @@ class LongRangeConfig:
         if bad or not self.tasks or not self.archs:
             raise ConfigError(f"unknown task(s) or architecture(s) {bad}; tasks: {', '.join(TASKS)}; architectures: "
                               "transformer, lstm, rnn")
+        check_unique("tasks", self.tasks)
+        check_unique("archs", self.archs)
         if min(self.steps, self.batch_size, self.eval_distances, self.eval_answers, self.recall_length,
                self.copy_length, self.n_layer, self.n_embd, self.n_head) < 1:
             raise ConfigError("steps, batch_size, eval_distances, eval_answers, recall_length, copy_length, n_layer, "

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..accounting import count_params, match_params
-from ..config import ModelConfig, TrainConfig
+from ..config import ModelConfig, TrainConfig, check_unique
 from ..errors import ConfigError
 from ..model import build_model
 from ..optim import make_optimizer
@@ -64,6 +64,8 @@ class SpeedConfig:
         unknown = sorted(set(self.archs) - set(ARCHS))
         if unknown or not self.archs:
             raise ConfigError(f"unknown architecture(s) {unknown}; choose among {', '.join(ARCHS)}")
+        check_unique("archs", self.archs)
+        check_unique("seq_lens", self.seq_lens)
         if self.repeats < 1 or self.tokens_per_batch < 1 or not self.seq_lens or min(self.seq_lens) < 1:
             raise ConfigError("the speed experiment needs repeats >= 1, tokens_per_batch >= 1 and sequence "
                               "lengths >= 1")

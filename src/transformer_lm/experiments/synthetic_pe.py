@@ -37,7 +37,7 @@ from typing import Any, get_args
 
 import torch
 
-from ..config import ModelConfig, PositionalEncoding, TrainConfig
+from ..config import ModelConfig, PositionalEncoding, TrainConfig, check_unique
 from ..errors import ConfigError
 from ..model import Transformer
 from ..optim import lr_at, make_optimizer, set_lr
@@ -118,6 +118,7 @@ class PEAblationConfig:
         bad = [e for e in self.encodings if e not in ENCODINGS]
         if bad or not self.encodings:
             raise ConfigError(f"unknown positional encoding(s) {bad}; choose among {', '.join(ENCODINGS)}")
+        check_unique("encodings", self.encodings)
         if min(self.steps, self.batch_size, self.eval_sequences) < 1 or self.lr <= 0:
             raise ConfigError("steps, batch_size and eval_sequences must be >= 1 and lr > 0")
         self.task()  # validates the task

@@ -14,6 +14,7 @@ from torch import nn
 from transformer_lm.accounting import count_params
 from transformer_lm.cli import main
 from transformer_lm.errors import ConfigError
+from transformer_lm.experiments import report
 from transformer_lm.experiments.long_range import LongRangeConfig, accuracy_by_distance, render_table, run_long_range
 from transformer_lm.experiments.speed import SpeedConfig, run_speed
 from transformer_lm.experiments.speed import render_table as speed_table
@@ -170,6 +171,8 @@ def test_cli_experiments(tmp_path: Path, capsys):
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "copy (chance" in out and (tmp_path / "lr" / "long_range.csv").exists()
+    _, shown = report.collect([tmp_path / "speed", tmp_path / "lr"])  # `tlm report` shows both JSON summaries
+    assert [[d["experiment"] for _, d in e.summaries] for e in shown] == [["speed"], ["long-range"]]
     code = main(["experiment", "long-range", "--archs", "[gru]", "--out", str(tmp_path / "bad")])
     out, err = capsys.readouterr()
     assert code == 2 and err.startswith("tlm: error:") and err.count("\n") == 1

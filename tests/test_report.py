@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_corpus
+from transformer_lm.accounting import count_params
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.experiments import report
@@ -71,6 +72,9 @@ def test_report_run_table(folders: dict[str, Path]):
     assert row[:4] == ["run-wide", "1x32 learned", params, 6]
     final_val = [r for r in runs[0].records if "val_loss" in r][-1]["val_loss"]
     assert row[6] == final_val
+    lstm = ModelConfig(arch="lstm", n_layer=2, n_embd=24, block_size=16)  # no positional encoding to name
+    assert report.RunData(Path("r"), "r", [], {"model": lstm.to_dict()}).model_summary() == ("2x24 lstm",
+                                                                                            count_params(lstm).total)
 
 
 def test_report_bad_input(tmp_path: Path, capsys, folders: dict[str, Path]):

@@ -219,8 +219,9 @@ def write_results(results: Sequence[TaskResult], out: Path, settings: dict[str, 
             for d, a in r.accuracy.items():
                 w.writerow([r.task, r.arch, d, f"{a:.4f}", f"{r.chance:.4f}", r.params, r.non_embedding_params,
                             r.n_layer, r.n_embd, r.steps, f"{r.train_seconds:.1f}"])
-    files["json"].write_text(json.dumps({"settings": settings, "environment": environment(),
-                                         "results": [asdict(r) for r in results]}, indent=2))
+    summary = {"experiment": "long-range", "settings": settings, "environment": environment(),
+               "results": [asdict(r) for r in results]}
+    files["json"].write_text(json.dumps(summary, indent=2))
     plot(results, files["png"])
     return files
 

@@ -55,12 +55,14 @@ class RunData:
     config: dict[str, Any]
 
     def model_summary(self) -> tuple[str, int | None]:
-        """("4x128 learned", parameters) from config.json, or ("?", None) when it cannot be read."""
+        """("4x128 learned", or "4x157 lstm" for a recurrent run; parameters) from config.json, or ("?", None) when
+        it cannot be read."""
         try:
             model = ModelConfig.from_dict(self.config["model"])
         except (KeyError, TypeError, ConfigError):
             return "?", None
-        return f"{model.n_layer}x{model.n_embd} {model.pos_encoding}", count_params(model).total
+        kind = model.pos_encoding if model.arch == "transformer" else model.arch
+        return f"{model.n_layer}x{model.n_embd} {kind}", count_params(model).total
 
 
 @dataclass

@@ -174,8 +174,8 @@ def write_results(rows: Sequence[SpeedRow], out: Path, settings: dict[str, Any])
         w.writeheader()
         for r in rows:
             w.writerow({k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(r).items()})
-    files["json"].write_text(json.dumps({"settings": settings, "environment": environment(),
-                                         "rows": [asdict(r) for r in rows]}, indent=2))
+    files["json"].write_text(json.dumps({"experiment": "speed", "settings": settings,
+                                         "environment": environment(), "rows": [asdict(r) for r in rows]}, indent=2))
     plot(rows, files["png"])
     return files
 

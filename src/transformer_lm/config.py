@@ -273,7 +273,7 @@ class TrainConfig:
     """wsd: the fraction of the budget spent decaying the learning rate to lr*min_lr_ratio."""
     optimizer: Literal["adamw", "muon"] = "adamw"
     """adamw, or muon: Muon (orthogonalized momentum) for the hidden 2-D weights and AdamW for embeddings, LM head,
-    biases and gains."""
+    biases and gains (needs torch >= 2.9; not with parallel fsdp, whose shards are not whole matrices)."""
     muon_lr: float = 0.02
     """Muon's peak learning rate (scaled by the same schedule as lr)."""
     muon_momentum: float = 0.95

@@ -14,7 +14,7 @@ from torch import nn
 from transformer_lm.accounting import count_params
 from transformer_lm.cli import main
 from transformer_lm.errors import ConfigError
-from transformer_lm.experiments import report
+from transformer_lm.experiments import long_range, report
 from transformer_lm.experiments.long_range import LongRangeConfig, accuracy_by_distance, render_table, run_long_range
 from transformer_lm.experiments.speed import SpeedConfig, run_speed
 from transformer_lm.experiments.speed import render_table as speed_table
@@ -106,6 +106,23 @@ def test_accuracy_by_distance_scores_an_oracle_perfect_and_a_constant_at_chance(
 
     acc = accuracy_by_distance(Constant(), task, distances, 400, 0, torch.device("cpu"))
     assert all(a < 4 * task.chance for a in acc.values())
+
+
+def test_accuracy_by_distance_scores_in_bounded_chunks(monkeypatch):
+    """Many answers are scored EVAL_ROWS sequences at a time (100M answers were one batch: the OOM killer ended the
+    run), and the chunks together score what was asked for."""
+    seen = []
+
+    class Counting(Oracle):
+        def forward(self, idx):
+            seen.append(idx.size(0))
+            return super().forward(idx)
+
+    monkeypatch.setattr(long_range, "EVAL_ROWS", 7)
+    d = COPY.distances()[0]
+    assert accuracy_by_distance(Counting(COPY, solve_copy), COPY, [d], 50, 0, torch.device("cpu")) == {d: 1.0}
+    per_row = int((COPY.sample(16, torch.Generator().manual_seed(0), d).distance == d).sum()) // 16
+    assert max(seen) == 7 and sum(seen) * per_row >= 50 and (sum(seen) - 1) * per_row < 50
 
 
 def test_speed_pipeline_at_tiny_size(tmp_path: Path):

@@ -154,20 +154,30 @@ def train_on_task(model: torch.nn.Module, task: Task, steps: int, batch_size: in
     return losses
 
 
+EVAL_ROWS = 4096
+"""Sequences scored per forward pass in accuracy_by_distance."""
+
+
 @torch.no_grad()
 def accuracy_by_distance(model: torch.nn.Module, task: Task, distances: Sequence[int], n_answers: int, seed: int,
                          device: torch.device) -> dict[int, float]:
     """Greedy accuracy on the answers standing exactly d back, for each d: about `n_answers` of them, in sequences
-    sampled with that distance from a generator seeded apart from training's."""
+    sampled with that distance from a generator seeded apart from training's, EVAL_ROWS sequences at a time (so
+    memory stays bounded however many answers are asked for)."""
     gen = torch.Generator().manual_seed(seed + 1_000_003)
     model.eval()
     out = {}
     for d in distances:
         per_row = float((task.sample(16, gen, d).distance == d).sum()) / 16
-        batch = task.sample(max(1, math.ceil(n_answers / per_row)), gen, d)
-        predicted = model(batch.ids.to(device)).logits.argmax(dim=-1).cpu()
-        scored = batch.distance == d
-        out[d] = float((predicted[scored] == batch.targets[scored]).float().mean())
+        rows, right, scored_total = max(1, math.ceil(n_answers / per_row)), 0, 0
+        while rows > 0:
+            batch = task.sample(min(rows, EVAL_ROWS), gen, d)
+            rows -= batch.ids.size(0)
+            predicted = model(batch.ids.to(device)).logits.argmax(dim=-1).cpu()
+            scored = batch.distance == d
+            right += int((predicted[scored] == batch.targets[scored]).sum())
+            scored_total += int(scored.sum())
+        out[d] = right / scored_total if scored_total else float("nan")
     return out
 
 

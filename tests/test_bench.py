@@ -60,6 +60,10 @@ def test_hf_equivalent_of_a_llama_style_model_has_our_logits():
 def test_bench_rejects_bad_settings(capsys):
     assert main(["bench", "--preset", "tiny", "--steps", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+    # a decode batch no memory holds is refused before the models are built (it was killed by the OOM killer)
+    assert main(["bench", "--preset", "tiny", "--decode_batch", str(10**12)]) == 2
+    err = capsys.readouterr().err
+    assert "decoding 1000000000000 sequences" in err and "--decode_batch" in err and err.count("\n") == 1
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import random_model
+from transformer_lm import runtime
 from transformer_lm.config import ModelConfig
 from transformer_lm.decode import (
     DecodeStats,
@@ -21,6 +22,7 @@ from transformer_lm.decode import (
     prefill,
     release_cache,
 )
+from transformer_lm.errors import ConfigError
 from transformer_lm.generate import generate, generate_batch, sample_next
 from transformer_lm.model import KVCache, Transformer
 
@@ -186,3 +188,14 @@ def test_cli_sample_verbose_reports_decode_speed_and_mbu(tmp_path, corpus_file, 
     out, err = capsys.readouterr()
     assert out.startswith("def ")
     assert "prefill 4 tokens at" in err and "decode 20 tokens at" in err and "MBU" in err, err
+
+
+def test_a_kv_cache_larger_than_free_memory_is_refused(monkeypatch):
+    """The size is checked against the free memory before allocating: on Linux an oversized CPU tensor is granted
+    and the process is killed once it is written. 2 layers × (k, v) × 3 × 2 heads × 8 × 8 fp32 = 6,144 bytes."""
+    config = ModelConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 6_144)
+    StaticKVCache(config, 3)  # fits exactly
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 6_143)
+    with pytest.raises(ConfigError, match="KV cache of 3 sequences × 8 positions needs"):
+        StaticKVCache(config, 3)

@@ -63,7 +63,7 @@ from .perf import (
 )
 from .quantize import parse_quantize
 from .quantize import quantize as quantize_model
-from .runtime import resolve_device
+from .runtime import check_fits, resolve_device
 
 PROMPT_LEN = 16
 """Prompt tokens before decoding."""
@@ -304,6 +304,9 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
     if seq > config.block_size or PROMPT_LEN + new_tokens > config.block_size:
         raise ConfigError(f"seq ({seq}) and {PROMPT_LEN} + new_tokens ({new_tokens}) must fit the block size "
                           f"({config.block_size})")
+    kv_bytes = 2 * config.n_layer * config.kv_heads * config.head_dim * (PROMPT_LEN + new_tokens) * 4
+    check_fits(2 * decode_batch * kv_bytes, dev, f"decoding {decode_batch} sequences (our KV cache and "
+               "transformers')", "give a smaller --decode_batch")  # before minutes of measuring, not a kill after
     torch.manual_seed(seed)
     ours = Transformer(config).to(dev).init_weights(seed=seed)
     theirs, family = hf_equivalent(ours)

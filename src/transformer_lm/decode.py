@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .model import Transformer
+from .runtime import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,9 @@ class StaticKVCache(nn.Module):
         self.max_len = min(max_len or config.block_size, config.block_size)
         self.n_layer = config.n_layer
         shape = (batch_size, config.kv_heads, self.max_len, config.head_dim)
+        check_fits(2 * config.n_layer * math.prod(shape) * dtype.itemsize, torch.device(device or "cpu"),
+                   f"a KV cache of {batch_size} sequences × {self.max_len} positions",
+                   "generate fewer sequences at once or fewer tokens")
         for i in range(config.n_layer):
             self.register_buffer(f"k_{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
             self.register_buffer(f"v_{i}", torch.zeros(shape, device=device, dtype=dtype), persistent=False)

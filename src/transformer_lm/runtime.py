@@ -35,6 +35,31 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes that can be allocated on `device` now: on CUDA the driver's free memory plus what PyTorch's caching
+    allocator holds unused, on a Linux host MemAvailable; None where it is not known."""
+    if device.type == "cuda":
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + unused
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_fits(nbytes: int, device: torch.device, what: str, fix: str) -> None:
+    """Refuse an allocation larger than the free memory with a message instead of a kill: on Linux a too-large CPU
+    tensor is granted (overcommit) and the OOM killer ends the process, unannounced, once it is written."""
+    free = free_memory(torch.device(device))
+    if free is not None and nbytes > free:
+        raise ConfigError(f"{what} needs {nbytes / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB free on "
+                          f"{device}; {fix}")
+
+
 def autocast_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
     """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 elsewhere (without AMX units a CPU runs bf16 matmuls
     slower; with them, small models still lose more to the casts than they gain: BENCHMARKS.md)."""

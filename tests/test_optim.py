@@ -13,7 +13,7 @@ import torch
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import ConfigError
 from transformer_lm.model import Transformer
-from transformer_lm.optim import BatchedMuon, MuonAdamW, lr_at, make_optimizer
+from transformer_lm.optim import BatchedMuon, MuonAdamW, config_hyperparameters, lr_at, make_optimizer
 from transformer_lm.train import Budget, read_metrics, train, training_data
 
 SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -143,7 +143,8 @@ def test_wsd_schedule_shape():
 
 def test_wsd_cooldown_ends_with_a_time_budget(corpus_file: Path, tmp_path: Path, monkeypatch):
     """With a clock where every step takes 0.5 s and a 10 s budget, the run takes 20 steps and the cooldown
-    occupies the last 20% of them, ending at the minimum exactly on the last step."""
+    occupies the last 20% of the 9 s after warmup, ending at the minimum exactly on the last step: the schedule a
+    20-step budget gives (the time budget counted warmup in, and placed its cooldown 0.4 steps later)."""
     ticks = iter(range(10**6))
     monkeypatch.setattr(time, "perf_counter", lambda: 0.5 * next(ticks))  # each read 0.5 s after the last
     data = training_data(corpus_file, "char")
@@ -153,4 +154,28 @@ def test_wsd_cooldown_ends_with_a_time_budget(corpus_file: Path, tmp_path: Path,
     lrs = [r["lr"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "lr" in r]
     assert res.step == len(lrs) == 20
     assert lrs[:2] == pytest.approx([5e-4, 1e-3]) and lrs[2:16] == pytest.approx([1e-3] * 14)
-    assert lrs[16:] == pytest.approx([1e-3 * f for f in (0.75, 0.5, 0.25, 0.0)], abs=1e-12)
+    assert lrs[16:] == pytest.approx([1e-3 * f for f in (5 / 6, 5 / 9, 5 / 18, 0.0)], abs=1e-12)
+    by_steps = train(ModelConfig(**SMALL), TrainConfig(**{**cfg.__dict__, "max_iters": 20, "max_time": None}), data,
+                     tmp_path / "steps", progress=False)
+    assert [r["lr"] for r in read_metrics(by_steps.run_dir / "metrics.jsonl") if "lr" in r] == pytest.approx(lrs)
+
+
+@pytest.mark.parametrize("name", ["adamw", pytest.param("muon", marks=needs_muon)])
+def test_a_loaded_state_keeps_the_moments_and_takes_the_configs_hyperparameters(name):
+    """load_state_dict replaces every group's settings with the saved run's: a resumed run's --train.weight_decay,
+    betas, muon_momentum and muon_lr were silently ignored (only lr applied)."""
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    old = make_optimizer(model, TrainConfig(optimizer=name), torch.device("cpu"))
+    model(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))).loss.backward()
+    old.step()
+    new_cfg = TrainConfig(optimizer=name, weight_decay=0.0, beta1=0.8, beta2=0.95, muon_momentum=0.8, muon_lr=0.05)
+    new = make_optimizer(model, new_cfg, torch.device("cpu"))
+    expected = [{k: v for k, v in g.items() if k != "params"} for g in new.param_groups]
+    with config_hyperparameters(new):
+        new.load_state_dict(old.state_dict())
+    assert [{k: v for k, v in g.items() if k != "params"} for g in new.param_groups] == expected
+    assert {g["weight_decay"] for g in new.param_groups} == {0.0}
+    moments = [s for part in getattr(new, "parts", [new]) for s in part.state.values()]
+    saved = [s for part in getattr(old, "parts", [old]) for s in part.state.values()]
+    assert len(moments) == len(saved) > 0
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(moments, saved) for k in a if torch.is_tensor(a[k]))

@@ -44,10 +44,27 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert lr_at(110, budget.progress(110, 0.0), cfg) == pytest.approx(0.1)
 
 
-def test_budget_by_tokens_and_time():
+def test_budget_by_tokens_and_time(caplog):
     assert Budget(TrainConfig(max_iters=None, max_tokens=1000), tokens_per_step=64).max_steps == 16
+    # resumed at step 10 after 640 tokens with a batch twice as large: 360 tokens (3 steps) are left, not 6 steps
+    assert Budget(TrainConfig(max_iters=None, max_tokens=1000), 128, step=10, tokens=640).max_steps == 13
     b = Budget(TrainConfig(max_iters=None, max_time=2.0), tokens_per_step=64)
     assert not b.done(10**6, 1.9) and b.done(1, 2.0)
+    with caplog.at_level("WARNING", logger="transformer_lm"):  # the default max_iters cutting a token budget short
+        assert Budget(TrainConfig(max_tokens=10**6), tokens_per_step=64).max_steps == 2000
+    assert "--train.max_iters null" in caplog.text
+
+
+def test_time_and_iteration_budgets_measure_progress_alike():
+    """Both count the budget after warmup (the time budget estimating warmup's seconds at the mean step time): with a
+    steady 0.1 s step, 1000 steps or 100 s place a wsd cooldown alike, and both end exactly at the budget's end."""
+    cfg = dict(warmup_iters=100, schedule="wsd", cooldown_fraction=0.2)
+    steps = Budget(TrainConfig(max_iters=1000, **cfg), 1)
+    clock = Budget(TrainConfig(max_iters=None, max_time=100.0, **cfg), 1)
+    for step in (100, 550, 800, 1000):
+        assert clock.progress(step, step * 0.1) == pytest.approx(steps.progress(step, 0.0)), step
+    assert steps.progress(100, 0.0) == 0 and steps.progress(820, 0.0) == pytest.approx(0.8)  # cooldown: last 180
+    assert clock.progress(37, 100.0) == 1.0  # a slower run still ends its schedule with the clock
 
 
 def test_train_writes_complete_run_folder(corpus_file: Path, tmp_path: Path):
@@ -63,11 +80,26 @@ def test_train_writes_complete_run_folder(corpus_file: Path, tmp_path: Path):
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [5, 10, 12]
     assert all(r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"])) for r in evals)
-    # bits per byte from the split's byte count: loss/ln2 * tokens/bytes
-    m = data.manifest
-    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2) * m["val_tokens"] / m["val_bytes"])
+    # bits per byte over the tokens evaluated (2 batches of 4 windows of 16 from the split's start): loss/ln2 * tokens
+    # / their UTF-8 bytes
+    n = evals[-1]["val_tokens"]
+    assert n == 2 * 4 * 16
+    text = data.tokenizer.decode(data.val[1 : n + 1].tolist())
+    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] / math.log(2) * n / len(text.encode("utf-8")))
     loaded = load_run(run, "cpu")
     assert loaded.step == 12 and loaded.model.config.vocab_size == data.tokenizer.vocab_size
+
+
+def test_bits_per_byte_counts_the_bytes_of_the_tokens_evaluated(tmp_path: Path):
+    """An ASCII start of the val split is evaluated, 2-byte characters follow: the split's mean bytes per token (1.5)
+    gave a bpb a third too low."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the quick brown fox " * 450 + "a" * 500 + "é" * 500, encoding="utf-8")  # val: 500 a, 500 é
+    data = training_data(corpus, "char")
+    assert data.manifest["val_bytes"] == 1500 and data.manifest["val_tokens"] == 1000
+    res = train(ModelConfig(**SMALL), small_train(max_iters=2, eval_interval=2), data, tmp_path / "run",
+                progress=False)
+    assert res.val.tokens == 128 and res.val.bpb == pytest.approx(res.val.loss / math.log(2))  # 1 byte a token
 
 
 def test_training_reduces_loss(corpus_file: Path, tmp_path: Path):
@@ -152,6 +184,35 @@ def test_resume_continues_exactly(corpus_file: Path, tmp_path: Path):
     assert resumed.step == full.step == 12
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
     assert resumed.val.loss == full.val.loss
+
+
+def test_resume_with_new_settings_counts_tokens_and_records_the_settings(corpus_file: Path, tmp_path: Path):
+    """Resumed with a doubled batch, the token count adds up what each step trained (it was step × the new batch), a
+    token budget ends on the tokens really trained, config.json takes the new settings (a later --resume fell back
+    to the first ones), and a metrics line cut short by a kill does not stop the resume."""
+    data = training_data(corpus_file, "char")
+    run = tmp_path / "run"
+    cfg = small_train(max_iters=None, max_tokens=16 * 64, eval_interval=100)  # 16 steps of 4 × 16 tokens
+    train(ModelConfig(**SMALL), cfg, data, run, progress=False, stop_at=4)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "tok')  # killed mid-write
+    res = train(ModelConfig(**SMALL), small_train(max_iters=None, max_tokens=16 * 64, batch_size=8,
+                                                  eval_interval=100), data, run, resume=True, progress=False)
+    assert res.tokens == 16 * 64 and res.step == 4 + 6  # 4 steps of 64 tokens, then 6 of 128
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["tokens"] for r in records if "loss" in r][-1] == 16 * 64
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 11))
+    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 8
+
+
+def test_validation_covers_the_same_tokens_however_the_batch_is_split(corpus_file: Path, tmp_path: Path):
+    data = training_data(corpus_file, "char")
+    seen = {}
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        res = train(ModelConfig(**SMALL), small_train(max_iters=1, batch_size=batch, grad_accum=accum), data,
+                    tmp_path / f"b{batch}", progress=False)
+        seen[batch] = res.val.tokens
+    assert seen == {4: 2 * 4 * 16, 2: 2 * 4 * 16, 1: 2 * 4 * 16}  # eval_batches 2 of 4 sequences each
 
 
 def test_existing_run_is_refused_and_untouched(corpus_file: Path, tmp_path: Path):

@@ -258,7 +258,8 @@ class TrainConfig:
     max_tokens: int | None = None
     """Stop after this many training tokens (None: no token limit)."""
     max_time: float | None = None
-    """Stop after this many seconds of wall-clock time (None: no time limit)."""
+    """Stop after this many seconds of training (the steps' wall-clock time; evaluations and checkpoints are not
+    counted, as a speedrun's clock does not count them) (None: no time limit)."""
     lr: float = 2e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -266,11 +267,11 @@ class TrainConfig:
     warmup_iters: int = 100
     """Linear warmup steps."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    """Learning-rate decay after warmup: cosine over the whole run, wsd (warmup-stable-decay: constant, then a linear
-    cooldown over the last cooldown_fraction of the budget, placed by the measured progress of an iteration, token or
-    time budget) or constant."""
+    """Learning-rate decay after warmup: cosine over the rest of the run, wsd (warmup-stable-decay: constant, then a
+    linear cooldown over the last cooldown_fraction of the budget after warmup, placed by the measured progress of an
+    iteration, token or time budget) or constant."""
     cooldown_fraction: float = 0.2
-    """wsd: the fraction of the budget spent decaying the learning rate to lr*min_lr_ratio."""
+    """wsd: the fraction of the budget after warmup spent decaying the learning rate to lr*min_lr_ratio."""
     optimizer: Literal["adamw", "muon"] = "adamw"
     """adamw, or muon: Muon (orthogonalized momentum) for the hidden 2-D weights and AdamW for embeddings, LM head,
     biases and gains (needs torch >= 2.9; not with parallel fsdp, whose shards are not whole matrices)."""
@@ -289,7 +290,8 @@ class TrainConfig:
     eval_interval: int = 500
     """Evaluate and checkpoint every this many steps (and at the end)."""
     eval_batches: int = 20
-    """Validation batches per evaluation (a deterministic pass over the start of the val split)."""
+    """Validation batches per evaluation, of batch_size * grad_accum sequences each (a deterministic pass over the
+    start of the val split, the same whichever way the batch is split into micro-batches)."""
     log_interval: int = 10
     """Write a metrics.jsonl line every this many steps."""
     seed: int = 1337

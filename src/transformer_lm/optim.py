@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -171,6 +173,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     return MuonAdamW(muon, adamw)
 
 
+@contextmanager
+def config_hyperparameters(optimizer: torch.optim.Optimizer | MuonAdamW) -> Iterator[None]:
+    """Load a checkpoint's optimizer state inside: its moments are kept, but every group's hyperparameters (betas,
+    weight decay, Muon's momentum and lr scale, ...) return to the values this run's config gave them, which
+    load_state_dict would otherwise replace with the saved run's, so that a resumed run's --train.* flags apply."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    yield
+    for group, kept in zip(optimizer.param_groups, settings, strict=True):
+        group.update(kept)
+
+
 def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
     """Set every group's learning rate to the schedule's value times the group's own scale."""
     for group in optimizer.param_groups:
@@ -179,8 +192,8 @@ def set_lr(optimizer: torch.optim.Optimizer | MuonAdamW, lr: float) -> None:
 
 def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     """Linear warmup over `warmup_iters` steps, then, as the run's `progress` goes 0 → 1, from lr to lr·min_lr_ratio:
-    cosine — a cosine decay over the whole run; wsd — warmup–stable–decay: constant, then a linear cooldown over the
-    last `cooldown_fraction` of the budget; constant — no decay."""
+    cosine — a cosine decay over the rest of the run; wsd — warmup–stable–decay: constant, then a linear cooldown over
+    the last `cooldown_fraction` of the budget after warmup; constant — no decay."""
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     progress = min(max(progress, 0.0), 1.0)

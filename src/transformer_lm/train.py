@@ -43,6 +43,7 @@ from .data import (
     PreparedData,
     default_corpus,
     is_prepared,
+    iter_eval_batches,
     load_prepared,
     prepare,
     read_sources,
@@ -51,7 +52,7 @@ from .data import (
 from .errors import CheckpointError, ConfigError
 from .evaluate import EvalResult, evaluate_tokens
 from .model import build_model
-from .optim import lr_at, make_optimizer, set_lr
+from .optim import config_hyperparameters, lr_at, make_optimizer, set_lr
 from .parallel import (
     DistInfo,
     check_batch,
@@ -88,18 +89,26 @@ class TrainResult:
 class Budget:
     """The run's end, by iterations, tokens or wall-clock time, whichever comes first, and its progress in [0, 1]."""
 
-    def __init__(self, cfg: TrainConfig, tokens_per_step: int) -> None:
-        limits = [cfg.max_iters, math.ceil(cfg.max_tokens / tokens_per_step) if cfg.max_tokens else None]
-        self.max_steps = min((x for x in limits if x is not None), default=None)
+    def __init__(self, cfg: TrainConfig, tokens_per_step: int, step: int = 0, tokens: int = 0) -> None:
+        """`step` steps and `tokens` tokens are done already (a resumed run: its batch may have changed since)."""
+        by_tokens = step + math.ceil(max(0, cfg.max_tokens - tokens) / tokens_per_step) if cfg.max_tokens else None
+        self.max_steps = min((x for x in (cfg.max_iters, by_tokens) if x is not None), default=None)
+        if by_tokens is not None and self.max_steps < by_tokens:
+            log.warning("train.max_iters (%d) ends the run before train.max_tokens (%d tokens, at step %d); pass "
+                        "--train.max_iters null to train to the token budget", self.max_steps, cfg.max_tokens,
+                        by_tokens)
         self.max_time = cfg.max_time
         self.warmup = cfg.warmup_iters
 
     def progress(self, step: int, elapsed: float) -> float:
+        """How far the run is through its budget after warmup: 0 when warmup ends, 1 at the budget's end. For a
+        time budget the warmup's seconds are estimated at the mean step time so far (only the end must be exact)."""
         p = 0.0
         if self.max_steps is not None:
             p = (step - self.warmup) / max(1, self.max_steps - self.warmup)
         if self.max_time is not None:
-            p = max(p, elapsed / self.max_time)
+            warm = elapsed * min(self.warmup, step) / step if step else 0.0
+            p = max(p, (elapsed - warm) / (self.max_time - warm) if self.max_time > warm else 1.0)
         return p
 
     def progress_after(self, step: int, elapsed: float) -> float:
@@ -237,25 +246,29 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
                            world_size=info.world_size, vocab_size=model_config.vocab_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
-    budget = Budget(cfg, tokens_per_step)
     flops_per_step = flops_per_token(model_config)["train"] * tokens_per_step / info.world_size  # per device
-    step, elapsed = 0, 0.0
+    step, elapsed, tokens = 0, 0.0, 0
     metrics_path = run_dir / "metrics.jsonl"
 
     if folder is not None:
         state = load_state(folder)
-        if is_sharded(folder):  # weights and optimizer resharded to this run's layout, whatever the saving one's
-            load_shards(folder, model, optimizer)
-        else:
-            load_optimizer_state(optimizer, state["optimizer"])
+        with config_hyperparameters(optimizer):
+            if is_sharded(folder):  # weights and optimizer resharded to this run's layout, whatever the saving one's
+                load_shards(folder, model, optimizer)
+            else:
+                load_optimizer_state(optimizer, state["optimizer"])
         sampler.load_state_dict(state["sampler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
         step, elapsed = state["step"], state["elapsed"]
+        tokens = state.get("tokens", step * tokens_per_step)
         if info.is_main:
             _truncate_metrics(metrics_path, step)  # drop lines logged after the checkpoint by the interrupted run
+            # the settings this run continues with (flags may have changed them): what the next --resume takes
+            atomic_write_text(run_dir / "config.json", dump_json({**json.loads((run_dir / "config.json").read_text()),
+                                                                  **config}))
         log.info("resumed %s at step %d", run_dir, step)
     elif info.is_main:
         clear_out(run_dir)  # an old run replaced with --overwrite goes only now that the new one is set up
@@ -263,14 +276,16 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
         save_tokenizer(data.tokenizer, run_dir / "tokenizer.json")
         atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=2))
 
+    budget = Budget(cfg, tokens_per_step, step, tokens)
     ctx = autocast(device, amp_dtype)
-    bytes_per_token = data.manifest["val_bytes"] / max(1, data.manifest["val_tokens"])
+    eval_batches = cfg.eval_batches * cfg.grad_accum  # of micro-batches: the same val tokens however a batch is split
+    bytes_per_token = _eval_bytes_per_token(data, cfg.batch_size, model_config.block_size, eval_batches)
 
     def checkpoint() -> None:
         """FSDP2: every rank writes its shards of weights and optimizer state in parallel (no gathering onto one
         rank), into a temporary folder that rank 0 commits. DDP and one process: rank 0 writes the whole weights and
         optimizer state (replicated on every rank anyway) in the single-file format."""
-        state = {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step,
+        state = {"step": step, "elapsed": elapsed, "tokens": tokens,
                  "sampler": sampler.state_dict(), "scaler": scaler.state_dict(),
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
@@ -283,9 +298,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict()}, step)
 
     def evaluate() -> EvalResult:  # every rank runs the same evaluation (FSDP2 needs all ranks for a forward)
-        result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, cfg.eval_batches, ctx)
+        result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, eval_batches, ctx)
         if info.is_main:
-            _append_metrics(metrics_path, {"step": step, "tokens": step * tokens_per_step, "elapsed": round(elapsed, 3),
+            _append_metrics(metrics_path, {"step": step, "tokens": tokens, "elapsed": round(elapsed, 3),
                                            **{f"val_{k}": v for k, v in result.to_dict().items()}})
         return result
 
@@ -314,6 +329,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            tokens += tokens_per_step
             # ranks agree on the loss (global mean), the clock (so time budgets end together) and Ctrl-C
             train_loss, dt, stop = mean_over_ranks([loss_sum / cfg.grad_accum, time.perf_counter() - t0,
                                                     float(sigint["stop"])], info)
@@ -324,7 +340,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", mfu=f"{step_mfu:.1%}",
                             refresh=False)
             if info.is_main and (step % cfg.log_interval == 0 or step == 1):
-                _append_metrics(metrics_path, {"step": step, "tokens": step * tokens_per_step, "loss": train_loss,
+                _append_metrics(metrics_path, {"step": step, "tokens": tokens, "loss": train_loss,
                                                "lr": lr, "grad_norm": float(grad_norm),
                                                "tokens_per_s": tokens_per_step / dt, "mfu": step_mfu,
                                                "elapsed": round(elapsed, 3)})
@@ -341,9 +357,23 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
                 interrupted = True
                 break
     bar.close()
+    if info.is_main and not interrupted and cfg.max_time is not None and elapsed < cfg.max_time and \
+            cfg.max_tokens is None and cfg.max_iters is not None and step >= cfg.max_iters:
+        log.warning("train.max_iters (%d) ended the run after %.0f s of its %.0f s budget (train.max_time); pass "
+                    "--train.max_iters null to train for the whole time", cfg.max_iters, elapsed, cfg.max_time)
     if not interrupted and info.is_main:
         plot_losses(metrics_path, run_dir / "loss.png")
-    return TrainResult(run_dir, step, step * tokens_per_step, elapsed, val, interrupted, info.is_main)
+    return TrainResult(run_dir, step, tokens, elapsed, val, interrupted, info.is_main)
+
+
+def _eval_bytes_per_token(data: PreparedData, batch_size: int, block_size: int, max_batches: int) -> float:
+    """UTF-8 bytes per token predicted by an evaluation, for its bits per byte: the split's own ratio when it covers
+    the whole split, else that of the tokens it covers (the split's start), whose ratio may be another (an ASCII
+    start, multibyte text later)."""
+    n = sum(y.numel() for _, y in iter_eval_batches(data.val, batch_size, block_size, max_batches))
+    if n >= len(data.val) - 1:
+        return data.manifest["val_bytes"] / max(1, data.manifest["val_tokens"])
+    return len(data.tokenizer.decode(data.val[1 : n + 1].tolist()).encode("utf-8")) / n
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:
@@ -352,8 +382,14 @@ def _append_metrics(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step` (the checkpoint resumed); a last line cut short by a kill goes too."""
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        try:
+            json.loads(lines[-1] if lines else "{}")
+        except ValueError:
+            lines.pop()
+        lines = [ln for ln in lines if json.loads(ln)["step"] <= step]
         atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 

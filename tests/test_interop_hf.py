@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 from transformer_lm.accounting import count_params
 from transformer_lm.api import load_run
@@ -279,6 +280,78 @@ def test_missing_and_mismatched_shards(hf_models, tmp_path):
         load_hf(folder)
 
 
+def test_gpt2_weights_without_the_transformer_prefix(hf_models, tmp_path):
+    """OpenAI's own GPT-2 upload names its tensors wte.weight, h.0.attn..., with no "transformer." prefix: the import
+    asked the file for the prefixed names and crashed."""
+    hf, folder = hf_models["gpt2"]
+    src = _copy(folder, tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, src / "model.safetensors")
+    assert transformers.GPT2LMHeadModel.from_pretrained(src).transformer.h[0].ln_1.weight.equal(
+        hf.transformer.h[0].ln_1.weight)  # transformers reads this layout too
+    ids = _ids(2, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(load_hf(src)[0](ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family,dropped", [("llama", "rms_norm_eps"), ("mistral", "sliding_window"),
+                                            ("mistral", "num_key_value_heads")])
+def test_a_missing_config_field_means_what_it_means_to_transformers(hf_models, tmp_path, family, dropped):
+    """A config.json without rms_norm_eps, sliding_window or num_key_value_heads: transformers takes its defaults
+    (1e-6, a 4096-token window, 8 KV heads for Mistral), which tlm took as its own (1e-5, none, the head count)."""
+    src = _copy(hf_models[family][1], tmp_path / "src")
+    d = json.loads((src / "config.json").read_text())
+    del d[dropped]
+    (src / "config.json").write_text(json.dumps(d))
+    theirs = transformers.AutoConfig.from_pretrained(src)
+    ours = load_hf(src)[0].config if dropped != "num_key_value_heads" else None
+    if dropped == "rms_norm_eps":
+        assert ours.norm_eps == theirs.rms_norm_eps == 1e-6
+    elif dropped == "sliding_window":
+        assert ours.sliding_window == theirs.sliding_window == 4096
+    else:  # 8 KV heads for 4 heads: refused, as transformers' attention cannot run it either
+        assert theirs.num_key_value_heads == 8
+        with pytest.raises(ConversionError, match=r"n_head \(4\) must be divisible by model.n_kv_head \(8\)"):
+            load_hf(src)
+
+
+@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "rope_theta": 1e4}},
+                                  {"rope_parameters": [1, 2]}, {"rope_theta": "abc", "rope_parameters": None}])
+def test_malformed_rope_settings_are_one_line_errors(hf_models, tmp_path, capsys, rope):
+    src = _copy(hf_models["llama"][1], tmp_path / "src")
+    _edit_json(src / "config.json", **rope)
+    assert main(["convert", str(src), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tlm: error: the rope settings of config.json") and err.count("\n") == 1, err
+
+
+def test_a_config_field_of_the_wrong_type_is_named(hf_models, tmp_path):
+    src = _copy(hf_models["llama"][1], tmp_path / "src")
+    _edit_json(src / "config.json", num_attention_heads="4")
+    with pytest.raises(ConversionError, match="n_head must be an integer, got .4."):
+        load_hf(src)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_llama3_rope_scaling_round_trips_through_mistral_and_qwen2(tmp_path, family):
+    """llama3 rope scaling (transformers runs it for every rope family) was imported, then refused by export."""
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, vocab_size=VOCAB)
+    rope = _rope(rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                 original_max_position_embeddings=16)
+    config = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[family](**common, **rope)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path / "src")
+    _save_tokenizer(tmp_path / "src")
+    run = import_hf(tmp_path / "src", tmp_path / "run")
+    out = export_hf(run, tmp_path / "hf")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = _ids(1, 60)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_non_representable_export(tmp_path, capsys):
     run = _write_run(tmp_path / "run", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
                                                    pos_encoding="sinusoidal"))
@@ -293,6 +366,10 @@ def test_non_representable_export(tmp_path, capsys):
                                                    n_embd=32))
     with pytest.raises(ConversionError, match="grouped-query"):
         export_hf(gqa, tmp_path / "hf2")
+    rope = _write_run(tmp_path / "rope", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                                                     pos_encoding="rope", norm="rmsnorm", mlp="swiglu"))
+    with pytest.raises(ConversionError, match=r"gpt2 needs 'learned' \(exportable as llama, mistral, qwen2\)"):
+        export_hf(rope, tmp_path / "hf4", family="gpt2")  # it said no Hugging Face family has rope
     with pytest.raises(ConversionError, match="model.norm is 'layernorm', llama needs 'rmsnorm'"):
         export_hf(_write_run(tmp_path / "ln", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2,
                                                           n_embd=32, pos_encoding="rope")), tmp_path / "hf3")

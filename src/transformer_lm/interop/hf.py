@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +95,31 @@ _LLAMA_FIELDS = {"vocab_size": "vocab_size", "block_size": "max_position_embeddi
                  "d_ff": "intermediate_size", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
 CONFIG_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA_FIELDS, "qwen2": _LLAMA_FIELDS}
 
+# transformers' defaults (GPT2Config, LlamaConfig, MistralConfig, Qwen2Config) for the fields read on import: a
+# config.json without one means that value to transformers, which may not be ours (rms_norm_eps 1e-6, not 1e-5;
+# Mistral's 4096-token window, not none). Llama's and Qwen2's num_key_value_heads default to the head count, as ours.
+_LLAMA_SHAPE = {"vocab_size": 32000, "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_size": 4096,
+                "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768,
+             "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
+    "llama": {**_LLAMA_SHAPE, "max_position_embeddings": 2048, "intermediate_size": 11008},
+    "mistral": {**_LLAMA_SHAPE, "max_position_embeddings": 131072, "intermediate_size": 14336,
+                "num_key_value_heads": 8, "sliding_window": 4096},
+    "qwen2": {**_LLAMA_SHAPE, "vocab_size": 151936, "max_position_embeddings": 32768, "intermediate_size": 22016},
+}
+
 # The architecture each family fixes: set on import, required on export. `qkv_bias` is compared as resolved
-# (ModelConfig.has_qkv_bias). Llama leaves `bias` free (attention_bias = mlp_bias = bias, Q/K/V included) and allows
-# llama3 rope scaling; Mistral alone has a sliding window.
+# (ModelConfig.has_qkv_bias). Llama leaves `bias` free (attention_bias = mlp_bias = bias, Q/K/V included); the rope
+# families all take llama3 rope scaling (transformers reads rope_parameters alike for each); Mistral alone has a
+# sliding window.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "gpt2": {"pos_encoding": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "qkv_bias": True,
              "sliding_window": None},
     "llama": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "sliding_window": None},
-    "mistral": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qkv_bias": False,
-                "rope_scaling": None},
+    "mistral": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qkv_bias": False},
     "qwen2": {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "qkv_bias": True,
-              "sliding_window": None, "rope_scaling": None},
+              "sliding_window": None},
 }
 _HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM"}
@@ -142,6 +156,15 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
 
 def _rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
     """RoPE fields from transformers 5's `rope_parameters` or 4.x's top-level `rope_theta` / `rope_scaling`."""
+    try:
+        return _read_rope(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        given = {k: hf[k] for k in ("rope_theta", "rope_scaling", "rope_parameters") if k in hf}
+        what = f"lacks {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
+        raise ConversionError(f"the rope settings of config.json {what}: {given}") from None
+
+
+def _read_rope(hf: dict[str, Any]) -> dict[str, Any]:
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     kind = params.get("rope_type", params.get("type", "default"))
@@ -163,8 +186,8 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
     family = hf.get("model_type")
     if family not in FAMILIES:
         raise ConversionError(f"unsupported model_type {family!r}; tlm converts {', '.join(FAMILIES)}")
+    hf = {**HF_DEFAULTS[family], **hf}
     fields = {ours: hf[theirs] for ours, theirs in CONFIG_FIELDS[family].items() if hf.get(theirs) is not None}
-    fields.setdefault("tie_embeddings", family == "gpt2")  # transformers' defaults when the key is absent
     arch = dict(ARCHITECTURES[family])
     if family == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -179,9 +202,6 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
     else:
         if hf.get("hidden_act", "silu") != "silu":
             raise ConversionError(f"hidden_act {hf['hidden_act']!r} is not supported (the SwiGLU MLP needs silu)")
-        head_dim = hf.get("head_dim")
-        if head_dim is not None and head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-            raise ConversionError(f"head_dim {head_dim} != hidden_size / num_attention_heads is not supported")
         arch.update(_rope_settings(hf))
         if family == "llama":
             if bool(hf.get("attention_bias")) != bool(hf.get("mlp_bias")):
@@ -192,9 +212,14 @@ def config_from_hf(hf: dict[str, Any]) -> tuple[ModelConfig, str]:
         elif hf.get("use_sliding_window"):
             raise ConversionError("qwen2 with use_sliding_window=true is not supported")
     try:
-        return ModelConfig(**fields, **arch), family
+        config = ModelConfig(**fields, **arch)
     except TLMError as e:
         raise ConversionError(f"the {family} config does not fit tlm's model: {e}") from None
+    head_dim = hf.get("head_dim")
+    if family != "gpt2" and head_dim is not None and head_dim != config.head_dim:
+        raise ConversionError(f"head_dim {head_dim!r} != hidden_size / num_attention_heads ({config.head_dim}) is not "
+                              "supported")
+    return config, family
 
 
 def infer_family(c: ModelConfig) -> str:
@@ -220,10 +245,15 @@ def check_representable(c: ModelConfig, family: str) -> None:
     for name, need in needs.items():
         if have[name] != need:
             raise ConversionError(f"cannot export to Hugging Face {family}: model.{name} is {have[name]!r}, "
-                                  f"{family} needs {need!r}"
-                                  + (" (no Hugging Face family has it)" if name == "pos_encoding" else ""))
+                                  f"{family} needs {need!r}" + _other_families(name, have[name]))
     if family == "gpt2" and c.kv_heads != c.n_head:
         raise ConversionError(f"cannot export to Hugging Face gpt2: grouped-query attention (n_kv_head={c.n_kv_head})")
+
+
+def _other_families(name: str, value: Any) -> str:
+    """Where a refused setting can go instead: the families that take it, or that none does."""
+    takers = [f for f, arch in ARCHITECTURES.items() if arch.get(name, value) == value]
+    return f" (exportable as {', '.join(takers)})" if takers else " (no Hugging Face family has it)"
 
 
 def config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer | None = None,
@@ -288,7 +318,11 @@ class _Weights:
             listed = sorted(k for k, f in files.items() if f == shard and k not in keys)
             if listed:
                 raise CheckpointError(f"shard {shard.name} does not match {index.name}: it lacks {listed[:3]}")
-        self.files = files
+        self.files = {k: (f, k) for k, f in files.items()}  # name → (file, the name it is stored under)
+
+    def rename(self, name: Callable[[str], str]) -> None:
+        """Look the tensors up under other names (`name` of each stored one)."""
+        self.files = {name(k): where for k, where in self.files.items()}
 
     def _open(self, path: Path) -> Any:
         if path not in self._handles:
@@ -302,7 +336,8 @@ class _Weights:
         return set(self.files)
 
     def get(self, key: str) -> torch.Tensor:
-        return self._open(self.files[key]).get_tensor(key)
+        path, stored = self.files[key]
+        return self._open(path).get_tensor(stored)
 
 
 def load_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, str]:
@@ -316,7 +351,7 @@ def load_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[Trans
     available = weights.keys()
     if family == "gpt2" and not any(k.startswith("transformer.") for k in available):
         # OpenAI's original upload has no "transformer." prefix
-        weights.files = {(k if k == "lm_head.weight" else "transformer." + k): f for k, f in weights.files.items()}
+        weights.rename(lambda k: k if k == "lm_head.weight" else "transformer." + k)
         available = weights.keys()
     with torch.device("meta"):
         model = Transformer(config)

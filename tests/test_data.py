@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from transformer_lm import data
+from transformer_lm.cli import main
 from transformer_lm.data import (
     BatchSampler,
     default_corpus,
@@ -26,7 +27,7 @@ from transformer_lm.data import (
     read_sources,
     resolve_sources,
 )
-from transformer_lm.errors import ConfigError, DataError
+from transformer_lm.errors import ConfigError, DataError, RunExistsError
 from transformer_lm.tokenizers import EOT, ByteTokenizer, Tokenizer, build_tokenizer
 
 TEXTS = [
@@ -262,9 +263,29 @@ def test_prepare_errors(tmp_path: Path) -> None:
         prepare([tmp_path / "missing.txt"], tmp_path / "out", ByteTokenizer())
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="not a prepared data folder"):
-        prepare(write(tmp_path / "d", TEXTS), tmp_path / "busy", ByteTokenizer())
+    for overwrite in (False, True):
+        with pytest.raises(RunExistsError, match="holds no prepared data|no manifest.json"):
+            prepare(write(tmp_path / "d", TEXTS), tmp_path / "busy", ByteTokenizer(), overwrite=overwrite)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_prepare_replaces_prepared_data_only_when_asked_and_never_its_sources(tmp_path: Path, capsys) -> None:
+    """A second `tlm prepare data/input.txt --out data` replaced the folder whole, the text it read included."""
+    out = tmp_path / "data"
+    text = write(out, ["a text to prepare, long enough to split. " * 20])[0]  # data/0.txt, inside --out
+    prepare([text], tmp_path / "first", ByteTokenizer())
+    (out / "manifest.json").write_text((tmp_path / "first" / "manifest.json").read_text())  # out looks prepared
+    for overwrite in ("false", "true"):
+        assert main(["prepare", str(text), "--out", str(out), "--overwrite", overwrite]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("--overwrite true" in err if overwrite == "false" else "which this command "
+                                                                                                 "reads" in err), err
+    assert text.is_file()
+    assert main(["prepare", str(text), "--out", str(tmp_path / "first")]) == 2  # prepared data: replaced when asked
+    assert "already holds prepared data" in capsys.readouterr().err
+    assert main(["prepare", str(text), "--out", str(tmp_path / "first"), "--overwrite", "true",
+                 "--tokenizer", "char"]) == 0
+    assert load_prepared(tmp_path / "first").manifest["tokenizer"]["kind"] == "char"
 
 
 def test_load_errors(tmp_path: Path) -> None:
@@ -307,8 +328,8 @@ def test_failed_prepare_leaves_nothing_and_keeps_old_data(tmp_path: Path) -> Non
     prepare(paths[:1], out, ByteTokenizer())
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with mock.patch.object(data, "CHUNK_CHARS", 200), pytest.raises(RuntimeError):
-        prepare(paths, out, FailingTokenizer(), workers=1)
+        prepare(paths, out, FailingTokenizer(), workers=1, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "out"]
-    prepare(paths, out, ByteTokenizer())  # a successful prepare replaces a prepared folder
+    prepare(paths, out, ByteTokenizer(), overwrite=True)  # a successful prepare replaces a prepared folder
     assert load_prepared(out).manifest["sources"][-1]["path"] == str(paths[-1].resolve())

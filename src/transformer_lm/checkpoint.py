@@ -53,18 +53,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (), resumable: bool = False) -> None:
-    """Raise RunExistsError unless `out` (a run, import or export folder about to be written) may be written: it is
-    missing or empty, or `overwrite` is given and it holds something tlm wrote (a config.json), is not the working
-    directory or above it, and holds none of `inputs` (the data or model the command reads), so that a mistyped --out
-    never deletes anything else. Nothing is deleted here: clear_out does it once the new run is set up."""
+def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (), resumable: bool = False,
+              marker: str = "config.json", what: str = "a run") -> None:
+    """Raise RunExistsError unless `out` (a run, import, export or prepared-data folder about to be written) may be
+    written: it is missing or empty, or `overwrite` is given and it holds something tlm wrote (its `marker` file), is
+    not the working directory or above it, and holds none of `inputs` (the data or model the command reads), so that
+    a mistyped --out never deletes anything else. Nothing is deleted here: the command does it once the new output
+    is ready (clear_out, or prepare's rename)."""
     if not out.is_dir() or not any(out.iterdir()):
         return
-    is_run = (out / "config.json").is_file()
+    is_run = (out / marker).is_file()
     if not overwrite:
         if not is_run:
-            raise RunExistsError(f"{out} is not empty and holds no run; choose another --out")
-        raise RunExistsError(f"{out} already holds a run; pass {'--resume true to continue it, ' if resumable else ''}"
+            raise RunExistsError(f"{out} is not empty and holds no {what.removeprefix('a ')}; choose another --out")
+        raise RunExistsError(f"{out} already holds {what}; pass {'--resume true to continue it, ' if resumable else ''}"
                              "--overwrite true to replace it, or choose another --out")
     where, cwd = out.resolve(), Path.cwd().resolve()
     if where == cwd or where in cwd.parents:
@@ -73,8 +75,8 @@ def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (), res
         if where == Path(p).resolve() or where in Path(p).resolve().parents:
             raise RunExistsError(f"--overwrite would delete {p}, which this command reads; choose another --out")
     if not is_run:
-        raise RunExistsError(f"{out} holds files but no run (no config.json), and --overwrite replaces only a folder "
-                             "tlm wrote; empty it yourself or choose another --out")
+        raise RunExistsError(f"{out} holds files but no {what.removeprefix('a ')} (no {marker}), and --overwrite "
+                             "replaces only a folder tlm wrote; empty it yourself or choose another --out")
 
 
 def clear_out(out: Path) -> None:

@@ -51,6 +51,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     add_tokenizer_args(p)
     p.add_argument("--val_fraction", type=float, default=0.1, help="Fraction of the text held out for validation.")
     p.add_argument("--workers", type=int | None, default=None, help="Tokenizer processes (default: all cores).")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace the prepared data already in --out.")
 
     p = cmds["train"] = ArgumentParser(exit_on_error=False, description="Train a model (default data: the Python "
                                        "standard library's source, so it works offline).")
@@ -150,7 +151,7 @@ def cmd_prepare(a: Namespace) -> None:
 
     sources = [p for s in a.sources for p in resolve_sources(s)]
     tok = build_tokenizer(a.tokenizer, read_sources(sources), a.vocab_size, a.gpt2_dir)
-    m = prepare(sources, Path(a.out), tok, a.val_fraction, a.workers)
+    m = prepare(sources, Path(a.out), tok, a.val_fraction, a.workers, a.overwrite)
     print(f"{a.out}: {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['dtype']}), "
           f"{tok.kind} tokenizer with {tok.vocab_size:,} ids")
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import check_out
 from .errors import ConfigError, DataError
 from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
 
@@ -244,7 +245,7 @@ def _replace_dir(new: Path, out_dir: Path) -> None:
 
 
 def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tokenizer: Tokenizer,
-            val_fraction: float = 0.1, workers: int | None = None) -> dict[str, Any]:
+            val_fraction: float = 0.1, workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Tokenize `sources` into `out_dir`/{train.bin, val.bin, tokenizer.json, manifest.json}; returns the manifest.
 
     Stream: the files' text (UTF-8, undecodable bytes as U+FFFD, line endings as they are) back to back, with the
@@ -255,15 +256,17 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to
     where a cut changes no ids (`_cut_point`), encoded by `workers` processes (default: every CPU, fewer for a
     small corpus), so scripts that call this need the usual `if __name__ == "__main__":` guard.
     Atomic: everything is written into a hidden folder beside `out_dir`, the manifest last, then renamed into
-    place; an existing `out_dir` must be empty or prepared, and is replaced only by a complete new one.
+    place; an existing `out_dir` must be empty, or prepared data with `overwrite` (and hold none of the sources:
+    checkpoint.check_out), and is replaced only by a complete new one.
     """
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}; leave it unset to use every CPU")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and (is_prepared(out_dir) or not any(out_dir.iterdir()))):
-        raise DataError(f"{out_dir} exists and is not a prepared data folder; choose a new or empty output folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} exists and is not a folder; choose a new or empty output folder")
+    check_out(out_dir, overwrite, sources, marker="manifest.json", what="prepared data")
     chars = [(Path(p), _count_chars(Path(p))) for p in sources]
     sources = [p for p, n in chars if n]
     total = sum(n for _, n in chars)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from transformer_lm.api import load_run
 from transformer_lm.cli import main
+from transformer_lm.data import load_prepared
 
 TINY = ["--model.n_layer", "2", "--model.n_head", "2", "--model.n_embd", "32", "--model.block_size", "32",
         "--train.batch_size", "4", "--train.eval_batches", "2", "--train.log_interval", "1"]
@@ -56,6 +60,36 @@ def test_prepare_train_sample_eval_end_to_end(tmp_path: Path, corpus_file: Path,
     assert code == 0, err
     res = json.loads(out)
     assert set(res) == {"loss", "perplexity", "bpb", "tokens"} and res["loss"] > 0
+
+    # the prepared folder itself: its val split, scored window by window as a naive loop would (it read the
+    # folder's JSON files as text before)
+    code, out, err = tlm(capsys, "eval", run, "--data", data, "--json", "true")
+    assert code == 0, err
+    res, loaded, val = json.loads(out), load_run(run, "cpu"), load_prepared(data).val
+    block, nll = loaded.model.config.block_size, 0.0
+    with torch.no_grad():
+        for start in range(0, len(val) - 1, block):
+            window = torch.from_numpy(val[start : start + block + 1].astype(np.int64))[None]
+            logits = loaded.model(window[:, :-1]).logits
+            nll += float(torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum"))
+    assert res["tokens"] == len(val) - 1 and res["loss"] == pytest.approx(nll / (len(val) - 1), rel=1e-5)
+
+    # a folder of two files scores the stream prepare writes: an end-of-text between them; bits per byte over the
+    # bytes of the tokens predicted (all but the first)
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("def f(x):\n    return x\n")
+    (docs / "b.txt").write_text("naïve = 2\n")
+    code, out, err = tlm(capsys, "eval", run, "--data", docs, "--json", "true")
+    assert code == 0, err
+    res, tok = json.loads(out), loaded.tokenizer
+    ids = [*tok.encode("def f(x):\n    return x\n"), tok.eot_id, *tok.encode("naïve = 2\n")]
+    assert res["tokens"] == len(ids) - 1
+    predicted_bytes = len("def f(x):\n    return x\nnaïve = 2\n".encode()) - len(tok.decode(ids[:1]).encode())
+    assert res["bpb"] == pytest.approx(res["loss"] / math.log(2) * (len(ids) - 1) / predicted_bytes)
+    other = tmp_path / "other"
+    assert tlm(capsys, "prepare", corpus_file, "--out", other, "--tokenizer", "char")[0] == 0
+    one_line_error(capsys, "eval", run, "--data", other, match="prepared with another tokenizer")
 
     code, out, err = tlm(capsys, "info", run)
     assert code == 0 and "parameters" in out

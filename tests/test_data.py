@@ -99,15 +99,41 @@ def test_prepare_matches_direct_tokenization(tmp_path: Path, kind: str) -> None:
     assert load_prepared(tmp_path / "out").tokenizer.to_dict() == tok.to_dict()
 
 
-def test_legacy_encoding_is_kept_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("head", [0, 9000])
+def test_legacy_encoding_is_kept_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture, head: int) -> None:
+    """Also where the first 8 KiB are plain ASCII, as a Gutenberg header is (that book was replaced silently)."""
     write(tmp_path / "c", ["plain utf-8\n"])
-    (tmp_path / "c" / "cp1252.txt").write_bytes("it\u2019s \u2014 Gutenberg\n".encode("cp1252"))
+    (tmp_path / "c" / "cp1252.txt").write_bytes(("a" * head + "it\u2019s \u2014 Gutenberg\n").encode("cp1252"))
+    files = resolve_sources(tmp_path / "c")
+    assert [f.name for f in files] == ["00.txt", "cp1252.txt"]
     with caplog.at_level("WARNING", logger="transformer_lm.data"):
-        files = resolve_sources(tmp_path / "c")
-    assert [f.name for f in files] == ["00.txt", "cp1252.txt"] and "cp1252.txt is not valid UTF-8" in caplog.text
-    prepare(files, tmp_path / "out", ByteTokenizer(), val_fraction=0.5)
+        prepare(files, tmp_path / "out", ByteTokenizer(), val_fraction=0.5)
+    assert caplog.text.count("cp1252.txt is not valid UTF-8") == 1
     text = bytes(ids(tmp_path / "out", "train") + ids(tmp_path / "out", "val")).decode()
-    assert text == "plain utf-8\nit\ufffds \ufffd Gutenberg\n"
+    assert text == "plain utf-8\n" + "a" * head + "it\ufffds \ufffd Gutenberg\n"
+
+
+def test_a_file_named_twice_is_read_once_and_skipped_files_are_reported(tmp_path: Path, caplog) -> None:
+    """`tlm prepare c c/a.txt 'c/*.txt'` read a.txt three times, so val's text also sat in train."""
+    a, b = write(tmp_path / "c", ["first file\n", "second file\n"])
+    (tmp_path / "c" / "utf16.txt").write_bytes("wide text\n".encode("utf-16"))  # NUL bytes: skipped, now with a word
+    with caplog.at_level("WARNING", logger="transformer_lm.data"):
+        files = resolve_sources([tmp_path / "c", a, str(tmp_path / "c" / "*.txt")])
+    assert files == [a, b]
+    assert "named more than once" in caplog.text and "skipped 1 empty or binary file(s)" in caplog.text
+    assert "utf16.txt" in caplog.text
+
+
+def test_a_chunk_is_never_cut_inside_a_word(tmp_path: Path) -> None:
+    """Text with no whitespace in a chunk's second half (a base64 blob) was cut mid-word: BPE ids there differed
+    from the whole text's."""
+    text = "word " * 30 + "x" * 500 + " tail " * 10
+    (tmp_path / "blob.txt").write_text(text)
+    with mock.patch.object(data, "CHUNK_CHARS", 100):
+        chunks = list(data._file_chunks(tmp_path / "blob.txt"))
+    assert "".join(chunks) == text and all(not c.endswith("x") or c == chunks[-1] for c in chunks)
+    with mock.patch.object(data, "CHUNK_CHARS", 100), mock.patch.object(data, "MAX_CHUNK_CHARS", 300):
+        assert max(map(len, data._file_chunks(tmp_path / "blob.txt"))) < 300 + 100  # bounded all the same
 
 
 def test_bpe_separates_files_with_eot(tmp_path: Path, bpe: Tokenizer) -> None:

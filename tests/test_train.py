@@ -102,6 +102,20 @@ def test_bits_per_byte_counts_the_bytes_of_the_tokens_evaluated(tmp_path: Path):
     assert res.val.tokens == 128 and res.val.bpb == pytest.approx(res.val.loss / math.log(2))  # 1 byte a token
 
 
+def test_raw_text_is_prepared_once_and_again_after_any_edit(tmp_path: Path):
+    """The cache is keyed by path, size and times: an edit that keeps the size and modification time (`cp -p`,
+    `rsync -a`) still changes the change time, and was served the old text before."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh" * 100)
+    first = training_data(corpus, "char")
+    assert training_data(corpus, "char").path == first.path  # reused
+    st = corpus.stat()
+    corpus.write_text("hgfedcba" * 100)  # same size
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same modification time
+    again = training_data(corpus, "char")
+    assert again.path != first.path and again.tokenizer.decode(again.train[:8].tolist()) == "hgfedcba"
+
+
 def test_training_reduces_loss(corpus_file: Path, tmp_path: Path):
     data = training_data(corpus_file, "byte")
     cfg = small_train(max_iters=60, eval_interval=60, log_interval=10)

@@ -14,15 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .checkpoint import checkpoint_step, is_sharded, latest_checkpoint, load_weights, write_weights
 from .config import ModelConfig, SampleConfig
-from .data import read_sources, resolve_sources
+from .data import encode_sources, is_prepared, load_prepared, resolve_sources
 from .decode import DecodeStats
 from .errors import CheckpointError, ConfigError, DataError
-from .evaluate import EvalResult, evaluate_tokens
+from .evaluate import EvalResult, evaluate_tokens, text_bytes
 from .generate import stream_text
 from .model import Transformer, build_model
 from .recurrent import RecurrentLM
@@ -97,12 +96,20 @@ class Run:
         return texts[0] if cfg.num_samples == 1 else texts
 
     def evaluate(self, data: str | Path, batch_size: int = 8) -> EvalResult:
-        """Loss, perplexity and bits per byte on a text file, folder or glob."""
-        text = "".join(read_sources(resolve_sources(data)))
-        ids = np.asarray(self.tokenizer.encode(text), dtype=np.int64)
+        """Loss, perplexity and bits per byte on a text file, folder or glob, tokenized as `tlm prepare` does (an
+        end-of-text between files), or on the val split of a folder `tlm prepare` wrote with this run's tokenizer."""
+        if is_prepared(data):
+            prepared = load_prepared(data)
+            if prepared.tokenizer.to_dict() != self.tokenizer.to_dict():
+                raise DataError(f"{data} was prepared with another tokenizer than {self.path}'s; evaluate on the "
+                                "text itself, or on data prepared for this run")
+            m = prepared.manifest
+            return evaluate_tokens(self.model, prepared.val, m["val_bytes"] / max(1, m["val_tokens"]), batch_size)
+        ids, nbytes = encode_sources(resolve_sources(data), self.tokenizer)
         if len(ids) < 2:
             raise DataError(f"{data} holds fewer than 2 tokens; evaluate on a longer text")
-        return evaluate_tokens(self.model, ids, len(text.encode("utf-8")) / len(ids), batch_size)
+        predicted = nbytes - text_bytes(self.tokenizer, ids[:1])  # the first token is context, never predicted
+        return evaluate_tokens(self.model, ids, predicted / (len(ids) - 1), batch_size)
 
 
 def read_run_config(path: str | Path) -> tuple[dict[str, Any], ModelConfig]:

@@ -86,7 +86,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
 
     p = cmds["eval"] = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on text.")
     p.add_argument("run", type=str, help="Run folder.")
-    p.add_argument("--data", type=str, required=True, help="Text file, folder or glob to evaluate on.")
+    p.add_argument("--data", type=str, required=True, help="Text file, folder or glob to evaluate on (tokenized as "
+                   "`tlm prepare` does), or a folder `tlm prepare` wrote with the run's tokenizer (its val split).")
     p.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass.")
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
@@ -149,7 +150,7 @@ def cmd_prepare(a: Namespace) -> None:
     from .data import prepare, read_sources, resolve_sources
     from .tokenizers import build_tokenizer
 
-    sources = [p for s in a.sources for p in resolve_sources(s)]
+    sources = resolve_sources(a.sources)
     tok = build_tokenizer(a.tokenizer, read_sources(sources), a.vocab_size, a.gpt2_dir)
     m = prepare(sources, Path(a.out), tok, a.val_fraction, a.workers, a.overwrite)
     print(f"{a.out}: {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['dtype']}), "

@@ -52,18 +52,12 @@ def _open_text(path: Path):
 
 def _is_text(path: Path) -> bool:
     """A non-empty file without a NUL byte in its first 8 KiB (git's test for binary). Text that is not valid UTF-8
-    (say, Windows-1252 quotes in a Gutenberg book) is kept with a warning; its undecodable bytes read as U+FFFD."""
+    (say, Windows-1252 quotes in a Gutenberg book) is kept, with a warning once it is read (`count_chars`); its
+    undecodable bytes read as U+FFFD."""
     if not path.is_file() or path.stat().st_size == 0:
         return False
     with open(path, "rb") as f:
-        head = f.read(_SNIFF_BYTES)
-    if b"\0" in head:
-        return False
-    try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a character cut at the end is fine
-    except UnicodeDecodeError:
-        log.warning("%s is not valid UTF-8; its undecodable bytes will read as U+FFFD", path)
-    return True
+        return b"\0" not in f.read(_SNIFF_BYTES)
 
 
 def _walk(root: Path, skip: set[str] = frozenset()) -> list[Path]:
@@ -83,9 +77,13 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     non-empty text; anything that resolves to no files raises DataError.
     """
     if not isinstance(source, (str, os.PathLike)):
-        files = [f for s in source for f in resolve_sources(s)]
-        if not files:
+        named = [f for s in source for f in resolve_sources(s)]
+        if not named:
             raise DataError("no data sources were given; pass a text file, a folder or a glob pattern")
+        files = list({f.resolve(): f for f in reversed(named)}.values())[::-1]  # each file once, where first named
+        if len(files) < len(named):  # read twice, a file would sit in train and, at the end, in val too
+            log.warning("%d of the files named are named more than once (say, a folder and a file in it); each is "
+                        "read once", len(named) - len(files))
         return files
     path = Path(source)
     if path.is_file():
@@ -95,16 +93,21 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
             raise DataError(f"data file {path} looks binary (a NUL byte in its first 8 KiB); pass a text file")
         return [path]
     if path.is_dir():
-        files, what = [f for f in _walk(path) if _is_text(f)], f"folder {path}"
+        found, what = _walk(path), f"folder {path}"
     elif any(c in str(source) for c in "*?["):
-        matches = [Path(p) for p in sorted(glob.glob(str(source), recursive=True))]
-        if not matches:
+        found = [Path(p) for p in sorted(glob.glob(str(source), recursive=True))]
+        if not found:
             raise DataError(f"glob pattern {str(source)!r} matches no files; fix the pattern (quote it in the shell)")
-        files, what = [f for f in matches if _is_text(f)], f"glob pattern {str(source)!r}"
+        what = f"glob pattern {str(source)!r}"
     else:
         raise DataError(f"data path {path} does not exist; pass an existing text file, folder or glob pattern")
+    files = [f for f in found if _is_text(f)]
     if not files:
         raise DataError(f"{what} has no non-empty text files; add some or point to other data")
+    skipped = [f for f in found if f.is_file() and f not in files]
+    if skipped:
+        log.warning("%s: skipped %d empty or binary file(s) (a NUL byte in the first 8 KiB, as UTF-16 text has): %s",
+                    what, len(skipped), ", ".join(f.name for f in skipped[:3]) + (", ..." if len(skipped) > 3 else ""))
     return files
 
 
@@ -124,7 +127,7 @@ def default_corpus() -> list[Path]:
 
 def _cut_point(buf: str) -> int:
     """Where to end a tokenization chunk: before the last line break that follows a non-space character in the
-    second half of `buf`, else before any whitespace that follows one, else at the end. Byte and char ids never
+    second half of `buf`, else before any whitespace that follows one, else at the end (no cut). Byte and char ids never
     depend on the cut; GPT-2-style pre-tokenization never joins a non-space character with the whitespace after
     it, and splits a whitespace run by looking only at the run and the next character, so BPE ids don't either."""
     for pattern in _CUTS:
@@ -134,14 +137,26 @@ def _cut_point(buf: str) -> int:
     return len(buf)
 
 
+MAX_CHUNK_CHARS = 16 * CHUNK_CHARS
+"""A text with no whitespace this long (a base64 blob; give or take a CHUNK_CHARS) is cut anyway, with a warning:
+ids near the cut may then differ from those of the whole text."""
+
+
 def _file_chunks(path: Path) -> Iterator[str]:
-    """The text of `path` in pieces of at most ~2 * CHUNK_CHARS characters, cut at `_cut_point`."""
+    """The text of `path` in pieces of about CHUNK_CHARS to 2 * CHUNK_CHARS characters, cut at `_cut_point`; where
+    the second half of a piece has no whitespace to cut before, the piece grows until it has (up to MAX_CHUNK_CHARS)."""
     with _open_text(path) as f:
         carry, block = "", f.read(CHUNK_CHARS)
         while block:
             ahead = f.read(CHUNK_CHARS)
             buf = carry + block
             cut = _cut_point(buf) if ahead else len(buf)
+            if cut == len(buf) and ahead and len(buf) < MAX_CHUNK_CHARS:
+                carry, block = buf, ahead  # a cut here would split a word (changing BPE ids): read on
+                continue
+            if ahead and cut == len(buf):
+                log.warning("%s has no whitespace in %d characters: cut there (token ids at the cut may differ from "
+                            "those of the whole text)", path, len(buf))
             yield buf[:cut]
             carry, block = buf[cut:], ahead
 
@@ -221,8 +236,25 @@ def _encoded(pieces: Iterator[Piece], tokenizer: Tokenizer, dtype: np.dtype, wor
             yield pending.popleft().get()
 
 
-def _count_chars(path: Path) -> int:
+def encode_sources(sources: Sequence[Path], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
+    """The token stream `prepare` writes for `sources` (end-of-text between files, the same chunk cuts), as one
+    split, and the UTF-8 bytes of its text: what `tlm eval` scores, so a folder scores as training saw it."""
+    encode = _Encoder(tokenizer, np.dtype(np.int64))
+    parts = [encode(piece) for piece in _pieces(sources, 0, tokenizer.eot_id is not None)]
+    return np.concatenate([ids for _, ids, _ in parts]), sum(n for _, _, n in parts)
+
+
+def count_chars(path: Path) -> int:
+    """Characters of `path` as every pass reads it (`_open_text`), warning where it is not valid UTF-8 anywhere in
+    it (the first 8 KiB of a Windows-1252 book are often plain ASCII)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
+        with open(path, "rb") as f:
+            try:
+                return sum(len(decoder.decode(block)) for block in iter(lambda: f.read(CHUNK_CHARS), b"")) + \
+                    len(decoder.decode(b"", final=True))
+            except UnicodeDecodeError:
+                log.warning("%s is not valid UTF-8; its undecodable bytes read as U+FFFD", path)
         with _open_text(path) as f:
             return sum(len(block) for block in iter(lambda: f.read(CHUNK_CHARS), ""))
     except OSError as e:
@@ -267,7 +299,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} exists and is not a folder; choose a new or empty output folder")
     check_out(out_dir, overwrite, sources, marker="manifest.json", what="prepared data")
-    chars = [(Path(p), _count_chars(Path(p))) for p in sources]
+    chars = [(Path(p), count_chars(Path(p))) for p in sources]
     sources = [p for p, n in chars if n]
     total = sum(n for _, n in chars)
     if total == 0:

@@ -1,7 +1,8 @@
 """Loss, perplexity and bits per byte.
 
 Bits per byte (bpb) divides the total information content by the UTF-8 size of the text, so it compares models with
-different tokenizers: bpb = (mean loss in nats / ln 2) × tokens / bytes.
+different tokenizers: bpb = (mean loss in nats / ln 2) × tokens / bytes, over the tokens predicted (every one but
+the first) and the bytes of their text.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from .data import check_ids, iter_eval_batches
 from .model import Transformer
+from .tokenizers import Tokenizer
 
 
 @dataclass
@@ -33,6 +35,14 @@ class EvalResult:
 
 def bits_per_byte(loss: float, tokens: float, num_bytes: float) -> float:
     return loss / math.log(2) * tokens / num_bytes
+
+
+def text_bytes(tokenizer: Tokenizer, ids: np.ndarray) -> int:
+    """UTF-8 bytes of the text `ids` stand for; an end-of-text separator stands for none."""
+    ids = np.asarray(ids)
+    if tokenizer.eot_id is not None:
+        ids = ids[ids != tokenizer.eot_id]
+    return len(tokenizer.decode(ids.tolist()).encode("utf-8"))
 
 
 @torch.no_grad()

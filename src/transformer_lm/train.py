@@ -50,7 +50,7 @@ from .data import (
     resolve_sources,
 )
 from .errors import CheckpointError, ConfigError
-from .evaluate import EvalResult, evaluate_tokens
+from .evaluate import EvalResult, evaluate_tokens, text_bytes
 from .model import build_model
 from .optim import config_hyperparameters, lr_at, make_optimizer, set_lr
 from .parallel import (
@@ -130,19 +130,28 @@ def training_data(data: str | Path | None, tokenizer: str = "byte", vocab_size: 
                   gpt2_dir: str | Path | None = None) -> PreparedData:
     """Data for `tlm train`: a folder made by `tlm prepare` is used as it is; raw text (a file, folder or glob, or by
     default the Python standard library's source) is prepared into the cache, keyed by the files' paths, sizes and
-    modification times and the tokenizer settings, so a second run starts at once."""
+    times (`_stamp`) and the tokenizer settings (GPT-2's files stamped too), so a second run starts at once."""
     if data is not None and is_prepared(data):
         return load_prepared(data)
     sources = default_corpus() if data is None else resolve_sources(data)
-    key = json.dumps({"sources": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources],
-                      "tokenizer": tokenizer, "vocab_size": vocab_size if tokenizer == "bpe" else None,
-                      "gpt2_dir": str(gpt2_dir) if tokenizer == "gpt2" else None})
+    gpt2_files = [Path(gpt2_dir, name) for name in ("encoder.json", "vocab.bpe")] if tokenizer == "gpt2" and \
+        gpt2_dir is not None else []
+    key = json.dumps({"sources": [_stamp(p) for p in sources], "tokenizer": tokenizer,
+                      "vocab_size": vocab_size if tokenizer == "bpe" else None,
+                      "gpt2_files": [_stamp(p) for p in gpt2_files if p.is_file()]})
     out = cache_dir() / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if not is_prepared(out):
         log.info("preparing %d file(s) with the %s tokenizer into %s", len(sources), tokenizer, out)
         tok = build_tokenizer(tokenizer, read_sources(sources), vocab_size, gpt2_dir)
         prepare(sources, out, tok)
     return load_prepared(out)
+
+
+def _stamp(path: Path) -> tuple[str, int, int, int]:
+    """A file's identity for the cache: its path, size, and modification and change times (the change time moves
+    on every write, also where a copy keeps the size and modification time, as `cp -p` and `rsync -a` do)."""
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def resumed_data(run_dir: str | Path) -> str | None:
@@ -373,7 +382,7 @@ def _eval_bytes_per_token(data: PreparedData, batch_size: int, block_size: int, 
     n = sum(y.numel() for _, y in iter_eval_batches(data.val, batch_size, block_size, max_batches))
     if n >= len(data.val) - 1:
         return data.manifest["val_bytes"] / max(1, data.manifest["val_tokens"])
-    return len(data.tokenizer.decode(data.val[1 : n + 1].tolist()).encode("utf-8")) / n
+    return text_bytes(data.tokenizer, data.val[1 : n + 1]) / n
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from transformer_lm.errors import ConfigError, DataError, TokenizerError
 from transformer_lm.tokenizers import (
     TOKENIZER_KINDS,
+    BPETokenizer,
+    ByteTokenizer,
     Tokenizer,
     build_tokenizer,
     load_tokenizer,
@@ -343,3 +345,14 @@ def test_real_gpt2_known_ids_and_tiktoken_parity(real_gpt2) -> None:
 def test_real_gpt2_tiktoken_parity_on_random_text(real_gpt2, text: str) -> None:
     tok, enc = real_gpt2
     assert tok.encode(text) == enc.encode(text, allowed_special="all")
+
+
+def test_num_bytes_counts_the_text_and_not_the_separators():
+    """What bits per byte divide by: the UTF-8 bytes of the ids' text; an end-of-text id stands for no text."""
+    text = "naïve — 日本\n"
+    byte = ByteTokenizer()
+    assert byte.num_bytes(byte.encode(text)) == len(text.encode())
+    assert byte.num_bytes(byte.encode("é")[:1]) == 1  # half a character is still one byte
+    bpe = BPETokenizer.train([text * 20], vocab_size=300)
+    ids = [*bpe.encode(text), bpe.eot_id, *bpe.encode(text)]
+    assert bpe.num_bytes(ids) == 2 * len(text.encode())

@@ -21,7 +21,7 @@ from .config import ModelConfig, SampleConfig
 from .data import encode_sources, is_prepared, load_prepared, resolve_sources
 from .decode import DecodeStats
 from .errors import CheckpointError, ConfigError, DataError
-from .evaluate import EvalResult, evaluate_tokens, text_bytes
+from .evaluate import EvalResult, evaluate_tokens
 from .generate import stream_text
 from .model import Transformer, build_model
 from .recurrent import RecurrentLM
@@ -108,7 +108,7 @@ class Run:
         ids, nbytes = encode_sources(resolve_sources(data), self.tokenizer)
         if len(ids) < 2:
             raise DataError(f"{data} holds fewer than 2 tokens; evaluate on a longer text")
-        predicted = nbytes - text_bytes(self.tokenizer, ids[:1])  # the first token is context, never predicted
+        predicted = nbytes - self.tokenizer.num_bytes(ids[:1].tolist())  # the first token is context, never predicted
         return evaluate_tokens(self.model, ids, predicted / (len(ids) - 1), batch_size)
 
 

@@ -16,7 +16,6 @@ import torch
 
 from .data import check_ids, iter_eval_batches
 from .model import Transformer
-from .tokenizers import Tokenizer
 
 
 @dataclass
@@ -36,13 +35,6 @@ class EvalResult:
 def bits_per_byte(loss: float, tokens: float, num_bytes: float) -> float:
     return loss / math.log(2) * tokens / num_bytes
 
-
-def text_bytes(tokenizer: Tokenizer, ids: np.ndarray) -> int:
-    """UTF-8 bytes of the text `ids` stand for; an end-of-text separator stands for none."""
-    ids = np.asarray(ids)
-    if tokenizer.eot_id is not None:
-        ids = ids[ids != tokenizer.eot_id]
-    return len(tokenizer.decode(ids.tolist()).encode("utf-8"))
 
 
 @torch.no_grad()

@@ -70,6 +70,12 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    def num_bytes(self, ids: Sequence[int]) -> int:
+        """UTF-8 bytes of the text `ids` stand for (for bits per byte); an end-of-text separator stands for none.
+        Exact for a whole text; a stretch cut inside a character counts a U+FFFD (3 bytes) for it."""
+        eot = self.eot_id
+        return len(self.decode([i for i in ids if i != eot]).encode("utf-8"))
+
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:
         """JSON-serializable, self-contained description; `tokenizer_from_dict` rebuilds the tokenizer."""
@@ -104,6 +110,9 @@ class ByteTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(self._check_ids(ids)).decode("utf-8", errors="replace")
+
+    def num_bytes(self, ids: Sequence[int]) -> int:
+        return len(ids)  # one byte an id, a character cut at either end included
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind}

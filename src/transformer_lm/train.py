@@ -50,7 +50,7 @@ from .data import (
     resolve_sources,
 )
 from .errors import CheckpointError, ConfigError
-from .evaluate import EvalResult, evaluate_tokens, text_bytes
+from .evaluate import EvalResult, evaluate_tokens
 from .model import build_model
 from .optim import config_hyperparameters, lr_at, make_optimizer, set_lr
 from .parallel import (
@@ -382,7 +382,7 @@ def _eval_bytes_per_token(data: PreparedData, batch_size: int, block_size: int, 
     n = sum(y.numel() for _, y in iter_eval_batches(data.val, batch_size, block_size, max_batches))
     if n >= len(data.val) - 1:
         return data.manifest["val_bytes"] / max(1, data.manifest["val_tokens"])
-    return text_bytes(data.tokenizer, data.val[1 : n + 1]) / n
+    return data.tokenizer.num_bytes(data.val[1 : n + 1].tolist()) / n
 
 
 def _append_metrics(path: Path, record: dict[str, Any]) -> None:

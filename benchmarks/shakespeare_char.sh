@@ -10,7 +10,7 @@ input=${1:-../shared/data/tinyshakespeare/input.txt}
 lr=3e-3
 if [[ "${2:-}" == "--lr" ]]; then lr=$3; fi
 work=${TLM_BENCH_DIR:-/tmp/tlm-shakespeare}
-tlm prepare "$input" --out "$work/data" --tokenizer char
+tlm prepare "$input" --out "$work/data" --tokenizer char --overwrite true
 /usr/bin/time -f "wall %e s" tlm train "$work/data" --out "$work/run" --overwrite true \
   --model.n_layer 4 --model.n_head 4 --model.n_embd 128 --model.block_size 64 --model.dropout 0 \
   --train.batch_size 12 --train.max_iters 2000 --train.lr "$lr" --train.min_lr_ratio 0.1 --train.warmup_iters 100 \

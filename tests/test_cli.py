@@ -363,3 +363,19 @@ def test_sample_into_a_closed_pipe_stops_quietly(trained_run: Path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_a_settings_error_is_printed_once(capsys, monkeypatch, rank):
+    """Every rank refuses the same bad setting: rank 0 alone says so (each of 8 ranks printed the same line), naming
+    itself; errors that can differ between ranks (a file one node lacks) are printed by every rank."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = tlm(capsys, "info", "--model.n_embd", "30", "--model.n_head", "4")
+    assert code == 2 and out == ""
+    if rank == "1":
+        assert err == ""
+    else:
+        assert err.startswith("tlm: error (rank 0 of 2): ") and err.count("\n") == 1
+    code, out, err = tlm(capsys, "eval", "/nowhere", "--data", "/nowhere.txt")
+    assert code == 2 and err.startswith(f"tlm: error (rank {rank} of 2): ")

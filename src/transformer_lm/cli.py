@@ -442,7 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         if listed:
             opt = f"--{listed.group(1)}"
             msg += f"; write a list in brackets, {opt} '[a, b]', or give items one at a time with {opt}+ a"
-        print(f"tlm: error: {msg}", file=sys.stderr)
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            print(f"tlm: error: {msg}", file=sys.stderr)
+        elif rank == 0 or not isinstance(e, (ConfigError, argparse.ArgumentError)):  # settings: every rank alike
+            print(f"tlm: error (rank {rank} of {world}): {msg}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("tlm: interrupted", file=sys.stderr)

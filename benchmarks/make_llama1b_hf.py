@@ -4,14 +4,16 @@ memory benchmark in BENCHMARKS.md: `/usr/bin/time -v tlm convert OUT --out RUN` 
 Usage: python benchmarks/make_llama1b_hf.py [OUT]   (default /tmp/mem/hf1b; needs transformers, ~3 GB of disk)
 """
 
-import sys
+import argparse
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from transformer_lm.tokenizers import build_tokenizer
 
-out = sys.argv[1] if len(sys.argv) > 1 else "/tmp/mem/hf1b"
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("out", nargs="?", default="/tmp/mem/hf1b", help="Folder to write (~3 GB).")
+out = ap.parse_args().out
 config = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
                      rope_theta=500000.0, tie_word_embeddings=True)

@@ -6,8 +6,8 @@ The weights are zeros: only their size and layout matter for memory. Usage:
     python benchmarks/make_llama7b_hf.py [OUT]      (default /tmp/mem/hf7b; ~13.5 GB of disk)
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -15,7 +15,9 @@ from safetensors.torch import save_file
 
 from transformer_lm.tokenizers import build_tokenizer
 
-out = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/mem/hf7b")
+ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+ap.add_argument("out", nargs="?", default="/tmp/mem/hf7b", help="Folder to write (~13.5 GB).")
+out = Path(ap.parse_args().out)
 out.mkdir(parents=True, exist_ok=True)
 V, D, F, L = 32000, 4096, 11008, 32
 config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": V, "hidden_size": D,

@@ -177,8 +177,9 @@ def test_data_errors(tmp_path: Path, capsys):
     one_line_error(capsys, "train", tmp_path / "long.txt", "--out", tmp_path / "binary.bin", "--tokenizer", "char",
                    *TINY, match="binary.bin: File exists; check the path")
     assert (tmp_path / "binary.bin").read_bytes() == bytes(range(256)) * 10
-    for where in (tmp_path / "nowhere" / "b.json", tmp_path):  # checked before minutes of measuring
-        one_line_error(capsys, "bench", "--json", where, match="give a file path")
+    # checked before minutes of measuring: a folder, or a path under a file (a missing folder is created)
+    one_line_error(capsys, "bench", "--json", tmp_path, match="is a folder; give a file path")
+    one_line_error(capsys, "bench", "--json", tmp_path / "binary.bin" / "b.json", match="binary.bin: File exists")
     for experiment in ("pe-ablation", "speed", "long-range"):  # --out refused before any training, not after
         one_line_error(capsys, "experiment", experiment, "--out", tmp_path / "long.txt", match="long.txt: File exists")
     one_line_error(capsys, "memory", "--seq_len", "0", match="1 <= seq_len")  # was planned at the block size

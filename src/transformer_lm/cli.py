@@ -410,8 +410,10 @@ def cmd_bench(a: Namespace) -> None:
 
     if a.threads is not None and a.threads < 1:
         raise ConfigError(f"--threads must be >= 1, got {a.threads}")
-    if a.json and (Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir()):  # now, not after minutes
-        raise ConfigError(f"--json {a.json}: a folder, or in a folder that does not exist; give a file path")
+    if a.json:  # checked now, not after minutes of measuring
+        if Path(a.json).is_dir():
+            raise ConfigError(f"--json {a.json} is a folder; give a file path")
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     if a.threads:
         import torch
 

@@ -1,8 +1,9 @@
 """Fast decoding, as gpt-fast does it: a static KV cache, small pure prefill and single-token decode steps, and an
 optionally compiled decode step.
 
-Nothing changes shape from one decode step to the next: the cache is preallocated at (layers, batch, kv_heads,
-max_len, head_dim), new keys and values are written with `index_copy_` at a position kept in a device tensor, and
+Nothing changes shape from one decode step to the next: the cache is preallocated, one key and one value buffer of
+(batch, kv_heads, max_len, head_dim) per layer, new keys and values are written with `index_copy_` at a position kept
+in a device tensor, and
 attention covers all max_len slots behind a causal mask. So `torch.compile` traces `decode_one_token` once, and the
 decode loop never waits for the host (sampling too stays on the device: see generate.sample_next).
 """

@@ -68,7 +68,7 @@ from .parallel import (
 )
 from .perf import mfu, peak_flops
 from .runtime import autocast, autocast_dtype, environment
-from .tokenizers import build_tokenizer, load_tokenizer, save_tokenizer
+from .tokenizers import TOKENIZER_KINDS, build_tokenizer, load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ def training_data(data: str | Path | None, tokenizer: str = "byte", vocab_size: 
     times (`_stamp`) and the tokenizer settings (GPT-2's files stamped too), so a second run starts at once."""
     if data is not None and is_prepared(data):
         return load_prepared(data)
+    if tokenizer not in TOKENIZER_KINDS:  # before "preparing ... with the X tokenizer" is logged
+        build_tokenizer(tokenizer, [])
     sources = default_corpus() if data is None else resolve_sources(data)
     gpt2_files = [Path(gpt2_dir, name) for name in ("encoder.json", "vocab.bpe")] if tokenizer == "gpt2" and \
         gpt2_dir is not None else []

@@ -3,6 +3,8 @@
 
 - `planner`: training compute (6·N·D plus attention), Chinchilla-optimal size, time, energy and memory on named
   accelerators (`tlm plan`).
+- `memory`: training memory per device from the config alone: weights, gradients, optimizer state and activations
+  under DDP or FSDP2, with or without activation checkpointing (`tlm memory`).
 - `attention`: per-layer, per-head attention maps and per-token surprisal of a text under a trained run
   (`tlm attention`).
 - `scaling`: a ladder of model sizes trained by the real trainer, L(N) and L(C) power-law fits

@@ -98,15 +98,15 @@ CONFIG_FIELDS = {"gpt2": _GPT2_FIELDS, "llama": _LLAMA_FIELDS, "mistral": _LLAMA
 # transformers' defaults (GPT2Config, LlamaConfig, MistralConfig, Qwen2Config) for the fields read on import: a
 # config.json without one means that value to transformers, which may not be ours (rms_norm_eps 1e-6, not 1e-5;
 # Mistral's 4096-token window, not none). Llama's and Qwen2's num_key_value_heads default to the head count, as ours.
-_LLAMA_SHAPE = {"vocab_size": 32000, "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_size": 4096,
+_LLAMA_LIKE = {"vocab_size": 32000, "num_hidden_layers": 32, "num_attention_heads": 32, "hidden_size": 4096,
                 "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": {"vocab_size": 50257, "n_positions": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768,
              "layer_norm_epsilon": 1e-5, "tie_word_embeddings": True},
-    "llama": {**_LLAMA_SHAPE, "max_position_embeddings": 2048, "intermediate_size": 11008},
-    "mistral": {**_LLAMA_SHAPE, "max_position_embeddings": 131072, "intermediate_size": 14336,
+    "llama": {**_LLAMA_LIKE, "max_position_embeddings": 2048, "intermediate_size": 11008},
+    "mistral": {**_LLAMA_LIKE, "max_position_embeddings": 131072, "intermediate_size": 14336,
                 "num_key_value_heads": 8, "sliding_window": 4096},
-    "qwen2": {**_LLAMA_SHAPE, "vocab_size": 151936, "max_position_embeddings": 32768, "intermediate_size": 22016},
+    "qwen2": {**_LLAMA_LIKE, "vocab_size": 151936, "max_position_embeddings": 32768, "intermediate_size": 22016},
 }
 
 # The architecture each family fixes: set on import, required on export. `qkv_bias` is compared as resolved

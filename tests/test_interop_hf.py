@@ -315,7 +315,8 @@ def test_a_missing_config_field_means_what_it_means_to_transformers(hf_models, t
             load_hf(src)
 
 
-@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "rope_theta": 1e4}},
+@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "rope_theta": 1e4},
+                                   "rope_scaling": None},  # (transformers 4.x wrote the full llama3 settings there)
                                   {"rope_parameters": [1, 2]}, {"rope_theta": "abc", "rope_parameters": None}])
 def test_malformed_rope_settings_are_one_line_errors(hf_models, tmp_path, capsys, rope):
     src = _copy(hf_models["llama"][1], tmp_path / "src")

@@ -25,7 +25,7 @@ from transformer_lm import load_run
 from transformer_lm.errors import TokenizerError
 from transformer_lm.generate import generate
 from transformer_lm.interop.llama2c import import_llama2c
-from transformer_lm.tokenizers import LLAMA_BOS, Llama2cTokenizer, SentencePieceTokenizer
+from transformer_lm.llama_tokenizers import LLAMA_BOS, Llama2cTokenizer, SentencePieceTokenizer
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "llama2c" / "stories260K"
 

@@ -20,7 +20,8 @@ from transformer_lm import load_run
 from transformer_lm.errors import CheckpointError, RunExistsError, TokenizerError
 from transformer_lm.generate import generate
 from transformer_lm.interop.llama2c import MAGIC, import_llama2c, load_llama2c, read_header
-from transformer_lm.tokenizers import Llama2cTokenizer, SentencePieceTokenizer, load_tokenizer, save_tokenizer
+from transformer_lm.llama_tokenizers import Llama2cTokenizer, SentencePieceTokenizer
+from transformer_lm.tokenizers import load_tokenizer, save_tokenizer
 
 STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog Max.\n"

@@ -34,8 +34,9 @@ from safetensors.torch import save_file
 from ..checkpoint import check_out, clear_out, save_checkpoint
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConversionError, TLMError
+from ..llama_tokenizers import SentencePieceTokenizer
 from ..model import Transformer
-from ..tokenizers import HFFileTokenizer, SentencePieceTokenizer, Tokenizer, save_tokenizer
+from ..tokenizers import HFFileTokenizer, Tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ import torch
 from ..checkpoint import atomic_write_text, check_out, clear_out, save_checkpoint
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..llama_tokenizers import Llama2cTokenizer, SentencePieceTokenizer
 from ..model import Transformer
-from ..tokenizers import Llama2cTokenizer, SentencePieceTokenizer, Tokenizer, save_tokenizer
+from ..tokenizers import Tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from .accounting import flops_per_token, prefill_flops_per_token
 from .config import ModelConfig, preset
-from .decode import lent_cache, prefill
+from .decode import kv_cache_bytes, lent_cache, prefill
 from .errors import ConfigError
 from .generate import generate, generate_batch
 from .layout import decode_layout
@@ -304,9 +304,8 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
     if seq > config.block_size or PROMPT_LEN + new_tokens > config.block_size:
         raise ConfigError(f"seq ({seq}) and {PROMPT_LEN} + new_tokens ({new_tokens}) must fit the block size "
                           f"({config.block_size})")
-    kv_bytes = 2 * config.n_layer * config.kv_heads * config.head_dim * (PROMPT_LEN + new_tokens) * 4
-    check_fits(2 * decode_batch * kv_bytes, dev, f"decoding {decode_batch} sequences (our KV cache and "
-               "transformers')", "give a smaller --decode_batch")  # before minutes of measuring, not a kill after
+    check_fits(2 * kv_cache_bytes(config, decode_batch, PROMPT_LEN + new_tokens), dev, f"decoding {decode_batch} "
+               "sequences (our KV cache and transformers')", "give a smaller --decode_batch")  # now, not after minutes
     torch.manual_seed(seed)
     ours = Transformer(config).to(dev).init_weights(seed=seed)
     theirs, family = hf_equivalent(ours)

@@ -3,9 +3,9 @@ optionally compiled decode step.
 
 Nothing changes shape from one decode step to the next: the cache is preallocated, one key and one value buffer of
 (batch, kv_heads, max_len, head_dim) per layer, new keys and values are written with `index_copy_` at a position kept
-in a device tensor, and
-attention covers all max_len slots behind a causal mask. So `torch.compile` traces `decode_one_token` once, and the
-decode loop never waits for the host (sampling too stays on the device: see generate.sample_next).
+in a device tensor, and attention covers all max_len slots behind a causal mask. So `torch.compile` traces
+`decode_one_token` once, and the decode loop never waits for the host (sampling too stays on the device: see
+generate.sample_next).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,11 @@ log = logging.getLogger(__name__)
 
 DecodeStep = Callable[[Transformer, "StaticKVCache", torch.Tensor, torch.Tensor | None, torch.Tensor | None],
                       torch.Tensor]
+
+
+def kv_cache_bytes(config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the keys and values of every layer for `batch_size` sequences of `max_len` positions."""
+    return 2 * config.n_layer * batch_size * config.kv_heads * max_len * config.head_dim * dtype.itemsize
 
 
 class StaticKVCache(nn.Module):
@@ -49,7 +53,7 @@ class StaticKVCache(nn.Module):
         self.max_len = min(max_len or config.block_size, config.block_size)
         self.n_layer = config.n_layer
         shape = (batch_size, config.kv_heads, self.max_len, config.head_dim)
-        check_fits(2 * config.n_layer * math.prod(shape) * dtype.itemsize, torch.device(device or "cpu"),
+        check_fits(kv_cache_bytes(config, batch_size, self.max_len, dtype), torch.device(device or "cpu"),
                    f"a KV cache of {batch_size} sequences × {self.max_len} positions",
                    "generate fewer sequences at once or fewer tokens")
         for i in range(config.n_layer):

@@ -180,7 +180,9 @@ def test_cli_plan(capsys):
     code, out, err = tlm(capsys, "plan", "--preset", "gpt2", "--json", "true")
     assert json.loads(out)["config"]["n_embd"] == 768
     code, out, err = tlm(capsys, "plan", "--compute", "5.76e23", "--hardware", "A100-80GB", "--gpus", "1024")
-    assert code == 0 and "69,282,032,303 parameters" in out
+    assert code == 0 and "69,282,032,303 parameters (Chinchilla-optimal for --compute)" in out
+    code, out, err = tlm(capsys, "plan", "--compute", "1e20", "--tokens", "1e9")  # N = C/(6D), not the optimum
+    assert code == 0 and "16,666,666,667 parameters (N = C / (6·D)" in out and "Chinchilla-optimal for" not in out
 
 
 @pytest.mark.parametrize("argv", [["--params", "1B", "--hardware", "abacus"], ["--params", "lots"],
@@ -207,7 +209,12 @@ def test_cli_attention(tiny_run: Path, tmp_path: Path, capsys):
     data = json.loads(out)
     assert data["head"] is None and data["step"] == 5 and (out_dir / "attention_L1_Hmean.png").is_file()
     assert not (out_dir / "attention_L1_H0.png").exists()  # the earlier run's zoom is not left beside the new maps
+    before = sorted((p.name, p.read_bytes()) for p in out_dir.iterdir())
     for argv in ([tiny_run, "", "--out", out_dir], [tiny_run, TEXT, "--out", out_dir, "--layer", "7"],
+                 [tiny_run, TEXT, "--out", out_dir, "--head", "9"], [tiny_run, TEXT, "--out", out_dir, "--top_k", "0"],
                  [tmp_path / "missing", TEXT, "--out", out_dir]):
-        code, out, err = tlm(capsys, "attention", *argv, "--device", "cpu")
+        code, out, err = tlm(capsys, "attention", *argv, "--device", "cpu", "--overwrite", "true")
         assert code == 2 and err.startswith("tlm: error:") and err.count("\n") == 1, err
+        assert sorted((p.name, p.read_bytes()) for p in out_dir.iterdir()) == before  # refused before any deletion
+    code, out, err = tlm(capsys, "attention", tiny_run, TEXT, "--out", tmp_path / "fresh", "--top_k", "0")
+    assert code == 2 and not (tmp_path / "fresh").exists()  # no half-written maps to refuse the corrected command

@@ -67,6 +67,9 @@ def test_report_is_self_contained(folders: dict[str, Path], tmp_path: Path, caps
 def test_report_run_table(folders: dict[str, Path]):
     runs, experiments = report.collect([folders["run-wide"], folders["exp"]])
     assert [r.label for r in runs] == ["run-wide", "inner"] and [e.path.name for e in experiments] == ["my-experiment"]
+    twice = report.collect([folders["run-wide"], folders["exp"], folders["run-wide"] / ".." / "run-wide",
+                            folders["exp"].resolve()])  # the same folders named another way: listed once
+    assert [r.label for r in twice[0]] == ["run-wide", "inner"] and len(twice[1]) == 1
     row = report._run_row(runs[0])
     params = Transformer(ModelConfig.from_dict(runs[0].config["model"])).num_params()
     assert row[:4] == ["run-wide", "1x32 learned", params, 6]

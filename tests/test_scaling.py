@@ -13,8 +13,11 @@ import pytest
 
 from transformer_lm.accounting import count_params, flops_per_token
 from transformer_lm.cli import main
+from transformer_lm.config import ModelConfig
+from transformer_lm.data import load_prepared, prepare
 from transformer_lm.errors import ConfigError, DataError
 from transformer_lm.experiments import scaling
+from transformer_lm.tokenizers import ByteTokenizer
 from transformer_lm.train import read_metrics
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -60,6 +63,17 @@ def test_fit_rejects_bad_points(x, y):
         scaling.fit_power_law(x, y)
 
 
+@pytest.mark.parametrize("x", [[1e6, 2e6, 8e6], [1e3, 2e3, 8e3], [1e9, 1e10, 1e11]])
+def test_fit_refuses_losses_that_do_not_fall_as_a_power_law(x):
+    """An undertrained large rung (the loss rises again) drove α without bound: an OverflowError at 1e6 parameters,
+    L = 3.568 + 1.6e199·N^-48.8 at 1e3. Flat losses have no exponent either."""
+    for y in ([3.6495, 3.5512, 3.5846], [2.0, 2.0, 2.0], [2.0, 2.5, 3.0]):
+        with pytest.raises(DataError, match="do not fall as a power law"):
+            scaling.fit_power_law(x, y)
+    fit = scaling.fit_power_law(x, [3.0, 2.6, 2.4])  # a falling law in the same range still fits
+    assert 0 < fit.alpha < scaling.ALPHA_MAX and fit.r2 == pytest.approx(1.0)
+
+
 def test_rungs_follow_the_rule():
     cfg = scaling.ScalingConfig(base_lr=3e-3, base_width=64, head_dim=32, tokens=1e6, block_size=64, batch_size=8)
     plans = scaling.plan_rungs(cfg, vocab_size=256)
@@ -78,6 +92,23 @@ def test_rungs_follow_the_rule():
             scaling.ScalingConfig(sizes=bad)
     with pytest.raises(ConfigError, match="head_dim"):  # was a ZeroDivisionError
         scaling.ScalingConfig(head_dim=0)
+    with pytest.raises(ConfigError, match="10 % off --compute"):  # 1.5 steps would round to 2: +33 % compute
+        scaling.plan_rungs(scaling.ScalingConfig(sizes=["1x32"], compute=1.5 * 8 * 64 * flops_per_token(
+            ModelConfig(vocab_size=256, block_size=64, n_layer=1, n_head=1, n_embd=32))["train"], block_size=64,
+            batch_size=8), 256)
+
+
+def test_data_fingerprint_follows_the_prepared_contents(tmp_path: Path):
+    """A rung is reused only for the data it was trained on: a prepared folder prepared again from another corpus
+    has another fingerprint (its path alone did not change), the same corpus prepared again the same one."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    b.write_text("pack my box with five dozen liquor jugs\n" * 300)
+    prints = []
+    for src in (a, a, b):
+        prepare([src], tmp_path / "prep", ByteTokenizer(), overwrite=True)
+        prints.append(scaling.data_fingerprint(load_prepared(tmp_path / "prep")))
+    assert prints[0] == prints[1] != prints[2]
 
 
 def test_frontier_matches_its_definition():
@@ -116,10 +147,25 @@ def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
     n = np.array([int(r["non_embedding_params"]) for r in rows])
     assert fit["r2"] == pytest.approx(scaling.r_squared(losses, fit["E"] + fit["A"] * n ** -fit["alpha"]), abs=1e-9)
 
+    with open(Path(rows[0]["run_dir"]) / "metrics.jsonl", "a") as f:
+        f.write('{"step": 17, "tok')  # a line cut short by a kill: dropped, not "another run"
     assert main(argv) == 0  # a second call reuses the finished rungs
     assert capsys.readouterr().out.count("(reused)") == 3
-    assert main([*argv[:-2], "--tokens", "8192"]) == 2  # another budget: the folders hold other runs
-    assert "--overwrite" in capsys.readouterr().err
+    before = (out / "scaling.json").read_text()
+    for other in (["--tokens", "8192"], ["--sizes", "[1x32]"]):  # another sweep's results are not replaced
+        assert main([*argv[:-2], *other]) == 2
+        err = capsys.readouterr().err
+        assert "another scaling sweep" in err and "--overwrite true" in err and err.count("\n") == 1
+    assert (out / "scaling.json").read_text() == before
+
+    def no_fit(x, y):
+        raise DataError("the losses [3.6, 3.5, 3.6] do not fall as a power law of x")
+    with pytest.MonkeyPatch.context() as m:  # a failed fit withholds the fit only: the rungs' results are written
+        m.setattr(scaling, "fit_power_law", no_fit)
+        assert main(argv) == 0
+    assert "L(N): the losses [3.6, 3.5, 3.6] do not fall as a power law" in capsys.readouterr().out
+    result = json.loads((out / "scaling.json").read_text())
+    assert result["fit_params"] is None and "power law" in result["fit_notes"]["N"] and len(result["rungs"]) == 3
 
 
 def test_a_sweep_stopped_by_ctrl_c_stops_and_resumes_its_rung(corpus_file: Path, tmp_path: Path, monkeypatch,

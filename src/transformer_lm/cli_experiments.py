@@ -97,7 +97,9 @@ def cmd_plan(a: Namespace) -> None:
         model = (f"{what}: {res.params:,.0f} parameters ({res.non_embedding_params:,.0f} non-embedding), "
                  f"context {res.seq_len}")
     else:
-        model = f"{res.params:,.0f} parameters" + (" (Chinchilla-optimal for --compute)" if params is None else "")
+        how = "" if params is not None else " (Chinchilla-optimal for --compute)" if tokens is None else \
+            " (N = C / (6·D) for --compute and --tokens)"
+        model = f"{res.params:,.0f} parameters{how}"
     rows = [("model", model),
             ("tokens", f"{res.tokens:,.0f} ({res.tokens_per_param:.1f} tokens/parameter; Chinchilla-optimal: "
                        f"{CHINCHILLA_TOKENS_PER_PARAM:.0f})"),
@@ -147,10 +149,13 @@ def cmd_attention(a: Namespace) -> None:
     from .api import load_run
     from .experiments.attention import analyze, render_table, write_report
 
+    if a.top_k < 1:
+        raise ConfigError(f"--top_k must be >= 1, got {a.top_k}")
     old = _check_results(a.out, ("attention.json", "attention_grid.png", "attention_L*_H*.png", "surprisal.png"),
                          a.overwrite, "attention")
     run = load_run(a.run, a.device)
     report = analyze(run.model, run.tokenizer, a.text)
+    report.check_head(a.layer, a.head)  # a bad --layer / --head is refused before the old maps go
     for f in old:  # zoom images of other heads would otherwise sit beside maps of another text
         f.unlink()
     files = write_report(report, a.out, a.layer, a.head, a.top_k,

@@ -405,8 +405,16 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; ValueError for a line that is not a JSON object."""
-    records = [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+    """The records of a metrics.jsonl, without a last line cut short by a kill (the trainer drops it on resume);
+    ValueError for any other line that is not a JSON object."""
+    lines = [ln for ln in Path(path).read_text().splitlines() if ln.strip()]
+    records = []
+    for i, ln in enumerate(lines):
+        try:
+            records.append(json.loads(ln))
+        except ValueError:
+            if i < len(lines) - 1:
+                raise
     if not all(isinstance(r, dict) for r in records):
         raise ValueError("a line holds JSON that is not an object")
     return records

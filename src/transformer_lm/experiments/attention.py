@@ -237,6 +237,7 @@ def write_report(report: AttentionReport, out: str | Path, layer: int = -1, head
     import json
 
     layer, head = report.check_head(layer, head)
+    table = report.to_dict(layer, head, k)  # first: a bad k is refused before any file is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     zoom = out / f"attention_L{layer}_H{'mean' if head is None else head}.png"
@@ -244,6 +245,6 @@ def write_report(report: AttentionReport, out: str | Path, layer: int = -1, head
              "head": plot_attention_head(report, layer, head, zoom),
              "surprisal": plot_surprisal(report, out / "surprisal.png")}
     files["json"] = out / "attention.json"
-    data = {**(extra or {}), **report.to_dict(layer, head, k), "files": {k_: str(p) for k_, p in files.items()}}
+    data = {**(extra or {}), **table, "files": {k_: str(p) for k_, p in files.items()}}
     files["json"].write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return files

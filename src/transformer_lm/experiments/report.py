@@ -92,10 +92,13 @@ def collect(paths: list[str | Path]) -> tuple[list[RunData], list[ExperimentData
     """The runs and experiment folders named by `paths` (runs found up to three folders deep)."""
     if not paths:
         raise ConfigError("name at least one run or experiment folder to report on")
-    run_dirs, experiments = [], []
+    run_dirs, experiments, seen = [], [], set()
     for p in map(Path, paths):
         if not p.is_dir():
             raise DataError(f"{p} is not a folder; pass run folders or experiment output folders")
+        if p.resolve() in seen:  # the same folder named twice (relative and absolute, a symlink): once on the page
+            continue
+        seen.add(p.resolve())
         if not is_run(p):
             exp = ExperimentData(p, sorted(p.glob("*.png")), sorted(p.glob("*.csv")))
             for j in sorted(p.glob("*.json")):
@@ -106,7 +109,8 @@ def collect(paths: list[str | Path]) -> tuple[list[RunData], list[ExperimentData
                 if isinstance(d, dict) and "experiment" in d:
                     exp.summaries.append((j, d))
             experiments.append(exp)
-        run_dirs += [r for r in _runs_under(p) if r not in run_dirs]
+        known = {r.resolve() for r in run_dirs}
+        run_dirs += [r for r in _runs_under(p) if r.resolve() not in known]
     if not run_dirs and not any(e.images or e.tables or e.summaries for e in experiments):
         raise DataError(f"found no run (metrics.jsonl) and no experiment output (PNG, CSV) in "
                         f"{', '.join(map(str, paths))}")

@@ -21,12 +21,15 @@ learning-rate schedule not yet finished, so it is a slight overestimate of what 
 
 The fit needs no SciPy: for each candidate E on a grid below min(L), log(L − E) = log A − α·log N is a straight line
 (least squares); the E whose line gives the smallest squared error in L starts a Levenberg–Marquardt refinement of
-(E, log A, α), also in L. E is kept ≥ 0 (a loss is). R² = 1 − SS_res / SS_tot, in L.
+(E, log A, α), also in L. E is kept ≥ 0 (a loss is) and α in [0, ALPHA_MAX]; losses that do not fall with size (an
+undertrained large rung) drive α to a bound, and the fit is refused rather than reported. R² = 1 − SS_res / SS_tot,
+in L.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -49,6 +52,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LADDER = ["2x32", "2x64", "3x96", "4x128", "5x160", "6x192"]
 """25k to 2.7M non-embedding parameters (2.0 decades); about 20 min for 2M tokens a rung on 2 CPU cores."""
+ALPHA_MAX = 5.0
+"""The largest exponent a fit may take: published ones are 0.05-0.5 (Kaplan α_N ≈ 0.076, Hoffmann's 0.34); one at
+this bound means the points are not a falling power law (and A = A'·scale^α would overflow a float soon after)."""
 
 
 # The fit
@@ -86,7 +92,8 @@ def r_squared(y: np.ndarray, predicted: np.ndarray) -> float:
 
 
 def fit_power_law(x: Any, y: Any, iters: int = 200) -> PowerLawFit:
-    """Least-squares fit of y = E + A·x^(−α) with E ≥ 0 (method: module docstring). Needs ≥ 3 points, x > 0."""
+    """Least-squares fit of y = E + A·x^(−α) with E ≥ 0 and 0 ≤ α ≤ ALPHA_MAX (method: module docstring). Needs ≥ 3
+    points, x > 0; raises DataError when y does not fall with x as a power law (the best α is at a bound)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
         raise DataError(f"a power-law fit needs at least 3 (x, y) pairs, got x {x.shape} and y {y.shape}; add rungs")
@@ -102,7 +109,7 @@ def fit_power_law(x: Any, y: Any, iters: int = 200) -> PowerLawFit:
     best = None
     for E in floor * (1 - np.geomspace(1e-6, 1.0, 400)):  # from just below min(L) down to 0
         slope, intercept = np.polyfit(log_u, np.log(y - E), 1)
-        p = np.array([E, intercept, -slope])
+        p = np.array([E, intercept, np.clip(-slope, 0.0, ALPHA_MAX)])
         if best is None or sse(p) < sse(best):
             best = p
     p, lam = best, 1e-3
@@ -114,7 +121,7 @@ def fit_power_law(x: Any, y: Any, iters: int = 200) -> PowerLawFit:
         improved = False
         while lam < 1e12:
             q = p - np.linalg.solve(H + lam * np.diag(np.diag(H) + 1e-12), grad)
-            q[0] = max(q[0], 0.0)
+            q[0], q[2] = max(q[0], 0.0), min(max(q[2], 0.0), ALPHA_MAX)
             if sse(q) < sse(p):
                 improved = sse(p) - sse(q) > 1e-15 * max(sse(p), 1e-300)
                 p, lam = q, lam / 3
@@ -123,7 +130,10 @@ def fit_power_law(x: Any, y: Any, iters: int = 200) -> PowerLawFit:
         if not improved:
             break
     E, alpha = float(p[0]), float(p[2])
-    A = float(math.exp(p[1]) * scale**alpha)  # A'·(x/scale)^−α = A'·scale^α·x^−α
+    if not 1e-6 < alpha < ALPHA_MAX - 1e-6:
+        raise DataError(f"the losses {np.round(y, 4).tolist()} do not fall as a power law of x (the best exponent "
+                        f"is at its bound {round(alpha, 3) + 0.0:g}); train the rungs longer or add smaller ones")
+    A = float(math.exp(p[1] + alpha * math.log(scale)))  # A'·(x/scale)^−α = A'·scale^α·x^−α
     return PowerLawFit(E, A, alpha, r_squared(y, E + A * x**-alpha), len(x))
 
 
@@ -206,8 +216,14 @@ def plan_rungs(cfg: ScalingConfig, vocab_size: int) -> list[RungPlan]:
     for n_layer, n_embd in cfg.rungs():
         model = ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=n_layer,
                             n_head=n_embd // cfg.head_dim, n_embd=n_embd)
-        tokens = cfg.compute / flops_per_token(model)["train"] if cfg.compute is not None else cfg.tokens
+        fpt = flops_per_token(model)["train"]
+        tokens = cfg.compute / fpt if cfg.compute is not None else cfg.tokens
         steps = max(1, round(tokens / tokens_per_step))
+        if cfg.compute is not None and abs(steps * tokens_per_step * fpt / cfg.compute - 1) > 0.1:
+            # whole steps: a budget of a few steps cannot be matched (1.5 steps rounds to 2, +33 %)
+            raise ConfigError(f"rung {n_layer}x{n_embd} would spend {steps * tokens_per_step * fpt:.3g} FLOPs in "
+                              f"{steps} whole step(s), more than 10 % off --compute {cfg.compute:.3g}; give "
+                              f"--compute >= {5 * tokens_per_step * fpt:.3g} or a smaller batch_size or block_size")
         tcfg = TrainConfig(batch_size=cfg.batch_size, max_iters=steps, lr=cfg.base_lr * cfg.base_width / n_embd,
                            warmup_iters=max(1, round(cfg.warmup_fraction * steps)),
                            eval_interval=max(1, steps // cfg.evals), eval_batches=cfg.eval_batches,
@@ -254,12 +270,14 @@ class ScalingResult:
     fit_compute: PowerLawFit | None
     """L(C) over the frontier points (None with fewer than 3)."""
     wall_seconds: float
+    fit_notes: dict[str, str | None] = field(default_factory=dict)
+    """Why a fit is missing, by variable ("N", "C"): too few points, or losses that are not a falling power law."""
     files: dict[str, Path] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"experiment": "scaling", "config": asdict(self.config),
                 "fit_params": self.fit_params.to_dict() if self.fit_params else None,
-                "fit_compute": self.fit_compute.to_dict() if self.fit_compute else None,
+                "fit_compute": self.fit_compute.to_dict() if self.fit_compute else None, "fit_notes": self.fit_notes,
                 "decades_of_params": self.decades, "wall_seconds": self.wall_seconds,
                 "rungs": [asdict(r) for r in self.rungs], "points": self.points,
                 "files": {k: str(v) for k, v in self.files.items()}}
@@ -285,16 +303,39 @@ def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None
     return "paused" if (run_dir / "checkpoints" / "latest").is_file() else None
 
 
+def data_fingerprint(data: PreparedData) -> str:
+    """A short hash of what the prepared folder holds (token counts, source files and sizes, tokenizer), so that a
+    rung trained before the folder was prepared again from another corpus is not reused."""
+    m = data.manifest
+    key = [m.get("train_tokens"), m.get("val_tokens"), m.get("tokenizer"), m.get("sources"), m.get("val_fraction")]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_sweep(out: Path, cfg: ScalingConfig, overwrite: bool) -> None:
+    """Refuse, before training, an `out` whose scaling.json is another sweep's (other sizes, budget or rule) unless
+    `overwrite`: the same sweep run again reuses its finished rungs and rewrites its results in place."""
+    try:
+        saved = json.loads((out / "scaling.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(saved, dict) and saved != json.loads(json.dumps(asdict(cfg))) and not overwrite:
+        raise RunExistsError(f"{out} holds the results of another scaling sweep (sizes {saved.get('sizes')}); pass "
+                             "--overwrite true to replace them (finished identical rungs are still reused), or "
+                             "choose another --out")
+
+
 def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwrite: bool = False,
                 progress: bool = True, data_label: str = "python-stdlib") -> ScalingResult:
     """Train every rung into `out`/runs/NAME (a finished identical rung is reused), fit, and write scaling.csv,
     scaling_points.csv, scaling.json, loss_vs_params.png and loss_vs_compute.png into `out`."""
     out = Path(out)
+    _check_sweep(out, cfg, overwrite)
     t0 = time.perf_counter()
     rungs, points = [], []
     for plan in plan_rungs(cfg, data.tokenizer.vocab_size):
         run_dir = out / "runs" / plan.name
-        extra = {"data": {"source": data_label, "tokenizer": data.tokenizer.kind, "prepared": str(data.path)},
+        extra = {"data": {"source": data_label, "tokenizer": data.tokenizer.kind, "prepared": str(data.path),
+                          "fingerprint": data_fingerprint(data)},
                  "scaling": {"rung": plan.name, "rule": "lr = base_lr * base_width / n_embd",
                              "base_lr": cfg.base_lr, "base_width": cfg.base_width}}
         config = {"model": plan.model.to_dict(), "train": json.loads(dump_json(plan.train)), **extra}
@@ -323,11 +364,16 @@ def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwri
                     "val_loss": r["val_loss"]}
                    for r in read_metrics(run_dir / "metrics.jsonl") if "val_loss" in r]
     frontier = _mark_frontier(points)
-    fit_n = fit_power_law([r.non_embedding_params for r in rungs], [r.val_loss for r in rungs]) \
-        if len(rungs) >= 3 else None
-    fit_c = fit_power_law([p["compute"] for p in frontier], [p["val_loss"] for p in frontier]) \
-        if len(frontier) >= 3 else None
-    result = ScalingResult(cfg, rungs, points, fit_n, fit_c, time.perf_counter() - t0)
+    fits, notes = {}, {}
+    for var, xs, ys in (("N", [r.non_embedding_params for r in rungs], [r.val_loss for r in rungs]),
+                        ("C", [p["compute"] for p in frontier], [p["val_loss"] for p in frontier])):
+        try:
+            fits[var] = fit_power_law(xs, ys) if len(xs) >= 3 else None
+            notes[var] = None if len(xs) >= 3 else "too few points to fit"
+        except DataError as e:  # the trained rungs are kept and written; only the fit is withheld
+            fits[var], notes[var] = None, str(e)
+            log.warning("no L(%s) fit: %s", var, e)
+    result = ScalingResult(cfg, rungs, points, fits["N"], fits["C"], time.perf_counter() - t0, fit_notes=notes)
     write_results(result, out)
     return result
 
@@ -438,5 +484,6 @@ def render_summary(result: ScalingResult) -> str:
     lines.append(f"{len(result.rungs)} rungs spanning {result.decades:.2f} decades of non-embedding parameters; "
                  f"wall time {result.wall_seconds:.0f} s")
     for fit, var, what in ((result.fit_params, "N", "final losses"), (result.fit_compute, "C", "frontier points")):
-        lines.append(f"{fit.formula(var)}, {fit.points} {what}" if fit else f"L({var}): too few points to fit")
+        lines.append(f"{fit.formula(var)}, {fit.points} {what}" if fit
+                     else f"L({var}): {result.fit_notes.get(var) or 'too few points to fit'}")
     return "\n".join(lines)

@@ -227,6 +227,10 @@ def test_sample_input_errors_come_before_any_output(trained_run: Path, capsys):
     code, out, err = tlm(capsys, "sample", trained_run, "日本")
     assert code == 2 and out == "" and "'日'" in err  # the prompt was printed, then the error
     one_line_error(capsys, "sample", trained_run, "de", "--stop", '["", "x"]', match="empty string")
+    one_line_error(capsys, "sample", trained_run, "de", "--seed", str(2**70), match="seed must be in")  # a traceback
+    one_line_error(capsys, "sample", trained_run, "de", "--device", "meta", match="not supported")  # a traceback
+    one_line_error(capsys, "eval", trained_run, "--data", "de", "--device", "meta", match="not supported")
+    one_line_error(capsys, "sample", trained_run, "--seed", "1", "de", match="right after the run folder")
 
 
 def test_api_prompt_and_draft_arguments(trained_run: Path):
@@ -239,6 +243,8 @@ def test_api_prompt_and_draft_arguments(trained_run: Path):
             run.generate(bad, max_new_tokens=2)
     greedy = run.generate("de", max_new_tokens=8, greedy=True)
     assert run.use_draft(trained_run, k=3).generate("de", max_new_tokens=8, greedy=True) == greedy  # a folder
+    with pytest.raises(ConfigError, match="temperature must be a finite number"):  # NaN drew id 0 every time
+        run.generate("de", max_new_tokens=2, temperature=float("nan"))
 
 
 def test_a_hand_edited_run_config_of_the_wrong_type_is_one_line(trained_run: Path, capsys):

@@ -252,6 +252,18 @@ def test_speculative_runs_past_the_context_window():
         next(speculative_generate(target, random_model(tiny_config(vocab_size=62)), [1], 5))
 
 
+def test_a_draft_with_a_padded_table_drafts_for_the_same_tokenizer():
+    """One tokenizer, tables padded differently (Qwen2-0.5B's 151,936 rows drafting for Qwen2-7B's 152,064): only
+    the tokenizer's ids are drawn, so greedy output equals plain greedy; a table short of them is refused."""
+    target = random_model(tiny_config(vocab_size=64))
+    padded = random_model(tiny_config(vocab_size=72, n_layer=1), seed=5)
+    for prompt in ([5], list(range(10, 30))):
+        plain = list(generate(target, prompt, 30, temperature=0.0, vocab_size=61))
+        assert list(speculative_generate(target, padded, prompt, 30, k=3, vocab_size=61)) == plain
+    with pytest.raises(ConfigError, match="tokenizer 66"):
+        next(speculative_generate(target, padded, [1], 5, vocab_size=66))
+
+
 def test_speculative_sampling_preserves_the_target_distribution():
     """The joint distribution of the first two sampled tokens (25 outcomes over a 5-token vocabulary) against the
     exact target distribution, computed from the target alone. With k=2 the first round drafts two tokens, so both

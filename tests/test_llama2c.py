@@ -118,6 +118,34 @@ def test_tokenizer_bin_encodes_like_sentencepiece(sp_model: bytes, tmp_path: Pat
     assert rebuilt.encode(STORY) == tok.encode(STORY)
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.bin"])
+def test_streamed_text_is_the_decoded_continuation(kind: str, sp_model: bytes, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tokenizers drop the leading space of a text's first piece and of a piece after BOS, so decoding the
+    new ids alone lost the space between a prompt and "▁there", and an empty prompt's sample began with a space
+    (upstream llama2.c's begins "Once upon a time"). A sample is prompt + the pieces: the decoded whole."""
+    import sentencepiece as spm
+
+    from transformer_lm import generate as gen
+    from transformer_lm.config import SampleConfig
+
+    ref = spm.SentencePieceProcessor(model_proto=sp_model)
+    if kind == "sentencepiece":
+        (tmp_path / "tokenizer.model").write_bytes(sp_model)
+        tok = SentencePieceTokenizer.from_file(tmp_path / "tokenizer.model")
+    else:
+        export_tokenizer_bin(sp_model, tmp_path / "tokenizer.bin")
+        tok = Llama2cTokenizer.from_bin(tmp_path / "tokenizer.bin")
+    for prompt, story in (("Once upon a time", STORY), ("", STORY), ("naïve café", " Grüße, 日本語 😀 and more")):
+        ids = ref.encode(prompt + story if prompt else story)
+        head = len(ref.encode(prompt)) if prompt else 0
+        assert ids[:head] == ref.encode(prompt)  # the prompt's ids start the whole text's
+        new = ids[head:]
+        monkeypatch.setattr(gen, "generate", lambda *a, new=new, **kw: iter(new))
+        pieces = list(gen.stream_text(None, tok, prompt, SampleConfig(max_new_tokens=len(new), greedy=True)))
+        assert prompt + "".join(pieces) == ref.decode(ids), (kind, prompt)
+
+
 @pytest.fixture(scope="module")
 def exported(sp_model: bytes, tmp_path_factory: pytest.TempPathFactory) -> tuple[Llama2cTokenizer, object]:
     """(our tokenizer.bin tokenizer, the SentencePiece processor) for the same model."""

@@ -26,6 +26,7 @@ from .generate import stream_text
 from .model import Transformer, build_model
 from .recurrent import RecurrentLM
 from .runtime import resolve_device
+from .speculative import check_draft
 from .tokenizers import Tokenizer, load_tokenizer
 
 
@@ -71,6 +72,8 @@ class Run:
                               f"decoding needs the same one")
         if k < 1:
             raise ConfigError(f"speculative decoding needs k >= 1 draft tokens per step, got {k}")
+        if draft is not None:  # now, before a prompt is printed
+            check_draft(self.model, draft.model, self.tokenizer.vocab_size)
         self.draft, self.draft_k = (draft.model if draft is not None else None), k
         return self
 

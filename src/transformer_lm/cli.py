@@ -444,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         if listed:
             opt = f"--{listed.group(1)}"
             msg += f"; write a list in brackets, {opt} '[a, b]', or give items one at a time with {opt}+ a"
+        if msg.startswith("unrecognized arguments") and argv[:1] == ["sample"]:  # argparse's optional positional
+            msg += "; the prompt goes right after the run folder: tlm sample RUN \"PROMPT\" [options]"
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             print(f"tlm: error: {msg}", file=sys.stderr)

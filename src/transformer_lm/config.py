@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -369,8 +370,10 @@ class SampleConfig:
             raise ConfigError("sample.stop holds an empty string, which every text contains; drop it")
         if self.max_new_tokens < 0 or self.num_samples < 1:
             raise ConfigError("sample.max_new_tokens must be >= 0 and sample.num_samples >= 1")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN drew id 0 every time
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ConfigError(f"seed must be in [-2^63, 2^64), got {self.seed}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

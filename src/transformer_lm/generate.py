@@ -146,6 +146,11 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
                 filled = len(pending)
 
 
+STREAM_CONTEXT = 8
+"""Prompt ids decoded before the new ones in stream_text: the spacing rules of the tokenizers here look one piece
+back; a few more cover byte-fallback characters split over several ids."""
+
+
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
                 generator: torch.Generator | None = None, draft: Transformer | None = None,
                 draft_k: int = 4, stats: DecodeStats | None = None) -> Iterator[str]:
@@ -159,6 +164,16 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     if not prompt_ids:  # an empty prompt starts from end-of-text (or the first id when there is none)
         prompt_ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
     temperature = 0.0 if cfg.greedy else cfg.temperature
+    # Decode the new ids after the prompt's last ones: SentencePiece-style tokenizers drop a leading space at the
+    # start of a text ("▁there" alone is "there") and keep it after BOS only where the piece follows text, so the
+    # continuation's text is decode(context + new) less decode(context), as transformers' TextStreamer does.
+    context = prompt_ids[-STREAM_CONTEXT:]
+    lead = tokenizer.decode(context)
+
+    def decode(ids: list[int]) -> str:
+        text = tokenizer.decode(context + ids)
+        return text[len(lead):] if text.startswith(lead) else tokenizer.decode(ids)
+
     new: list[int] = []
     emitted = 0
     hold = max((len(s) for s in cfg.stop), default=1) - 1
@@ -174,7 +189,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
         if tok == tokenizer.eot_id:
             break
         new.append(tok)
-        text = tokenizer.decode(new)
+        text = decode(new)
         cut = min((i for i in (text.find(s, max(0, emitted - hold)) for s in cfg.stop) if i >= 0), default=-1)
         if cut >= 0:
             yield text[emitted:cut]
@@ -185,7 +200,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
         if safe > emitted:
             yield text[emitted:safe]
             emitted = safe
-    text = tokenizer.decode(new)
+    text = decode(new)
     if len(text) > emitted:
         yield text[emitted:]
 

@@ -28,8 +28,13 @@ def resolve_device(name: str = "auto") -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type not in ("cpu", "cuda", "mps"):  # meta, xpu, ...: devices torch names but this toolkit cannot run
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; choose device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device {name!r} requested but MPS is not available; choose device cpu (or auto)")
     return device

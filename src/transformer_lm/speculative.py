@@ -19,12 +19,16 @@ from .generate import crop_prompt, next_token_probs
 from .model import Transformer
 
 
-def check_draft(target: Transformer, draft: Transformer) -> None:
-    """Raise ConfigError unless `draft` can propose tokens for `target` (same vocabulary size; the tokenizers
-    themselves are compared by the caller, which has them)."""
-    if draft.config.vocab_size != target.config.vocab_size:
-        raise ConfigError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
-                          f"({target.config.vocab_size}); use a draft trained with the same tokenizer")
+def check_draft(target: Transformer, draft: Transformer, vocab_size: int | None = None) -> None:
+    """Raise ConfigError unless `draft` can propose tokens for `target`: both embedding tables cover the
+    `vocab_size` ids drawn (tables padded differently for one tokenizer are fine, e.g. Qwen2-0.5B's 151,936 rows
+    drafting for Qwen2-7B's 152,064), or without `vocab_size`, the tables are the same size. The tokenizers themselves
+    are compared by the caller, which has them."""
+    sizes = draft.config.vocab_size, target.config.vocab_size
+    if (min(sizes) < vocab_size) if vocab_size is not None else sizes[0] != sizes[1]:
+        raise ConfigError(f"the draft model's vocabulary ({sizes[0]}) does not match the target's ({sizes[1]}"
+                          f"{'' if vocab_size is None else f', tokenizer {vocab_size}'}); use a draft trained with "
+                          "the same tokenizer")
 
 
 @torch.no_grad()
@@ -43,7 +47,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
         raise ValueError("generation needs a non-empty prompt")
     if k < 1:
         raise ConfigError(f"speculative decoding needs k >= 1 draft tokens per step, got {k}")
-    check_draft(target, draft)
+    check_draft(target, draft, vocab_size)
     modes = target.training, draft.training
     target.eval(), draft.eval()
     device = target.tok_emb.weight.device

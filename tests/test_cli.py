@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -327,6 +328,37 @@ def test_resume_finds_the_runs_data_and_refuses_other_tokenizers(trained_run: Pa
     one_line_error(capsys, "train", corpus_file, "--out", trained_run, "--tokenizer", "byte", *TINY,
                    "--train.max_iters", "8", "--train.eval_interval", "3", "--resume", "true",
                    match="tokenizer differs")
+
+
+def test_resume_after_the_cache_is_emptied_prepares_the_runs_own_data(trained_run: Path, corpus_file: Path,
+                                                                       tmp_path: Path, monkeypatch, capsys):
+    """The prepared cache of raw text gone (evicted, another machine): `--resume true` alone trained on the embedded
+    stdlib corpus instead, exit 0, and recorded "python-stdlib" as the run's data. Now its recorded source is
+    prepared again with its tokenizer; with the source gone too, a one-line error asks for the data."""
+    shutil.rmtree(json.loads((trained_run / "config.json").read_text())["data"]["prepared"])
+    monkeypatch.setenv("TLM_CACHE_DIR", str(tmp_path / "empty-cache"))
+    code, out, err = tlm(capsys, "train", "--out", trained_run, "--resume", "true", "--train.max_iters", "8")
+    assert code == 0 and "8 steps" in out, err
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["data"]["source"] == str(corpus_file) and config["data"]["tokenizer"] == "char"
+    assert config["data"]["prepared"].startswith(str(tmp_path / "empty-cache"))
+    shutil.rmtree(config["data"]["prepared"])
+    monkeypatch.setenv("TLM_CACHE_DIR", str(tmp_path / "another-cache"))
+    corpus_file.unlink()
+    one_line_error(capsys, "train", "--out", trained_run, "--resume", "true", "--train.max_iters", "9",
+                   match="is gone")
+    assert not (tmp_path / "another-cache").exists()
+
+
+def test_resume_with_a_named_preset_of_another_model_is_refused(trained_run: Path, tmp_path: Path, capsys):
+    """A --preset named on resume was silently ignored (the saved model won) yet recorded in config.json."""
+    one_line_error(capsys, "train", "--out", trained_run, "--resume", "true", "--preset", "tiny-llama",
+                   match="different model config")
+    code, _, err = tlm(capsys, "train", "--out", trained_run, "--resume", "true", "--train.max_iters", "7")
+    assert code == 0, err
+    assert json.loads((trained_run / "config.json").read_text())["preset"] == "tiny"  # as the run was started
+    one_line_error(capsys, "train", "--out", tmp_path / "nothing", "--resume", "true", match="has no checkpoint")
+    assert not (tmp_path / "nothing").exists()
 
 
 def test_resume_continues_the_run_as_it_was_started(trained_run: Path, capsys):

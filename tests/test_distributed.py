@@ -256,6 +256,31 @@ def test_sharded_checkpoint_resumes_in_one_process(data: PreparedData, paused_fs
     assert all(torch.allclose(opt[k]["exp_avg_sq"], ref_opt[k]["exp_avg_sq"], atol=TOL) for k in ref_opt)
 
 
+def test_sharded_checkpoint_without_its_metadata_is_one_error(data: PreparedData, paused_fsdp: Path, tmp_path: Path):
+    """`cp shards/*` leaves out the .metadata dotfile: the checkpoint was taken for a whole one ("missing weights
+    file model.safetensors"), or with a consolidated model.safetensors beside it, a KeyError traceback."""
+    run = resumable_copy(paused_fsdp, tmp_path)
+    folder = ckpt.latest_checkpoint(run)
+    assert main(["consolidate", str(run)]) == 0  # the whole weights beside the shards
+    whole = (folder / "model.safetensors").rename(tmp_path / "model.safetensors")
+    (folder / ckpt.SHARDS / ".metadata").unlink()
+    for consolidated in (False, True):
+        if consolidated:
+            whole.rename(folder / "model.safetensors")
+        with pytest.raises(CheckpointError, match=r"\.metadata is missing or corrupt"):
+            train(ModelConfig(**MODEL), TrainConfig(**{**TRAIN, "parallel": "fsdp"}), data, run, resume=True,
+                  progress=False)
+
+
+def test_rank_zeros_error_is_printed_once(data: PreparedData, reference: Path, tmp_path: Path):
+    """An error rank 0 finds and gives to every rank (here: resuming with another model) was printed by each."""
+    run = resumable_copy(reference, tmp_path)
+    proc = torchrun(data.path, "--out", run, *ARGS, "--model.n_embd=48", "--resume=true")
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("tlm: error")]
+    assert len(lines) == 1 and "different model config" in lines[0], proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_four_processes(data: PreparedData, paused_fsdp: Path, reference: Path,
                                                       tmp_path: Path):

@@ -170,6 +170,29 @@ def test_crash_mid_checkpoint_leaves_previous_loadable(tmp_path: Path, monkeypat
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step-0000002"]
 
 
+def test_a_crash_after_the_pointer_moved_leaks_no_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Killed between moving `latest` and deleting the previous checkpoint (or mid-save, leaving a temporary
+    folder): only that previous one was ever deleted, so the leftovers stayed for good, a full checkpoint each."""
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    ckpt.save_checkpoint(tmp_path, model, {"step": 1}, 1)
+
+    real_rmtree = ckpt.shutil.rmtree
+
+    def killed(path, *a, **k):
+        if Path(path).name == "step-0000001":  # the previous checkpoint, once `latest` names step 2
+            raise KeyboardInterrupt
+        real_rmtree(path, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(ckpt.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(tmp_path, model, {"step": 2}, 2)
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000002"
+    (tmp_path / "checkpoints" / ".step-0000003.tmp").mkdir()  # a save of step 3 killed mid-write
+    ckpt.save_checkpoint(tmp_path, model, {"step": 4}, 4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000004"]
+
+
 def test_truncated_or_corrupt_weights_raise(tmp_path: Path):
     model = Transformer(ModelConfig(**SMALL)).init_weights(0)
     folder = ckpt.save_checkpoint(tmp_path, model, {"step": 1}, 1)

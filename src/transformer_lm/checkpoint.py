@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator
@@ -120,9 +121,9 @@ def begin_checkpoint(run_dir: Path, step: int) -> Path | None:
 
 def commit_checkpoint(run_dir: Path, tmp: Path, step: int, state: dict[str, Any]) -> Path:
     """Write the training state beside what `tmp` holds, fsync everything, rename the folder to its step and move
-    the `latest` pointer to it atomically; then delete the previous checkpoint."""
+    the `latest` pointer to it atomically; then delete every other checkpoint folder: the previous one, and any a
+    crash left (between the pointer's move and the deletion, or mid-save), which would otherwise stay for good."""
     root = Path(run_dir) / "checkpoints"
-    previous = latest_checkpoint(run_dir)
     final = root / _step_dir(step)
     torch.save(state, tmp / "state.pt")
     for f in tmp.rglob("*"):
@@ -135,8 +136,9 @@ def commit_checkpoint(run_dir: Path, tmp: Path, step: int, state: dict[str, Any]
     os.replace(tmp, final)
     fsync_dir(root)
     atomic_write_text(root / POINTER, json.dumps({"step": step, "dir": final.name}))
-    if previous is not None and previous != final:
-        shutil.rmtree(previous, ignore_errors=True)
+    for d in root.iterdir():
+        if d != final and d.is_dir() and re.fullmatch(r"\.?step-\d+(\.tmp)?", d.name):
+            shutil.rmtree(d, ignore_errors=True)
     return final
 
 
@@ -167,7 +169,18 @@ def write_weights(folder: Path, model: nn.Module, step: int) -> Path:
 
 
 def is_sharded(folder: Path) -> bool:
-    return (Path(folder) / SHARDS / ".metadata").is_file()
+    """Whether the checkpoint is FSDP2's sharded kind: by its shards folder, so that one whose .metadata was lost
+    (a copy by `cp shards/*` skips the dotfile) is reported as that, not as a checkpoint missing model.safetensors."""
+    return (Path(folder) / SHARDS).is_dir()
+
+
+def _shard_metadata(path: Path) -> Any:
+    """DCP's metadata of the shards in `path`, read first: dcp.load logs tracebacks of its own on a bad one."""
+    try:
+        return dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:
+        raise CheckpointError(f"sharded checkpoint {path} is unreadable: its .metadata is missing or corrupt "
+                              f"({_first_line(e)}); resume from an intact copy of the run folder") from e
 
 
 def save_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -192,6 +205,7 @@ def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     model_state, optim_state = get_state_dict(model, optimizer)  # the tensors DCP fills in place
     state = {"model": model_state, "optim": optim_state}
     path = Path(folder) / SHARDS
+    _shard_metadata(path)
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=path)
@@ -202,11 +216,8 @@ def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 
 def _read_shard_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The whole model tensors of a sharded checkpoint, read in this process alone (no process group needed)."""
-    try:
-        reader = dcp.FileSystemReader(path)
-        saved = reader.read_metadata().state_dict_metadata
-    except Exception as e:
-        raise CheckpointError(f"sharded checkpoint {path} is unreadable ({_first_line(e)})") from e
+    reader = dcp.FileSystemReader(path)
+    saved = _shard_metadata(path).state_dict_metadata
     shapes = {k.removeprefix("model."): m.size for k, m in saved.items()
               if k.startswith("model.") and isinstance(m, dcp.TensorStorageMetadata)}
     if "lm_head.weight" not in expected:  # a tied head is saved under both of its names

@@ -124,7 +124,10 @@ def parse(argv: list[str]) -> Namespace:
         if cmd == "train":
             defaults |= {f"train.{k}": v for k, v in preset_recipe(chosen).items()}
     if cmd == "train" and ns.train.resume:
-        defaults |= _saved_settings(Path(ns.train.out))
+        # the run's own settings over the default preset's; a preset named on the command line goes over them, so
+        # that one of another model is refused by train's config check instead of silently ignored
+        named = any(a == "--preset" or a.startswith("--preset=") for a in argv)
+        defaults = _saved_settings(Path(ns.train.out)) | (defaults if named else {})
     if defaults or any(a.startswith("--print_config") for a in argv):
         cmds[cmd].set_defaults(defaults)
         ns = parser.parse_args(argv)
@@ -143,6 +146,13 @@ def _saved_settings(run: Path) -> dict[str, Any]:
         known = {f.name for f in dataclasses.fields(cls)}
         section = saved.get(key) if isinstance(saved, dict) else None
         out |= {f"{key}.{k}": v for k, v in (section or {}).items() if k in known}
+    if isinstance(saved, dict) and isinstance(saved.get("preset"), str | None):
+        out["preset"] = saved.get("preset")  # recorded again as it was, not as the default "tiny"
+    from .tokenizers import TOKENIZER_KINDS
+
+    data = saved.get("data") if isinstance(saved, dict) else None
+    if isinstance(data, dict) and data.get("tokenizer") in TOKENIZER_KINDS:
+        out["tokenizer"] = data["tokenizer"]  # raw text prepared again (an emptied cache) the way it was
     return out
 
 
@@ -158,16 +168,19 @@ def cmd_prepare(a: Namespace) -> None:
 
 
 def cmd_train(a: Namespace) -> int:
-    from .train import resumed_data, train, training_data
+    from .train import check_resumable, resumed_data, train, training_data
 
     model_cfg = ModelConfig(**a.model.as_dict())
     train_cfg = TrainConfig(**a.train.as_dict())
     data_arg = a.get("data")
-    if a.resume and data_arg is None:  # continue on the data the run was started with
-        data_arg = resumed_data(a.out)
+    source = os.path.abspath(data_arg) if data_arg else "python-stdlib"  # absolute: --resume may run elsewhere
+    if a.resume:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torchrun: train() has rank 0 check it and say it once
+            check_resumable(a.out)  # before minutes of preparing data for a folder with nothing to resume
+        if data_arg is None:  # continue on the data the run was started with
+            data_arg, source = resumed_data(a.out)
     data = training_data(data_arg, a.tokenizer, a.vocab_size, a.gpt2_dir)
-    extra = {"data": {"source": a.get("data") or "python-stdlib", "tokenizer": data.tokenizer.kind,
-                      "prepared": str(data.path)},
+    extra = {"data": {"source": source, "tokenizer": data.tokenizer.kind, "prepared": str(data.path)},
              "preset": a.preset}
     res = train(model_cfg, train_cfg, data, a.out, resume=a.resume, overwrite=a.overwrite, extra_config=extra)
     if not res.is_main:  # under torchrun, rank 0 reports for all
@@ -449,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         if world == 1:
             print(f"tlm: error: {msg}", file=sys.stderr)
-        elif rank == 0 or not isinstance(e, (ConfigError, argparse.ArgumentError)):  # settings: every rank alike
+        elif rank == 0 or not (isinstance(e, (ConfigError, argparse.ArgumentError))  # settings: every rank alike
+                               or getattr(e, "shown_by_rank0", False)):  # rank 0's error, given to every rank
             print(f"tlm: error (rank {rank} of {world}): {msg}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

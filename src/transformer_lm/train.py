@@ -7,6 +7,7 @@ revision), metrics.jsonl (one JSON object per logged step or evaluation), loss.p
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -156,13 +157,30 @@ def _stamp(path: Path) -> tuple[str, int, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def resumed_data(run_dir: str | Path) -> str | None:
-    """The prepared data folder a run was trained on (from its config.json), when it still exists."""
+def check_resumable(run_dir: str | Path) -> None:
+    """Raise CheckpointError unless `run_dir` holds a checkpoint to resume from."""
+    if latest_checkpoint(Path(run_dir)) is None:
+        raise CheckpointError(f"--resume given but {run_dir} has no checkpoint; drop --resume to start a new run")
+
+
+def resumed_data(run_dir: str | Path) -> tuple[str | None, str]:
+    """(what to pass to training_data, the source to record) for resuming a run on the data it was trained on, from
+    its config.json: its prepared folder while that exists, else the source it was prepared from (the cache of raw
+    text may have been emptied), None for the embedded corpus. CheckpointError when neither is left."""
     try:
-        prepared = json.loads((Path(run_dir) / "config.json").read_text())["data"]["prepared"]
+        data = json.loads((Path(run_dir) / "config.json").read_text())["data"]
+        prepared, source = data["prepared"], data["source"]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return prepared if is_prepared(prepared) else None
+        raise CheckpointError(f"{run_dir}/config.json does not say what data the run was trained on; pass it: tlm "
+                              f"train DATA --out {run_dir} --resume true") from None
+    if is_prepared(prepared):
+        return prepared, source
+    if source == "python-stdlib":
+        return None, source
+    if glob.glob(source):  # a file, folder or glob that still names text: prepared again, the same way
+        return source, source
+    raise CheckpointError(f"the data {run_dir} was trained on is gone (neither {prepared} nor {source} exists); "
+                          f"pass it: tlm train DATA --out {run_dir} --resume true")
 
 
 def prepare_run_dir(run_dir: Path, config: dict[str, Any], data: PreparedData, resume: bool, overwrite: bool) -> bool:
@@ -173,8 +191,7 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any], data: PreparedData, r
     """
     saved = run_dir / "config.json"
     if resume:
-        if latest_checkpoint(run_dir) is None:
-            raise CheckpointError(f"--resume given but {run_dir} has no checkpoint; drop --resume to start a new run")
+        check_resumable(run_dir)
         if load_tokenizer(run_dir / "tokenizer.json").to_dict() != data.tokenizer.to_dict():
             raise CheckpointError(f"the data's tokenizer differs from the one {run_dir} was trained with; resume on "
                                   "the same data (or pass the folder made by `tlm prepare` for it)")
@@ -263,6 +280,11 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
 
     if folder is not None:
         state = load_state(folder)
+        missing = sorted({"step", "sampler", "scaler", "rng", *(() if is_sharded(folder) else ("optimizer",))}
+                         - set(state))
+        if missing:
+            raise CheckpointError(f"training state {folder / 'state.pt'} lacks {missing}: not a checkpoint tlm "
+                                  "train wrote, or a damaged one; resume from an intact copy of the run folder")
         with config_hyperparameters(optimizer):
             if is_sharded(folder):  # weights and optimizer resharded to this run's layout, whatever the saving one's
                 load_shards(folder, model, optimizer)

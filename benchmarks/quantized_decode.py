@@ -21,16 +21,18 @@ from transformer_lm.config import ModelConfig, preset
 from transformer_lm.generate import generate
 from transformer_lm.layout import decode_layout
 from transformer_lm.model import Transformer
-from transformer_lm.quantize import quantize
+from transformer_lm.quantize import W8A8Linear, quantize
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights held: parameters and buffers once each, plus the int8 levels w8a8's kernels hold packed
+    outside any buffer (a tied head's twice: packed for the product, and as the table the embedding reads)."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
-    return total
+    return total + sum(m.out_features * m.in_features for m in model.modules() if isinstance(m, W8A8Linear))
 
 
 def main() -> None:

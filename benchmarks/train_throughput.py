@@ -14,12 +14,12 @@ for HF. One training step, timed as a whole, is forward with loss → backward �
 zero_grad(set_to_none=True), in train() mode.
 
 Method. `--warmup` untimed steps per model first (allocator, oneDNN primitive caches, lazy optimizer state). Then
-`--rounds` rounds, each timing `--steps` consecutive steps of ours and then of HF (A B A B …), short blocks so that
-load from other processes on a shared machine hits both alike. Reported: the median step time of each over all its
-timed steps (and the fastest step), tokens/s = batch·seq / median, and the ratio ours/HF of tokens/s (= HF's median
-step time over ours). In parentheses, a cross-check: the median over rounds of the within-round ratio, which stays
-honest when the load changes between rounds. If the two ratios disagree by more than a few percent, the machine was
-busy: rerun with more rounds.
+`--rounds` rounds, each timing `--steps` consecutive steps of ours and of HF, who goes first alternating (A B, B A, A B,
+…), short blocks so that load from other processes on a shared machine hits both alike. Reported: the median step time
+of each over all its timed steps (and the fastest step), tokens/s = batch·seq / median, and the ratio ours/HF of
+tokens/s (= HF's median step time over ours). In parentheses, a cross-check: the median over rounds of the within-round
+ratio, which stays honest when the load changes between rounds. If the two ratios disagree by more than a few percent,
+the machine was busy: rerun with more rounds.
 
 Defaults. tiny: batch 16 × 256 (the whole context: ~4k tokens, a usual small-model CPU batch), 10 rounds × 5 steps.
 gpt2 (124M): batch 1 × 1024, the full context: one sequence already costs ~0.9 TFLOP per step (≈ 5 s per step and
@@ -134,8 +134,9 @@ def bench(name: str, args: argparse.Namespace) -> dict:
         for _ in range(d["warmup"]):
             train_step(model, opt, tokens, is_hf, dtype)
     times: dict[str, list[list[float]]] = {k: [] for k in contenders}  # per model, per round, per step
-    for _ in range(d["rounds"]):
-        for key, (model, opt, is_hf) in contenders.items():
+    for i in range(d["rounds"]):
+        order = list(contenders.items())
+        for key, (model, opt, is_hf) in (order if i % 2 == 0 else order[::-1]):  # who goes first alternates
             times[key].append([train_step(model, opt, tokens, is_hf, dtype) for _ in range(d["steps"])])
     n_tok = d["batch"] * d["seq"]
     rows = {}

@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from transformer_lm.accounting import count_params, flops_per_token, prefill_flops_per_token, training_memory
-from transformer_lm.config import ModelConfig
+from transformer_lm.config import ModelConfig, preset
 from transformer_lm.decode import StaticKVCache, prefill
 from transformer_lm.model import Transformer
 
@@ -65,6 +65,20 @@ def test_flops_per_token_matches_flop_counter(name, seq_len):
     assert predicted["train"] == 3 * predicted["forward"]
     model.zero_grad(set_to_none=True)
     assert measure(model, idx, eager=True, backward=True) == tokens * predicted["train"]
+
+
+def test_a_sliding_window_caps_the_attention_term():
+    """Each query attends to at most `sliding_window` keys (Mistral): the term is charged at min(T, window), which
+    the eager path's masked full product hides from FlopCounterMode, so it is checked against the formula."""
+    for T, window in ((16, 4), (16, 16), (8, 12)):
+        c, full = make_config(sliding_window=window), make_config()
+        got, plain = flops_per_token(c, T), flops_per_token(full, T)
+        assert got["attention_forward"] == 2 * 2 * c.n_layer * c.n_head * min(T, window) * c.head_dim
+        assert got["forward"] - got["attention_forward"] == plain["forward"] - plain["attention_forward"]
+    mistral = ModelConfig(**{**preset("mistral-7b"), "block_size": 32768})
+    ratio = flops_per_token(mistral)["forward"] / flops_per_token(ModelConfig(**{**mistral.to_dict(),
+                                                                               "sliding_window": None}))["forward"]
+    assert 0.5 < ratio < 0.55  # 32k keys were charged where 4096 are attended: 1.9x overstated
 
 
 def test_flops_per_token_weight_term_is_twice_the_matmul_weights():

@@ -64,6 +64,29 @@ def test_bench_rejects_bad_settings(capsys):
     assert main(["bench", "--preset", "tiny", "--decode_batch", str(10**12)]) == 2
     err = capsys.readouterr().err
     assert "decoding 1000000000000 sequences" in err and "--decode_batch" in err and err.count("\n") == 1
+    # the default 128 new tokens did not fit a 64-token block (shakespeare-speedrun, tiny-llama, ...); an explicit
+    # count that does not fit names the flag and its limit
+    block = preset("tiny")["block_size"]
+    assert main(["bench", "--preset", "tiny", "--new_tokens", str(block)]) == 2
+    assert f"give --new_tokens <= {block - 16}" in capsys.readouterr().err
+
+
+def test_bench_refuses_what_it_cannot_do_before_measuring(monkeypatch, capsys):
+    """A --quantize spec the model cannot take was refused only after every float row had run (minutes at gpt2),
+    and both models' training state was never checked against the free memory (the OOM killer's, unannounced)."""
+    from transformer_lm import bench, runtime
+
+    def measured(*a, **k):
+        raise AssertionError("a row was measured before the settings were checked")
+    monkeypatch.setattr(bench, "_measure", measured)
+    for spec, match in (("int4:100", "does not divide"), ("int5", "--quantize must be"), ("int4:6", "does not")):
+        assert main(["bench", "--preset", "tiny", "--quantize", spec]) == 2
+        err = capsys.readouterr().err
+        assert match in err and err.count("\n") == 1, err
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 2**20)
+    assert main(["bench", "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "weights, gradients and AdamW state" in err and "--preset" in err
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from transformer_lm.config import ModelConfig
 from transformer_lm.errors import ConfigError
 from transformer_lm.generate import generate, generate_batch
 from transformer_lm.model import Transformer
+from transformer_lm.perf import weight_bytes
 from transformer_lm.quantize import Int4Linear, Int8Embedding, Int8Linear, W8A8Linear, parse_quantize, quantize
 from transformer_lm.speculative import speculative_generate
 
@@ -164,6 +165,13 @@ def test_w8a8_model_is_close_to_int8_and_survives_a_deep_copy():
         w8 = quantize(copy.deepcopy(model), 8, dynamic=True)
         assert type(w8.lm_head) is W8A8Linear and type(w8.tok_emb) is Int8Embedding
         torch.testing.assert_close(w8.lm_head.weight, q8.lm_head.weight, rtol=0, atol=0)
+        # the weights are held once: the kernel's packed levels, the int8 buffer only for the tied head's lookup
+        layers = [(a, b) for a, b in zip(w8.modules(), q8.modules()) if isinstance(a, W8A8Linear)]
+        assert len(layers) > 1 and all(a.weight is None for a, _ in layers[:-1])
+        for a, b in layers:
+            torch.testing.assert_close(a.dequantize(), b.dequantize(), rtol=0, atol=0)
+        assert weight_bytes(w8) == weight_bytes(q8)  # what a decode step reads, wherever the levels are held
+        assert sum(b.numel() for b in w8.buffers()) < sum(b.numel() for b in q8.buffers()) / 2
         logits = w8(x).logits
         assert (logits - ref).norm() / ref.norm() < 0.08
         assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
@@ -223,6 +231,17 @@ def test_int4_group_size_must_divide_the_inputs():
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear | Int4Linear))  # untouched
     with pytest.raises(ConfigError, match="8 or 4"):
         quantize(model, 3)
+    odd = random_model(tiny_config(n_embd=12, n_head=2))  # widths 12 and 48: no common group of 16 or more
+    with pytest.raises(ConfigError, match=r"or int8 \(no group of 16 or more"):  # int4:8 holds more than int8
+        quantize(odd, 4)
+
+
+def test_int4_groups_smaller_than_16_are_warned_of(caplog):
+    """Each group adds 8 bytes (scale and zero point): below 16 inputs a group stores more than int8 does."""
+    model = random_model(tiny_config())
+    sizes = {g: weight_bytes(quantize(copy.deepcopy(model), 4, group_size=g)) for g in (4, 16)}
+    assert sizes[4] > weight_bytes(quantize(copy.deepcopy(model), 8)) > sizes[16]
+    assert "store 2.50 bytes per weight" in caplog.text and "groups of 16" not in caplog.text
     quantize(model, 8)
     with pytest.raises(ConfigError, match="quantized already"):  # a second call was silently a no-op
         quantize(model, 4, group_size=16)

@@ -63,8 +63,9 @@ def _gates(c: ModelConfig) -> int:
 def flops_per_token(c: ModelConfig, seq_len: int | None = None) -> dict[str, float]:
     """Matmul FLOPs per token (a multiply-add counts 2), PaLM-style: 2 per weight of every matmul (Q/K/V, output
     projection, feed-forward, LM head) plus the attention score and value matmuls at context `seq_len` (default
-    block_size, without causal halving). Training is forward + backward = 3 × forward. A recurrent model's matmuls
-    are its gates' input and recurrent matrices and the LM head, whatever the context: it has no attention term."""
+    block_size, without causal halving; a sliding window caps it: Mistral-7B at 32k keys was overstated 1.9×).
+    Training is forward + backward = 3 × forward. A recurrent model's matmuls are its gates' input and recurrent
+    matrices and the LM head, whatever the context: it has no attention term."""
     T = seq_len or c.block_size
     if c.arch != "transformer":
         forward = 2 * (c.n_layer * _gates(c) * 2 * c.n_embd * c.n_embd + c.vocab_size * c.n_embd)
@@ -72,7 +73,8 @@ def flops_per_token(c: ModelConfig, seq_len: int | None = None) -> dict[str, flo
     qkv_out = (c.n_head + 2 * c.kv_heads) * c.head_dim
     layer_weights = c.n_embd * qkv_out + c.n_embd * c.n_embd + (3 if c.mlp == "swiglu" else 2) * c.n_embd * c.ffn_dim
     matmul_weights = c.n_layer * layer_weights + c.vocab_size * c.n_embd
-    attention = 2 * 2 * c.n_layer * T * c.n_head * c.head_dim
+    keys = min(T, c.sliding_window) if c.sliding_window else T  # the keys each query attends to
+    attention = 2 * 2 * c.n_layer * keys * c.n_head * c.head_dim
     forward = 2 * matmul_weights + attention
     return {"forward": float(forward), "train": float(3 * forward), "attention_forward": float(attention)}
 

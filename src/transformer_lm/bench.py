@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .accounting import flops_per_token, prefill_flops_per_token
+from .accounting import count_params, flops_per_token, prefill_flops_per_token
 from .config import ModelConfig, preset
 from .decode import kv_cache_bytes, lent_cache, prefill
 from .errors import ConfigError
@@ -61,12 +61,14 @@ from .perf import (
     peak_flops,
     synchronize,
 )
-from .quantize import parse_quantize
+from .quantize import check_quantize, parse_quantize
 from .quantize import quantize as quantize_model
 from .runtime import check_fits, resolve_device
 
 PROMPT_LEN = 16
 """Prompt tokens before decoding."""
+NEW_TOKENS = 128
+"""Greedy tokens per decode measurement, by default (fewer where the block size has no room for them)."""
 
 
 @dataclass
@@ -264,8 +266,11 @@ def _train_row(ours: Transformer, theirs: nn.Module, tokens: torch.Tensor, steps
 
 def _measure(row: Row, ours: Callable[[], object], theirs: Callable[[], object], steps: int,
              device: torch.device, probe: Callable[[], float] | None = None) -> Row:
-    """Warm each up once (its peak memory measured), then `steps` interleaved timed repetitions, each round after a
-    call of `probe` (its result kept in row.bandwidths)."""
+    """Warm each up once, then measure each one's peak memory over a second call (the first contender's first call
+    also paid the process's one-time allocations: the tiny preset's training read 26 MB ours / 23 theirs in one
+    order, 15 / 36 in the other), then `steps` interleaved timed repetitions, each round after a call of `probe`
+    (its result kept in row.bandwidths)."""
+    ours(), theirs()
     for fn, is_ours in ((ours, True), (theirs, False)):
         with PeakMemory(device) as mem:
             fn()
@@ -285,29 +290,43 @@ def _measure(row: Row, ours: Callable[[], object], theirs: Callable[[], object],
 
 
 def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device: str = "auto",
-          steps: int = 3, batch: int = 1, seq: int | None = None, prefill_len: int = 1024, new_tokens: int = 128,
+          steps: int = 3, batch: int = 1, seq: int | None = None, prefill_len: int = 1024,
+          new_tokens: int | None = None,
           decode_batch: int = 8, quantize: str | None = None, compile: bool = False,
           seed: int = 0) -> BenchResult:
     """Measure our model against transformers' on the preset's config (with `model` field overrides): training,
     prefill and decode tokens/s, peak memory, MFU/MBU, in `steps` interleaved repetitions each.
 
-    `seq` defaults to the block size (training), `prefill_len` is capped at the block size; `quantize` (int8, int4,
+    `seq` defaults to the block size (training), `prefill_len` is capped at the block size, `new_tokens` defaults to
+    NEW_TOKENS or what the block size leaves after the prompt; `quantize` (int8, int4,
     int4:G, w8a8) adds a decode row of ours with quantized weights against their float weights; `compile` adds a
     training row with our model compiled and compiles our decode step (compiling happens in the untimed warm-up;
     theirs stays eager, as transformers runs by default)."""
-    if steps < 1 or batch < 1 or decode_batch < 1 or new_tokens < 1 or prefill_len < 1 or (seq is not None and seq < 1):
+    if steps < 1 or batch < 1 or decode_batch < 1 or prefill_len < 1 or any(v is not None and v < 1 for v in
+                                                                            (seq, new_tokens)):
         raise ConfigError("steps, batch, seq, decode_batch, new_tokens and prefill_len must be >= 1")
     dev = resolve_device(device)
     config = ModelConfig(**{**preset(preset_name), "dropout": 0.0, **(model or {})})
     seq = seq or config.block_size
     prefill_len = min(prefill_len, config.block_size)
-    if seq > config.block_size or PROMPT_LEN + new_tokens > config.block_size:
-        raise ConfigError(f"seq ({seq}) and {PROMPT_LEN} + new_tokens ({new_tokens}) must fit the block size "
-                          f"({config.block_size})")
+    if seq > config.block_size:
+        raise ConfigError(f"--seq {seq} is longer than the block size {config.block_size}; give --seq <= "
+                          f"{config.block_size}")
+    room = config.block_size - PROMPT_LEN
+    new_tokens = min(NEW_TOKENS, room) if new_tokens is None else new_tokens
+    if not 1 <= new_tokens <= room:
+        raise ConfigError(f"{PROMPT_LEN} prompt + {new_tokens} new tokens do not fit the block size "
+                          f"{config.block_size}; give --new_tokens <= {room}")
+    # now, not after minutes: both models with gradients and AdamW's two moments (16 bytes a parameter each, fp32;
+    # activations not counted), and both KV caches of the batched decode
+    check_fits(2 * 16 * count_params(config).total, dev, f"training {preset_name} (ours and transformers', "
+               "weights, gradients and AdamW state)", "choose a smaller --preset")
     check_fits(2 * kv_cache_bytes(config, decode_batch, PROMPT_LEN + new_tokens), dev, f"decoding {decode_batch} "
-               "sequences (our KV cache and transformers')", "give a smaller --decode_batch")  # now, not after minutes
+               "sequences (our KV cache and transformers')", "give a smaller --decode_batch")
     torch.manual_seed(seed)
     ours = Transformer(config).to(dev).init_weights(seed=seed)
+    if quantize:  # now, not after minutes of float measurements
+        check_quantize(ours, **parse_quantize(quantize))
     theirs, family = hf_equivalent(ours)
     gen = torch.Generator().manual_seed(seed)
 

@@ -407,7 +407,8 @@ def _add_bench_parser(cmds: dict[str, ArgumentParser]) -> None:
     p.add_argument("--batch", type=int, default=1, help="Sequences per training step.")
     p.add_argument("--seq", type=int | None, default=None, help="Tokens per training sequence (default: block size).")
     p.add_argument("--prefill_len", type=int, default=1024, help="Prompt tokens of the prefill (capped at block size).")
-    p.add_argument("--new_tokens", type=int, default=128, help="Greedy tokens per decode measurement.")
+    p.add_argument("--new_tokens", type=int | None, default=None,
+                   help="Greedy tokens per decode measurement (default: 128, or what the block size leaves).")
     p.add_argument("--decode_batch", type=int, default=8, help="Rows of the batched decode measurement.")
     p.add_argument("--quantize", type=str | None, default=None,
                    help="Also decode (batch 1) with our weights quantized (int8, w8a8, int4, int4:G) against their "

@@ -182,7 +182,8 @@ def mbu(bytes_per_token: float, tokens_per_s: float, bandwidth: float) -> float:
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer once (a tied matrix counted once), except
-    that an embedding table not shared with a matmul is read one row per token, so counts one row."""
+    that an embedding table not shared with a matmul is read one row per token, so counts one row; plus the levels
+    W8A8Linear's kernel holds outside any buffer."""
     matmul_ids = {id(m.weight) for m in model.modules() if not isinstance(m, nn.Embedding) and
                   isinstance(getattr(m, "weight", None), torch.Tensor)}
     lookup = {id(m.weight): m.weight[0].numel() * m.weight.element_size() for m in model.modules()
@@ -194,7 +195,7 @@ def weight_bytes(model: nn.Module) -> int:
             continue
         seen.add(id(t))
         total += lookup.get(id(t), t.numel() * t.element_size())
-    return total
+    return total + sum(getattr(m, "packed_bytes", 0) for m in model.modules())  # w8a8's kernel-held levels
 
 
 def kv_cache_bytes(config: ModelConfig, context: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:

@@ -31,6 +31,7 @@ with weight-only int8 / int4 they give them exactly.
 from __future__ import annotations
 
 import itertools
+import logging
 import warnings
 import weakref
 
@@ -40,6 +41,8 @@ from torch import nn
 
 from .errors import ConfigError
 from .layout import TransposedEmbedding, TransposedLinear
+
+log = logging.getLogger(__name__)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +77,10 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     q = torch.cat((halves & 0xF, halves >> 4), dim=-1).float()  # (out, groups, group)
     return ((q - zero[..., None]) * scale[..., None]).reshape(out_f, -1)
 
+
+MIN_INT4_GROUP = 16
+"""The smallest int4 group that stores fewer bytes than int8: a group costs half a byte a weight plus 8 bytes (a
+float32 scale and zero point), 1.0 a weight at 16, against int8's 1 + 4/in_features."""
 
 WIDEN_BLOCK = 128
 """Output rows of an int8 weight widened to float at once by an eager few-row Int8Linear (128 × 3072 floats: 1.5 MB,
@@ -146,11 +153,11 @@ def _dynamic_kernels() -> bool:
 
 class W8A8Linear(Int8Linear):
     """An Int8Linear whose product also quantizes its input, per call (int8 weights, int8 activations, int32 sums):
-    y ≈ (x̂ q̂ᵀ)·s_x·s_w + b with x̂ = round(x / s_x). CPU only. The plain int8 weight and scales stay as buffers (the
-    embedding lookup of a tied head, dequantize() and the bytes-read accounting use them); the kernel reads its own
-    packed copy of the same levels."""
+    y ≈ (x̂ q̂ᵀ)·s_x·s_w + b with x̂ = round(x / s_x). CPU only. The kernel reads its own packed copy of the levels;
+    the plain int8 weight buffer is kept only where `keep_weight` (a tied head, whose embedding lookup reads it),
+    else dropped: both copies held the weights twice (GPT-2: 286 MB resident instead of int8's 136)."""
 
-    def __init__(self, linear: nn.Linear | TransposedLinear) -> None:
+    def __init__(self, linear: nn.Linear | TransposedLinear, keep_weight: bool = False) -> None:
         super().__init__(linear)
         with warnings.catch_warnings():  # torch >= 2.10 marks quantized tensor creation deprecated; the kernels stay
             warnings.simplefilter("ignore")
@@ -158,10 +165,26 @@ class W8A8Linear(Int8Linear):
                                            torch.zeros(self.out_features, dtype=torch.long), 0, torch.qint8)
         bias = None if self.bias is None else self.bias.detach().float()
         self.packed = torch.ops.quantized.linear_prepack(q, bias)
+        if not keep_weight:
+            self.weight = None  # the levels live on in `packed` (dequantize() unpacks them)
         # Full-range activations need the VNNI int8 dot product; without it fbgemm's 16-bit intermediate sums could
         # saturate, so the inputs use 7 bits (PyTorch's own x86 default makes the same choice).
         self.reduce_range = not torch.cpu._is_vnni_supported()
         self._register()
+
+    def dequantize(self) -> torch.Tensor:
+        if self.weight is not None:
+            return super().dequantize()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            levels = torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+        return levels.to(self.scales.dtype) * self.scales[:, None]
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the packed levels the kernel reads per call (one int8 per weight), for the bytes-read
+        accounting (perf.weight_bytes), where no buffer holds them."""
+        return self.out_features * self.in_features if self.weight is None else 0
 
     def _register(self) -> None:
         self.key = next(_W8A8_KEYS)
@@ -257,13 +280,10 @@ class Int4Linear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool = True,
-             dynamic: bool = False) -> nn.Module:
-    """Swap the linear layers of `model` (nn.Linear, or layout.TransposedLinear) for Int8Linear (bits=8) or
-    Int4Linear (bits=4, groups of `group_size` inputs), in place; returns the model, in eval mode. `head` also
-    quantizes the LM head, to int8 whatever `bits` (see the module doc), and a tied token embedding with it
-    (Int8Embedding). `dynamic` (int8 on a CPU) takes W8A8Linear instead: activations quantized per call too, for
-    speed. Apply it to a loaded model: the quantized modules are for inference only and are not saved."""
+def check_quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool = True,
+                   dynamic: bool = False) -> list[tuple[str, nn.Module]]:
+    """Raise ConfigError unless quantize() can quantize `model` so: before any swap (a failure leaves the model
+    untouched) and, from `tlm bench`, before minutes of float measurements. -> the (name, layer) pairs to swap."""
     if bits not in (4, 8):
         raise ConfigError(f"quantization supports 8 or 4 bits, got {bits}")
     if dynamic:
@@ -285,18 +305,37 @@ def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool 
             raise ConfigError(f"int4 group_size must be an even number >= 2, got {group_size}")
         widths = {m.in_features for name, m in targets if name != "lm_head"}
         bad = sorted(w for w in widths if w % group_size)
-        if bad:  # checked before any swap, so a failure leaves the model untouched
-            fits = max((g for g in range(2, 129, 2) if all(w % g == 0 for w in widths)), default=None)
-            hint = f"e.g. {fits} (--quantize int4:{fits})" if fits else "or int8 (an input width is odd)"
+        if bad:
+            fits = max((g for g in range(MIN_INT4_GROUP, 129, 2) if all(w % g == 0 for w in widths)), default=None)
+            hint = f"e.g. {fits} (--quantize int4:{fits})" if fits else \
+                f"or int8 (no group of {MIN_INT4_GROUP} or more divides them, and smaller ones store more than int8)"
             raise ConfigError(f"int4 group_size {group_size} does not divide the input width(s) {bad}; choose a "
                               f"divisor of every width, {hint}")
+    return targets
+
+
+def quantize(model: nn.Module, bits: int = 8, group_size: int = 128, head: bool = True,
+             dynamic: bool = False) -> nn.Module:
+    """Swap the linear layers of `model` (nn.Linear, or layout.TransposedLinear) for Int8Linear (bits=8) or
+    Int4Linear (bits=4, groups of `group_size` inputs), in place; returns the model, in eval mode. `head` also
+    quantizes the LM head, to int8 whatever `bits` (see the module doc), and a tied token embedding with it
+    (Int8Embedding). `dynamic` (int8 on a CPU) takes W8A8Linear instead: activations quantized per call too, for
+    speed. Apply it to a loaded model: the quantized modules are for inference only and are not saved."""
+    targets = check_quantize(model, bits, group_size, head, dynamic)
+    if bits == 4 and group_size < MIN_INT4_GROUP:
+        log.warning("int4 groups of %d store %.2f bytes per weight (a half-byte level, and 8 bytes of scale and zero "
+                    "per group): no fewer than int8; use int8 or a group of %d or more", group_size,
+                    0.5 + 8 / group_size, MIN_INT4_GROUP)
     tied = head and _head_is_tied(model)
     emb_dtype = model.tok_emb.weight.dtype if tied else None
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        int8 = W8A8Linear if dynamic else Int8Linear
-        setattr(parent, child, int8(linear) if bits == 8 or name == "lm_head" else Int4Linear(linear, group_size))
+        if bits == 8 or name == "lm_head":
+            q = W8A8Linear(linear, keep_weight=tied and name == "lm_head") if dynamic else Int8Linear(linear)
+        else:
+            q = Int4Linear(linear, group_size)
+        setattr(parent, child, q)
     if tied:
         model.tok_emb = Int8Embedding(model.lm_head, emb_dtype)
     return model.eval()

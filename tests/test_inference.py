@@ -271,6 +271,39 @@ def test_speculative_runs_past_the_context_window():
         next(speculative_generate(target, random_model(tiny_config(vocab_size=62)), [1], 5))
 
 
+def window_starts(model: Transformer) -> list[int]:
+    """Spy: the first id of every forward that starts a window (no cache, or an empty one)."""
+    starts, forward = [], model.forward
+
+    def spy(x, *a, cache=None, **k):
+        if cache is None or int(cache.pos) == 0:
+            starts.append(int(x[0, 0]))
+        return forward(x, *a, cache=cache, **k)
+    model.forward = spy
+    return starts
+
+
+@pytest.mark.parametrize("how", ["cached", "uncached", "speculative"])
+def test_bos_stays_first_when_the_window_moves_on(how):
+    """Models trained with BOS (Llama, llama2.c) expect it first: cropping a long prompt and every rebuild of a full
+    window dropped it. With keep=1 it heads every window, and the ids are unchanged while the window does not move."""
+    BOS = 60
+    target = random_model(tiny_config(block_size=16))
+    prompt = [BOS, *range(1, 25)]  # longer than the window: cropped
+    if how == "speculative":
+        draft = random_model(tiny_config(block_size=16, n_layer=1), seed=4)
+        run = lambda p, n, keep: list(speculative_generate(target, draft, p, n, k=3, keep=keep))  # noqa: E731
+    else:
+        run = lambda p, n, keep: list(generate(target, p, n, 0.0, use_cache=how == "cached", keep=keep))  # noqa: E731
+    starts = window_starts(target)
+    out = run(prompt, 40, 1)
+    assert len(out) == 40 and len(starts) >= 3 and set(starts) == {BOS}, starts
+    starts.clear()
+    run(prompt, 40, 0)
+    assert starts[0] != BOS  # without keep, the crop and the rebuilds begin mid-text
+    assert run([BOS, 3, 4], 10, 1) == run([BOS, 3, 4], 10, 0)  # within the window: the same ids
+
+
 def test_a_draft_with_a_padded_table_drafts_for_the_same_tokenizer():
     """One tokenizer, tables padded differently (Qwen2-0.5B's 151,936 rows drafting for Qwen2-7B's 152,064): only
     the tokenizer's ids are drawn, so greedy output equals plain greedy; a table short of them is refused."""

@@ -58,14 +58,23 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     return logits.softmax(dim=-1)
 
 
-def crop_prompt(ids: Sequence[int], block_size: int) -> list[int]:
-    """Keep the last block_size - 1 ids (at least one), leaving room for a new token."""
+def window(ids: list[int], size: int, keep: int = 0) -> list[int]:
+    """The first `keep` ids (a BOS that models trained with one expect first) and the last of the others, `size` in
+    all when `ids` is longer (the newest id always kept)."""
+    if len(ids) <= size:
+        return ids
+    keep = min(keep, size - 1)
+    return ids[:keep] + ids[len(ids) - (size - keep):]
+
+
+def crop_prompt(ids: Sequence[int], block_size: int, keep: int = 0) -> list[int]:
+    """Keep block_size - 1 ids (at least one), leaving room for a new token: the first `keep` and the last."""
     ids = list(ids)
-    keep = max(1, block_size - 1)
-    if len(ids) > keep:
-        log.warning("prompt of %d tokens is longer than the context window (%d): keeping its last %d tokens",
-                    len(ids), block_size, keep)
-        ids = ids[-keep:]
+    size = max(1, block_size - 1)
+    if len(ids) > size:
+        log.warning("prompt of %d tokens is longer than the context window (%d): keeping its last %d tokens%s",
+                    len(ids), block_size, size - min(keep, size - 1), " after BOS" if keep else "")
+        ids = window(ids, size, keep)
     return ids
 
 
@@ -73,14 +82,16 @@ def crop_prompt(ids: Sequence[int], block_size: int) -> list[int]:
 def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True, compile: bool = False, sync_every: int | None = None,
-             stats: DecodeStats | None = None, vocab_size: int | None = None) -> Iterator[int]:
+             stats: DecodeStats | None = None, vocab_size: int | None = None, keep: int = 0) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids continuing `prompt` (a non-empty id list).
 
     With the cache, the prompt is processed once and each step runs the model on the newest token only. When the
     window fills up, the cache is rebuilt from the last half window (amortized cost instead of a full recompute per
-    token). `use_cache=False` recomputes everything every step: the slow reference the cache is tested against.
-    `compile` compiles the decode step (decode.py). Tokens stay on the device and reach the host `sync_every` at a
-    time (default: 1 on CPU, where reading a tensor costs nothing; 8 elsewhere). `stats` receives the timings.
+    token); the prompt's first `keep` ids (its BOS, for models trained with one) stay at the window's start through
+    cropping and rebuilds, as llama.cpp's context shift keeps them. `use_cache=False` recomputes everything every
+    step: the slow reference the cache is tested against. `compile` compiles the decode step (decode.py). Tokens
+    stay on the device and reach the host `sync_every` at a time (default: 1 on CPU, where reading a tensor costs
+    nothing; 8 elsewhere). `stats` receives the timings.
     `vocab_size` limits the ids drawn (sample_next).
     The model keeps its KV cache afterwards for the next generation of the same length (decode.lent_cache;
     decode.release_cache(model) frees it).
@@ -91,15 +102,16 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     was_training = model.training
     model.eval()
-    ids = crop_prompt(prompt, model.config.block_size)
+    ids = crop_prompt(prompt, model.config.block_size, keep)
     try:
         if use_cache:
             yield from _generate_cached(model, ids, max_new_tokens, temperature, top_k, top_p, generator, compile,
-                                        sync_every, stats, vocab_size)
+                                        sync_every, stats, vocab_size, keep)
             return
         device = model.tok_emb.weight.device
         for _ in range(max_new_tokens):
-            logits = model(torch.tensor([ids[-model.config.block_size:]], device=device), last_only=True).logits
+            x = torch.tensor([window(ids, model.config.block_size, keep)], device=device)
+            logits = model(x, last_only=True).logits
             ids.append(int(sample_next(logits[:, -1], temperature, top_k, top_p, generator, vocab_size)))
             yield ids[-1]
     finally:
@@ -108,7 +120,8 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
 
 def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float,
                      top_k: int | None, top_p: float | None, generator: torch.Generator | None, compile: bool,
-                     sync_every: int | None, stats: DecodeStats | None, vocab_size: int | None) -> Iterator[int]:
+                     sync_every: int | None, stats: DecodeStats | None, vocab_size: int | None,
+                     keep: int) -> Iterator[int]:
     device = model.tok_emb.weight.device
     block = model.config.block_size
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
@@ -140,7 +153,7 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
             stats.new_tokens, stats.decode_s, stats.context = produced, time.perf_counter() - start, filled
             yield from new
             if full:  # window full: restart from the recent half window, the newest token included
-                pending = ids[-max(1, block // 2):]
+                pending = window(ids, max(1, block // 2), keep)
                 cache.reset()
                 logits = prefill(model, cache, torch.tensor([pending], device=device))
                 filled = len(pending)
@@ -177,14 +190,15 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     new: list[int] = []
     emitted = 0
     hold = max((len(s) for s in cfg.stop), default=1) - 1
+    keep = int(tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id)  # past the window, BOS stays
     if draft is None:
         tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator,
-                          compile=cfg.compile, stats=stats, vocab_size=tokenizer.vocab_size)
+                          compile=cfg.compile, stats=stats, vocab_size=tokenizer.vocab_size, keep=keep)
     else:
         from .speculative import speculative_generate  # speculative imports this module
 
         tokens = speculative_generate(model, draft, prompt_ids, cfg.max_new_tokens, draft_k, temperature, cfg.top_k,
-                                      cfg.top_p, generator, tokenizer.vocab_size)
+                                      cfg.top_p, generator, tokenizer.vocab_size, keep)
     for tok in tokens:
         if tok == tokenizer.eot_id:
             break

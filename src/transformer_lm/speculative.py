@@ -34,10 +34,11 @@ def check_draft(target: Transformer, draft: Transformer, vocab_size: int | None 
 @torch.no_grad()
 def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequence[int], max_new_tokens: int,
                          k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                         generator: torch.Generator | None = None, vocab_size: int | None = None) -> Iterator[int]:
+                         generator: torch.Generator | None = None, vocab_size: int | None = None,
+                         keep: int = 0) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids continuing `prompt`, distributed as `generate(target, ...)` would draw them
     (temperature 0: the same greedy ids). `k` is the number of draft proposals per target forward; `vocab_size`
-    limits the ids drawn, as in generate().
+    limits the ids drawn, and the prompt's first `keep` ids stay at the window's start, as in generate().
 
     While prompt + output fit in the context window the greedy ids equal generate()'s (except with a w8a8 target,
     whose activation scale is the whole call's: quantize.py); past it, both models restart from the last half
@@ -52,12 +53,17 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     target.eval(), draft.eval()
     device = target.tok_emb.weight.device
     block = min(target.config.block_size, draft.config.block_size)
-    ids = crop_prompt(prompt, block)
+    ids = crop_prompt(prompt, block, keep)
     caches = [m.make_cache(1, max_len=min(block, len(ids) + max_new_tokens + k), dtype=activation_dtype(m))
               for m in (target, draft)]
     tcache, dcache = caches
-    start = 0  # the caches hold ids[start : start + cache.pos]
-    limit, keep = min(block, tcache.max_len), max(1, block // 2)
+    limit, half = min(block, tcache.max_len), max(1, block // 2)
+    keep = min(keep, half - 1)
+    start = 0  # the caches hold the window ids[:kept] + ids[start:], kept = keep once a restart has cut ids
+
+    def window(seq: list[int]) -> list[int]:
+        return seq[:keep] + seq[start:] if start else seq
+
     greedy = temperature == 0
 
     def probs(logits: torch.Tensor) -> torch.Tensor:
@@ -69,18 +75,19 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     produced = 0
     try:
         while produced < max_new_tokens:
-            n = len(ids)
+            n = len(window(ids))  # the window's length
             k_round = min(k, max_new_tokens - produced - 1)  # the round adds up to k_round + 1 tokens
-            if n - start + k_round > limit and n - start > keep:  # window full: restart from the recent half window
-                start, tcache.pos, dcache.pos = n - keep, 0, 0
-            k_round = min(k_round, limit - (n - start))  # the target writes n - start + k_round positions
+            if n + k_round > limit and n > half:  # window full: restart from the recent half window
+                start, tcache.pos, dcache.pos = len(ids) - (half - keep), 0, 0
+                n = half
+            k_round = min(k_round, limit - n)  # the target writes n + k_round positions
 
             # 1. the draft proposes k_round tokens, one forward each
             drafted: list[int] = []
             qs: list[torch.Tensor] = []
             for _ in range(k_round):
-                seq = ids + drafted
-                x = torch.tensor([seq[start + dcache.pos:]], device=device)
+                seq = window(ids + drafted)
+                x = torch.tensor([seq[dcache.pos:]], device=device)
                 logits = draft(x, cache=dcache, last_only=True).logits[0, -1, :vocab_size]
                 if greedy:
                     drafted.append(int(logits.argmax()))
@@ -89,8 +96,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
                     drafted.append(draw(qs[-1]))
 
             # 2. the target scores the pending ids and all proposals in one forward: k_round + 1 distributions
-            seq = ids + drafted
-            x = torch.tensor([seq[start + tcache.pos:]], device=device)
+            seq = window(ids + drafted)
+            x = torch.tensor([seq[tcache.pos:]], device=device)
             logits = target(x, cache=tcache).logits[0, -(k_round + 1):, :vocab_size]  # (k_round + 1, V)
 
             # 3. keep proposals while they pass; the first failure is replaced by a draw from the residual
@@ -114,7 +121,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
                 new.append(int(logits[-1].argmax()) if greedy else draw(probs(logits[-1])))
 
             # 4. rewind both caches to the accepted prefix (the last new token is pending, as in generate())
-            accepted = n - start + len(new) - 1
+            accepted = n + len(new) - 1
             tcache.pos = accepted
             dcache.pos = min(dcache.pos, accepted)
             ids.extend(new)

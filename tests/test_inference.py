@@ -8,6 +8,8 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import conftest
@@ -269,6 +271,31 @@ def test_speculative_runs_past_the_context_window():
     assert len(out) == 50 and all(0 <= t < 61 for t in out)
     with pytest.raises(ConfigError, match="vocabulary"):
         next(speculative_generate(target, random_model(tiny_config(vocab_size=62)), [1], 5))
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=st.text("ab\n€", max_size=6), generated=st.text("ab\n€", max_size=12),
+       stops=st.lists(st.text("ab\n€", min_size=1, max_size=4), max_size=3))
+def test_stop_strings_cut_the_sample_where_prompt_and_sample_first_hold_one(prompt, generated, stops):
+    """Against a naive reference over the decoded prompt + sample, token by token: the sample ends before the first
+    stop string that ends inside it, also one that begins in the prompt ("\n\n" after a prompt ending in "\n"
+    was never found); a stop string wholly inside the prompt does not count. Bytes: "€" spans three tokens."""
+    from transformer_lm import generate as gen
+    from transformer_lm.config import SampleConfig
+    from transformer_lm.tokenizers import ByteTokenizer
+
+    tok, ids = ByteTokenizer(), list(generated.encode())
+    ref = generated
+    for i in range(1, len(ids) + 1):
+        full = prompt + tok.decode(ids[:i])
+        hits = [j for j in (full.find(s, max(0, len(prompt) - len(s) + 1)) for s in stops) if j >= 0]
+        if hits:
+            ref = full[len(prompt):max(len(prompt), min(hits))]
+            break
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gen, "generate", lambda *a, **k: iter(ids))
+        got = "".join(gen.stream_text(None, tok, prompt, SampleConfig(max_new_tokens=len(ids), stop=stops)))
+    assert got == ref
 
 
 def window_starts(model: Transformer) -> list[int]:

@@ -190,6 +190,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     new: list[int] = []
     emitted = 0
     hold = max((len(s) for s in cfg.stop), default=1) - 1
+    tail = prompt[-hold:] if hold else ""  # the prompt's last characters a stop string may begin in
     keep = int(tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id)  # past the window, BOS stays
     if draft is None:
         tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator,
@@ -204,9 +205,14 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
             break
         new.append(tok)
         text = decode(new)
-        cut = min((i for i in (text.find(s, max(0, emitted - hold)) for s in cfg.stop) if i >= 0), default=-1)
+        # searched from the prompt's tail on: a stop string may begin in the prompt ("\n\n" after a prompt ending in
+        # "\n"); what of it the sample wrote is left out, as always
+        full = tail + text
+        start = max(0, len(tail) + emitted - hold)  # and each match ends in the sample (not within the prompt):
+        cut = min((i for i in (full.find(s, max(start, len(tail) - len(s) + 1)) for s in cfg.stop) if i >= 0),
+                  default=-1)
         if cut >= 0:
-            yield text[emitted:cut]
+            yield text[emitted:max(emitted, cut - len(tail))]
             return
         # Hold back a trailing replacement char (a multi-byte character may be half-decoded) and a tail that could
         # still grow into a stop string.

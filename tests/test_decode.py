@@ -75,6 +75,16 @@ def test_static_cache_logits_and_greedy_equal_full_recompute(name):
     assert len(set(greedy)) > 1  # a constant stream would prove little
 
 
+def test_cached_generation_under_autocast_equals_the_uncached():
+    """Sampling inside torch.autocast (as nanoGPT's sample.py does) with fp32 weights: the static cache, allocated in
+    the weights' dtype, refused autocast's bf16 keys (index_copy_ dtype mismatch); the uncached path worked."""
+    model = random_model(tiny_config(pos_encoding="rope"), seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached = list(generate(model, [1, 2, 3], 12, temperature=0))
+        plain = list(generate(model, [1, 2, 3], 12, temperature=0, use_cache=False))
+    assert cached == plain and len(set(cached)) > 1
+
+
 def test_generate_syncs_in_chunks_and_fills_stats():
     """Tokens reach the host `sync_every` at a time: the ids do not depend on the chunking, and stats count them."""
     config = tiny_config(block_size=16)

@@ -88,8 +88,8 @@ class StaticKVCache(nn.Module):
             v_buf[:, :, :T] = v
             return k_buf[:, :, :T], v_buf[:, :, :T]
         slots = self.pos + torch.arange(k.size(2), device=k.device)  # (T,)
-        k_buf.index_copy_(2, slots, k)
-        v_buf.index_copy_(2, slots, v)
+        k_buf.index_copy_(2, slots, k.to(k_buf.dtype))  # under autocast k is bf16 where the cache is the weights'
+        v_buf.index_copy_(2, slots, v.to(v_buf.dtype))
         return k_buf, v_buf
 
     @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -173,10 +174,10 @@ def test_data_errors(tmp_path: Path, capsys):
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 10)
     one_line_error(capsys, "train", tmp_path / "binary.bin", "--out", out, match="binary.bin")
     one_line_error(capsys, "eval", tmp_path / "nowhere", "--data", tmp_path / "short.txt", match="not a run folder")
-    # what the operating system refuses is one line too, naming the path (here --out is a file)
+    # what the operating system refuses is one line too, naming the path (here --out is inside a file)
     (tmp_path / "long.txt").write_text("long enough for a window of 32 tokens, " * 20)
-    one_line_error(capsys, "train", tmp_path / "long.txt", "--out", tmp_path / "binary.bin", "--tokenizer", "char",
-                   *TINY, match="binary.bin: File exists; check the path")
+    one_line_error(capsys, "train", tmp_path / "long.txt", "--out", tmp_path / "binary.bin" / "run", "--tokenizer",
+                   "char", *TINY, match="Not a directory; check the path")
     assert (tmp_path / "binary.bin").read_bytes() == bytes(range(256)) * 10
     # checked before minutes of measuring: a folder, or a path under a file (a missing folder is created)
     one_line_error(capsys, "bench", "--json", tmp_path, match="is a folder; give a file path")
@@ -359,6 +360,73 @@ def test_resume_with_a_named_preset_of_another_model_is_refused(trained_run: Pat
     assert json.loads((trained_run / "config.json").read_text())["preset"] == "tiny"  # as the run was started
     one_line_error(capsys, "train", "--out", tmp_path / "nothing", "--resume", "true", match="has no checkpoint")
     assert not (tmp_path / "nothing").exists()
+
+
+def test_resume_after_the_cache_is_emptied_keeps_a_bpe_vocabulary(corpus_file: Path, tmp_path: Path, capsys):
+    """A bpe run prepared again was tokenized with the default 4,096 ids, then refused as "another tokenizer"."""
+    run = tmp_path / "bpe"
+    code, _, err = tlm(capsys, "train", corpus_file, "--out", run, "--tokenizer", "bpe", "--vocab_size", "300", *TINY,
+                       "--train.max_iters", "2")
+    assert code == 0, err
+    shutil.rmtree(json.loads((run / "config.json").read_text())["data"]["prepared"])
+    code, out, err = tlm(capsys, "train", "--out", run, "--resume", "true", "--train.max_iters", "3")
+    assert code == 0 and "3 steps" in out, err
+
+
+def test_resume_with_a_recipe_preset_keeps_the_runs_training_settings(corpus_file: Path, tmp_path: Path, capsys):
+    """Naming the run's recipe preset again put the recipe's lr and warmup back over the run's own, mid-run; one
+    named in a --config file was neither applied nor refused."""
+    run = tmp_path / "run"
+    code, _, err = tlm(capsys, "train", corpus_file, "--out", run, "--tokenizer", "char", "--preset",
+                       "shakespeare-speedrun", "--train.lr", "1e-3", "--train.warmup_iters", "1", *TINY,
+                       "--train.max_iters", "2")
+    assert code == 0, err
+    code, _, err = tlm(capsys, "train", "--out", run, "--resume", "true", "--preset", "shakespeare-speedrun", *TINY,
+                       "--train.max_iters", "3")
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())["train"]
+    assert (saved["lr"], saved["warmup_iters"], saved["max_iters"]) == (1e-3, 1, 3)
+    (tmp_path / "c.yaml").write_text(f"preset: gpt2\nout: {run}\n")
+    one_line_error(capsys, "train", "--config", tmp_path / "c.yaml", "--resume", "true", match="different model config")
+
+
+def test_config_values_that_would_fail_later_are_one_line(corpus_file: Path, tmp_path: Path, capsys, monkeypatch):
+    """Each of these passed the checks and then ran forever (NaN max_time), trained NaN weights (1e400 lr), or ended
+    in a traceback (a seed torch cannot take, a null section, a bad torchrun environment) — some after minutes of
+    preparing data; an integer written 2e6 got jsonargparse's message alone."""
+    for flag, value, match in (("--train.lr", "1e400", "train.lr must be a finite number"),
+                               ("--train.seed", str(2**70), "train.seed must be in"),
+                               ("--train.max_tokens", "2e6", "write whole numbers in full"),
+                               ("--out", str(corpus_file), "is a file")):
+        one_line_error(capsys, "train", corpus_file, "--out", tmp_path / "run", flag, value, match=match)
+    for yaml, match in (("train:\n  max_time: .nan\n  max_iters: null\n", "train.max_time must be"),
+                        ("model: null\n", "model: in the config must be a mapping"), ("out: null\n", "out must be")):
+        (tmp_path / "c.yaml").write_text(yaml)
+        one_line_error(capsys, "train", corpus_file, "--out", tmp_path / "run", "--config", tmp_path / "c.yaml",
+                       match=match)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    one_line_error(capsys, "train", corpus_file, "--out", tmp_path / "run", match="WORLD_SIZE='two'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_the_presets_defaults_and_info_refuses_a_run_with_a_model(trained_run: Path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--preset", "shakespeare-speedrun", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--train.lr LR Peak learning rate. (type: float, default: 0.0035)" in shown  # was the base 0.002
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])  # no run folder given: the help all the same
+    assert "--max_new_tokens" in capsys.readouterr().out
+    one_line_error(capsys, "info", trained_run, "--preset", "gpt2", match="not both")
+
+
+def test_run_files_are_readable_by_others_as_the_umask_allows(trained_run: Path):
+    """safetensors and mkstemp make their files 0600: a run on a shared file system was unreadable to the group."""
+    mask = os.umask(0)
+    os.umask(mask)
+    weights = next((trained_run / "checkpoints").glob("step-*/model.safetensors"))
+    for f in (weights, trained_run / "tokenizer.json", trained_run / "config.json"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, f
 
 
 def test_resume_continues_the_run_as_it_was_started(trained_run: Path, capsys):

@@ -43,6 +43,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the mode open() gives a new file (0666 less the umask): save_file makes it
+    0600, so others on a shared file system could not load a run their group may read."""
+    save_file(tensors, str(path), metadata=metadata)
+    share(path)
+
+
+def share(path: str | Path) -> None:
+    """Give a file made private (0600, by save_file or mkstemp) the mode open() would have given it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder + fsync + rename: readers see the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -98,7 +112,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step
     tmp = begin_checkpoint(run_dir, step)
     if tmp is None:  # this step is already saved (e.g. Ctrl-C right after an eval checkpoint)
         return Path(run_dir) / "checkpoints" / _step_dir(step)
-    save_file(weights_of(model), str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    save_tensors(weights_of(model), tmp / "model.safetensors", metadata={"step": str(step)})
     return commit_checkpoint(run_dir, tmp, step, state)
 
 
@@ -154,7 +168,7 @@ def write_weights(folder: Path, model: nn.Module, step: int) -> Path:
     """Write `model`'s weights as folder/model.safetensors, atomically (temp file, fsync, rename)."""
     path = Path(folder) / "model.safetensors"
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(weights_of(model), str(tmp), metadata={"step": str(step)})
+    save_tensors(weights_of(model), tmp, metadata={"step": str(step)})
     _fsync_file(tmp)
     os.replace(tmp, path)
     fsync_dir(path.parent)

@@ -113,9 +113,16 @@ def parse(argv: list[str]) -> Namespace:
     """Parse twice when a preset is named or a run resumed: the preset's fields (and a recipe preset's training
     settings), then a resumed run's own saved model and training config, become the defaults that --model.* and
     --train.* override, whatever the order on the command line or in --config. The first pass leaves out
-    --print_config, which would print (and exit) before those defaults are in."""
+    --print_config and --help, which would print (and exit) before those defaults are in."""
     parser, cmds = build_parser()
-    ns = parser.parse_args([a for a in argv if not a.startswith("--print_config")])
+    late = [a for a in argv if a.startswith("--print_config") or a in ("-h", "--help")]  # printed after the defaults
+    first = [a for a in argv if a not in late]
+    try:
+        ns = parser.parse_args(first)
+    except argparse.ArgumentError:
+        if late:  # `tlm sample --help` lacks its positional: the help is what was asked for
+            parser.parse_args(argv)
+        raise
     cmd = ns.command
     defaults: dict[str, Any] = {}
     chosen = ns[cmd].get("preset")
@@ -124,11 +131,16 @@ def parse(argv: list[str]) -> Namespace:
         if cmd == "train":
             defaults |= {f"train.{k}": v for k, v in preset_recipe(chosen).items()}
     if cmd == "train" and ns.train.resume:
-        # the run's own settings over the default preset's; a preset named on the command line goes over them, so
-        # that one of another model is refused by train's config check instead of silently ignored
-        named = any(a == "--preset" or a.startswith("--preset=") for a in argv)
-        defaults = _saved_settings(Path(ns.train.out)) | (defaults if named else {})
-    if defaults or any(a.startswith("--print_config") for a in argv):
+        # The run's own settings, over the preset's. The model fields of a preset named (on the command line or in
+        # --config) go over them, so that one of another model is refused by train's config check instead of
+        # silently ignored; its training recipe does not: the run continues with its own.
+        cmds["train"].set_defaults({"preset": None})
+        named = parser.parse_args(first).train.preset is not None
+        cmds["train"].set_defaults({"preset": chosen})
+        defaults = _saved_settings(Path(ns.train.out))
+        if named:
+            defaults |= {f"model.{k}": v for k, v in preset(chosen).items()}
+    if defaults or late:
         cmds[cmd].set_defaults(defaults)
         ns = parser.parse_args(argv)
     return ns
@@ -151,8 +163,9 @@ def _saved_settings(run: Path) -> dict[str, Any]:
     from .tokenizers import TOKENIZER_KINDS
 
     data = saved.get("data") if isinstance(saved, dict) else None
-    if isinstance(data, dict) and data.get("tokenizer") in TOKENIZER_KINDS:
-        out["tokenizer"] = data["tokenizer"]  # raw text prepared again (an emptied cache) the way it was
+    if isinstance(data, dict) and data.get("tokenizer") in TOKENIZER_KINDS:  # raw text prepared again (an emptied
+        out["tokenizer"] = data["tokenizer"]  # cache) the way it was: the same kind, bpe size and GPT-2 files
+        out |= {k: data[k] for k in ("vocab_size", "gpt2_dir") if data.get(k) is not None}
     return out
 
 
@@ -168,19 +181,32 @@ def cmd_prepare(a: Namespace) -> None:
 
 
 def cmd_train(a: Namespace) -> int:
+    from .parallel import dist_from_env
+    from .runtime import resolve_device
     from .train import check_resumable, resumed_data, train, training_data
 
+    for key in ("model", "train"):  # a --config file may set a section to null or a list
+        if not isinstance(a.get(key), Namespace):
+            raise ConfigError(f"{key}: in the config must be a mapping of {key} fields, got {a.get(key)!r}")
+    if not isinstance(a.out, str) or not a.out:
+        raise ConfigError(f"out must be a folder path, got {a.out!r}")
+    if Path(a.out).exists() and not Path(a.out).is_dir():  # checked before minutes of preparing data
+        raise ConfigError(f"--out {a.out} is a file; give a folder for the run")
     model_cfg = ModelConfig(**a.model.as_dict())
     train_cfg = TrainConfig(**a.train.as_dict())
+    resolve_device(train_cfg.device)  # an unavailable device, before the data is prepared
     data_arg = a.get("data")
     source = os.path.abspath(data_arg) if data_arg else "python-stdlib"  # absolute: --resume may run elsewhere
     if a.resume:
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # torchrun: train() has rank 0 check it and say it once
+        if not dist_from_env().enabled:  # torchrun: train() has rank 0 check it and say it once
             check_resumable(a.out)  # before minutes of preparing data for a folder with nothing to resume
         if data_arg is None:  # continue on the data the run was started with
             data_arg, source = resumed_data(a.out)
     data = training_data(data_arg, a.tokenizer, a.vocab_size, a.gpt2_dir)
-    extra = {"data": {"source": source, "tokenizer": data.tokenizer.kind, "prepared": str(data.path)},
+    kind = data.tokenizer.kind
+    extra = {"data": {"source": source, "tokenizer": kind, "prepared": str(data.path),
+                      "vocab_size": a.vocab_size if kind == "bpe" else None,
+                      "gpt2_dir": os.path.abspath(a.gpt2_dir) if kind == "gpt2" and a.gpt2_dir else None},
              "preset": a.preset}
     res = train(model_cfg, train_cfg, data, a.out, resume=a.resume, overwrite=a.overwrite, extra_config=extra)
     if not res.is_main:  # under torchrun, rank 0 reports for all
@@ -256,6 +282,10 @@ def cmd_eval(a: Namespace) -> None:
 def cmd_info(a: Namespace) -> None:
     if a.run:
         from .api import read_run_config
+
+        if a.preset != "tiny" or a.model.as_dict() != ModelConfig(**preset("tiny")).to_dict():  # not the defaults
+            raise ConfigError("give either a run folder or a model (--preset / --model.*), not both: a run's "
+                              "model is its own")
 
         cfg = read_run_config(a.run)[1]  # the config alone: no need to load the weights
     else:
@@ -458,10 +488,13 @@ def main(argv: list[str] | None = None) -> int:
         if listed:
             opt = f"--{listed.group(1)}"
             msg += f"; write a list in brackets, {opt} '[a, b]', or give items one at a time with {opt}+ a"
+        if re.search(r"Expected a <class 'int'>\. Got value: -?\d+\.0\b", msg):  # 2e6 given for an int field
+            msg += "; write whole numbers in full (2000000, not 2e6)"
         if msg.startswith("unrecognized arguments") and argv[:1] == ["sample"]:  # argparse's optional positional
             msg += "; the prompt goes right after the run folder: tlm sample RUN \"PROMPT\" [options]"
-        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
+        rank, world = (int(v) if v.isdigit() else 0 for v in (os.environ.get("RANK", "0"),
+                                                              os.environ.get("WORLD_SIZE", "1")))
+        if world <= 1:
             print(f"tlm: error: {msg}", file=sys.stderr)
         elif rank == 0 or not (isinstance(e, (ConfigError, argparse.ArgumentError))  # settings: every rank alike
                                or getattr(e, "shown_by_rank0", False)):  # rank 0's error, given to every rank

@@ -25,12 +25,16 @@ from .errors import ConfigError
 def check_types(config: Any, prefix: str) -> None:
     """Raise ConfigError for a field whose value is not of its annotated type: a config.json or preset is text that
     anyone may have edited, and a float layer count or a string width would otherwise fail deep inside PyTorch.
-    An int field takes only ints (not bools), a float field any real number, a Literal one of its values."""
+    An int field takes only ints (not bools), a float field any finite real number (NaN passed every `x <= 0`
+    check: a NaN max_time never ended a run, a 1e400 lr trained NaN weights), a Literal one of its values; a seed
+    what torch.manual_seed takes."""
     hints = _hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if not _fits(value, hints[f.name]):
             raise ConfigError(f"{prefix}.{f.name} must be {_describe(hints[f.name])}, got {value!r}")
+        if f.name == "seed" and type(value) is int and not -2**63 <= value < 2**64:
+            raise ConfigError(f"{prefix}.seed must be in [-2^63, 2^64), got {value}")
 
 
 def check_unique(name: str, values: list[Any]) -> None:
@@ -54,7 +58,7 @@ def _fits(value: Any, tp: Any) -> bool:
     if origin is list:
         return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
     if tp is float:
-        return type(value) in (int, float)
+        return type(value) in (int, float) and math.isfinite(value)
     if tp in (int, bool, str, type(None)):
         return type(value) is tp
     return True
@@ -68,7 +72,7 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
         return f"a list ({_describe(args[0])} each)"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
             type(None): "null"}.get(tp, str(tp))
 
 
@@ -330,8 +334,8 @@ class TrainConfig:
             raise ConfigError("train.cooldown_fraction must be in (0, 1] and train.muon_lr > 0")
         if self.eval_interval < 1 or self.eval_batches < 1 or self.log_interval < 1:
             raise ConfigError("train.eval_interval, train.eval_batches and train.log_interval must be >= 1")
-        if self.dist_timeout <= 0:
-            raise ConfigError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if not 0 < self.dist_timeout <= 1e9:  # a timedelta holds ~8.6e13 s; 1e9 s is 31 years
+            raise ConfigError(f"train.dist_timeout must be in (0, 1e9] seconds, got {self.dist_timeout}")
         for name in ("warmup_iters", "weight_decay", "grad_clip"):  # a negative clip norm would flip the gradient
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
@@ -370,10 +374,8 @@ class SampleConfig:
             raise ConfigError("sample.stop holds an empty string, which every text contains; drop it")
         if self.max_new_tokens < 0 or self.num_samples < 1:
             raise ConfigError("sample.max_new_tokens must be >= 0 and sample.num_samples >= 1")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN drew id 0 every time
-            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.seed is not None and not -2**63 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
-            raise ConfigError(f"seed must be in [-2^63, 2^64), got {self.seed}")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:

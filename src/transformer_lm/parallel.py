@@ -54,10 +54,20 @@ class DistInfo:
 
 def dist_from_env() -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it, a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    def number(name: str, default: str | None) -> int:
+        value = os.environ.get(name, default)
+        if value is None or not value.strip().isdigit():
+            raise ConfigError(f"the environment's {name}={value!r} is not a process count or index; torchrun sets "
+                              "RANK, WORLD_SIZE and LOCAL_RANK together: unset WORLD_SIZE outside torchrun")
+        return int(value)
+
+    world = number("WORLD_SIZE", "1")
     if world <= 1:
         return DistInfo()
-    return DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    rank = number("RANK", None)
+    if rank >= world:
+        raise ConfigError(f"the environment's RANK={rank} is not below WORLD_SIZE={world}; launch with torchrun")
+    return DistInfo(rank, world, number("LOCAL_RANK", "0"))
 
 
 def check_batch(batch_size: int, info: DistInfo) -> None:

@@ -335,6 +335,8 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
     """Write JSON atomically, so a crash mid-write never leaves a half-written tokenizer beside a checkpoint."""
+    from .checkpoint import share  # checkpoint imports torch: only when a tokenizer is saved
+
     path = Path(path)
     text = json.dumps(tok.to_dict())
     try:
@@ -344,6 +346,7 @@ def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+            share(tmp)  # mkstemp makes it 0600
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..accounting import count_params, match_params
-from ..config import ModelConfig, TrainConfig, check_unique
+from ..config import ModelConfig, TrainConfig, check_types, check_unique
 from ..errors import ConfigError
 from ..model import build_model
 from ..optim import lr_at, make_optimizer, set_lr
@@ -100,6 +100,7 @@ class LongRangeConfig:
     """auto, cpu, cuda, cuda:N or mps."""
 
     def __post_init__(self) -> None:
+        check_types(self, "long_range")  # finite numbers, a seed torch takes
         bad = sorted(set(self.tasks) - set(TASKS)) + sorted(set(self.archs) - {"transformer", "lstm", "rnn"})
         if bad or not self.tasks or not self.archs:
             raise ConfigError(f"unknown task(s) or architecture(s) {bad}; tasks: {', '.join(TASKS)}; architectures: "

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from ..accounting import count_params, flops_per_token
-from ..config import ModelConfig, TrainConfig, dump_json
+from ..config import ModelConfig, TrainConfig, check_types, dump_json
 from ..data import PreparedData
 from ..errors import ConfigError, DataError, RunExistsError
 from ..train import read_metrics, train
@@ -173,6 +173,7 @@ class ScalingConfig:
     """Seed of every rung (initialization and batch order)."""
 
     def __post_init__(self) -> None:
+        check_types(self, "scaling")  # finite numbers, a seed torch takes
         if min(self.block_size, self.batch_size, self.head_dim, self.base_width, self.evals, self.eval_batches) < 1:
             raise ConfigError("block_size, batch_size, head_dim, base_width, evals and eval_batches must be >= 1")
         if not self.sizes:

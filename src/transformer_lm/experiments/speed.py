@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..accounting import count_params, match_params
-from ..config import ModelConfig, TrainConfig, check_unique
+from ..config import ModelConfig, TrainConfig, check_types, check_unique
 from ..errors import ConfigError
 from ..model import build_model
 from ..optim import make_optimizer
@@ -61,6 +61,7 @@ class SpeedConfig:
     """Seed of the weights and the random tokens."""
 
     def __post_init__(self) -> None:
+        check_types(self, "speed")  # finite numbers, a seed torch takes
         unknown = sorted(set(self.archs) - set(ARCHS))
         if unknown or not self.archs:
             raise ConfigError(f"unknown architecture(s) {unknown}; choose among {', '.join(ARCHS)}")

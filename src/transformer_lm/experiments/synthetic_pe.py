@@ -37,7 +37,7 @@ from typing import Any, get_args
 
 import torch
 
-from ..config import ModelConfig, PositionalEncoding, TrainConfig, check_unique
+from ..config import ModelConfig, PositionalEncoding, TrainConfig, check_types, check_unique
 from ..errors import ConfigError
 from ..model import Transformer
 from ..optim import lr_at, make_optimizer, set_lr
@@ -115,6 +115,7 @@ class PEAblationConfig:
     """Seed of the weights and of the training sequences (the same for every encoding)."""
 
     def __post_init__(self) -> None:
+        check_types(self, "pe_ablation")  # finite numbers, a seed torch takes
         bad = [e for e in self.encodings if e not in ENCODINGS]
         if bad or not self.encodings:
             raise ConfigError(f"unknown positional encoding(s) {bad}; choose among {', '.join(ENCODINGS)}")

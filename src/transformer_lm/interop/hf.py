@@ -29,9 +29,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..checkpoint import check_out, clear_out, save_checkpoint
+from ..checkpoint import check_out, clear_out, save_checkpoint, save_tensors
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConversionError, TLMError
 from ..llama_tokenizers import SentencePieceTokenizer
@@ -545,7 +544,7 @@ def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype
     out = Path(out)
     check_out(out, overwrite, [run])
     clear_out(out)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     _write_tokenizer(loaded.tokenizer, out, config.block_size, family)
     return out

@@ -369,11 +369,14 @@ def test_non_representable_export(tmp_path, capsys):
         export_hf(gqa, tmp_path / "hf2")
     rope = _write_run(tmp_path / "rope", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
                                                      pos_encoding="rope", norm="rmsnorm", mlp="swiglu"))
-    with pytest.raises(ConversionError, match=r"gpt2 needs 'learned' \(exportable as llama, mistral, qwen2\)"):
+    with pytest.raises(ConversionError, match=r"gpt2 needs 'learned' \(exportable as llama\)"):
         export_hf(rope, tmp_path / "hf4", family="gpt2")  # it said no Hugging Face family has rope
-    with pytest.raises(ConversionError, match="model.norm is 'layernorm', llama needs 'rmsnorm'"):
-        export_hf(_write_run(tmp_path / "ln", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2,
-                                                          n_embd=32, pos_encoding="rope")), tmp_path / "hf3")
+    # rope with layernorm: llama suggested gpt2 (for the norm) and gpt2 suggested llama (for rope); neither takes both
+    ln = _write_run(tmp_path / "ln", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
+                                                 pos_encoding="rope"))
+    for family in ("llama", "gpt2"):
+        with pytest.raises(ConversionError, match=r"needs .*\(no Hugging Face family has this combination\)"):
+            export_hf(ln, tmp_path / "hf3", family=family)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -238,22 +238,25 @@ def check_representable(c: ModelConfig, family: str) -> None:
     if c.arch != "transformer":
         raise ConversionError(f"cannot export an {c.arch} model to Hugging Face: its families are Transformers "
                               "(model.arch=transformer)")
+    reason = _mismatch(c, family)
+    if reason is not None:  # where the whole model can go instead (one field's takers may refuse another field)
+        takers = [f for f in FAMILIES if _mismatch(c, f) is None]
+        raise ConversionError(f"cannot export to Hugging Face {family}: {reason}" + (
+            f" (exportable as {', '.join(takers)})" if takers else " (no Hugging Face family has this combination)"))
+
+
+def _mismatch(c: ModelConfig, family: str) -> str | None:
+    """The first feature of `c` that `family` cannot represent, or None."""
     have = {**c.to_dict(), "qkv_bias": c.has_qkv_bias}
     needs = dict(ARCHITECTURES[family])
     if family == "llama":
         needs["qkv_bias"] = c.bias
     for name, need in needs.items():
         if have[name] != need:
-            raise ConversionError(f"cannot export to Hugging Face {family}: model.{name} is {have[name]!r}, "
-                                  f"{family} needs {need!r}" + _other_families(name, have[name]))
+            return f"model.{name} is {have[name]!r}, {family} needs {need!r}"
     if family == "gpt2" and c.kv_heads != c.n_head:
-        raise ConversionError(f"cannot export to Hugging Face gpt2: grouped-query attention (n_kv_head={c.n_kv_head})")
-
-
-def _other_families(name: str, value: Any) -> str:
-    """Where a refused setting can go instead: the families that take it, or that none does."""
-    takers = [f for f, arch in ARCHITECTURES.items() if arch.get(name, value) == value]
-    return f" (exportable as {', '.join(takers)})" if takers else " (no Hugging Face family has it)"
+        return f"grouped-query attention (n_kv_head={c.n_kv_head})"
+    return None
 
 
 def config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer | None = None,

@@ -291,19 +291,17 @@ def _measure(row: Row, ours: Callable[[], object], theirs: Callable[[], object],
 
 def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device: str = "auto",
           steps: int = 3, batch: int = 1, seq: int | None = None, prefill_len: int = 1024,
-          new_tokens: int | None = None,
-          decode_batch: int = 8, quantize: str | None = None, compile: bool = False,
+          new_tokens: int | None = None, decode_batch: int = 8, quantize: str | None = None, compile: bool = False,
           seed: int = 0) -> BenchResult:
     """Measure our model against transformers' on the preset's config (with `model` field overrides): training,
     prefill and decode tokens/s, peak memory, MFU/MBU, in `steps` interleaved repetitions each.
 
     `seq` defaults to the block size (training), `prefill_len` is capped at the block size, `new_tokens` defaults to
-    NEW_TOKENS or what the block size leaves after the prompt; `quantize` (int8, int4,
-    int4:G, w8a8) adds a decode row of ours with quantized weights against their float weights; `compile` adds a
-    training row with our model compiled and compiles our decode step (compiling happens in the untimed warm-up;
-    theirs stays eager, as transformers runs by default)."""
-    if steps < 1 or batch < 1 or decode_batch < 1 or prefill_len < 1 or any(v is not None and v < 1 for v in
-                                                                            (seq, new_tokens)):
+    NEW_TOKENS or what the block size leaves after the prompt; `quantize` (int8, int4, int4:G, w8a8) adds a decode
+    row of ours with quantized weights against their float weights; `compile` adds a training row with our model
+    compiled and compiles our decode step (compiling happens in the untimed warm-up; theirs stays eager, as
+    transformers runs by default)."""
+    if min(steps, batch, decode_batch, prefill_len, *(v for v in (seq, new_tokens) if v is not None)) < 1:
         raise ConfigError("steps, batch, seq, decode_batch, new_tokens and prefill_len must be >= 1")
     dev = resolve_device(device)
     config = ModelConfig(**{**preset(preset_name), "dropout": 0.0, **(model or {})})

@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             msg += f"; write a list in brackets, {opt} '[a, b]', or give items one at a time with {opt}+ a"
         if re.search(r"Expected a <class 'int'>\. Got value: -?\d+\.0\b", msg):  # 2e6 given for an int field
             msg += "; write whole numbers in full (2000000, not 2e6)"
-        if msg.startswith("unrecognized arguments") and argv[:1] == ["sample"]:  # argparse's optional positional
+        if msg.lower().startswith("unrecognized arguments") and argv[:1] == ["sample"]:  # an optional positional
             msg += "; the prompt goes right after the run folder: tlm sample RUN \"PROMPT\" [options]"
         rank, world = (int(v) if v.isdigit() else 0 for v in (os.environ.get("RANK", "0"),
                                                               os.environ.get("WORLD_SIZE", "1")))

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -475,6 +476,10 @@ COMMANDS.update(convert=cmd_convert, export=cmd_export, bench=cmd_bench)
 COMMANDS.update(consolidate=cmd_consolidate, memory=cmd_memory)
 
 
+RANK0_GRACE_S = 30.0
+"""How long a torchrun worker whose error rank 0 reports waits for rank 0 to print it and exit."""
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else argv
@@ -499,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         elif rank == 0 or not (isinstance(e, (ConfigError, argparse.ArgumentError))  # settings: every rank alike
                                or getattr(e, "shown_by_rank0", False)):  # rank 0's error, given to every rank
             print(f"tlm: error (rank {rank} of {world}): {msg}", file=sys.stderr)
+        else:  # rank 0 says it: leaving first, this rank would have torchrun end rank 0 before it could print
+            time.sleep(RANK0_GRACE_S)  # torchrun ends this worker as soon as rank 0 has exited
         code = 2
     except KeyboardInterrupt:
         print("tlm: interrupted", file=sys.stderr)

@@ -272,15 +272,6 @@ def test_sharded_checkpoint_without_its_metadata_is_one_error(data: PreparedData
                   progress=False)
 
 
-def test_rank_zeros_error_is_printed_once(data: PreparedData, reference: Path, tmp_path: Path):
-    """An error rank 0 finds and gives to every rank (here: resuming with another model) was printed by each."""
-    run = resumable_copy(reference, tmp_path)
-    proc = torchrun(data.path, "--out", run, *ARGS, "--model.n_embd=48", "--resume=true")
-    assert proc.returncode != 0
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("tlm: error")]
-    assert len(lines) == 1 and "different model config" in lines[0], proc.stderr[-2000:]
-
-
 @pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_four_processes(data: PreparedData, paused_fsdp: Path, reference: Path,
                                                       tmp_path: Path):

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -476,10 +475,6 @@ COMMANDS.update(convert=cmd_convert, export=cmd_export, bench=cmd_bench)
 COMMANDS.update(consolidate=cmd_consolidate, memory=cmd_memory)
 
 
-RANK0_GRACE_S = 30.0
-"""How long a torchrun worker whose error rank 0 reports waits for rank 0 to print it and exit."""
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else argv
@@ -501,11 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                                                               os.environ.get("WORLD_SIZE", "1")))
         if world <= 1:
             print(f"tlm: error: {msg}", file=sys.stderr)
-        elif rank == 0 or not (isinstance(e, (ConfigError, argparse.ArgumentError))  # settings: every rank alike
-                               or getattr(e, "shown_by_rank0", False)):  # rank 0's error, given to every rank
+        elif rank == 0 or not isinstance(e, (ConfigError, argparse.ArgumentError)):  # settings: every rank alike
+            # Rank 0's errors that on_main gives every rank are printed by each too: rank 0 can hang freeing its
+            # process group after the broadcast (torch 2.7's gloo, 1 run in 3), and torchrun then ends it unheard
             print(f"tlm: error (rank {rank} of {world}): {msg}", file=sys.stderr)
-        else:  # rank 0 says it: leaving first, this rank would have torchrun end rank 0 before it could print
-            time.sleep(RANK0_GRACE_S)  # torchrun ends this worker as soon as rank 0 has exited
         code = 2
     except KeyboardInterrupt:
         print("tlm: interrupted", file=sys.stderr)

@@ -250,8 +250,7 @@ def mean_over_ranks(values: list[float], info: DistInfo) -> list[float]:
 
 
 def on_main(fn: Callable[..., T], info: DistInfo, *args: Any, **kwargs: Any) -> T:
-    """Run `fn` on rank 0 only and give its result, or its TLMError, to every rank (marked `shown_by_rank0` on the
-    others, so that the CLI prints it once)."""
+    """Run `fn` on rank 0 only and give its result, or its TLMError, to every rank."""
     if not info.enabled:
         return fn(*args, **kwargs)
     box: list[Any] = [None]
@@ -263,7 +262,6 @@ def on_main(fn: Callable[..., T], info: DistInfo, *args: Any, **kwargs: Any) -> 
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
-        value.shown_by_rank0 = not info.is_main
         raise value
     return value
 

@@ -45,7 +45,7 @@ from torch import nn
 
 from .accounting import count_params, flops_per_token, prefill_flops_per_token
 from .config import ModelConfig, preset
-from .decode import kv_cache_bytes, lent_cache, prefill
+from .decode import lent_cache, prefill
 from .errors import ConfigError
 from .generate import generate, generate_batch
 from .layout import decode_layout
@@ -54,6 +54,7 @@ from .optim import fused_adamw
 from .perf import (
     copy_bandwidth,
     decode_bytes_per_token,
+    kv_cache_bytes,
     mbu,
     measured_copy_bandwidth,
     mfu,
@@ -319,7 +320,7 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
     # activations not counted), and both KV caches of the batched decode
     check_fits(2 * 16 * count_params(config).total, dev, f"training {preset_name} (ours and transformers', "
                "weights, gradients and AdamW state)", "choose a smaller --preset")
-    check_fits(2 * kv_cache_bytes(config, decode_batch, PROMPT_LEN + new_tokens), dev, f"decoding {decode_batch} "
+    check_fits(2 * kv_cache_bytes(config, PROMPT_LEN + new_tokens, decode_batch), dev, f"decoding {decode_batch} "
                "sequences (our KV cache and transformers')", "give a smaller --decode_batch")
     torch.manual_seed(seed)
     ours = Transformer(config).to(dev).init_weights(seed=seed)

@@ -22,17 +22,13 @@ from torch import nn
 
 from .config import ModelConfig
 from .model import Transformer
+from .perf import kv_cache_bytes
 from .runtime import check_fits
 
 log = logging.getLogger(__name__)
 
 DecodeStep = Callable[[Transformer, "StaticKVCache", torch.Tensor, torch.Tensor | None, torch.Tensor | None],
                       torch.Tensor]
-
-
-def kv_cache_bytes(config: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of the keys and values of every layer for `batch_size` sequences of `max_len` positions."""
-    return 2 * config.n_layer * batch_size * config.kv_heads * max_len * config.head_dim * dtype.itemsize
 
 
 class StaticKVCache(nn.Module):
@@ -53,7 +49,7 @@ class StaticKVCache(nn.Module):
         self.max_len = min(max_len or config.block_size, config.block_size)
         self.n_layer = config.n_layer
         shape = (batch_size, config.kv_heads, self.max_len, config.head_dim)
-        check_fits(kv_cache_bytes(config, batch_size, self.max_len, dtype), torch.device(device or "cpu"),
+        check_fits(kv_cache_bytes(config, self.max_len, batch_size, dtype), torch.device(device or "cpu"),
                    f"a KV cache of {batch_size} sequences × {self.max_len} positions",
                    "generate fewer sequences at once or fewer tokens")
         for i in range(config.n_layer):

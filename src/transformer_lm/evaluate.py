@@ -36,7 +36,6 @@ def bits_per_byte(loss: float, tokens: float, num_bytes: float) -> float:
     return loss / math.log(2) * tokens / num_bytes
 
 
-
 @torch.no_grad()
 def evaluate_tokens(model: Transformer, tokens: np.ndarray, bytes_per_token: float, batch_size: int = 8,
                     max_batches: int | None = None, autocast: torch.autocast | nullcontext | None = None

@@ -199,7 +199,8 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 def kv_cache_bytes(config: ModelConfig, context: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of keys and values that one decode step reads back at `context` cached positions per row."""
+    """Bytes of keys and values of every layer at `context` positions per row: what one decode step reads back,
+    and the size of a cache of that many slots."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * config.n_layer * batch * config.kv_heads * context * config.head_dim * itemsize
 

@@ -368,12 +368,13 @@ def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwri
     fits, notes = {}, {}
     for var, xs, ys in (("N", [r.non_embedding_params for r in rungs], [r.val_loss for r in rungs]),
                         ("C", [p["compute"] for p in frontier], [p["val_loss"] for p in frontier])):
-        try:
-            fits[var] = fit_power_law(xs, ys) if len(xs) >= 3 else None
-            notes[var] = None if len(xs) >= 3 else "too few points to fit"
-        except DataError as e:  # the trained rungs are kept and written; only the fit is withheld
-            fits[var], notes[var] = None, str(e)
-            log.warning("no L(%s) fit: %s", var, e)
+        fits[var], notes[var] = None, "too few points to fit" if len(xs) < 3 else None
+        if notes[var] is None:
+            try:
+                fits[var] = fit_power_law(xs, ys)
+            except DataError as e:  # the trained rungs are kept and written; only the fit is withheld
+                notes[var] = str(e)
+                log.warning("no L(%s) fit: %s", var, e)
     result = ScalingResult(cfg, rungs, points, fits["N"], fits["C"], time.perf_counter() - t0, fit_notes=notes)
     write_results(result, out)
     return result

@@ -52,14 +52,22 @@ class Accelerator:
 
 # Vendor datasheet figures. The key is the name accepted by `--hardware` (matching ignores case, spaces, '-' and '_').
 ACCELERATORS: dict[str, Accelerator] = {a.name.lower(): a for a in [
-    # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity; FP32 67; up to 700 W; 80 GB
+    # NVIDIA H100 Tensor Core GPU datasheet: BF16 1,979 TFLOPS with sparsity; FP32 67; up to 700 W; 80 GB. The NVL
+    # boards ("NVIDIA H100 NVL", "NVIDIA H200 NVL") are slower: the SXM patterns leave them to their own rows.
     Accelerator("H100-SXM", 989.4, 67.0, 700, 80, "NVIDIA H100 Tensor Core GPU datasheet (SXM5)",
-                device_pattern=r"H100(?!.*PCIe)"),
+                device_pattern=r"H100(?!.*(PCIe|NVL))"),
     # same datasheet, PCIe column: BF16 1,513 with sparsity; FP32 51; 300-350 W
     Accelerator("H100-PCIe", 756.5, 51.0, 350, 80, "NVIDIA H100 Tensor Core GPU datasheet (PCIe)",
                 device_pattern=r"H100.*PCIe"),
+    # same datasheet, H100 NVL column: BF16 1,671 with sparsity; FP32 60; 350-400 W; 94 GB
+    Accelerator("H100-NVL", 835.5, 60.0, 400, 94, "NVIDIA H100 Tensor Core GPU datasheet (NVL)",
+                device_pattern=r"H100.*NVL"),
     # NVIDIA H200 Tensor Core GPU datasheet: BF16 1,979 with sparsity; FP32 67; up to 700 W; 141 GB
-    Accelerator("H200", 989.4, 67.0, 700, 141, "NVIDIA H200 Tensor Core GPU datasheet (SXM)", device_pattern=r"H200"),
+    Accelerator("H200", 989.4, 67.0, 700, 141, "NVIDIA H200 Tensor Core GPU datasheet (SXM)",
+                device_pattern=r"H200(?!.*NVL)"),
+    # same datasheet, H200 NVL column: BF16 1,671 with sparsity; FP32 60; up to 600 W; 141 GB
+    Accelerator("H200-NVL", 835.5, 60.0, 600, 141, "NVIDIA H200 Tensor Core GPU datasheet (NVL)",
+                device_pattern=r"H200.*NVL"),
     # NVIDIA A100 Tensor Core GPU datasheet: BF16 312 (624 sparse); FP32 19.5; 400 W (SXM)
     Accelerator("A100-80GB", 312.0, 19.5, 400, 80, "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)",
                 device_pattern=r"A100.*80GB"),

@@ -136,6 +136,17 @@ def test_a_chunk_is_never_cut_inside_a_word(tmp_path: Path) -> None:
         assert max(map(len, data._file_chunks(tmp_path / "blob.txt"))) < 300 + 100  # bounded all the same
 
 
+def test_a_chunk_is_never_cut_before_an_information_separator(tmp_path: Path) -> None:
+    """Python's \\s matches \\x1c-\\x1f, but GPT-2's regex joins them with the punctuation before them: a cut there
+    (the only "whitespace" in a chunk's second half) changed BPE ids from those of the whole text."""
+    text = "word " * 30 + "a.\x1cb" * 100 + " tail"
+    (tmp_path / "sep.txt").write_text(text)
+    tok = build_tokenizer("bpe", [text], vocab_size=300)
+    with mock.patch.object(data, "CHUNK_CHARS", 100):
+        got, _ = data.encode_sources([tmp_path / "sep.txt"], tok)
+    assert got.tolist() == tok.encode(text)
+
+
 def test_bpe_separates_files_with_eot(tmp_path: Path, bpe: Tokenizer) -> None:
     paths = write(tmp_path / "c", TEXTS)
     prepare(paths, tmp_path / "out", bpe, val_fraction=0.4)

@@ -39,7 +39,9 @@ CHUNK_CHARS = 1 << 20  # characters per tokenization task (~1 MiB of ASCII); tes
 MANIFEST_FORMAT = 1
 _SNIFF_BYTES = 8192
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
-_CUTS = (re.compile(r"(?<=\S)(?=\r?\n)"), re.compile(r"(?<=\S)(?=\s)"))  # preferred chunk ends; see _cut_point
+# Preferred chunk ends; see _cut_point. Python's \s also matches \x1c-\x1f, which GPT-2's regex does not count as
+# whitespace (it joins them with punctuation before them), so a cut must not fall before those.
+_CUTS = (re.compile(r"(?<=\S)(?=\r?\n)"), re.compile(r"(?<=\S)(?=[^\S\x1c-\x1f])"))
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 Piece = tuple[str, str, bool]  # (split, text, append end-of-text after it)

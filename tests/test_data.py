@@ -124,6 +124,20 @@ def test_a_file_named_twice_is_read_once_and_skipped_files_are_reported(tmp_path
     assert "utf16.txt" in caplog.text
 
 
+def test_a_folder_is_read_without_the_prepared_data_and_runs_written_into_it(tmp_path: Path, caplog) -> None:
+    """`tlm prepare corpus --out corpus/prepared` made a second prepare (or `tlm train corpus`) read that folder's
+    manifest.json and tokenizer.json as text, and a run's config.json and metrics, which change as it trains."""
+    (text,) = write(tmp_path / "corpus", ["some text to train on\n" * 5])
+    prepare([text], tmp_path / "corpus" / "prepared", ByteTokenizer())
+    run = tmp_path / "corpus" / "run"
+    run.mkdir()
+    for name in ("config.json", "env.json", "tokenizer.json", "metrics.jsonl"):
+        (run / name).write_text("{}\n")
+    with caplog.at_level("WARNING", logger="transformer_lm.data"):
+        assert resolve_sources(tmp_path / "corpus") == [text]
+    assert "skipped prepared, run" in caplog.text
+
+
 def test_a_chunk_is_never_cut_inside_a_word(tmp_path: Path) -> None:
     """Text with no whitespace in a chunk's second half (a base64 blob) was cut mid-word: BPE ids there differed
     from the whole text's."""

@@ -43,6 +43,7 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "l
 # whitespace (it joins them with punctuation before them), so a cut must not fall before those.
 _CUTS = (re.compile(r"(?<=\S)(?=\r?\n)"), re.compile(r"(?<=\S)(?=[^\S\x1c-\x1f])"))
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+_OUTPUT_MARKERS = (("manifest.json", "train.bin"), ("config.json", "env.json"))  # prepared data; a run folder
 
 Piece = tuple[str, str, bool]  # (split, text, append end-of-text after it)
 
@@ -62,11 +63,23 @@ def _is_text(path: Path) -> bool:
         return b"\0" not in f.read(_SNIFF_BYTES)
 
 
+def _is_output(folder: Path) -> bool:
+    """A folder `prepare` or `tlm train` wrote: its JSON files are not corpus text, and a run's change as it trains
+    (a corpus folder holding its own prepared data or runs would otherwise be read with them, differently each time)."""
+    return any(all((folder / name).is_file() for name in names) for names in _OUTPUT_MARKERS)
+
+
 def _walk(root: Path, skip: set[str] = frozenset()) -> list[Path]:
-    """Files under `root`, sorted, without hidden names or folders named in `skip`; symlinked folders not followed."""
+    """Files under `root`, sorted, without hidden names, folders named in `skip` or folders tlm wrote (`_is_output`);
+    symlinked folders not followed."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip]
+        outputs = [d for d in dirnames if _is_output(Path(dirpath, d))]
+        if outputs:
+            log.warning("%s: skipped %s, written by tlm (prepared data or a run), not text to train on", dirpath,
+                        ", ".join(sorted(outputs)))
+            dirnames[:] = [d for d in dirnames if d not in outputs]
         found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
     return sorted(found)
 
@@ -74,7 +87,8 @@ def _walk(root: Path, skip: set[str] = frozenset()) -> list[Path]:
 def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
     """The text files named by `source`: a file, a folder, a glob pattern (`**` recurses), or a list of those.
 
-    Folders are walked recursively in sorted order, skipping hidden names; folders and glob matches keep only
+    Folders are walked recursively in sorted order, skipping hidden names and the prepared data and runs tlm wrote
+    there (`_is_output`); folders and glob matches keep only
     non-empty text files (no NUL byte in the first 8 KiB, see `_is_text`). A file named directly must be
     non-empty text; anything that resolves to no files raises DataError.
     """

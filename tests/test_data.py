@@ -339,6 +339,31 @@ def test_prepare_replaces_prepared_data_only_when_asked_and_never_its_sources(tm
     assert load_prepared(tmp_path / "first").manifest["tokenizer"]["kind"] == "char"
 
 
+def test_prepare_into_a_symlink_replaces_its_target(tmp_path: Path) -> None:
+    """The link itself was replaced by a plain folder beside it (on the link's disk, not the target's), and the old
+    data was left behind a hidden link."""
+    paths = write(tmp_path / "c", TEXTS)
+    (tmp_path / "big").mkdir()
+    (tmp_path / "work").mkdir()
+    link = tmp_path / "work" / "data"
+    link.symlink_to(tmp_path / "big")
+    prepare(paths, link, ByteTokenizer())
+    prepare(paths[:1], link, ByteTokenizer(), overwrite=True)
+    assert link.is_symlink() and [p.name for p in (tmp_path / "work").iterdir()] == ["data"]
+    assert load_prepared(tmp_path / "big").train.tolist() == reference(TEXTS[:1], ByteTokenizer())[0]
+
+
+def test_prepare_refuses_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tlm prepare text --out .` in an empty folder crashed with a ValueError (a path with an empty name)."""
+    paths = write(tmp_path / "c", TEXTS)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out in (".", ".."):
+        with pytest.raises(DataError, match="holds the working directory"):
+            prepare(paths, out, ByteTokenizer())
+    assert not any((tmp_path / "here").iterdir())
+
+
 def test_load_errors(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(DataError, match="no manifest"):

@@ -292,6 +292,17 @@ def _replace_dir(new: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _out_folder(out_dir: Path) -> Path:
+    """`out_dir` resolved, as `prepare` replaces it whole by renames: a symlink's target is replaced, not the link
+    (which became a plain folder on the link's disk, the old data left behind a hidden link); never the working
+    directory or a folder above it (`--out .` had no name to put the hidden folder beside)."""
+    where, cwd = out_dir.resolve(), Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise DataError(f"cannot prepare into {out_dir}: it holds the working directory, and prepare replaces the "
+                        f"whole folder; choose a new folder, such as {out_dir / 'prepared'}")
+    return where
+
+
 def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tokenizer: Tokenizer,
             val_fraction: float = 0.1, workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Tokenize `sources` into `out_dir`/{train.bin, val.bin, tokenizer.json, manifest.json}; returns the manifest.
@@ -311,7 +322,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}; leave it unset to use every CPU")
-    out_dir = Path(out_dir)
+    out_dir = _out_folder(Path(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} exists and is not a folder; choose a new or empty output folder")
     check_out(out_dir, overwrite, sources, marker="manifest.json", what="prepared data")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -301,6 +302,13 @@ def test_source_errors(tmp_path: Path) -> None:
     (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02")
     with pytest.raises(DataError, match="looks binary"):
         resolve_sources(tmp_path / "blob.txt")
+
+
+def test_a_pipe_is_named_as_one(tmp_path: Path) -> None:
+    """`tlm prepare <(zcat corpus.gz)` said the path /dev/fd/63 does not exist."""
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(DataError, match="not a regular file"):
+        resolve_sources(tmp_path / "fifo")
 
 
 def test_prepare_errors(tmp_path: Path) -> None:

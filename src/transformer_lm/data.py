@@ -115,6 +115,9 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
         if not found:
             raise DataError(f"glob pattern {str(source)!r} matches no files; fix the pattern (quote it in the shell)")
         what = f"glob pattern {str(source)!r}"
+    elif path.exists():  # a pipe (`<(zcat corpus.gz)`) or a device: prepare reads its sources more than once
+        raise DataError(f"data path {path} is not a regular file (a pipe or a device), which prepare cannot read "
+                        "twice; save the text to a file first")
     else:
         raise DataError(f"data path {path} does not exist; pass an existing text file, folder or glob pattern")
     files = [f for f in found if _is_text(f)]

@@ -190,6 +190,26 @@ def test_dtype_follows_vocab_size(tmp_path: Path) -> None:
     assert train.tolist() == [b + 65_536 for b in "".join(TEXTS).encode()][: len(train)]
 
 
+class UpperTokenizer(ByteTokenizer):
+    """A kind that tokenizer_from_dict does not know."""
+
+    kind = "upper"
+
+    def encode(self, text: str) -> list[int]:
+        return super().encode(text.upper())
+
+
+def test_a_tokenizer_workers_cannot_rebuild_encodes_in_this_process(tmp_path: Path) -> None:
+    """Workers rebuild the tokenizer from its dict: a subclass keeping its base's kind was rebuilt as the base (other
+    ids), and one of an unknown kind failed in every worker, which the pool respawned forever."""
+    paths = write(tmp_path / "c", TEXTS)
+    for tok in (WideTokenizer(), UpperTokenizer()):
+        with mock.patch.object(data, "CHUNK_CHARS", 50):  # a corpus of several chunks: 2 workers
+            dtype = prepare(paths, tmp_path / tok.kind, tok, workers=2)["dtype"]
+        got = [np.fromfile(tmp_path / tok.kind / f"{split}.bin", dtype=dtype).tolist() for split in ("train", "val")]
+        assert got == list(reference(TEXTS, tok))  # raw files: loading rebuilds the tokenizer from its dict too
+
+
 def big_corpus() -> list[str]:
     """Prose, indented code with blank-line runs and CRLF endings, and a file without line breaks."""
     prose = "".join(f"line {i} of the corpus, {'ü' * (i % 3)} words  words\n" for i in range(150))

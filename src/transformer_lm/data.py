@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import check_out
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TLMError
 from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,16 @@ def _encoded(pieces: Iterator[Piece], tokenizer: Tokenizer, dtype: np.dtype, wor
             yield pending.popleft().get()
 
 
+def _rebuilds(tokenizer: Tokenizer) -> bool:
+    """Whether `tokenizer_from_dict` (how each worker gets the tokenizer) gives back one of the same class: a subclass
+    of a kind it does not know failed in every worker, which the pool respawned forever (a hang), and one that kept
+    its base's kind was silently rebuilt as the base, encoding differently."""
+    try:
+        return type(tokenizer_from_dict(tokenizer.to_dict())) is type(tokenizer)
+    except TLMError:
+        return False
+
+
 def encode_sources(sources: Sequence[Path], tokenizer: Tokenizer) -> tuple[np.ndarray, int]:
     """The token stream `prepare` writes for `sources` (end-of-text between files, the same chunk cuts), as one
     split, and the UTF-8 bytes of its text: what `tlm eval` scores, so a folder scores as training saw it."""
@@ -338,6 +348,10 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = max(1, min(workers or cpus, -(-total // CHUNK_CHARS)))
+    if workers > 1 and not _rebuilds(tokenizer):
+        log.warning("tokenizer class %s does not come back as itself from its to_dict(), as worker processes rebuild "
+                    "it: encoding in this process", type(tokenizer).__name__)
+        workers = 1
     log.info("tokenizing %d files (%d characters) with %d workers", len(sources), total, workers)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -322,6 +322,9 @@ def test_source_errors(tmp_path: Path) -> None:
     (tmp_path / "blob.txt").write_bytes(b"\x00\x01\x02")
     with pytest.raises(DataError, match="looks binary"):
         resolve_sources(tmp_path / "blob.txt")
+    (tmp_path / "wide.txt").write_text("PowerShell's > writes UTF-16\n", encoding="utf-16")
+    with pytest.raises(DataError, match="iconv -f UTF-16 -t UTF-8"):
+        resolve_sources(tmp_path / "wide.txt")
 
 
 def test_a_pipe_is_named_as_one(tmp_path: Path) -> None:

@@ -106,7 +106,8 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty; pass a file with text in it")
         if not _is_text(path):
-            raise DataError(f"data file {path} looks binary (a NUL byte in its first 8 KiB); pass a text file")
+            raise DataError(f"data file {path} looks binary (a NUL byte in its first 8 KiB, as UTF-16 text has); pass "
+                            "UTF-8 text (convert UTF-16, as Windows PowerShell writes, with iconv -f UTF-16 -t UTF-8)")
         return [path]
     if path.is_dir():
         found, what = _walk(path), f"folder {path}"

@@ -395,6 +395,22 @@ def test_prepare_refuses_the_working_directory(tmp_path: Path, monkeypatch: pyte
     assert not any((tmp_path / "here").iterdir())
 
 
+def test_a_folder_filled_while_preparing_is_kept(tmp_path: Path) -> None:
+    """Without --overwrite, a --out that was missing or empty when prepare began but filled before it ended (by hand,
+    or by a second prepare of the same cache entry) was moved aside and deleted."""
+    paths, out = write(tmp_path / "c", TEXTS), tmp_path / "out"
+    encoded = data._encoded
+
+    def filled_meanwhile(*args):
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+        yield from encoded(*args)
+
+    with mock.patch.object(data, "_encoded", filled_meanwhile), pytest.raises(RunExistsError, match="filled while"):
+        prepare(paths, out, ByteTokenizer())
+    assert [p.name for p in out.iterdir()] == ["mine.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["c", "out"]
+
+
 def test_load_errors(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(DataError, match="no manifest"):

@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 
 from transformer_lm import checkpoint as ckpt
+from transformer_lm import data as data_module
 from transformer_lm.api import load_run
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import CheckpointError, ConfigError, RunExistsError
@@ -114,6 +116,24 @@ def test_raw_text_is_prepared_once_and_again_after_any_edit(tmp_path: Path):
     os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same modification time
     again = training_data(corpus, "char")
     assert again.path != first.path and again.tokenizer.decode(again.train[:8].tolist()) == "hgfedcba"
+
+
+def test_raw_text_prepared_meanwhile_by_another_run_is_used(tmp_path: Path):
+    """Two runs started together on the same raw text both prepare it; the one that finishes second used to replace
+    the first's cache folder (which that run may be loading) and now uses it."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh" * 100)
+    encoded, other = data_module._encoded, {}
+
+    def other_run_first(pieces, *args):
+        if not other:  # the other run, started at the same moment, finishes its prepare first
+            other["started"] = True
+            other["data"] = training_data(corpus, "char")
+        yield from encoded(pieces, *args)
+
+    with mock.patch.object(data_module, "_encoded", other_run_first):
+        data = training_data(corpus, "char")
+    assert data.path == other["data"].path and data.train.tolist() == other["data"].train.tolist()
 
 
 def test_training_reduces_loss(corpus_file: Path, tmp_path: Path):

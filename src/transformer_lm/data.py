@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import check_out
-from .errors import ConfigError, DataError, TLMError
+from .errors import ConfigError, DataError, RunExistsError, TLMError
 from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -291,8 +291,20 @@ def count_chars(path: Path) -> int:
         raise DataError(f"cannot read data file {path} ({e.strerror}); check the path and its permissions") from None
 
 
-def _replace_dir(new: Path, out_dir: Path) -> None:
-    """Move the finished folder `new` to `out_dir`; a previous `out_dir` is deleted only after the move."""
+def _replace_dir(new: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished folder `new` to `out_dir`; a previous `out_dir` is deleted only after the move, and only with
+    `overwrite`: without it, a folder that was filled while preparing (by another prepare of the same cache entry,
+    or by hand) is kept, and RunExistsError raised, where it was deleted."""
+    if not overwrite:
+        try:
+            out_dir.rmdir()  # an empty folder check_out allowed; OSError once something is in it
+        except FileNotFoundError:
+            pass
+        except OSError:
+            raise RunExistsError(f"{out_dir} was filled while the data was being prepared; choose another --out, or "
+                                 "pass --overwrite true to replace it") from None
+        os.replace(new, out_dir)
+        return
     if not out_dir.exists():
         os.replace(new, out_dir)
         return
@@ -389,7 +401,7 @@ def prepare(sources: Sequence[str | os.PathLike], out_dir: str | os.PathLike, to
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _replace_dir(tmp, out_dir)
+        _replace_dir(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

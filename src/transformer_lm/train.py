@@ -50,7 +50,7 @@ from .data import (
     read_sources,
     resolve_sources,
 )
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, RunExistsError
 from .evaluate import EvalResult, evaluate_tokens
 from .model import build_model
 from .optim import config_hyperparameters, lr_at, make_optimizer, set_lr
@@ -146,7 +146,12 @@ def training_data(data: str | Path | None, tokenizer: str = "byte", vocab_size: 
     if not is_prepared(out):
         log.info("preparing %d file(s) with the %s tokenizer into %s", len(sources), tokenizer, out)
         tok = build_tokenizer(tokenizer, read_sources(sources), vocab_size, gpt2_dir)
-        prepare(sources, out, tok)
+        try:
+            prepare(sources, out, tok)
+        except RunExistsError:
+            if not is_prepared(out):
+                raise
+            log.info("%s was prepared meanwhile by another run on the same data; using it", out)
     return load_prepared(out)
 
 

@@ -139,6 +139,14 @@ def test_a_folder_is_read_without_the_prepared_data_and_runs_written_into_it(tmp
     assert "skipped prepared, run" in caplog.text
 
 
+def test_prepare_takes_one_path_as_one_file(tmp_path: Path) -> None:
+    """`prepare("input.txt", ...)` iterated the string: 'cannot read data file /'."""
+    (path,) = write(tmp_path / "c", ["".join(TEXTS)])
+    for source in (str(path), path):
+        prepare(source, tmp_path / "out", ByteTokenizer(), overwrite=True)
+        assert ids(tmp_path / "out", "train") == reference(["".join(TEXTS)], ByteTokenizer())[0]
+
+
 def test_a_chunk_is_never_cut_inside_a_word(tmp_path: Path) -> None:
     """Text with no whitespace in a chunk's second half (a base64 blob) was cut mid-word: BPE ids there differed
     from the whole text's."""
@@ -408,7 +416,8 @@ def test_a_folder_filled_while_preparing_is_kept(tmp_path: Path) -> None:
 
     with mock.patch.object(data, "_encoded", filled_meanwhile), pytest.raises(RunExistsError, match="filled while"):
         prepare(paths, out, ByteTokenizer())
-    assert [p.name for p in out.iterdir()] == ["mine.txt"] and sorted(p.name for p in tmp_path.iterdir()) == ["c", "out"]
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "out"]  # no hidden folder left either
 
 
 def test_load_errors(tmp_path: Path) -> None:

@@ -43,7 +43,8 @@ _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "l
 # whitespace (it joins them with punctuation before them), so a cut must not fall before those.
 _CUTS = (re.compile(r"(?<=\S)(?=\r?\n)"), re.compile(r"(?<=\S)(?=[^\S\x1c-\x1f])"))
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
-_OUTPUT_MARKERS = (("manifest.json", "train.bin"), ("config.json", "env.json"))  # prepared data; a run folder
+# What `prepare` and `tlm train` write into every folder of theirs: all of a set mark one (few corpora hold all three)
+_OUTPUT_MARKERS = (("manifest.json", "train.bin", "tokenizer.json"), ("config.json", "env.json", "tokenizer.json"))
 
 Piece = tuple[str, str, bool]  # (split, text, append end-of-text after it)
 

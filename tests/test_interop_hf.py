@@ -6,6 +6,7 @@ presets' published sizes; and the errors. CPU only, downloads nothing."""
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from transformer_lm import checkpoint
 from transformer_lm.accounting import count_params
 from transformer_lm.api import load_run
 from transformer_lm.checkpoint import latest_checkpoint, save_checkpoint
@@ -24,6 +26,7 @@ from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, dump_json
 from transformer_lm.errors import CheckpointError, ConversionError, RunExistsError
 from transformer_lm.generate import generate
+from transformer_lm.interop import hf as hf_module
 from transformer_lm.interop.hf import export_hf, import_hf, load_hf, load_hf_tokenizer
 from transformer_lm.model import Transformer
 from transformer_lm.tokenizers import BPETokenizer, ByteTokenizer, save_tokenizer
@@ -220,6 +223,36 @@ def test_export_of_trained_presets_with_the_byte_tokenizer(preset, tmp_path):
         torch.testing.assert_close(back(ids).logits, load_run(run, "cpu").model(ids).logits, atol=1e-4, rtol=1e-4)
     text = "héllo\n  wörld ✓"
     assert transformers.AutoTokenizer.from_pretrained(out).encode(text) == list(text.encode("utf-8"))
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_overwrite_keeps_the_previous_folder(hf_models, tmp_path, monkeypatch):
+    """--overwrite emptied the old export or run before writing the new one, so a failure part-way (here a full
+    disk while the weights are written) left an empty folder; the new one is now staged beside it and moved in."""
+    _, folder = hf_models["llama"]
+    run = import_hf(folder, tmp_path / "run")
+    out = export_hf(run, tmp_path / "hf")
+    before = _files(run), _files(out)
+    monkeypatch.setattr(hf_module, "save_tensors", _full_disk)  # the export's weights
+    monkeypatch.setattr(checkpoint, "save_tensors", _full_disk)  # the import's checkpoint
+    with pytest.raises(OSError, match="No space"):
+        export_hf(run, out, overwrite=True)
+    with pytest.raises(OSError, match="No space"):
+        import_hf(folder, run, overwrite=True)
+    assert (_files(run), _files(out)) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]  # no staging folder left behind
+    (tmp_path / "notes.txt").write_text("mine")  # a file at --out is no folder to replace
+    monkeypatch.undo()
+    with pytest.raises(RunExistsError, match="is a file"):
+        export_hf(run, tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ formats); nothing is read from ../shared. The real stories260K checkpoint is che
 
 from __future__ import annotations
 
+import errno
 import io
 import struct
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer_lm import load_run
+from transformer_lm import checkpoint, load_run
 from transformer_lm.errors import CheckpointError, RunExistsError, TokenizerError
 from transformer_lm.generate import generate
 from transformer_lm.interop.llama2c import MAGIC, import_llama2c, load_llama2c, read_header
@@ -322,3 +323,19 @@ def test_import_errors(tmp_path: Path, tokenizer_bin: Path) -> None:
         with pytest.raises(RunExistsError, match=match):
             import_llama2c(tmp_path / "model.bin", out, tokenizer_bin, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+def test_a_failed_overwrite_keeps_the_previous_run(tmp_path: Path, tokenizer_bin: Path, monkeypatch) -> None:
+    """--overwrite emptied the old run before writing the new one: a full disk part-way left an empty folder."""
+    write_bin(tmp_path / "model.bin", random_weights(True), 1, True)
+    run = import_llama2c(tmp_path / "model.bin", tmp_path / "run", tokenizer_bin)
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_tensors", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        import_llama2c(tmp_path / "model.bin", run, tokenizer_bin, overwrite=True)
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator
@@ -74,7 +75,7 @@ def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (), res
     written: it is missing or empty, or `overwrite` is given and it holds something tlm wrote (its `marker` file), is
     not the working directory or above it, and holds none of `inputs` (the data or model the command reads), so that
     a mistyped --out never deletes anything else. Nothing is deleted here: the command does it once the new output
-    is ready (clear_out, or prepare's rename)."""
+    is ready (clear_out, staged_dir, or prepare's rename)."""
     if not out.is_dir() or not any(out.iterdir()):
         return
     is_run = (out / marker).is_file()
@@ -99,6 +100,53 @@ def clear_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+
+
+def replace_dir(new: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished folder `new` to `out_dir`; a previous `out_dir` is deleted only after the move, and only with
+    `overwrite`: without it, a folder that was filled meanwhile (by another prepare of the same cache entry, or by
+    hand) is kept, and RunExistsError raised, where it was deleted."""
+    if not overwrite:
+        try:
+            out_dir.rmdir()  # an empty folder check_out allowed; OSError once something is in it
+        except FileNotFoundError:
+            pass
+        except OSError:
+            raise RunExistsError(f"{out_dir} was filled while this output was being written; choose another --out, "
+                                 "or pass --overwrite true to replace it") from None
+        os.replace(new, out_dir)
+        return
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = new.with_name(new.name + ".old")
+    os.replace(out_dir, old)
+    try:
+        os.replace(new, out_dir)
+    except BaseException:
+        os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A new hidden folder beside `out` to write an import or export into, moved to `out` when the block ends, so
+    that a failure part-way (a full disk, Ctrl-C) leaves what `out` held before (check_out has allowed replacing
+    it) instead of an emptied or half-written folder; the staging folder is removed on failure. A symlinked `out`
+    has its target replaced, not the link."""
+    where = out.resolve()
+    if where.exists() and not where.is_dir():  # the move would replace the file
+        raise RunExistsError(f"{out} is a file, not a folder; choose another --out")
+    where.parent.mkdir(parents=True, exist_ok=True)
+    tmp = where.with_name(f".{where.name}.{secrets.token_hex(4)}.tmp")  # hidden; mkdir honours the umask
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, where, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _fsync_file(path: Path) -> None:

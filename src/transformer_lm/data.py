@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import check_out
-from .errors import ConfigError, DataError, RunExistsError, TLMError
+from .checkpoint import check_out, replace_dir
+from .errors import ConfigError, DataError, TLMError
 from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -292,33 +292,6 @@ def count_chars(path: Path) -> int:
         raise DataError(f"cannot read data file {path} ({e.strerror}); check the path and its permissions") from None
 
 
-def _replace_dir(new: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished folder `new` to `out_dir`; a previous `out_dir` is deleted only after the move, and only with
-    `overwrite`: without it, a folder that was filled while preparing (by another prepare of the same cache entry,
-    or by hand) is kept, and RunExistsError raised, where it was deleted."""
-    if not overwrite:
-        try:
-            out_dir.rmdir()  # an empty folder check_out allowed; OSError once something is in it
-        except FileNotFoundError:
-            pass
-        except OSError:
-            raise RunExistsError(f"{out_dir} was filled while the data was being prepared; choose another --out, or "
-                                 "pass --overwrite true to replace it") from None
-        os.replace(new, out_dir)
-        return
-    if not out_dir.exists():
-        os.replace(new, out_dir)
-        return
-    old = new.with_name(new.name + ".old")
-    os.replace(out_dir, old)
-    try:
-        os.replace(new, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _out_folder(out_dir: Path) -> Path:
     """`out_dir` resolved, as `prepare` replaces it whole by renames: a symlink's target is replaced, not the link
     (which became a plain folder on the link's disk, the old data left behind a hidden link); never the working
@@ -405,7 +378,7 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _replace_dir(tmp, out_dir, overwrite)
+        replace_dir(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

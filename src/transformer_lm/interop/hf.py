@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..checkpoint import check_out, clear_out, save_checkpoint, save_tensors
+from ..checkpoint import check_out, save_checkpoint, save_tensors, staged_dir
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConversionError, TLMError
 from ..llama_tokenizers import SentencePieceTokenizer
@@ -479,20 +479,20 @@ def _byte_tokenizer_json() -> str:
     return hf.to_str()
 
 
-def _write_tokenizer(tok: Tokenizer, out: Path, block_size: int, family: str) -> bool:
+def _write_tokenizer(tok: Tokenizer, folder: Path, block_size: int, family: str) -> bool:
     """tokenizer.json + tokenizer_config.json for AutoTokenizer; False (and a warning) when the kind has no HF form."""
     if family == "qwen2" and tok.kind in ("bpe", "gpt2"):
         log.warning("transformers' AutoTokenizer gives model_type qwen2 Qwen2's own pre-tokenizer, which this %s "
-                    "tokenizer does not use: load %s with PreTrainedTokenizerFast.from_pretrained", tok.kind, out)
+                    "tokenizer does not use: load the export with PreTrainedTokenizerFast.from_pretrained", tok.kind)
     if tok.kind == "byte":
         text = _byte_tokenizer_json()
     elif hasattr(tok, "hf"):
         text = tok.hf.to_str()
     else:
         log.warning("the %s tokenizer has no Hugging Face tokenizer.json form: exported weights and config only; "
-                    "AutoTokenizer will not load %s", tok.kind, out)
+                    "AutoTokenizer will not load the export", tok.kind)
         return False
-    (out / "tokenizer.json").write_text(text, encoding="utf-8")
+    (folder / "tokenizer.json").write_text(text, encoding="utf-8")
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
                            "clean_up_tokenization_spaces": False}
     eot = tok.eot_id
@@ -501,7 +501,7 @@ def _write_tokenizer(tok: Tokenizer, out: Path, block_size: int, family: str) ->
     bos = tok.bos_id
     if bos is not None:
         cfg["bos_token"] = tok.hf.id_to_token(bos)
-    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return True
 
 
@@ -523,11 +523,11 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{model.config.vocab_size} embeddings; the folder mixes two models")
     check_out(out, overwrite, [src])
-    clear_out(out)
     source = {"format": "huggingface", "model_type": family, "path": str(src.resolve())}
-    (out / "config.json").write_text(dump_json({"model": model.config.to_dict(), "source": source}))
-    save_tokenizer(tokenizer, out / "tokenizer.json")
-    save_checkpoint(out, model, {"source": source}, 0)
+    with staged_dir(out, overwrite) as tmp:
+        (tmp / "config.json").write_text(dump_json({"model": model.config.to_dict(), "source": source}))
+        save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        save_checkpoint(tmp, model, {"source": source}, 0)
     return out
 
 
@@ -546,10 +546,10 @@ def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype
     tensors = {k: v.to(torch_dtype) for k, v in hf_state_dict(loaded.model, family).items()}
     out = Path(out)
     check_out(out, overwrite, [run])
-    clear_out(out)
-    save_tensors(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
-    _write_tokenizer(loaded.tokenizer, out, config.block_size, family)
+    with staged_dir(out, overwrite) as tmp:
+        save_tensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        _write_tokenizer(loaded.tokenizer, tmp, config.block_size, family)
     return out
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text, check_out, clear_out, save_checkpoint
+from ..checkpoint import check_out, save_checkpoint, staged_dir
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..llama_tokenizers import Llama2cTokenizer, SentencePieceTokenizer
@@ -210,14 +210,14 @@ def import_llama2c(bin_path: str | Path, out_dir: str | Path, tokenizer_path: st
         raise CheckpointError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but {bin_path} has "
                               f"vocab_size {model.config.vocab_size}; pass the tokenizer the model was trained with")
     header = read_header(bin_path)
-    clear_out(out_dir)
-    save_tokenizer(tokenizer, out_dir / "tokenizer.json")
-    save_checkpoint(out_dir, model, state={}, step=0)
     config = {
         "model": model.config.to_dict(),
         "source": {"format": "llama2c", "version": header.version, "weights": str(bin_path.resolve()),
                    "tokenizer": str(tok_path.resolve()), "tokenizer_kind": tokenizer.kind},
     }
-    atomic_write_text(out_dir / "config.json", dump_json(config))  # last: a half-done import is not a run
+    with staged_dir(out_dir, overwrite) as tmp:
+        save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        save_checkpoint(tmp, model, state={}, step=0)
+        (tmp / "config.json").write_text(dump_json(config))
     log.info("imported %s (llama2.c v%d) into %s", bin_path, header.version, out_dir)
     return out_dir

@@ -280,6 +280,21 @@ def test_unsupported_model_type(hf_models, tmp_path, capsys):
     assert err.startswith("tlm: error:") and err.count("\n") == 1 and "falcon" in err
 
 
+def test_a_source_that_is_no_model_folder_is_named(tmp_path, capsys):
+    """A weights file (or empty folder) passed to convert was reported as 'cannot read model config
+    stories.pt/config.json (Not a directory)'; a PyTorch .bin was asked for its llama2.c tokenizer."""
+    torch.save({"w": torch.zeros(64)}, tmp_path / "model.pt")
+    torch.save({"w": torch.zeros(64)}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "empty").mkdir()
+    for src, expected in (("model.pt", "is not a Hugging Face model folder (no config.json)"),
+                          ("empty", "is not a Hugging Face model folder (no config.json)"),
+                          ("pytorch_model.bin", "is not a llama2.c checkpoint")):
+        assert main(["convert", str(tmp_path / src), "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_config_weights_shape_mismatch(hf_models, tmp_path):
     folder = _copy(hf_models["mistral"][1], tmp_path / "src")
     _edit_json(folder / "config.json", intermediate_size=128)

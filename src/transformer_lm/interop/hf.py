@@ -154,6 +154,14 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return d
 
 
+def _model_config(folder: Path) -> dict[str, Any]:
+    """The folder's config.json; read first by import, so a wrong path (a weights file, a run) is named as such."""
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder (no config.json); convert takes a folder "
+                              "saved with save_pretrained, or a llama2.c .bin file")
+    return _read_json(folder / "config.json", "model config")
+
+
 def _rope_settings(hf: dict[str, Any]) -> dict[str, Any]:
     """RoPE fields from transformers 5's `rope_parameters` or 4.x's top-level `rope_theta` / `rope_scaling`."""
     try:
@@ -346,9 +354,7 @@ class _Weights:
 def load_hf(folder: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, str]:
     """Our Transformer (in eval mode, on CPU) and the family, from a Hugging Face model folder."""
     folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise CheckpointError(f"{folder} is not a Hugging Face model folder (no config.json)")
-    hf_config = _read_json(folder / "config.json", "model config")
+    hf_config = _model_config(folder)
     config, family = config_from_hf(hf_config)
     weights = _Weights(folder)
     available = weights.keys()
@@ -435,7 +441,7 @@ def load_hf_tokenizer(folder: str | Path) -> HFFileTokenizer | SentencePieceToke
     SentencePiece tokenizer.model (older Llama/Mistral folders), ending samples at config.json's eos_token_id."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
-    mc = _read_json(folder / "config.json", "model config")
+    mc = _model_config(folder)
     if not path.exists():
         if (folder / "tokenizer.model").exists():
             eos = mc.get("eos_token_id")

@@ -199,6 +199,7 @@ def import_llama2c(bin_path: str | Path, out_dir: str | Path, tokenizer_path: st
     or tokenizer.model beside the checkpoint. The run's config.json records where the weights came from.
     """
     bin_path, out_dir = Path(bin_path), Path(out_dir)
+    header = read_header(bin_path)  # first: a file that is no llama2.c checkpoint is named as such, not its tokenizer
     tok_path = Path(tokenizer_path) if tokenizer_path is not None else _find_tokenizer(bin_path)
     check_out(out_dir, overwrite, [bin_path, tok_path])
     try:
@@ -209,7 +210,6 @@ def import_llama2c(bin_path: str | Path, out_dir: str | Path, tokenizer_path: st
     if tokenizer.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"tokenizer {tok_path} has {tokenizer.vocab_size} tokens but {bin_path} has "
                               f"vocab_size {model.config.vocab_size}; pass the tokenizer the model was trained with")
-    header = read_header(bin_path)
     config = {
         "model": model.config.to_dict(),
         "source": {"format": "llama2c", "version": header.version, "weights": str(bin_path.resolve()),

@@ -233,6 +233,19 @@ def _full_disk(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+def test_overwrite_never_replaces_a_hugging_face_folder(hf_models, tmp_path):
+    """convert --overwrite took any folder with a config.json for a run tlm wrote: a mistyped --out naming another
+    downloaded model deleted it. A run is now recognised by its checkpoint pointer."""
+    other = _copy(hf_models["qwen2"][1], tmp_path / "other")
+    before = _files(other)
+    with pytest.raises(RunExistsError, match="replaces only a folder tlm wrote"):
+        import_hf(hf_models["llama"][1], other, overwrite=True)
+    assert _files(other) == before
+    run = import_hf(hf_models["llama"][1], tmp_path / "run")
+    assert import_hf(hf_models["gpt2"][1], run, overwrite=True) == run  # an imported run is still replaced
+    assert load_run(run, "cpu").config["source"]["model_type"] == "gpt2"
+
+
 def test_a_failed_overwrite_keeps_the_previous_folder(hf_models, tmp_path, monkeypatch):
     """--overwrite emptied the old export or run before writing the new one, so a failure part-way (here a full
     disk while the weights are written) left an empty folder; the new one is now staged beside it and moved in."""

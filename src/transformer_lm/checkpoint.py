@@ -33,6 +33,7 @@ from torch import nn
 from .errors import CheckpointError, RunExistsError
 
 POINTER = "latest"
+RUN_POINTER = f"checkpoints/{POINTER}"  # within a run folder: what only tlm writes, once it has a checkpoint
 SHARDS = "shards"
 
 

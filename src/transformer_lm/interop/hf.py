@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..checkpoint import check_out, save_checkpoint, save_tensors, staged_dir
+from ..checkpoint import RUN_POINTER, check_out, save_checkpoint, save_tensors, staged_dir
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConversionError, TLMError
 from ..llama_tokenizers import SentencePieceTokenizer
@@ -520,7 +520,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     load_run, `tlm sample` and `tlm eval` read. `dtype` (float32, bfloat16, float16) casts the weights; by default
     they keep the dtype they are stored in."""
     src, out = Path(src), Path(out)
-    if (src / "checkpoints" / "latest").is_file():  # the checkpoint pointer of a run folder
+    if (src / RUN_POINTER).is_file():
         raise ConversionError(f"{src} is a tlm run folder, not a Hugging Face one: sample or evaluate it as it is, or "
                               "`tlm export` it")
     tokenizer = load_hf_tokenizer(src)
@@ -528,7 +528,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{model.config.vocab_size} embeddings; the folder mixes two models")
-    check_out(out, overwrite, [src])
+    check_out(out, overwrite, [src], marker=RUN_POINTER)  # config.json alone may be a Hugging Face folder's
     source = {"format": "huggingface", "model_type": family, "path": str(src.resolve())}
     with staged_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(dump_json({"model": model.config.to_dict(), "source": source}))

@@ -97,3 +97,32 @@ def test_report_bad_input(tmp_path: Path, capsys, folders: dict[str, Path]):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
     assert "found no run" in capsys.readouterr().err
+
+
+def test_run_names_are_drawn_literally_in_every_legend(monkeypatch: pytest.MonkeyPatch):
+    """A run folder named `_baseline` had curves but no legend entry (matplotlib hides labels starting with `_`), and
+    one named with `$…$` was drawn as math, or with `$\\q$` stopped the report with a mathtext parse error."""
+    records = [{"step": s, "tokens": 10 * s, "loss": 2.0 / s, "val_loss": 2.5 / s, "lr": 1e-3, "tokens_per_s": 9.0}
+               for s in (1, 2)]
+    names = ["_baseline", "a$b$", "cost$\\q$"]
+    figures = []
+    monkeypatch.setattr(report, "_figure_png", lambda fig: figures.append(fig) or b"")
+    report.plot_runs([report.RunData(Path(n), n, records, {}) for n in names])
+    shown = [[t._preprocess_math(t.get_text()) for t in fig.axes[0].get_legend().get_texts()] for fig in figures]
+    assert shown[0] == [(f"{n} {kind}", False) for n in names for kind in ("train", "val")]  # loss: train and val
+    assert shown[1] == shown[2] == [(n, False) for n in names]  # learning rate, throughput
+    for fig in figures:
+        fig.canvas.draw()  # renders: no mathtext left to parse
+
+
+def test_a_failed_write_leaves_the_previous_report(folders: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    """The page was written over the old one in place: a write that failed partway (a full disk, a kill) left a
+    truncated page and no old one."""
+    out = tmp_path / "report.html"
+    report.write_report([folders["run-wide"]], out)
+    before = out.read_text(encoding="utf-8")
+    monkeypatch.setattr(report, "build_report", lambda paths, title: "<p>partial</p>" * 10_000 + "\ud800")
+    with pytest.raises(UnicodeEncodeError):  # fails after the first blocks went to disk
+        report.write_report([folders["run-wide"]], out)
+    assert out.read_text(encoding="utf-8") == before

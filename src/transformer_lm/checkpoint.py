@@ -60,9 +60,10 @@ def share(path: str | Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + fsync + rename: readers see the old or the new file, never half."""
+    """Write via a temp file in the same folder + fsync + rename: readers see the old or the new file, never half.
+    UTF-8 whatever the locale (a report's text is not all ASCII)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..accounting import count_params
+from ..checkpoint import atomic_write_text
 from ..config import ModelConfig
 from ..errors import ConfigError, DataError
 from ..train import read_metrics
@@ -76,6 +77,7 @@ class ExperimentData:
 
 
 def is_run(path: Path) -> bool:
+    """Whether `path` is a run folder: training writes metrics.jsonl there (an imported model has none to show)."""
     return (path / "metrics.jsonl").is_file()
 
 
@@ -155,6 +157,19 @@ def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float],
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def _plain(text: str) -> str:
+    """`text` as matplotlib draws it literally: a `$` would start mathtext (a run named `a$b$` drawn as math, one
+    named `$\\q$` a parse error)."""
+    return text.replace("$", r"\$")
+
+
+def _legend(ax: Any) -> None:
+    """A legend of every line, handed over explicitly: matplotlib leaves out labels that start with `_`, so a run
+    folder named `_baseline` had curves and no legend entry."""
+    lines = ax.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, ncol=2)
+
+
 def plot_runs(runs: list[RunData]) -> dict[str, bytes]:
     """PNGs of the runs overlaid: loss (train lines, val markers) against tokens, lr and tokens/s against step."""
     colors = [f"C{i % 10}" for i in range(len(runs))]
@@ -162,26 +177,27 @@ def plot_runs(runs: list[RunData]) -> dict[str, bytes]:
     fig = figure(9, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for run, c in zip(runs, colors):
-        ax.plot(*_series(run.records, "tokens", "loss"), color=c, linewidth=0.8, alpha=0.7, label=f"{run.label} train")
-        ax.plot(*_series(run.records, "tokens", "val_loss"), "o-", color=c, markersize=3, label=f"{run.label} val")
+        label = _plain(run.label)
+        ax.plot(*_series(run.records, "tokens", "loss"), color=c, linewidth=0.8, alpha=0.7, label=f"{label} train")
+        ax.plot(*_series(run.records, "tokens", "val_loss"), "o-", color=c, markersize=3, label=f"{label} val")
     ax.set_xscale("log")
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("loss: training (lines) and validation (markers)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax)
     out["loss"] = _figure_png(fig)
     for key, ylabel in (("lr", "learning rate"), ("tokens_per_s", "training tokens/s")):
         fig = figure(9, 3.5)
         ax = fig.add_subplot(1, 1, 1)
         for run, c in zip(runs, colors):
-            ax.plot(*_series(run.records, "step", key), color=c, linewidth=1, label=run.label)
+            ax.plot(*_series(run.records, "step", key), color=c, linewidth=1, label=_plain(run.label))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if key == "tokens_per_s":
             ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        _legend(ax)
         out[key] = _figure_png(fig)
     return out
 
@@ -289,11 +305,12 @@ def build_report(paths: list[str | Path], title: str = "transformer-lm report") 
 
 def write_report(paths: list[str | Path], out: str | Path, title: str = "transformer-lm report") -> Path:
     """Write `build_report(paths, title)` to `out` (parent folders created). An existing file is replaced only when
-    it is an HTML page (a report written before), so a mistyped --out cannot overwrite data or a script."""
+    it is an HTML page (a report written before), so a mistyped --out cannot overwrite data or a script; and only
+    by a whole new one (written beside it, then renamed): a full disk or a kill mid-write leaves the old page."""
     out = Path(out)
     if out.exists() and (out.is_dir() or out.suffix.lower() not in (".html", ".htm")):
         raise ConfigError(f"--out {out} exists and is not an .html page; choose another file name")
     text = build_report(paths, title)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    atomic_write_text(out, text)
     return out

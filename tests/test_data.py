@@ -100,6 +100,20 @@ def test_prepare_matches_direct_tokenization(tmp_path: Path, kind: str) -> None:
     assert load_prepared(tmp_path / "out").tokenizer.to_dict() == tok.to_dict()
 
 
+@pytest.mark.parametrize("kind", ["str", "path", "folder", "glob"])
+def test_prepare_takes_one_source_as_tlm_prepare_does(tmp_path: Path, kind: str) -> None:
+    """`prepare("book.txt", ...)` read the path as a list of one-letter file names (`cannot read data file /`),
+    a Path was not iterable, and a folder or glob was refused, though the CLI takes them all."""
+    texts = TEXTS if kind not in ("str", "path") else ["".join(TEXTS)]
+    paths = write(tmp_path / "corpus", texts)
+    source = {"str": str(paths[0]), "path": paths[0], "folder": tmp_path / "corpus",
+              "glob": str(tmp_path / "corpus" / "*.txt")}[kind]
+    tok = build_tokenizer("char", ["".join(texts)])
+    prepare(source, tmp_path / "out", tok, workers=1)
+    train, val = reference(texts, tok)
+    assert ids(tmp_path / "out", "train") == train and ids(tmp_path / "out", "val") == val
+
+
 @pytest.mark.parametrize("head", [0, 9000])
 def test_legacy_encoding_is_kept_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture, head: int) -> None:
     """Also where the first 8 KiB are plain ASCII, as a Gutenberg header is (that book was replaced silently)."""
@@ -137,14 +151,6 @@ def test_a_folder_is_read_without_the_prepared_data_and_runs_written_into_it(tmp
     with caplog.at_level("WARNING", logger="transformer_lm.data"):
         assert resolve_sources(tmp_path / "corpus") == [text]
     assert "skipped prepared, run" in caplog.text
-
-
-def test_prepare_takes_one_path_as_one_file(tmp_path: Path) -> None:
-    """`prepare("input.txt", ...)` iterated the string: 'cannot read data file /'."""
-    (path,) = write(tmp_path / "c", ["".join(TEXTS)])
-    for source in (str(path), path):
-        prepare(source, tmp_path / "out", ByteTokenizer(), overwrite=True)
-        assert ids(tmp_path / "out", "train") == reference(["".join(TEXTS)], ByteTokenizer())[0]
 
 
 def test_a_chunk_is_never_cut_inside_a_word(tmp_path: Path) -> None:

@@ -303,10 +303,11 @@ def _out_folder(out_dir: Path) -> Path:
     return where
 
 
-def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike, tokenizer: Tokenizer,
-            val_fraction: float = 0.1, workers: int | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Tokenize `sources` (text files, as `resolve_sources` finds them; one path is one file) into
-    `out_dir`/{train.bin, val.bin, tokenizer.json, manifest.json}; returns the manifest.
+def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+            tokenizer: Tokenizer, val_fraction: float = 0.1, workers: int | None = None,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Tokenize `sources` into `out_dir`/{train.bin, val.bin, tokenizer.json, manifest.json}; returns the manifest.
+    `sources`: a list of files, or one file, folder or glob as `tlm prepare` takes it (`resolve_sources`).
 
     Stream: the files' text (UTF-8, undecodable bytes as U+FFFD, line endings as they are) back to back, with the
     tokenizer's end-of-text id between consecutive files when it has one (byte and char tokenizers have none).
@@ -323,11 +324,11 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}; leave it unset to use every CPU")
-    if isinstance(sources, (str, os.PathLike)):  # a string was read as a list of one-character file names
-        sources = [sources]
     out_dir = _out_folder(Path(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} exists and is not a folder; choose a new or empty output folder")
+    if isinstance(sources, (str, os.PathLike)):  # one path was read as a list of one-letter file names
+        sources = resolve_sources(sources)
     check_out(out_dir, overwrite, sources, marker="manifest.json", what="prepared data")
     chars = [(Path(p), count_chars(Path(p))) for p in sources]
     sources = [p for p, n in chars if n]

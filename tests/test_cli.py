@@ -188,6 +188,21 @@ def test_data_errors(tmp_path: Path, capsys):
     one_line_error(capsys, "plan", "--params", "1e300", "--tokens", "1e300", match="overflows")  # was JSON Infinity
 
 
+def test_a_hugging_face_folder_is_named_as_one(tmp_path: Path, capsys):
+    """A transformers folder (one `tlm export` wrote, or a download) given where a run goes was called a corrupt run
+    config ('model'), with no word of `tlm convert`."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                                                "n_embd": 16, "n_layer": 1, "n_head": 2}))
+    (tmp_path / "text.txt").write_text("some text to score\n")
+    for argv in (["eval", hf, "--data", tmp_path / "text.txt"], ["info", hf], ["sample", hf, "hi"]):
+        line = one_line_error(capsys, *argv, match="is a Hugging Face model folder, not a run folder")
+        assert f"tlm convert {hf} --out RUN" in line and "corrupt" not in line
+    (hf / "config.json").write_text(json.dumps({"train": {}}))  # a run config without its model: corrupt, as before
+    one_line_error(capsys, "info", hf, match="is corrupt ('model')")
+
+
 @pytest.mark.parametrize("args,match", [
     (["--model.n_embd", "30", "--model.n_head", "4"], "divisible by model.n_head"),
     (["--model.n_kv_head", "3"], "divisible by model.n_kv_head"),

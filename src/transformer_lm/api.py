@@ -122,6 +122,12 @@ def read_run_config(path: str | Path) -> tuple[dict[str, Any], ModelConfig]:
         raise CheckpointError(f"{path} is not a run folder (no config.json): give the folder `tlm train --out` wrote")
     try:
         config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"run config {config_path} is corrupt ({e})") from e
+    if isinstance(config, dict) and "model" not in config and "model_type" in config:  # not "corrupt": another format
+        raise CheckpointError(f"{path} is a Hugging Face model folder, not a run folder; import it first: "
+                              f"tlm convert {path} --out RUN (Python: transformer_lm.interop.hf.import_hf)")
+    try:
         return config, ModelConfig.from_dict(config["model"])
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"run config {config_path} is corrupt ({e})") from e

@@ -17,12 +17,12 @@ import torch
 
 from transformer_lm import checkpoint as ckpt
 from transformer_lm import data as data_module
-from transformer_lm.api import load_run
+from transformer_lm.api import Run, load_run
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import CheckpointError, ConfigError, RunExistsError
 from transformer_lm.model import Transformer
 from transformer_lm.optim import lr_at
-from transformer_lm.train import Budget, read_metrics, train, training_data
+from transformer_lm.train import Budget, _eval_bytes_per_token, read_metrics, train, training_data
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
 
@@ -102,6 +102,32 @@ def test_bits_per_byte_counts_the_bytes_of_the_tokens_evaluated(tmp_path: Path):
     res = train(ModelConfig(**SMALL), small_train(max_iters=2, eval_interval=2), data, tmp_path / "run",
                 progress=False)
     assert res.val.tokens == 128 and res.val.bpb == pytest.approx(res.val.loss / math.log(2))  # 1 byte a token
+
+
+def test_a_whole_split_scores_the_bytes_of_its_predicted_tokens(tmp_path: Path):
+    """bpb = summed nats / ln 2 / bytes of the tokens predicted. A prepared val split (`tlm eval --data FOLDER`, and
+    training's evaluation when it covers the split) counted its first token's bytes, never predicted: here a
+    2-byte first character and 9 ASCII ones gave a bpb 9 % below its own text's."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a" * 90 + "é" + "b" * 9, encoding="utf-8")  # val: the last 10 characters
+    data = training_data(corpus, "char")
+    assert data.manifest["val_bytes"] == 11 and data.manifest["val_tokens"] == 10
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=data.tokenizer.vocab_size, block_size=4, n_layer=1, n_head=2,
+                                    n_embd=16)).eval()
+    run = Run(tmp_path, {}, model, data.tokenizer, 0)
+    val_text = tmp_path / "val.txt"
+    val_text.write_text("é" + "b" * 9, encoding="utf-8")
+    nll, ids = 0.0, torch.tensor(data.val.tolist())
+    with torch.no_grad():  # windows of 4 predicted tokens from 0, 4, 8, each token once
+        for start in range(0, len(ids) - 1, 4):
+            window = ids[start : start + 5]
+            nll += float(torch.nn.functional.cross_entropy(model(window[None, :-1]).logits[0], window[1:],
+                                                           reduction="sum"))
+    expected = nll / math.log(2) / len(("b" * 9).encode())  # the predicted tokens: the 9 b's
+    for result in (run.evaluate(data.path), run.evaluate(val_text)):
+        assert result.tokens == 9 and result.bpb == pytest.approx(expected, rel=1e-6)
+    assert _eval_bytes_per_token(data, 8, 4, 100) == 1.0  # training's evaluation of the whole split
 
 
 def test_raw_text_is_prepared_once_and_again_after_any_edit(tmp_path: Path):

@@ -21,7 +21,7 @@ from .config import ModelConfig, SampleConfig
 from .data import encode_sources, is_prepared, load_prepared, resolve_sources
 from .decode import DecodeStats
 from .errors import CheckpointError, ConfigError, DataError
-from .evaluate import EvalResult, evaluate_tokens
+from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
 from .generate import stream_text
 from .model import Transformer, build_model
 from .recurrent import RecurrentLM
@@ -106,13 +106,12 @@ class Run:
             if prepared.tokenizer.to_dict() != self.tokenizer.to_dict():
                 raise DataError(f"{data} was prepared with another tokenizer than {self.path}'s; evaluate on the "
                                 "text itself, or on data prepared for this run")
-            m = prepared.manifest
-            return evaluate_tokens(self.model, prepared.val, m["val_bytes"] / max(1, m["val_tokens"]), batch_size)
+            bytes_per_token = predicted_bytes_per_token(self.tokenizer, prepared.val, prepared.manifest["val_bytes"])
+            return evaluate_tokens(self.model, prepared.val, bytes_per_token, batch_size)
         ids, nbytes = encode_sources(resolve_sources(data), self.tokenizer)
         if len(ids) < 2:
             raise DataError(f"{data} holds fewer than 2 tokens; evaluate on a longer text")
-        predicted = nbytes - self.tokenizer.num_bytes(ids[:1].tolist())  # the first token is context, never predicted
-        return evaluate_tokens(self.model, ids, predicted / (len(ids) - 1), batch_size)
+        return evaluate_tokens(self.model, ids, predicted_bytes_per_token(self.tokenizer, ids, nbytes), batch_size)
 
 
 def read_run_config(path: str | Path) -> tuple[dict[str, Any], ModelConfig]:

@@ -16,28 +16,42 @@ import torch
 
 from .data import check_ids, iter_eval_batches
 from .model import Transformer
+from .recurrent import RecurrentLM
+from .tokenizers import Tokenizer
 
 
 @dataclass
 class EvalResult:
+    """What `tlm eval` and `Run.evaluate` report, and each periodic evaluation of a training run."""
+
     loss: float
     """Mean next-token cross-entropy in nats."""
     perplexity: float
+    """exp(loss)."""
     bpb: float
     """Bits per UTF-8 byte of text."""
     tokens: int
     """Tokens predicted."""
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | int]:
+        """The fields by name, as `tlm eval --json` prints them."""
         return asdict(self)
 
 
 def bits_per_byte(loss: float, tokens: float, num_bytes: float) -> float:
+    """Bits per byte of a mean `loss` in nats over `tokens` predicted tokens whose text is `num_bytes` long."""
     return loss / math.log(2) * tokens / num_bytes
 
 
+def predicted_bytes_per_token(tokenizer: Tokenizer, tokens: np.ndarray, num_bytes: int) -> float:
+    """UTF-8 bytes per predicted token of a whole token stream whose text is `num_bytes` long: the first token is
+    context, never predicted, so its bytes and itself are left out (counting them made a prepared val split's bpb
+    differ from its text's)."""
+    return (num_bytes - tokenizer.num_bytes(tokens[:1].tolist())) / max(1, len(tokens) - 1)
+
+
 @torch.no_grad()
-def evaluate_tokens(model: Transformer, tokens: np.ndarray, bytes_per_token: float, batch_size: int = 8,
+def evaluate_tokens(model: Transformer | RecurrentLM, tokens: np.ndarray, bytes_per_token: float, batch_size: int = 8,
                     max_batches: int | None = None, autocast: torch.autocast | nullcontext | None = None
                     ) -> EvalResult:
     """Deterministic pass over `tokens` in consecutive windows of the model's context; every predicted token is

@@ -51,7 +51,7 @@ from .data import (
     resolve_sources,
 )
 from .errors import CheckpointError, ConfigError, RunExistsError
-from .evaluate import EvalResult, evaluate_tokens
+from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
 from .model import build_model
 from .optim import config_hyperparameters, lr_at, make_optimizer, set_lr
 from .parallel import (
@@ -410,7 +410,7 @@ def _eval_bytes_per_token(data: PreparedData, batch_size: int, block_size: int, 
     start, multibyte text later)."""
     n = sum(y.numel() for _, y in iter_eval_batches(data.val, batch_size, block_size, max_batches))
     if n >= len(data.val) - 1:
-        return data.manifest["val_bytes"] / max(1, data.manifest["val_tokens"])
+        return predicted_bytes_per_token(data.tokenizer, data.val, data.manifest["val_bytes"])
     return data.tokenizer.num_bytes(data.val[1 : n + 1].tolist()) / n
 
 

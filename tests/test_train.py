@@ -22,7 +22,7 @@ from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import CheckpointError, ConfigError, RunExistsError
 from transformer_lm.model import Transformer
 from transformer_lm.optim import lr_at
-from transformer_lm.train import Budget, _eval_bytes_per_token, read_metrics, train, training_data
+from transformer_lm.train import Budget, _eval_bytes_per_token, plot_losses, read_metrics, train, training_data
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
 
@@ -128,6 +128,26 @@ def test_a_whole_split_scores_the_bytes_of_its_predicted_tokens(tmp_path: Path):
     for result in (run.evaluate(data.path), run.evaluate(val_text)):
         assert result.tokens == 9 and result.bpb == pytest.approx(expected, rel=1e-6)
     assert _eval_bytes_per_token(data, 8, 4, 100) == 1.0  # training's evaluation of the whole split
+
+
+def test_the_loss_plot_leaves_the_callers_matplotlib_alone(tmp_path: Path):
+    """loss.png was drawn through pyplot after matplotlib.use("Agg"): a notebook that called train() had its backend
+    switched and could no longer show its own plots; and a run folder named like `$\\q$` (mathtext) stopped a
+    finished run with a parse error."""
+    import matplotlib
+
+    run = tmp_path / "cost$\\q$"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
+                                               [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "val_loss": 1.7}]))
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend of the caller's own, as a notebook's inline one is
+    try:
+        plot_losses(run / "metrics.jsonl", run / "loss.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_raw_text_is_prepared_once_and_again_after_any_edit(tmp_path: Path):

@@ -14,6 +14,8 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class ParamCount:
+    """A model's parameters by part, each tensor counted once (a tied head is the token table, counted there)."""
+
     embedding: int
     """Token (and learned position) tables."""
     per_layer: int
@@ -33,6 +35,7 @@ class ParamCount:
 
 
 def count_params(c: ModelConfig) -> ParamCount:
+    """The parameters `c` builds, in closed form (what `tlm info` prints; equal to the built model's count)."""
     if c.arch != "transformer":
         return _recurrent_params(c)
     d, f, hd = c.n_embd, c.ffn_dim, c.head_dim

@@ -224,6 +224,14 @@ def test_a_tokenizer_workers_cannot_rebuild_encodes_in_this_process(tmp_path: Pa
         assert got == list(reference(TEXTS, tok))  # raw files: loading rebuilds the tokenizer from its dict too
 
 
+def test_workers_that_die_end_prepare_with_one_error() -> None:
+    """multiprocessing.Pool replaced a worker that failed to start forever, so prepare hung (a script without the
+    `__main__` guard, whose workers re-run it on import); now the run ends with a DataError naming the fix."""
+    pieces = iter([("train", "some text", False)] * 8)
+    with pytest.raises(DataError, match="__main__"):
+        list(data._encoded(pieces, UpperTokenizer(), np.dtype(np.uint16), workers=2))  # its kind fails in workers
+
+
 def big_corpus() -> list[str]:
     """Prose, indented code with blank-line runs and CRLF endings, and a file without line breaks."""
     prose = "".join(f"line {i} of the corpus, {'ü' * (i % 3)} words  words\n" for i in range(150))

@@ -21,6 +21,8 @@ import shutil
 import sysconfig
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -236,9 +238,11 @@ def _encode_in_worker(piece: Piece) -> tuple[str, np.ndarray, int]:
 
 
 def _encoded(pieces: Iterator[Piece], tokenizer: Tokenizer, dtype: np.dtype, workers: int):
-    """Encoded pieces in order. A window of 2 * workers tasks in flight bounds memory (Pool.imap would not: its
-    feeder thread reads the whole input ahead). Workers start from a fresh interpreter (forkserver/spawn), which
-    avoids fork's hazards with the threads of torch and of Hugging Face tokenizers."""
+    """Encoded pieces in order. A window of 2 * workers tasks in flight bounds memory (Executor.map would not: it
+    submits the whole input first). Workers start from a fresh interpreter (forkserver/spawn), which avoids fork's
+    hazards with the threads of torch and of Hugging Face tokenizers. A worker that dies (one that could not start,
+    as in a script without the `__main__` guard, which multiprocessing.Pool replaced forever: a hang) ends the run
+    with one DataError."""
     if workers == 1:
         yield from map(_Encoder(tokenizer, dtype), pieces)
         return
@@ -247,14 +251,18 @@ def _encoded(pieces: Iterator[Piece], tokenizer: Tokenizer, dtype: np.dtype, wor
         ctx.set_forkserver_preload(["__main__", __name__])  # import torch once per program, not once per worker
     else:
         ctx = mp.get_context("spawn")
-    with ctx.Pool(workers, _init_worker, (tokenizer.to_dict(), dtype)) as pool:
+    with ProcessPoolExecutor(workers, ctx, _init_worker, (tokenizer.to_dict(), dtype)) as pool:
         pending: deque = deque()
-        for piece in pieces:
-            pending.append(pool.apply_async(_encode_in_worker, (piece,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+        try:
+            for piece in pieces:
+                pending.append(pool.submit(_encode_in_worker, piece))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise DataError("the tokenizing worker processes died (in a script, call prepare or training_data under "
+                            "`if __name__ == \"__main__\":`, as multiprocessing needs); or pass workers=1") from None
 
 
 def _rebuilds(tokenizer: Tokenizer) -> bool:

@@ -4,6 +4,9 @@ autocast, and inside the models' training step (tied and untied heads, eager and
 
 from __future__ import annotations
 
+from unittest import mock
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,7 @@ import torch.nn.functional as F
 import transformer_lm.loss as loss_module
 from conftest import random_model
 from transformer_lm.config import ModelConfig
+from transformer_lm.evaluate import evaluate_tokens
 from transformer_lm.loss import linear_cross_entropy
 from transformer_lm.model import Transformer
 from transformer_lm.recurrent import RecurrentLM
@@ -116,12 +120,39 @@ def test_model_training_step_equals_the_plain_loss(family):
     torch.testing.assert_close(got_loss, want_loss)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
-    with torch.no_grad():  # evaluation with targets still returns the logits beside the same loss
+    with torch.no_grad():  # evaluation with targets: the same loss, without the logits either
         out = model(idx, targets)
-    assert out.logits is not None
+        with torch.autocast("cpu", dtype=torch.float16):  # no gradients to underflow: float16 is fused too
+            assert model(idx, targets).logits is None
+    assert out.logits is None
     torch.testing.assert_close(out.loss, want_loss)
-    with torch.autocast("cpu", dtype=torch.float16):  # float16 keeps the plain path, for the GradScaler (see head_loss)
+    with torch.autocast("cpu", dtype=torch.float16):  # float16 training keeps the plain path, for the GradScaler
         assert model(idx, targets).logits is not None
+
+
+def test_evaluation_never_holds_the_logits_of_a_window():
+    """tlm eval took the full (B, T, vocab) logits and their fp32 copy: an imported long-context model (Qwen2, 32k
+    positions × 151,936 ids) needed 20 GB a sequence. Its loss is the naive cross-entropy's, with the largest
+    buffer held one chunk of the fused loss (the test's chunk: 4 rows of logits)."""
+    config = ModelConfig(vocab_size=997, block_size=64, n_layer=1, n_head=2, n_embd=16)
+    model = random_model(config, std=0.1).eval()
+    tokens = np.random.default_rng(0).integers(0, 997, size=2 * 64 + 1)
+    with torch.no_grad():
+        ids = torch.from_numpy(tokens)
+        x, y = ids[:-1].view(2, 64), ids[1:].view(2, 64)
+        want = float(F.cross_entropy(model(x).logits.flatten(0, 1), y.flatten()))
+    real_linear, heads = F.linear, []
+
+    def linear(x, weight, bias=None):  # every F.linear call; the head's are those with 997 outputs
+        out = real_linear(x, weight, bias)
+        if out.size(-1) == 997:
+            heads.append(out[..., 0].numel())  # rows of logits held by this call
+        return out
+
+    with mock.patch.object(loss_module, "CHUNK_BYTES", 4 * 4 * 997), mock.patch.object(F, "linear", linear):
+        got = evaluate_tokens(model, tokens, bytes_per_token=1.0, batch_size=2)
+    assert heads and max(heads) == 4  # one chunk of rows at a time, never the window's 128
+    assert got.tokens == 128 and got.loss == pytest.approx(want, rel=1e-5)
 
 
 def test_recurrent_baseline_uses_the_same_loss():

@@ -63,11 +63,9 @@ def evaluate_tokens(model: Transformer | RecurrentLM, tokens: np.ndarray, bytes_
     try:
         for x, y in iter_eval_batches(tokens, batch_size, model.config.block_size, max_batches):
             check_ids(x, y, model.config.vocab_size)
-            with autocast or nullcontext():
-                logits = model(x.to(device)).logits
-            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
-                                                    reduction="sum")
-            total += float(nll)
+            with autocast or nullcontext():  # the loss with the head: no (B, T, vocab) logits (model.head_loss)
+                loss = model(x.to(device), y.to(device)).loss
+            total += float(loss) * y.numel()
             count += y.numel()
     finally:
         model.train(was_training)

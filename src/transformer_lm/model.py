@@ -240,8 +240,8 @@ class Block(nn.Module):
 @dataclass
 class LMOutput:
     logits: torch.Tensor | None
-    """(B, T, vocab) — or (B, 1, vocab) when only the last position was asked for. None when a training step's loss
-    was computed together with the head (targets given, gradients enabled: see head_loss)."""
+    """(B, T, vocab) — or (B, 1, vocab) when only the last position was asked for. None when the loss was computed
+    together with the head (targets given: see head_loss)."""
     loss: torch.Tensor | None = None
     """Mean next-token cross-entropy in nats, when targets were given."""
     attentions: list[torch.Tensor] | None = None
@@ -251,13 +251,15 @@ class LMOutput:
 def head_loss(head: nn.Module, x: torch.Tensor, targets: torch.Tensor | None,
               attentions: list[torch.Tensor] | None = None) -> LMOutput:
     """The LM head on the final hidden states x (B, T, C), and the mean next-token cross-entropy against targets (B, T)
-    (-1: no target). A training step (gradients enabled) on a plain linear head gets the loss without the logits:
-    linear_cross_entropy never holds the (B·T, vocab) logits' gradients, the largest tensors of a small model's step.
-    Not in float16: it computes the head's gradients in the forward pass, before a GradScaler's scale could keep their
-    small values from underflowing in half precision."""
+    (-1: no target). With targets, a plain linear head gets the loss without the logits: linear_cross_entropy never
+    holds the (B·T, vocab) logits or their gradients, the largest tensors of a small model's step, and of an
+    evaluation at a long context (Qwen2's 32k positions × 151,936 ids are 20 GB of fp32 logits a sequence). A
+    training step in float16 keeps the plain loss: the fused one computes the head's gradients in the forward pass,
+    before a GradScaler's scale could keep their small values from underflowing in half precision."""
     dev = x.device.type
-    if (targets is not None and torch.is_grad_enabled() and type(head) is nn.Linear and x.dtype != torch.float16
-            and not (torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16)):
+    half = x.dtype == torch.float16 or (torch.is_autocast_enabled(dev)
+                                        and torch.get_autocast_dtype(dev) == torch.float16)
+    if targets is not None and type(head) is nn.Linear and not (half and torch.is_grad_enabled()):
         return LMOutput(None, linear_cross_entropy(x, head.weight, head.bias, targets), attentions)
     logits = head(x)  # (B, T, vocab)
     loss = None

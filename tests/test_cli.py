@@ -301,7 +301,7 @@ def test_overwrite_refuses_to_delete_what_the_command_reads(trained_run: Path, t
     one_line_error(capsys, "export", trained_run, "--out", trained_run, "--overwrite", "true",
                    match="which this command reads")
     one_line_error(capsys, "export", trained_run, "--out", trained_run / "checkpoints", "--overwrite", "true",
-                   match="no config.json")
+                   match="no export tlm wrote")
     one_line_error(capsys, "export", trained_run, "--out", tmp_path, "--overwrite", "true",
                    match="which this command reads")
     one_line_error(capsys, "convert", trained_run, "--out", tmp_path / "c", match="is a tlm run folder")

@@ -368,7 +368,7 @@ def test_prepare_errors(tmp_path: Path) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")
     for overwrite in (False, True):
-        with pytest.raises(RunExistsError, match="holds no prepared data|no manifest.json"):
+        with pytest.raises(RunExistsError, match="holds no prepared data|no prepared data tlm wrote"):
             prepare(write(tmp_path / "d", TEXTS), tmp_path / "busy", ByteTokenizer(), overwrite=overwrite)
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
 

@@ -234,16 +234,21 @@ def _full_disk(*args, **kwargs):
 
 
 def test_overwrite_never_replaces_a_hugging_face_folder(hf_models, tmp_path):
-    """convert --overwrite took any folder with a config.json for a run tlm wrote: a mistyped --out naming another
-    downloaded model deleted it. A run is now recognised by its checkpoint pointer."""
+    """convert and export --overwrite took any folder with a config.json for one tlm wrote: a mistyped --out naming
+    another downloaded model deleted it. A run is recognised by its config's model section, an export by the mark in
+    its safetensors header."""
     other = _copy(hf_models["qwen2"][1], tmp_path / "other")
     before = _files(other)
-    with pytest.raises(RunExistsError, match="replaces only a folder tlm wrote"):
-        import_hf(hf_models["llama"][1], other, overwrite=True)
-    assert _files(other) == before
     run = import_hf(hf_models["llama"][1], tmp_path / "run")
+    for write in (lambda: import_hf(hf_models["llama"][1], other, overwrite=True),
+                  lambda: export_hf(run, other, overwrite=True)):
+        with pytest.raises(RunExistsError, match="tlm wrote, and --overwrite replaces only such a folder"):
+            write()
+        assert _files(other) == before
     assert import_hf(hf_models["gpt2"][1], run, overwrite=True) == run  # an imported run is still replaced
     assert load_run(run, "cpu").config["source"]["model_type"] == "gpt2"
+    out = export_hf(run, tmp_path / "export")
+    assert export_hf(run, out, overwrite=True) == out  # and an export of ours
 
 
 def test_a_failed_overwrite_keeps_the_previous_folder(hf_models, tmp_path, monkeypatch):

@@ -319,7 +319,7 @@ def test_import_errors(tmp_path: Path, tokenizer_bin: Path) -> None:
     assert load_run(tmp_path / "run", device="cpu").step == 0
     (tmp_path / "mine").mkdir()  # a folder tlm did not write is never replaced, nor one holding the input
     (tmp_path / "mine" / "notes.txt").write_text("mine")
-    for out, match in ((tmp_path / "mine", "no checkpoints/latest"), (tmp_path, "which this command reads")):
+    for out, match in ((tmp_path / "mine", "no run tlm wrote"), (tmp_path, "which this command reads")):
         with pytest.raises(RunExistsError, match=match):
             import_llama2c(tmp_path / "model.bin", out, tokenizer_bin, overwrite=True)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"

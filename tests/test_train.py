@@ -351,7 +351,7 @@ def test_overwrite_deletes_only_a_run_and_only_once_the_new_one_is_set_up(corpus
     (notes / "notes.txt").write_text("mine")
     with pytest.raises(RunExistsError, match="is not empty and holds no run"):
         train(ModelConfig(**SMALL), small_train(), data, notes, progress=False)
-    with pytest.raises(RunExistsError, match="no config.json"):
+    with pytest.raises(RunExistsError, match="no run tlm wrote"):
         train(ModelConfig(**SMALL), small_train(), data, notes, overwrite=True, progress=False)
     (notes / "config.json").write_text("{}")  # even one that looks like a run is kept if it holds the data
     (notes / "corpus.txt").write_text(corpus_file.read_text())

@@ -19,7 +19,7 @@ import re
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,6 @@ from torch import nn
 from .errors import CheckpointError, RunExistsError
 
 POINTER = "latest"
-RUN_POINTER = f"checkpoints/{POINTER}"  # within a run folder: what only tlm writes, once it has a checkpoint
 SHARDS = "shards"
 
 
@@ -71,19 +70,30 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def is_run_folder(folder: Path) -> bool:
+    """Whether `folder` holds a run tlm wrote (trained or imported): a config.json with our `model` section. A
+    config.json alone is no sign of one: every Hugging Face model folder has one."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model"), dict)
+
+
 def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (), resumable: bool = False,
-              marker: str = "config.json", what: str = "a run") -> None:
+              ours: Callable[[Path], bool] = is_run_folder, what: str = "a run") -> None:
     """Raise RunExistsError unless `out` (a run, import, export or prepared-data folder about to be written) may be
-    written: it is missing or empty, or `overwrite` is given and it holds something tlm wrote (its `marker` file), is
-    not the working directory or above it, and holds none of `inputs` (the data or model the command reads), so that
-    a mistyped --out never deletes anything else. Nothing is deleted here: the command does it once the new output
-    is ready (clear_out, staged_dir, or prepare's rename)."""
+    written: it is missing or empty, or `overwrite` is given and it holds something tlm wrote (`ours(out)`), is not
+    the working directory or above it, and holds none of `inputs` (the data or model the command reads), so that a
+    mistyped --out never deletes anything else. Nothing is deleted here: the command does it once the new output is
+    ready (clear_out, staged_dir, or prepare's rename)."""
     if not out.is_dir() or not any(out.iterdir()):
         return
-    is_run = (out / marker).is_file()
+    is_ours = ours(out)
+    noun = what.split(" ", 1)[1] if what.startswith(("a ", "an ")) else what  # "no run", "no export"
     if not overwrite:
-        if not is_run:
-            raise RunExistsError(f"{out} is not empty and holds no {what.removeprefix('a ')}; choose another --out")
+        if not is_ours:
+            raise RunExistsError(f"{out} is not empty and holds no {noun}; choose another --out")
         raise RunExistsError(f"{out} already holds {what}; pass {'--resume true to continue it, ' if resumable else ''}"
                              "--overwrite true to replace it, or choose another --out")
     where, cwd = out.resolve(), Path.cwd().resolve()
@@ -92,9 +102,9 @@ def check_out(out: Path, overwrite: bool, inputs: Iterable[str | Path] = (), res
     for p in inputs:
         if where == Path(p).resolve() or where in Path(p).resolve().parents:
             raise RunExistsError(f"--overwrite would delete {p}, which this command reads; choose another --out")
-    if not is_run:
-        raise RunExistsError(f"{out} holds files but no {what.removeprefix('a ')} (no {marker}), and --overwrite "
-                             "replaces only a folder tlm wrote; empty it yourself or choose another --out")
+    if not is_ours:
+        raise RunExistsError(f"{out} holds files but no {noun} tlm wrote, and --overwrite replaces "
+                             "only such a folder; empty it yourself or choose another --out")
 
 
 def clear_out(out: Path) -> None:

@@ -337,7 +337,7 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
         raise DataError(f"{out_dir} exists and is not a folder; choose a new or empty output folder")
     if isinstance(sources, (str, os.PathLike)):  # one path was read as a list of one-letter file names
         sources = resolve_sources(sources)
-    check_out(out_dir, overwrite, sources, marker="manifest.json", what="prepared data")
+    check_out(out_dir, overwrite, sources, ours=is_prepared, what="prepared data")
     chars = [(Path(p), count_chars(Path(p))) for p in sources]
     sources = [p for p, n in chars if n]
     total = sum(n for _, n in chars)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..checkpoint import RUN_POINTER, check_out, save_checkpoint, save_tensors, staged_dir
+from ..checkpoint import check_out, is_run_folder, save_checkpoint, save_tensors, staged_dir
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConversionError, TLMError
 from ..llama_tokenizers import SentencePieceTokenizer
@@ -514,13 +514,26 @@ def _write_tokenizer(tok: Tokenizer, folder: Path, block_size: int, family: str)
 # ----------------------------------------------------------------------------------------------------------------------
 # The two verbs
 
+EXPORT_METADATA = {"format": "pt", "exported_by": "transformer-lm"}
+"""The safetensors header of an export: transformers reads "format"; "exported_by" tells `export --overwrite` a
+folder it may replace from a Hugging Face model's (config.json and model.safetensors, but not ours to delete)."""
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds an export of ours (EXPORT_METADATA in its model.safetensors header)."""
+    try:
+        with safe_open(folder / "model.safetensors", "pt") as f:
+            return (f.metadata() or {}).get("exported_by") == EXPORT_METADATA["exported_by"]
+    except (OSError, SafetensorError):
+        return False
+
 
 def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Convert a Hugging Face model folder into a run folder (config.json, tokenizer.json, checkpoints/) that
     load_run, `tlm sample` and `tlm eval` read. `dtype` (float32, bfloat16, float16) casts the weights; by default
     they keep the dtype they are stored in."""
     src, out = Path(src), Path(out)
-    if (src / RUN_POINTER).is_file():
+    if is_run_folder(src):
         raise ConversionError(f"{src} is a tlm run folder, not a Hugging Face one: sample or evaluate it as it is, or "
                               "`tlm export` it")
     tokenizer = load_hf_tokenizer(src)
@@ -528,7 +541,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{model.config.vocab_size} embeddings; the folder mixes two models")
-    check_out(out, overwrite, [src], marker=RUN_POINTER)  # config.json alone may be a Hugging Face folder's
+    check_out(out, overwrite, [src])
     source = {"format": "huggingface", "model_type": family, "path": str(src.resolve())}
     with staged_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(dump_json({"model": model.config.to_dict(), "source": source}))
@@ -551,9 +564,9 @@ def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype
     hf_config = config_to_hf(config, family, loaded.tokenizer, torch_dtype)  # raises before anything is written
     tensors = {k: v.to(torch_dtype) for k, v in hf_state_dict(loaded.model, family).items()}
     out = Path(out)
-    check_out(out, overwrite, [run])
+    check_out(out, overwrite, [run], ours=is_export, what="an export")
     with staged_dir(out, overwrite) as tmp:
-        save_tensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "model.safetensors", metadata=EXPORT_METADATA)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         _write_tokenizer(loaded.tokenizer, tmp, config.block_size, family)
     return out

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import RUN_POINTER, check_out, save_checkpoint, staged_dir
+from ..checkpoint import check_out, save_checkpoint, staged_dir
 from ..config import ModelConfig, dump_json
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..llama_tokenizers import Llama2cTokenizer, SentencePieceTokenizer
@@ -201,7 +201,7 @@ def import_llama2c(bin_path: str | Path, out_dir: str | Path, tokenizer_path: st
     bin_path, out_dir = Path(bin_path), Path(out_dir)
     header = read_header(bin_path)  # first: a file that is no llama2.c checkpoint is named as such, not its tokenizer
     tok_path = Path(tokenizer_path) if tokenizer_path is not None else _find_tokenizer(bin_path)
-    check_out(out_dir, overwrite, [bin_path, tok_path], marker=RUN_POINTER)  # not config.json: HF folders have one
+    check_out(out_dir, overwrite, [bin_path, tok_path])
     try:
         model = load_llama2c(bin_path)
     except ConfigError as e:

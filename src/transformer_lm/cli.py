@@ -327,7 +327,7 @@ def _add_interop_parsers(cmds: dict[str, ArgumentParser]) -> None:
                    help="Cast Hugging Face weights to float32, bfloat16 or float16 (default: keep their dtype).")
     p.add_argument("--tokenizer", type=str | None, default=None,
                    help="llama2.c only: tokenizer.bin or tokenizer.model (default: the one beside the .bin).")
-    p.add_argument("--overwrite", type=bool, default=False, help="Replace what --out already holds.")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace a run tlm wrote in --out.")
 
     p = cmds["export"] = ArgumentParser(exit_on_error=False, description="Export a run's latest checkpoint as a "
                                         "Hugging Face folder that transformers' from_pretrained loads.")
@@ -337,7 +337,7 @@ def _add_interop_parsers(cmds: dict[str, ArgumentParser]) -> None:
                    help="gpt2, llama, mistral or qwen2 (default: the one the architecture matches).")
     p.add_argument("--dtype", type=str | None, default=None,
                    help="float32, bfloat16 or float16 (default: the checkpoint's dtype).")
-    p.add_argument("--overwrite", type=bool, default=False, help="Replace what --out already holds.")
+    p.add_argument("--overwrite", type=bool, default=False, help="Replace an export of ours in --out.")
 
 
 def cmd_convert(a: Namespace) -> None:

@@ -141,6 +141,22 @@ def test_wsd_schedule_shape():
     assert lrs[79] == 1.0 and lrs[80] < 1.0 and lrs[-1] == pytest.approx(0.1)  # the cooldown is the last 20 steps
 
 
+@pytest.mark.parametrize("cooldown_fraction", [0.1, 0.2, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("min_lr_ratio", [0.0, 0.1])
+def test_wsd_ends_exactly_at_the_floor_and_never_below(cooldown_fraction: float, min_lr_ratio: float):
+    """The cooldown's formula, lr·min_lr_ratio + (lr - lr·min_lr_ratio)·(1 - progress)/cooldown_fraction, at every
+    step of a 100-step budget: at its end the floor exactly (computed from the cooldown's start, 1 - 0.3 rounded
+    made (progress - start)/0.3 exceed 1 and the last step's lr -2e-19 with a floor of 0), and never below it."""
+    cfg = TrainConfig(lr=1e-3, min_lr_ratio=min_lr_ratio, warmup_iters=0, max_iters=100, schedule="wsd",
+                      cooldown_fraction=cooldown_fraction)
+    budget, floor = Budget(cfg, tokens_per_step=1), 1e-3 * min_lr_ratio
+    for s in range(100):
+        p = budget.progress_after(s, 0.0)
+        expected = 1e-3 if p <= 1 - cooldown_fraction else floor + (1e-3 - floor) * (1 - p) / cooldown_fraction
+        assert lr_at(s, p, cfg) == pytest.approx(expected, rel=1e-12, abs=0) and lr_at(s, p, cfg) >= floor, s
+    assert lr_at(99, budget.progress_after(99, 0.0), cfg) == floor
+
+
 def test_wsd_cooldown_ends_with_a_time_budget(corpus_file: Path, tmp_path: Path, monkeypatch):
     """With a clock where every step takes 0.5 s and a 10 s budget, the run takes 20 steps and the cooldown
     occupies the last 20% of the 9 s after warmup, ending at the minimum exactly on the last step: the schedule a

@@ -201,8 +201,9 @@ def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     if cfg.schedule == "cosine":
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
     if cfg.schedule == "wsd":
-        start = 1.0 - cfg.cooldown_fraction
-        if progress <= start:
+        if progress <= 1.0 - cfg.cooldown_fraction:
             return cfg.lr
-        return cfg.lr + (min_lr - cfg.lr) * (progress - start) / cfg.cooldown_fraction
+        # measured from the end, so that progress 1 gives min_lr exactly: from the start (1 - fraction, rounded) the
+        # ratio could pass 1 and take the last step below the floor (-2e-19 with min_lr 0 and a fraction of 0.3)
+        return min_lr + (cfg.lr - min_lr) * (1.0 - progress) / cfg.cooldown_fraction
     return cfg.lr

@@ -19,7 +19,7 @@ from transformer_lm import checkpoint as ckpt
 from transformer_lm import data as data_module
 from transformer_lm.api import Run, load_run
 from transformer_lm.config import ModelConfig, TrainConfig
-from transformer_lm.errors import CheckpointError, ConfigError, RunExistsError
+from transformer_lm.errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from transformer_lm.model import Transformer
 from transformer_lm.optim import lr_at
 from transformer_lm.train import Budget, _eval_bytes_per_token, plot_losses, read_metrics, train, training_data
@@ -385,6 +385,21 @@ def test_a_checkpoint_pointer_names_only_its_own_step_folder(corpus_file: Path, 
         with pytest.raises(CheckpointError, match="pointer .* is corrupt"):
             load_run(run, "cpu")
     assert (victim / "checkpoints" / "step-0000005" / "model.safetensors").is_file()
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(corpus_file: Path, tmp_path: Path):
+    """A loss that becomes NaN or infinite stops the run with a DivergenceError at that step, before any checkpoint
+    of the damaged weights: the one on disk stays the last good one, byte for byte (a run went on to its end, saved
+    NaN weights over it and reported success)."""
+    data = training_data(corpus_file, "char")
+    paused = train(ModelConfig(**SMALL), small_train(), data, tmp_path / "run", progress=False, stop_at=4)
+    weights = ckpt.latest_checkpoint(paused.run_dir) / "model.safetensors"
+    saved = weights.read_bytes()
+    with pytest.raises(DivergenceError, match="step 6"):  # step 5 sets weights of ~1e30, step 6's forward overflows
+        train(ModelConfig(**SMALL), small_train(lr=1e30, warmup_iters=0, grad_clip=0.0, eval_interval=100), data,
+              paused.run_dir, resume=True, progress=False)
+    assert ckpt.latest_checkpoint(paused.run_dir).name == "step-0000004" and weights.read_bytes() == saved
+    assert all(torch.isfinite(w).all() for w in load_run(paused.run_dir).model.state_dict().values())
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_matches(corpus_file: Path, tmp_path: Path):

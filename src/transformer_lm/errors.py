@@ -34,6 +34,11 @@ class ConversionError(TLMError):
     represent on export; the message names the unsupported feature."""
 
 
+class DivergenceError(TLMError):
+    """The training loss became NaN or infinite: the run stops at that step, before a checkpoint of the weights it
+    damaged could replace the last good one."""
+
+
 class DistributedError(TLMError):
     """A multi-process run lost a rank: a collective failed because another process died, or timed out waiting for
     one that hangs. The process should end soon after (the CLI exits at once): freeing a gloo process group with a

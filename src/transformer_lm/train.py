@@ -50,7 +50,7 @@ from .data import (
     read_sources,
     resolve_sources,
 )
-from .errors import CheckpointError, ConfigError, RunExistsError
+from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
 from .model import build_model
 from .optim import config_hyperparameters, lr_at, make_optimizer, set_lr
@@ -372,6 +372,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             train_loss, dt, stop = mean_over_ranks([loss_sum / cfg.grad_accum, time.perf_counter() - t0,
                                                     float(sigint["stop"])], info)
             stop = stop > 0
+            _check_finite(train_loss, step, lr)
             elapsed += dt
             bar.update(1)
             step_mfu = mfu(flops_per_step, 1 / dt, peak)
@@ -402,6 +403,16 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     if not interrupted and info.is_main:
         plot_losses(metrics_path, run_dir / "loss.png")
     return TrainResult(run_dir, step, tokens, elapsed, val, interrupted, info.is_main)
+
+
+def _check_finite(loss: float, step: int, lr: float) -> None:
+    """Stop a diverged run at once: past a NaN or infinite loss the weights are NaN too, and carrying on to the next
+    evaluation would save them over the last good checkpoint and report the run as finished."""
+    if not math.isfinite(loss):
+        raise DivergenceError(f"the training loss became {loss} at step {step} (lr {lr:.3g}): the run diverged and "
+                              "stopped without saving these weights; resume from its last checkpoint, if it has one "
+                              "(--resume true), with a lower --train.lr, a longer --train.warmup_iters or "
+                              "--train.grad_clip")
 
 
 def _eval_bytes_per_token(data: PreparedData, batch_size: int, block_size: int, max_batches: int) -> float:

@@ -402,6 +402,17 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(corpus_file: Pa
     assert all(torch.isfinite(w).all() for w in load_run(paused.run_dir).model.state_dict().values())
 
 
+def test_the_last_step_is_logged_with_the_floor_lr(corpus_file: Path, tmp_path: Path):
+    """metrics.jsonl records the run's last step whatever log_interval is, with the lr the cosine formula gives at
+    the end of the budget, lr·min_lr_ratio (steps 1 and multiples of log_interval only ended the record at step 5)."""
+    data = training_data(corpus_file, "char")
+    res = train(ModelConfig(**SMALL), small_train(max_iters=7, log_interval=5, eval_interval=100), data,
+                tmp_path / "run", progress=False)
+    records = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in records] == [1, 5, 7]
+    assert records[-1]["lr"] == pytest.approx(3e-3 * 0.1, rel=1e-12) and records[-1]["tokens"] == 7 * 4 * 16
+
+
 def test_ctrl_c_saves_checkpoint_and_resume_matches(corpus_file: Path, tmp_path: Path):
     """A real Ctrl-C (SIGINT) to a `tlm train` process: it checkpoints, exits 130, and --resume finishes the run with
     the losses of an uninterrupted run, wherever the signal landed."""

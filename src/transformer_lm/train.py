@@ -378,12 +378,12 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             step_mfu = mfu(flops_per_step, 1 / dt, peak)
             bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", mfu=f"{step_mfu:.1%}",
                             refresh=False)
-            if info.is_main and (step % cfg.log_interval == 0 or step == 1):
+            finished = budget.done(step, elapsed)
+            if info.is_main and (step % cfg.log_interval == 0 or step == 1 or finished):  # the last too
                 _append_metrics(metrics_path, {"step": step, "tokens": tokens, "loss": train_loss,
                                                "lr": lr, "grad_norm": float(grad_norm),
                                                "tokens_per_s": tokens_per_step / dt, "mfu": step_mfu,
                                                "elapsed": round(elapsed, 3)})
-            finished = budget.done(step, elapsed)
             if step % cfg.eval_interval == 0 or finished:
                 val = evaluate()
                 if info.is_main:

@@ -318,6 +318,39 @@ def test_validation_covers_the_same_tokens_however_the_batch_is_split(corpus_fil
     assert seen == {4: 2 * 4 * 16, 2: 2 * 4 * 16, 1: 2 * 4 * 16}  # eval_batches 2 of 4 sequences each
 
 
+def test_accumulated_micro_batches_step_like_one_naive_batch(corpus_file: Path, tmp_path: Path):
+    """grad_accum=3 micro-batches of 2 sequences give the update of one 6-sequence batch written out in float64:
+    cross-entropy of the full logits, the global norm clipped (and reported before clipping), AdamW with decay on the
+    blocks' matrices only (the head is tied to the embedding), the logged loss the mean over the 6 sequences."""
+    data = training_data(corpus_file, "char")
+    model_cfg = ModelConfig(**{**SMALL, "dropout": 0.0, "vocab_size": data.tokenizer.vocab_size})
+    cfg = small_train(batch_size=2, grad_accum=3, max_iters=2, warmup_iters=0, lr=1e-2, grad_clip=0.05)
+    res = train(model_cfg, cfg, data, tmp_path / "run", progress=False)
+    logged = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).init_weights(cfg.seed).double()
+    sampler = data_module.BatchSampler(data.train, 2, model_cfg.block_size, seed=cfg.seed)
+    decay = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
+    rest = [p for p in model.parameters() if all(p is not q for q in decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
+                            betas=(cfg.beta1, cfg.beta2), foreach=False)
+    for step, lr in enumerate((cfg.lr * 0.55, cfg.lr * 0.1)):  # cosine at progress 1/2 and 1 of 2 steps
+        x, y = (torch.cat(t) for t in zip(*(sampler.next() for _ in range(3))))
+        loss = torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        opt.zero_grad()
+        assert logged[step]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+        assert logged[step]["grad_norm"] == pytest.approx(norm.item(), rel=1e-5) and norm > 10 * cfg.grad_clip
+        assert logged[step]["lr"] == pytest.approx(lr, rel=1e-12)
+    trained = load_run(res.run_dir).model.state_dict()
+    for name, want in model.state_dict().items():
+        torch.testing.assert_close(trained[name], want.float(), rtol=0, atol=1e-5, msg=name)
+
+
 def test_existing_run_is_refused_and_untouched(corpus_file: Path, tmp_path: Path):
     data = training_data(corpus_file, "char")
     train(ModelConfig(**SMALL), small_train(max_iters=5), data, tmp_path / "run", progress=False)

@@ -435,6 +435,27 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(corpus_file: Pa
     assert all(torch.isfinite(w).all() for w in load_run(paused.run_dir).model.state_dict().values())
 
 
+def test_a_non_finite_gradient_stops_the_run_before_its_checkpoint(corpus_file: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch):
+    """A finite loss whose gradient is NaN (an overflow in the backward pass) leaves NaN weights after the step: the
+    run stops there too, so step 5's evaluation does not checkpoint them over step 4's."""
+    data = training_data(corpus_file, "char")
+    paused = train(ModelConfig(**SMALL), small_train(), data, tmp_path / "run", progress=False, stop_at=4)
+    saved = (ckpt.latest_checkpoint(paused.run_dir) / "model.safetensors").read_bytes()
+    train_module = sys.modules["transformer_lm.train"]  # not the function the package exports by that name
+    real = train_module.clip_grad_norm
+
+    def nan_gradient(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        model.tok_emb.weight.grad[0, 0] = float("nan")
+        return real(model, max_norm)
+
+    monkeypatch.setattr(train_module, "clip_grad_norm", nan_gradient)
+    with pytest.raises(DivergenceError, match="gradient norm became nan at step 5"):
+        train(ModelConfig(**SMALL), small_train(), data, paused.run_dir, resume=True, progress=False)
+    folder = ckpt.latest_checkpoint(paused.run_dir)
+    assert folder.name == "step-0000004" and (folder / "model.safetensors").read_bytes() == saved
+
+
 def test_the_last_step_is_logged_with_the_floor_lr(corpus_file: Path, tmp_path: Path):
     """metrics.jsonl records the run's last step whatever log_interval is, with the lr the cosine formula gives at
     the end of the budget, lr·min_lr_ratio (steps 1 and multiples of log_interval only ended the record at step 5)."""

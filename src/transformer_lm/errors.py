@@ -35,8 +35,8 @@ class ConversionError(TLMError):
 
 
 class DivergenceError(TLMError):
-    """The training loss became NaN or infinite: the run stops at that step, before a checkpoint of the weights it
-    damaged could replace the last good one."""
+    """The training loss or gradient norm became NaN or infinite: the run stops at that step, before a checkpoint of
+    the weights it damaged could replace the last good one."""
 
 
 class DistributedError(TLMError):

@@ -372,7 +372,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             train_loss, dt, stop = mean_over_ranks([loss_sum / cfg.grad_accum, time.perf_counter() - t0,
                                                     float(sigint["stop"])], info)
             stop = stop > 0
-            _check_finite(train_loss, step, lr)
+            _check_finite(train_loss, None if scaler.is_enabled() else float(grad_norm), step, lr)
             elapsed += dt
             bar.update(1)
             step_mfu = mfu(flops_per_step, 1 / dt, peak)
@@ -405,13 +405,16 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     return TrainResult(run_dir, step, tokens, elapsed, val, interrupted, info.is_main)
 
 
-def _check_finite(loss: float, step: int, lr: float) -> None:
-    """Stop a diverged run at once: past a NaN or infinite loss the weights are NaN too, and carrying on to the next
-    evaluation would save them over the last good checkpoint and report the run as finished."""
-    if not math.isfinite(loss):
-        raise DivergenceError(f"the training loss became {loss} at step {step} (lr {lr:.3g}): the run diverged and "
-                              "stopped without saving these weights; resume from its last checkpoint, if it has one "
-                              "(--resume true), with a lower --train.lr, a longer --train.warmup_iters or "
+def _check_finite(loss: float, grad_norm: float | None, step: int, lr: float) -> None:
+    """Stop a diverged run at once: past a NaN or infinite loss, or gradient norm (None under float16, whose loss
+    scaler skips such steps), the weights are NaN too, and carrying on to the next evaluation would save them over
+    the last good checkpoint and report the run as finished."""
+    bad = [f"{name} became {value}" for name, value in (("loss", loss), ("gradient norm", grad_norm))
+           if value is not None and not math.isfinite(value)]
+    if bad:
+        raise DivergenceError(f"the training {' and '.join(bad)} at step {step} (lr {lr:.3g}): the run diverged "
+                              "and stopped without saving these weights; resume from its last checkpoint, if it has "
+                              "one (--resume true), with a lower --train.lr, a longer --train.warmup_iters or "
                               "--train.grad_clip")
 
 

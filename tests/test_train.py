@@ -57,6 +57,20 @@ def test_budget_by_tokens_and_time(caplog):
     assert "--train.max_iters null" in caplog.text
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_of(caplog):
+    """`--train.max_iters 50` with the default 100 warmup steps trained at rising rates only, ending at half the
+    peak, with no word; the last step's lr is the fraction the warning names."""
+    cfg = TrainConfig(lr=1.0, max_iters=50)
+    with caplog.at_level("WARNING", logger="transformer_lm"):
+        Budget(cfg, tokens_per_step=1)
+    assert "never decays" in caplog.text and "0.5 of its peak" in caplog.text
+    assert lr_at(49, 0.0, cfg) == pytest.approx(0.5)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="transformer_lm"):
+        Budget(TrainConfig(max_iters=101), tokens_per_step=1)
+    assert "warmup" not in caplog.text
+
+
 def test_time_and_iteration_budgets_measure_progress_alike():
     """Both count the budget after warmup (the time budget estimating warmup's seconds at the mean step time): with a
     steady 0.1 s step, 1000 steps or 100 s place a wsd cooldown alike, and both end exactly at the budget's end."""

@@ -100,6 +100,10 @@ class Budget:
                         by_tokens)
         self.max_time = cfg.max_time
         self.warmup = cfg.warmup_iters
+        if self.max_steps is not None and self.warmup >= self.max_steps:  # the schedule would never leave warmup
+            log.warning("train.warmup_iters (%d) is not shorter than the run (%d steps): the learning rate only "
+                        "warms up, ending at %.3g of its peak, and never decays; pass a smaller --train.warmup_iters",
+                        self.warmup, self.max_steps, self.max_steps / self.warmup)
 
     def progress(self, step: int, elapsed: float) -> float:
         """How far the run is through its budget after warmup: 0 when warmup ends, 1 at the budget's end. For a

@@ -261,10 +261,11 @@ class TrainConfig:
     max_iters: int | None = 2000
     """Stop after this many optimizer steps (None: no iteration limit)."""
     max_tokens: int | None = None
-    """Stop after this many training tokens (None: no token limit)."""
+    """Stop after this many training tokens, in whole steps: the step that reaches it is the last, so up to one
+    step's tokens more are trained (None: no token limit)."""
     max_time: float | None = None
-    """Stop after this many seconds of training (the steps' wall-clock time; evaluations and checkpoints are not
-    counted, as a speedrun's clock does not count them) (None: no time limit)."""
+    """Stop after this many seconds of training (the steps' wall-clock time, the first step's compile included;
+    evaluations and checkpoints are not counted, as a speedrun's clock does not count them) (None: no time limit)."""
     lr: float = 2e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1

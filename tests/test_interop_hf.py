@@ -583,3 +583,75 @@ def test_import_with_tokenizer_model_stops_at_eos(sentencepiece_folder, tmp_path
     assert run.tokenizer.kind == "sentencepiece"
     assert (run.tokenizer.bos_id, run.tokenizer.eot_id) == (1, 2)  # BOS starts prompts, EOS ends samples
     assert isinstance(run.generate("Once upon", max_new_tokens=5, seed=0), str)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several end-of-sequence ids (Llama 3.x, Qwen2.5 instruct folders)
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="module")
+def llama3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama folder whose end-of-sequence ids are spread as in published ones: tokenizer_config.json's eos_token
+    <|end_of_text|>, config.json's eos_token_id [<|end_of_text|>, <|eom_id|>] (Llama 3.1 lists three there) and
+    generation_config.json's [<|end_of_text|>, <|eom_id|>, <|eot_id|>] (Qwen2.5-Instruct lists one there that
+    config.json lacks). The LM head rows of <|eom_id|> and <|eot_id|> are those of two tokens greedy decoding draws,
+    scaled up, so that samples end at them; the embedding table is the tokenizer's size, so that the ids tlm draws
+    from the tokenizer's vocabulary are all the model's."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    rust = RustTokenizer(models.BPE())
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    rust.train_from_iterator(["def alpha(beta):\n    return beta * 2\n" * 20, "naïve größe ✓ x = [1, 2]\n" * 5],
+                             trainers.BpeTrainer(vocab_size=300, special_tokens=LLAMA3_SPECIALS, show_progress=False,
+                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bot, end, eom, eot = (rust.token_to_id(t) for t in LLAMA3_SPECIALS)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+                                      vocab_size=rust.get_vocab_size(), bos_token_id=bot, eos_token_id=[end, eom])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+        prompt = torch.tensor([[bot, 40, 41, 42]])
+        free = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=end)[0, 4:].tolist()
+        head = model.lm_head.weight
+        head[eom], head[eot] = head[free[4]] * 1.5, head[free[9]] * 1.5
+    folder = tmp_path_factory.mktemp("hf-llama3")
+    model.save_pretrained(folder)
+    _edit_json(folder / "generation_config.json", eos_token_id=[end, eom, eot])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<|begin_of_text|>",
+                                         eos_token="<|end_of_text|>").save_pretrained(folder)
+    return folder
+
+
+def test_import_keeps_every_end_of_sequence_id(llama3_folder, tmp_path):
+    """eot_id (the document separator) is tokenizer_config.json's eos_token; the sample's stop ids are it and every
+    other id config.json and generation_config.json list, in the run folder too."""
+    run = load_run(import_hf(llama3_folder, tmp_path / "run"), "cpu")
+    ids = [run.tokenizer.hf.token_to_id(t) for t in LLAMA3_SPECIALS[1:]]
+    assert run.tokenizer.eot_id == ids[0]
+    assert run.tokenizer.stop_ids == tuple(ids)
+
+    # without tokenizer_config.json's eos_token, config.json's first id is the separator
+    folder = _copy(llama3_folder, tmp_path / "no-eos-token")
+    tc = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tc.items() if k != "eos_token"}))
+    _edit_json(folder / "config.json", eos_token_id=[ids[2], ids[1]])
+    (folder / "generation_config.json").unlink()
+    tok = load_hf_tokenizer(folder)
+    assert (tok.eot_id, tok.stop_ids) == (ids[2], (ids[2], ids[1]))
+
+
+def test_sentencepiece_import_keeps_every_end_of_sequence_id(sentencepiece_folder, tmp_path):
+    folder = _copy(sentencepiece_folder, tmp_path / "spm")
+    _edit_json(folder / "config.json", eos_token_id=[2, 5])
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    run = load_run(import_hf(folder, tmp_path / "run"), "cpu")
+    assert (run.tokenizer.eot_id, run.tokenizer.stop_ids) == (2, (2, 5, 7))

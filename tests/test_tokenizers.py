@@ -235,6 +235,28 @@ def test_eot_ids(toks: dict[str, Tokenizer]) -> None:
         tok = toks[kind]
         assert tok.eot_id is not None and tok.encode(f"a{EOT}b")[1] == tok.eot_id
         assert tok.decode([tok.eot_id]) == EOT
+    for tok in toks.values():  # a sample of a tokenizer built here ends at its end-of-text id alone
+        assert tok.stop_ids == ((tok.eot_id,) if tok.eot_id is not None else ())
+
+
+def test_imported_stop_ids_survive_save_and_load(toks: dict[str, Tokenizer], tmp_path: Path) -> None:
+    """An imported tokenizer's further end-of-sequence tokens (Llama 3's <|eom_id|>, <|eot_id|>) are kept in the run
+    folder's tokenizer.json; one saved before they were kept loads with its end-of-text id alone."""
+    from transformer_lm.tokenizers import HFFileTokenizer
+
+    hf = BPETokenizer.train(CORPUS, vocab_size=300).hf
+    hf.add_special_tokens(["<|eom_id|>", "<|eot_id|>"])
+    tok = HFFileTokenizer(hf, EOT, stop=["<|eot_id|>", "<|eom_id|>"])
+    ids = [hf.token_to_id(t) for t in (EOT, "<|eot_id|>", "<|eom_id|>")]
+    assert tok.eot_id == ids[0] and tok.stop_ids == tuple(ids)
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    assert load_tokenizer(tmp_path / "tokenizer.json").stop_ids == tuple(ids)
+    old = {k: v for k, v in tok.to_dict().items() if k != "stop"}
+    assert tokenizer_from_dict(old).stop_ids == (ids[0],)
+    with pytest.raises(TokenizerError, match="not in the tokenizer's vocabulary"):
+        HFFileTokenizer(hf, EOT, stop=["<|im_end|>"])
+    with pytest.raises(TokenizerError, match="'stop' is not a list"):
+        tokenizer_from_dict({**old, "stop": "<|eot_id|>"})
 
 
 def test_bpe_vocab_covers_bytes_and_respects_size(toks: dict[str, Tokenizer]) -> None:

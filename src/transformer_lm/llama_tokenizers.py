@@ -153,18 +153,19 @@ class SentencePieceTokenizer(Tokenizer):
 
     The serialized model is kept (base64) in `to_dict`, so a run folder needs no other file. Encoding adds no BOS.
     `eot` is the id that ends a sample: by default BOS, as llama2.c stops there; Hugging Face Llama folders name EOS.
+    `stop` holds other ids that end a sample (a folder's further end-of-sequence ids).
     """
 
     kind = "sentencepiece"
 
-    def __init__(self, model_proto: bytes, eot: int | None = None):
+    def __init__(self, model_proto: bytes, eot: int | None = None, stop: Sequence[int] = ()):
         try:
             import sentencepiece
         except ImportError:
             raise TokenizerError("SentencePiece tokenizers need the sentencepiece package: "
                                  "pip install 'transformer-lm[sentencepiece]'") from None
         self.model_proto = bytes(model_proto)
-        self.eot = eot
+        self.eot, self.stop = eot, list(stop)
         self.sp = sentencepiece.SentencePieceProcessor()
         try:
             self.sp.LoadFromSerializedProto(self.model_proto)
@@ -172,13 +173,13 @@ class SentencePieceTokenizer(Tokenizer):
             raise TokenizerError(f"not a SentencePiece model ({e})") from None
 
     @classmethod
-    def from_file(cls, path: str | Path, eot: int | None = None) -> SentencePieceTokenizer:
+    def from_file(cls, path: str | Path, eot: int | None = None, stop: Sequence[int] = ()) -> SentencePieceTokenizer:
         try:
             proto = Path(path).read_bytes()
         except OSError as e:
             raise TokenizerError(f"cannot read SentencePiece model {path} ({e})") from None
         try:
-            return cls(proto, eot)
+            return cls(proto, eot, stop)
         except TokenizerError as e:
             raise TokenizerError(f"{path}: {e}") from None
 
@@ -189,6 +190,10 @@ class SentencePieceTokenizer(Tokenizer):
     @property
     def eot_id(self) -> int | None:
         return self.eot if self.eot is not None else self.bos_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys([*super().stop_ids, *self.stop]))
 
     @property
     def bos_id(self) -> int | None:
@@ -204,7 +209,8 @@ class SentencePieceTokenizer(Tokenizer):
         return self.sp.decode(self._check_ids(ids))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model_proto": base64.b64encode(self.model_proto).decode("ascii"), "eot": self.eot}
+        return {"kind": self.kind, "model_proto": base64.b64encode(self.model_proto).decode("ascii"), "eot": self.eot,
+                "stop": self.stop}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SentencePieceTokenizer:
@@ -212,4 +218,8 @@ class SentencePieceTokenizer(Tokenizer):
             proto = base64.b64decode(d["model_proto"], validate=True)
         except (KeyError, TypeError, binascii.Error) as e:
             raise TokenizerError(f"the saved sentencepiece tokenizer is corrupt ({e!r}); rebuild it") from None
-        return cls(proto, d.get("eot"))
+        stop = d.get("stop", [])  # absent in run folders imported before it was kept
+        if not isinstance(stop, list) or not all(type(i) is int for i in stop):
+            raise TokenizerError(f"the saved sentencepiece tokenizer's 'stop' is not a list of ids ({stop!r}); "
+                                 "rebuild it with tlm convert")
+        return cls(proto, d.get("eot"), stop)

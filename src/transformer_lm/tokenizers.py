@@ -53,6 +53,12 @@ class Tokenizer(ABC):
         return None
 
     @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a sample: eot_id, and for a model imported from a folder that lists several end-of-sequence
+        ids (Llama 3's <|end_of_text|>, <|eom_id|> and <|eot_id|>), all of them, eot_id first."""
+        return (self.eot_id,) if self.eot_id is not None else ()
+
+    @property
     def bos_id(self) -> int | None:
         """Id that begins every sequence the model was trained on (Llama-family tokenizers); None when there is none."""
         return None
@@ -274,23 +280,30 @@ class HFFileTokenizer(_HFTokenizer):
     """Any Hugging Face `tokenizer.json`, as imported with a model by `tlm convert` (kind "hf").
 
     Encoding applies the file's post-processor, so a Llama tokenizer prepends its BOS as the model expects. `eot`
-    names the model's end-of-sequence token (from its tokenizer_config.json or config.json), which ends a sample;
-    without one, '<|endoftext|>' is used when the vocabulary has it.
+    names the model's end-of-sequence token (from its tokenizer_config.json or config.json), which separates
+    documents and ends a sample; without one, '<|endoftext|>' is used when the vocabulary has it. `stop` names the
+    other tokens that end a sample (the rest of the folder's end-of-sequence ids, as transformers' generate stops at
+    each of them).
     """
 
     kind = "hf"
 
-    def __init__(self, hf: HFTokenizer, eot: str | None = None, bos: str | None = None):
+    def __init__(self, hf: HFTokenizer, eot: str | None = None, bos: str | None = None, stop: Sequence[str] = ()):
         super().__init__(hf)
-        self.eot, self.bos = eot, bos
-        for name in (eot, bos):
+        self.eot, self.bos, self.stop = eot, bos, list(stop)
+        for name in (eot, bos, *self.stop):
             if name is not None and hf.token_to_id(name) is None:
                 raise TokenizerError(f"special token {name!r} is not in the tokenizer's vocabulary; fix the "
-                                     "tokenizer_config.json or config.json beside tokenizer.json")
+                                     "tokenizer_config.json, config.json or generation_config.json beside "
+                                     "tokenizer.json")
 
     @property
     def eot_id(self) -> int | None:
         return self.hf.token_to_id(self.eot) if self.eot is not None else super().eot_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys([*super().stop_ids, *(self.hf.token_to_id(name) for name in self.stop)]))
 
     @property
     def bos_id(self) -> int | None:
@@ -298,20 +311,25 @@ class HFFileTokenizer(_HFTokenizer):
         return self.hf.token_to_id(self.bos) if self.bos is not None else None
 
     @classmethod
-    def from_file(cls, path: str | Path, eot: str | None = None, bos: str | None = None) -> HFFileTokenizer:
+    def from_file(cls, path: str | Path, eot: str | None = None, bos: str | None = None,
+                  stop: Sequence[str] = ()) -> HFFileTokenizer:
         try:
             hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a plain Exception for unreadable or malformed files
             raise TokenizerError(f"cannot read Hugging Face tokenizer {path} ({e}); point to a tokenizer.json"
                                  ) from None
-        return cls(hf, eot, bos)
+        return cls(hf, eot, bos, stop)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "eot": self.eot, "bos": self.bos}
+        return {**super().to_dict(), "eot": self.eot, "bos": self.bos, "stop": self.stop}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HFFileTokenizer:
-        return cls(super().from_dict(d).hf, d.get("eot"), d.get("bos"))
+        stop = d.get("stop", [])  # absent in run folders imported before it was kept
+        if not isinstance(stop, list) or not all(isinstance(name, str) for name in stop):
+            raise TokenizerError(f"the saved hf tokenizer's 'stop' is not a list of token names ({stop!r}); rebuild "
+                                 "it with tlm convert")
+        return cls(super().from_dict(d).hf, d.get("eot"), d.get("bos"), stop)
 
 
 # "hf" tokenizers are only imported (tlm convert), never built from a corpus: they are loadable, not in TOKENIZER_KINDS.

@@ -436,34 +436,53 @@ def _special(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _eos_ids(config: dict[str, Any]) -> list[int]:
+    """The end-of-sequence ids a config.json or generation_config.json lists: its eos_token_id, one int or a list
+    (Llama 3.1's [<|end_of_text|>, <|eom_id|>, <|eot_id|>]), which transformers' generate stops at each of."""
+    ids = config.get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else ids if isinstance(ids, list) else []
+    return [i for i in ids if type(i) is int]
+
+
 def load_hf_tokenizer(folder: str | Path) -> HFFileTokenizer | SentencePieceTokenizer:
     """The folder's tokenizer.json, with EOS/BOS from tokenizer_config.json (or config.json's ids); failing that, its
-    SentencePiece tokenizer.model (older Llama/Mistral folders), ending samples at config.json's eos_token_id."""
+    SentencePiece tokenizer.model (older Llama/Mistral folders), ending samples at config.json's eos_token_id.
+    Samples end at every end-of-sequence id the folder names, as transformers' generate does: tokenizer_config.json's
+    eos_token (or else config.json's first eos_token_id) is eot_id, the document separator; the other ids of
+    config.json's and generation_config.json's eos_token_id are the tokenizer's further stop_ids."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
     mc = _model_config(folder)
+    gen = folder / "generation_config.json"
+    eos_ids = _eos_ids(mc) + (_eos_ids(_read_json(gen, "generation config")) if gen.exists() else [])
     if not path.exists():
         if (folder / "tokenizer.model").exists():
-            eos = mc.get("eos_token_id")
-            return SentencePieceTokenizer.from_file(folder / "tokenizer.model", eos if isinstance(eos, int) else None)
+            eot = next(iter(_eos_ids(mc)), None)
+            stop = [i for i in dict.fromkeys(eos_ids) if i != eot]
+            return SentencePieceTokenizer.from_file(folder / "tokenizer.model", eot, stop)
         raise ConversionError(f"{folder} has neither tokenizer.json nor tokenizer.model; tlm imports a model together "
                               "with its tokenizer: save it with AutoTokenizer.save_pretrained")
     tok = HFFileTokenizer.from_file(path)
     tc = _read_json(folder / "tokenizer_config.json", "tokenizer config") \
         if (folder / "tokenizer_config.json").exists() else {}
 
-    def name(field: str) -> str | None:
-        token = _special(tc.get(f"{field}_token"))
-        if token is None and isinstance(mc.get(f"{field}_token_id"), int):
-            token = tok.hf.id_to_token(mc[f"{field}_token_id"])
+    def name(token: Any, ids: list[int]) -> str | None:
+        """tokenizer_config.json's token, or else that of the first of config.json's ids, if the vocabulary has it."""
+        token = _special(token)
+        if token is None and ids:
+            token = tok.hf.id_to_token(ids[0])
         return token if token is not None and tok.hf.token_to_id(token) is not None else None
 
     # BOS is kept only when the tokenizer's post-processor adds it itself (Llama): generation then prepends it to
     # prompts as transformers does. GPT-2 names <|endoftext|> as its BOS but never adds it, so neither does tlm.
-    bos = name("bos")
+    bos_id = mc.get("bos_token_id")
+    bos = name(tc.get("bos_token"), [bos_id] if isinstance(bos_id, int) else [])
     if bos is not None and tok.hf.encode("a").ids[:1] != [tok.hf.token_to_id(bos)]:
         bos = None
-    return HFFileTokenizer(tok.hf, name("eos"), bos)
+    eot = name(tc.get("eos_token"), _eos_ids(mc))
+    # an id past the tokenizer's vocabulary (a row of a padded embedding table) is never drawn, and has no name
+    stop = [t for t in dict.fromkeys(name(None, [i]) for i in eos_ids) if t not in (None, eot)]
+    return HFFileTokenizer(tok.hf, eot, bos, stop)
 
 
 def _byte_tokenizer_json() -> str:

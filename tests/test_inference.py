@@ -273,6 +273,51 @@ def test_speculative_runs_past_the_context_window():
         next(speculative_generate(target, random_model(tiny_config(vocab_size=62)), [1], 5))
 
 
+@pytest.mark.parametrize("path", ["cached", "chunked", "uncached", "speculative", "batch"])
+def test_generation_ends_after_the_first_stop_id(path):
+    """Every path ends after the first of the stop ids it is given, that id included (transformers' generate returns
+    the EOS it stops at): the ids are the unstopped ones up to there. Two stop ids, as an imported Llama 3 has three;
+    the sync_every=8 chunk drops what it drew past the stop."""
+    model = random_model(tiny_config(**VARIANTS["llama"]))
+    draft = random_model(tiny_config(n_layer=1, n_embd=16, n_head=2), seed=7)
+    prompt = [1, 2, 3]
+    free = list(generate(model, prompt, 30, temperature=0.0))
+    firsts = [t for i, t in enumerate(free) if t not in free[:i]]  # each id once, where first drawn
+    first, second = firsts[-2:]  # drawn first mid-chunk (positions 10 and 19 here), ids drawn after both
+    cut = free.index(first)
+    assert 8 < cut < free.index(second) < 29
+    run = {"cached": lambda s: list(generate(model, prompt, 30, temperature=0.0, stop_ids=s)),
+           "chunked": lambda s: list(generate(model, prompt, 30, temperature=0.0, sync_every=8, stop_ids=s)),
+           "uncached": lambda s: list(generate(model, prompt, 30, temperature=0.0, use_cache=False, stop_ids=s)),
+           "speculative": lambda s: list(speculative_generate(model, draft, prompt, 30, k=3, stop_ids=s)),
+           "batch": lambda s: generate_batch(model, [prompt, [9]], 30, stop_ids=s)[0]}[path]
+    assert run(()) == free
+    assert run((second, first)) == free[:cut + 1]
+    assert run({second}) == free[:free.index(second) + 1]
+    assert run((60,) if 60 not in free else ()) == free  # an id never drawn changes nothing
+
+
+def test_stream_text_ends_at_any_stop_id():
+    """A sample ends at any of the tokenizer's stop_ids (excluded from the text), not only at its eot_id."""
+    from transformer_lm import generate as gen
+    from transformer_lm.config import SampleConfig
+    from transformer_lm.tokenizers import ByteTokenizer
+
+    class Stops(ByteTokenizer):
+        eot_id, stop_ids = 0, (0, ord("!"), ord("?"))
+
+    seen = {}
+
+    def fake_generate(*args, **kwargs):
+        seen.update(kwargs)
+        return iter(b"hi?there!")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gen, "generate", fake_generate)
+        assert "".join(gen.stream_text(None, Stops(), "a", SampleConfig(max_new_tokens=9))) == "hi"
+    assert seen["stop_ids"] == (0, ord("!"), ord("?"))  # and generate() itself is told, to end there
+
+
 @settings(max_examples=300, deadline=None)
 @given(prompt=st.text("ab\n€", max_size=6), generated=st.text("ab\n€", max_size=12),
        stops=st.lists(st.text("ab\n€", min_size=1, max_size=4), max_size=3))

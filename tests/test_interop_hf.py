@@ -655,3 +655,33 @@ def test_sentencepiece_import_keeps_every_end_of_sequence_id(sentencepiece_folde
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     run = load_run(import_hf(folder, tmp_path / "run"), "cpu")
     assert (run.tokenizer.eot_id, run.tokenizer.stop_ids) == (2, (2, 5, 7))
+
+
+def test_samples_end_where_transformers_generate_ends(llama3_folder, tmp_path, capsys):
+    """Greedy ids equal transformers' generate with the folder's own generation config, where it stops included: at
+    <|eom_id|> (config.json's second id), at <|eot_id|> (generation_config.json's alone), or nowhere. The text of
+    the API (plain and speculative) and of `tlm sample` is that of the ids before the stop."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llama3_folder).eval()
+    run_dir = import_hf(llama3_folder, tmp_path / "run")
+    run = load_run(run_dir, "cpu")
+    tok = run.tokenizer
+    bot, end, eom, eot = (tok.hf.token_to_id(t) for t in LLAMA3_SPECIALS)
+    ended = []
+    for text in ("def", " x = [1, 2]", "a", "naïve größe", "größe"):
+        # this tokenizer adds no BOS, so the API's prompt is the text's ids; with one, "größe" runs to the limit
+        prompt = tok.encode(text) if text != "größe" else [bot, *tok.encode(text)]
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=30, do_sample=False, pad_token_id=end)[0, len(prompt):].tolist()
+        assert list(generate(run.model, prompt, 30, temperature=0, stop_ids=tok.stop_ids)) == ref
+        ended.append(ref[-1] if len(ref) < 30 else None)
+        if prompt[0] == bot:
+            continue
+        sample = tok.decode(ref[:-1])
+        assert run.generate(text, max_new_tokens=30, greedy=True) == sample
+        assert run.use_draft(run, k=3).generate(text, max_new_tokens=30, greedy=True) == sample
+        run.use_draft(None)
+        capsys.readouterr()
+        assert main(["sample", str(run_dir), text, "--max_new_tokens", "30", "--greedy", "true", "--device",
+                     "cpu"]) == 0
+        assert capsys.readouterr().out == text + sample + "\n"
+    assert ended == [eom, eot, eot, eom, None]

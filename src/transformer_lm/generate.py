@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
@@ -67,6 +67,13 @@ def window(ids: list[int], size: int, keep: int = 0) -> list[int]:
     return ids[:keep] + ids[len(ids) - (size - keep):]
 
 
+def until_stop(ids: list[int], stop_ids: Collection[int]) -> tuple[list[int], bool]:
+    """`ids` up to and including the first of `stop_ids` (transformers' generate keeps the EOS it stops at too),
+    and whether one was there."""
+    end = next((i for i, t in enumerate(ids) if t in stop_ids), None)
+    return (ids, False) if end is None else (ids[:end + 1], True)
+
+
 def crop_prompt(ids: Sequence[int], block_size: int, keep: int = 0) -> list[int]:
     """Keep block_size - 1 ids (at least one), leaving room for a new token: the first `keep` and the last."""
     ids = list(ids)
@@ -82,8 +89,10 @@ def crop_prompt(ids: Sequence[int], block_size: int, keep: int = 0) -> list[int]
 def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True, compile: bool = False, sync_every: int | None = None,
-             stats: DecodeStats | None = None, vocab_size: int | None = None, keep: int = 0) -> Iterator[int]:
-    """Yield up to `max_new_tokens` ids continuing `prompt` (a non-empty id list).
+             stats: DecodeStats | None = None, vocab_size: int | None = None, keep: int = 0,
+             stop_ids: Collection[int] = ()) -> Iterator[int]:
+    """Yield up to `max_new_tokens` ids continuing `prompt` (a non-empty id list), ending after the first of
+    `stop_ids` drawn (a tokenizer's stop_ids; it is yielded, as transformers' generate returns the EOS it stops at).
 
     With the cache, the prompt is processed once and each step runs the model on the newest token only. When the
     window fills up, the cache is rebuilt from the last half window (amortized cost instead of a full recompute per
@@ -91,7 +100,8 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     cropping and rebuilds, as llama.cpp's context shift keeps them. `use_cache=False` recomputes everything every
     step: the slow reference the cache is tested against. `compile` compiles the decode step (decode.py). Tokens
     stay on the device and reach the host `sync_every` at a time (default: 1 on CPU, where reading a tensor costs
-    nothing; 8 elsewhere). `stats` receives the timings.
+    nothing; 8 elsewhere), and are checked for a stop id there: a chunk's ids past one are dropped, no extra sync.
+    `stats` receives the timings.
     `vocab_size` limits the ids drawn (sample_next).
     The model keeps its KV cache afterwards for the next generation of the same length (decode.lent_cache;
     decode.release_cache(model) frees it).
@@ -106,7 +116,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     try:
         if use_cache:
             yield from _generate_cached(model, ids, max_new_tokens, temperature, top_k, top_p, generator, compile,
-                                        sync_every, stats, vocab_size, keep)
+                                        sync_every, stats, vocab_size, keep, stop_ids)
             return
         device = model.tok_emb.weight.device
         for _ in range(max_new_tokens):
@@ -114,6 +124,8 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
             logits = model(x, last_only=True).logits
             ids.append(int(sample_next(logits[:, -1], temperature, top_k, top_p, generator, vocab_size)))
             yield ids[-1]
+            if ids[-1] in stop_ids:
+                return
     finally:
         model.train(was_training)
 
@@ -121,7 +133,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
 def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float,
                      top_k: int | None, top_p: float | None, generator: torch.Generator | None, compile: bool,
                      sync_every: int | None, stats: DecodeStats | None, vocab_size: int | None,
-                     keep: int) -> Iterator[int]:
+                     keep: int, stop_ids: Collection[int]) -> Iterator[int]:
     device = model.tok_emb.weight.device
     block = model.config.block_size
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
@@ -147,11 +159,13 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
                     break
                 logits = step(model, cache, drawn[-1][:, None], None, None)
                 filled += 1
-            new = torch.cat(drawn).tolist()  # the one host sync per chunk
+            new, stopped = until_stop(torch.cat(drawn).tolist(), stop_ids)  # the one host sync per chunk
             ids.extend(new)
             produced += len(new)
             stats.new_tokens, stats.decode_s, stats.context = produced, time.perf_counter() - start, filled
             yield from new
+            if stopped:
+                return
             if full:  # window full: restart from the recent half window, the newest token included
                 pending = window(ids, max(1, block // 2), keep)
                 cache.reset()
@@ -167,9 +181,10 @@ back; a few more cover byte-fallback characters split over several ids."""
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
                 generator: torch.Generator | None = None, draft: Transformer | None = None,
                 draft_k: int = 4, stats: DecodeStats | None = None) -> Iterator[str]:
-    """Yield text pieces of one sample continuing `prompt`, stopping at any of cfg.stop (excluded) or at the
-    tokenizer's end-of-text id. Joining the pieces gives the sample's full text. With a `draft` model (same
-    tokenizer), tokens come from speculative decoding with `draft_k` proposals per step: same distribution.
+    """Yield text pieces of one sample continuing `prompt`, stopping at any of cfg.stop (excluded) or at any of the
+    tokenizer's stop_ids (its end-of-text id, and the other end-of-sequence ids of an imported model). Joining the
+    pieces gives the sample's full text. With a `draft` model (same tokenizer), tokens come from speculative decoding
+    with `draft_k` proposals per step: same distribution.
     `stats` receives generate()'s timings (not filled with a draft)."""
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if tokenizer.bos_id is not None and prompt_ids[:1] != [tokenizer.bos_id]:
@@ -192,16 +207,18 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     hold = max((len(s) for s in cfg.stop), default=1) - 1
     tail = prompt[-hold:] if hold else ""  # the prompt's last characters a stop string may begin in
     keep = int(tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id)  # past the window, BOS stays
+    stop_ids = tokenizer.stop_ids
     if draft is None:
         tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator,
-                          compile=cfg.compile, stats=stats, vocab_size=tokenizer.vocab_size, keep=keep)
+                          compile=cfg.compile, stats=stats, vocab_size=tokenizer.vocab_size, keep=keep,
+                          stop_ids=stop_ids)
     else:
         from .speculative import speculative_generate  # speculative imports this module
 
         tokens = speculative_generate(model, draft, prompt_ids, cfg.max_new_tokens, draft_k, temperature, cfg.top_k,
-                                      cfg.top_p, generator, tokenizer.vocab_size, keep)
+                                      cfg.top_p, generator, tokenizer.vocab_size, keep, stop_ids)
     for tok in tokens:
-        if tok == tokenizer.eot_id:
+        if tok in stop_ids:
             break
         new.append(tok)
         text = decode(new)
@@ -229,9 +246,10 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                    generator: torch.Generator | None = None, compile: bool = False,
-                   vocab_size: int | None = None) -> list[list[int]]:
+                   vocab_size: int | None = None, stop_ids: Collection[int] = ()) -> list[list[int]]:
     """Continue several prompts of different lengths at once: `max_new_tokens` new ids per prompt (`compile`: the
-    decode step compiled, and `vocab_size`, as in generate()). The ids reach the host once, at the end.
+    decode step compiled, and `vocab_size`, as in generate()). The ids reach the host once, at the end: every row
+    runs all the steps, and is then cut after its first of `stop_ids`, as generate() ends there.
 
     Prompts are left-padded to the longest and prefilled in one forward; each row gets its own positions (counted
     from its first real token) and a key mask hides the padding, so every row sees exactly the positions and context
@@ -269,4 +287,4 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
                     logits = step(model, cache, nxt[:, None], positions, key_mask)
     finally:
         model.train(was_training)
-    return torch.stack(out, 1).tolist()
+    return [until_stop(row, stop_ids)[0] for row in torch.stack(out, 1).tolist()]

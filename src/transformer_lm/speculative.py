@@ -9,13 +9,13 @@ never attended to and is overwritten by the next write).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
 from .decode import activation_dtype
 from .errors import ConfigError
-from .generate import crop_prompt, next_token_probs
+from .generate import crop_prompt, next_token_probs, until_stop
 from .model import Transformer
 
 
@@ -35,10 +35,11 @@ def check_draft(target: Transformer, draft: Transformer, vocab_size: int | None 
 def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequence[int], max_new_tokens: int,
                          k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                          generator: torch.Generator | None = None, vocab_size: int | None = None,
-                         keep: int = 0) -> Iterator[int]:
+                         keep: int = 0, stop_ids: Collection[int] = ()) -> Iterator[int]:
     """Yield up to `max_new_tokens` ids continuing `prompt`, distributed as `generate(target, ...)` would draw them
     (temperature 0: the same greedy ids). `k` is the number of draft proposals per target forward; `vocab_size`
-    limits the ids drawn, and the prompt's first `keep` ids stay at the window's start, as in generate().
+    limits the ids drawn, the prompt's first `keep` ids stay at the window's start, and the output ends after the
+    first of `stop_ids`, as in generate().
 
     While prompt + output fit in the context window the greedy ids equal generate()'s (except with a w8a8 target,
     whose activation scale is the whole call's: quantize.py); past it, both models restart from the last half
@@ -124,9 +125,12 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
             accepted = n + len(new) - 1
             tcache.pos = accepted
             dcache.pos = min(dcache.pos, accepted)
+            new, stopped = until_stop(new, stop_ids)
             ids.extend(new)
             produced += len(new)
             yield from new
+            if stopped:
+                return
     finally:
         target.train(modes[0])
         draft.train(modes[1])

@@ -685,3 +685,33 @@ def test_samples_end_where_transformers_generate_ends(llama3_folder, tmp_path, c
                      "cpu"]) == 0
         assert capsys.readouterr().out == text + sample + "\n"
     assert ended == [eom, eot, eot, eom, None]
+
+
+def test_export_lists_every_end_of_sequence_id(llama3_folder, tmp_path):
+    """config.json and generation_config.json of the export list the run's stop ids, so that transformers' generate
+    on the exported folder (its own settings, no eos given) stops where tlm does; importing it again keeps them."""
+    run_dir = import_hf(llama3_folder, tmp_path / "run")
+    tok = load_run(run_dir, "cpu").tokenizer
+    out = export_hf(run_dir, tmp_path / "hf")
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((out / name).read_text())["eos_token_id"] == list(tok.stop_ids)
+    again = load_run(import_hf(out, tmp_path / "again"), "cpu")
+    assert (again.tokenizer.eot_id, again.tokenizer.stop_ids) == (tok.eot_id, tok.stop_ids)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ended = set()
+    for text in ("def", " x = [1, 2]"):
+        prompt = torch.tensor([tok.encode(text)])
+        ref = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
+                            pad_token_id=tok.eot_id)[0, prompt.size(1):].tolist()
+        assert list(generate(again.model, prompt[0].tolist(), 30, temperature=0, stop_ids=tok.stop_ids)) == ref
+        ended.add(ref[-1])
+    assert ended == set(tok.stop_ids[1:])  # <|eom_id|> and <|eot_id|>
+
+    # a tokenizer with one end-of-text id exports it as one int, as before
+    bpe = BPETokenizer.train(["def alpha(beta):\n    return beta\n" * 10], vocab_size=280)
+    single = export_hf(_write_run(tmp_path / "bpe", ModelConfig.from_preset("tiny-llama", vocab_size=280), bpe),
+                       tmp_path / "hf-bpe")
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((single / name).read_text())["eos_token_id"] == bpe.eot_id
+    assert not (export_hf(_write_run(tmp_path / "byte", ModelConfig.from_preset("tiny-llama", vocab_size=256)),
+                          tmp_path / "hf-byte") / "generation_config.json").exists()

@@ -13,10 +13,12 @@ the model is built on the meta device and its parameters are the loaded tensors 
 weights keep their dtype unless a dtype is asked for.
 
 Tokenizers: import reads the folder's `tokenizer.json` (kind "hf", with the EOS/BOS tokens named by
-tokenizer_config.json or config.json), or else its SentencePiece `tokenizer.model`. Export writes tokenizer.json +
-tokenizer_config.json for the tokenizers that are Hugging Face `tokenizers` underneath (bpe, gpt2, hf) and for the
-byte tokenizer (a byte-level BPE with no merges, ids = byte values); other kinds (char, llama2c, sentencepiece) are
-exported as weights and config only, with a warning.
+tokenizer_config.json or config.json), or else its SentencePiece `tokenizer.model`; every end-of-sequence id of
+config.json and generation_config.json ends a sample too (the tokenizer's stop_ids), and export lists them all in
+config.json and generation_config.json, so that transformers' generate stops where tlm does. Export writes
+tokenizer.json + tokenizer_config.json for the tokenizers that are Hugging Face `tokenizers` underneath (bpe, gpt2,
+hf) and for the byte tokenizer (a byte-level BPE with no merges, ids = byte values); other kinds (char, llama2c,
+sentencepiece) are exported as weights and config only, with a warning.
 """
 
 from __future__ import annotations
@@ -274,9 +276,7 @@ def config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer | None = None
     hf: dict[str, Any] = {"model_type": family, "architectures": [_HF_CLASSES[family]],
                           "dtype": str(dtype).removeprefix("torch.")}
     hf.update({theirs: getattr(c, ours) for ours, theirs in CONFIG_FIELDS[family].items()})
-    eot = tokenizer.eot_id if tokenizer is not None else None
-    bos = tokenizer.bos_id if tokenizer is not None else None
-    hf.update(bos_token_id=bos if bos is not None else eot, eos_token_id=eot)
+    hf.update(_special_ids(tokenizer))
     if family == "gpt2":
         hf.update(n_ctx=c.block_size, activation_function="gelu_new" if c.gelu_approximate == "tanh" else "gelu",
                   resid_pdrop=c.dropout, embd_pdrop=c.dropout, attn_pdrop=c.dropout)
@@ -298,6 +298,16 @@ def config_to_hf(c: ModelConfig, family: str, tokenizer: Tokenizer | None = None
     else:
         hf.update(use_sliding_window=False, sliding_window=None)
     return hf
+
+
+def _special_ids(tokenizer: Tokenizer | None) -> dict[str, Any]:
+    """bos_token_id and eos_token_id as config.json and generation_config.json spell them: eos_token_id is every one
+    of the tokenizer's stop_ids, a list when there are several, so that transformers' generate stops where tlm does."""
+    if tokenizer is None:
+        return {"bos_token_id": None, "eos_token_id": None}
+    eot, bos, stops = tokenizer.eot_id, tokenizer.bos_id, list(tokenizer.stop_ids)
+    return {"bos_token_id": bos if bos is not None else eot,
+            "eos_token_id": stops if len(stops) > 1 else stops[0] if stops else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -573,7 +583,9 @@ def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype
               overwrite: bool = False) -> Path:
     """Write a run's latest checkpoint as a Hugging Face folder (config.json, model.safetensors and, when the
     tokenizer has a HF form, tokenizer.json + tokenizer_config.json). `family` defaults to the one whose architecture
-    matches (gpt2, llama, mistral or qwen2); a feature no family represents raises ConversionError naming it."""
+    matches (gpt2, llama, mistral or qwen2); a feature no family represents raises ConversionError naming it. When
+    the tokenizer has end-of-sequence or BOS ids, a generation_config.json (which transformers' generate reads
+    before config.json) names them as config.json does: every id that ends a sample (its stop_ids)."""
     from ..api import load_run  # the API layer sits above checkpoint/model; imported here to keep this module light
 
     loaded = load_run(run, "cpu")
@@ -587,6 +599,9 @@ def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype
     with staged_dir(out, overwrite) as tmp:
         save_tensors(tensors, tmp / "model.safetensors", metadata=EXPORT_METADATA)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        special = _special_ids(loaded.tokenizer)
+        if any(v is not None for v in special.values()):
+            (tmp / "generation_config.json").write_text(json.dumps(special, indent=2))
         _write_tokenizer(loaded.tokenizer, tmp, config.block_size, family)
     return out
 

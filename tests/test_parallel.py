@@ -53,7 +53,7 @@ def test_compile_that_fails_trains_eagerly_with_one_warning(corpus_file: Path, t
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            caplog: pytest.LogCaptureFixture):
     data = training_data(corpus_file, "char")
-    cfg = dict(batch_size=4, max_iters=3, eval_interval=3, eval_batches=1, log_interval=1, device="cpu")
+    cfg = dict(batch_size=4, max_iters=3, warmup_iters=1, eval_interval=3, eval_batches=1, log_interval=1, device="cpu")
     model = ModelConfig(**{**MODEL, "dropout": 0.0})
     train(model, TrainConfig(**cfg), data, tmp_path / "eager", progress=False)
 

@@ -50,7 +50,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--out", type=str, required=True, help="Output folder for train.bin, val.bin and manifest.json.")
     add_tokenizer_args(p)
     p.add_argument("--val_fraction", type=float, default=0.1, help="Fraction of the text held out for validation.")
-    p.add_argument("--workers", type=int | None, default=None, help="Tokenizer processes (default: all cores).")
+    p.add_argument("--workers", type=int | None, default=None,
+                   help="Tokenizer processes (default: all cores); never more than one per 2^20 characters of text.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace the prepared data already in --out.")
 
     p = cmds["train"] = ArgumentParser(exit_on_error=False, description="Train a model (default data: the Python "

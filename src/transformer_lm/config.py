@@ -269,7 +269,7 @@ class TrainConfig:
     lr: float = 2e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Final learning rate as a fraction of the peak, reached at the end of the cosine decay."""
+    """Final learning rate as a fraction of the peak, reached at the end of the cosine or wsd decay."""
     warmup_iters: int = 100
     """Linear warmup steps."""
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
@@ -299,7 +299,7 @@ class TrainConfig:
     """Validation batches per evaluation, of batch_size * grad_accum sequences each (a deterministic pass over the
     start of the val split, the same whichever way the batch is split into micro-batches)."""
     log_interval: int = 10
-    """Write a metrics.jsonl line every this many steps."""
+    """Write a metrics.jsonl line every this many steps (and at step 1 and the last step)."""
     seed: int = 1337
     """Seed for initialization, batch sampling and dropout."""
     device: str = "auto"
@@ -350,7 +350,7 @@ class SampleConfig:
     """How tokens are drawn from the model's next-token distribution."""
 
     max_new_tokens: int = 200
-    """Tokens to generate per sample."""
+    """Most tokens to generate per sample (it ends sooner at one of the tokenizer's end-of-sequence ids)."""
     temperature: float = 0.8
     """Softmax temperature; 0 means greedy."""
     top_k: int | None = None

@@ -38,8 +38,7 @@ SEQ_LENS = (64, 128, 256, 512, 1024, 2048)
 
 @dataclass
 class SpeedConfig:
-    """What `tlm experiment speed` measures; the longest sequences cost the most (the Transformer's attention grows as
-    T², the recurrent models' steps as T)."""
+    """What `tlm experiment speed` measures."""
 
     preset: str = "tiny"
     """The Transformer, as a model preset; the LSTM and RNN get the width that matches its non-embedding parameters."""
@@ -50,7 +49,8 @@ class SpeedConfig:
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
     """Architectures to measure: transformer, lstm, rnn."""
     seq_lens: list[int] = field(default_factory=lambda: list(SEQ_LENS))
-    """Sequence lengths T to measure at."""
+    """Sequence lengths T to measure at; the longest cost the most (the Transformer's attention grows as T², the
+    recurrent models' steps as T)."""
     tokens_per_batch: int = 4096
     """Tokens per training step: each step trains on tokens_per_batch // T sequences (at least 1)."""
     repeats: int = 3

@@ -59,7 +59,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--config", action=ActionConfigFile, help="YAML/JSON file of options (fields as below).")
     # SUPPRESS, not None: an absent positional's default would replace the `data:` of a --config file
     p.add_argument("data", type=str | None, nargs="?", default=argparse.SUPPRESS,
-                   help="Text file, folder, glob, or a folder made by `tlm prepare` (default: embedded corpus).")
+                   help="Text file, folder, glob, or a folder made by `tlm prepare` (default: this Python's standard "
+                        "library source).")
     p.add_argument("--out", type=str, default="runs/default", help="Run folder for checkpoints, metrics and plots.")
     p.add_argument("--preset", type=str | None, default="tiny",
                    help="Model preset applied before --model.* overrides (a recipe preset, like shakespeare-speedrun, "

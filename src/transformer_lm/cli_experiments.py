@@ -196,7 +196,8 @@ def _scaling_parser() -> ArgumentParser:
     p = ArgumentParser(exit_on_error=False, description="Scaling-law sweep: train a ladder of model sizes on the same "
                        "data, fit L(N) = E + A·N^-α and L(C) on the compute frontier; CSV, JSON and plots in --out.")
     p.add_argument("data", type=str | None, nargs="?", default=None,
-                   help="Text file, folder, glob, or a folder made by `tlm prepare` (default: embedded corpus).")
+                   help="Text file, folder, glob, or a folder made by `tlm prepare` (default: this Python's standard "
+                        "library source).")
     p.add_argument("--out", type=str, default="runs/scaling", help="Output folder (rungs in OUT/runs/).")
     p.add_class_arguments(ScalingConfig, nested_key=None, instantiate=False)
     add_tokenizer_args(p)

@@ -32,6 +32,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 _started_group = False  # whether this process ever initialized a process group (see `leave`)
 _lost_collectives: list[BaseException] = []  # failed collectives' errors, never freed (see `distributed`)
+_ended_groups: list[dist.ProcessGroup | None] = []  # destroyed process groups, never freed (see `distributed`)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,13 @@ def distributed(info: DistInfo, device: torch.device, timeout: float = 1800.0) -
                                f"({first}); the job stops here, continue it from the last checkpoint with --resume "
                                "(see the other ranks' logs for the cause)") from e
     finally:
+        # Kept until the process ends (through `leave`), for the same reason: freeing the last reference to the group
+        # here runs its destructor on this thread with the interpreter lock held, and the destructor joins the gloo
+        # worker thread that may still be freeing the last collective's tensors, which needs that lock. It did after
+        # on_main's broadcast of an error, raised at once: ranks hung in `destroy_process_group` and torchrun ended
+        # them unheard (torch 2.7, 7 runs in 20 of a resume without a checkpoint; py-spy: `~ProcessGroupGloo` ->
+        # `thread::join` against `~AsyncBroadcastWork` -> `gil_scoped_acquire`).
+        _ended_groups.append(dist.group.WORLD)
         dist.destroy_process_group()
 
 

@@ -499,8 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         if world <= 1:
             print(f"tlm: error: {msg}", file=sys.stderr)
         elif rank == 0 or not isinstance(e, (ConfigError, argparse.ArgumentError)):  # settings: every rank alike
-            # Rank 0's errors that on_main gives every rank are printed by each too: rank 0 can hang freeing its
-            # process group after the broadcast (torch 2.7's gloo, 1 run in 3), and torchrun then ends it unheard
+            # Rank 0's errors that on_main gives every rank are printed by each too, so that the message survives
+            # whichever rank torchrun ends first (rank 0 hung freeing its group after the broadcast on torch 2.7
+            # until parallel.distributed kept the group: a second printer costs one line)
             print(f"tlm: error (rank {rank} of {world}): {msg}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:

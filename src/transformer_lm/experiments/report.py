@@ -158,16 +158,10 @@ def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float],
 
 
 def _plain(text: str) -> str:
-    """`text` as matplotlib draws it literally: a `$` would start mathtext (a run named `a$b$` drawn as math, one
-    named `$\\q$` a parse error)."""
-    return text.replace("$", r"\$")
-
-
-def _legend(ax: Any) -> None:
-    """A legend of every line, handed over explicitly: matplotlib leaves out labels that start with `_`, so a run
-    folder named `_baseline` had curves and no legend entry."""
-    lines = ax.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], fontsize=7, ncol=2)
+    """`text` as matplotlib draws it literally in a legend: a `$` would start mathtext (a run named `a$b$` drawn as
+    math, one named `$\\q$` a parse error), and a label starting with `_` is left out of legends (a run folder named
+    `_baseline` had curves and no entry), so such a name gets a leading space."""
+    return (" " + text if text.startswith("_") else text).replace("$", r"\$")
 
 
 def plot_runs(runs: list[RunData]) -> dict[str, bytes]:
@@ -185,7 +179,7 @@ def plot_runs(runs: list[RunData]) -> dict[str, bytes]:
     ax.set_ylabel("loss (nats/token)")
     ax.set_title("loss: training (lines) and validation (markers)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    _legend(ax)
+    ax.legend(fontsize=7, ncol=2)
     out["loss"] = _figure_png(fig)
     for key, ylabel in (("lr", "learning rate"), ("tokens_per_s", "training tokens/s")):
         fig = figure(9, 3.5)
@@ -197,7 +191,7 @@ def plot_runs(runs: list[RunData]) -> dict[str, bytes]:
         if key == "tokens_per_s":
             ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
-        _legend(ax)
+        ax.legend(fontsize=7, ncol=2)
         out[key] = _figure_png(fig)
     return out
 

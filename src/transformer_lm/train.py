@@ -466,16 +466,14 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(metrics_path: Path, out: Path) -> None:
-    """Training and validation loss against step, as a PNG. Drawn on an Agg canvas of its own, not through pyplot:
-    switching pyplot's backend (matplotlib.use) left a notebook that called train() unable to show its own plots."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """Training and validation loss against step, as a PNG, drawn as the experiments' figures are (plotting.py):
+    without pyplot, whose backend switch left a notebook that called train() unable to show its own plots."""
+    from .experiments.plotting import figure, literal, save_png
 
     records = read_metrics(metrics_path)
     train_pts = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val_pts = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig = Figure(figsize=(7, 4))
-    FigureCanvasAgg(fig)
+    fig = figure(7, 4)
     ax = fig.add_subplot(1, 1, 1)
     if train_pts:
         ax.plot(*zip(*train_pts), label="train", linewidth=1)
@@ -483,9 +481,7 @@ def plot_losses(metrics_path: Path, out: Path) -> None:
         ax.plot(*zip(*val_pts), "o-", label="val")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(out.parent.name.replace("$", r"\$"))  # literally: a `$` starts mathtext, `$\q$` a parse error
+    ax.set_title(literal(out.parent.name))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-
+    save_png(fig, out, dpi=120)

@@ -17,6 +17,13 @@ def figure(width: float, height: float) -> Any:
     return fig
 
 
+def literal(text: str) -> str:
+    """`text` as matplotlib draws it literally in a title or legend: a `$` would start mathtext (a run named `a$b$`
+    drawn as math, one named `$\\q$` a parse error), and a label starting with `_` is left out of legends (a run
+    folder named `_baseline` had curves and no entry), so such a text gets a leading space."""
+    return (" " + text if text.startswith("_") else text).replace("$", r"\$")
+
+
 def save_png(fig: Any, path: str | Path, dpi: int = 110) -> Path:
     """Lay out `fig` and write it to `path` as PNG (parent folders created)."""
     path = Path(path)

@@ -28,7 +28,7 @@ from ..checkpoint import atomic_write_text
 from ..config import ModelConfig
 from ..errors import ConfigError, DataError
 from ..train import read_metrics
-from .plotting import figure
+from .plotting import figure, literal
 
 MAX_TABLE_ROWS = 200
 """CSV rows shown per table; the rest are counted, not shown."""
@@ -157,13 +157,6 @@ def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float],
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _plain(text: str) -> str:
-    """`text` as matplotlib draws it literally in a legend: a `$` would start mathtext (a run named `a$b$` drawn as
-    math, one named `$\\q$` a parse error), and a label starting with `_` is left out of legends (a run folder named
-    `_baseline` had curves and no entry), so such a name gets a leading space."""
-    return (" " + text if text.startswith("_") else text).replace("$", r"\$")
-
-
 def plot_runs(runs: list[RunData]) -> dict[str, bytes]:
     """PNGs of the runs overlaid: loss (train lines, val markers) against tokens, lr and tokens/s against step."""
     colors = [f"C{i % 10}" for i in range(len(runs))]
@@ -171,7 +164,7 @@ def plot_runs(runs: list[RunData]) -> dict[str, bytes]:
     fig = figure(9, 4.5)
     ax = fig.add_subplot(1, 1, 1)
     for run, c in zip(runs, colors):
-        label = _plain(run.label)
+        label = literal(run.label)
         ax.plot(*_series(run.records, "tokens", "loss"), color=c, linewidth=0.8, alpha=0.7, label=f"{label} train")
         ax.plot(*_series(run.records, "tokens", "val_loss"), "o-", color=c, markersize=3, label=f"{label} val")
     ax.set_xscale("log")
@@ -185,7 +178,7 @@ def plot_runs(runs: list[RunData]) -> dict[str, bytes]:
         fig = figure(9, 3.5)
         ax = fig.add_subplot(1, 1, 1)
         for run, c in zip(runs, colors):
-            ax.plot(*_series(run.records, "step", key), color=c, linewidth=1, label=_plain(run.label))
+            ax.plot(*_series(run.records, "step", key), color=c, linewidth=1, label=literal(run.label))
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if key == "tokens_per_s":

@@ -1,17 +1,21 @@
-"""Shared fixtures: a small corpus the tests write themselves, a private cache folder per test session, and models
-with large random weights."""
+"""Shared fixtures: a small corpus the tests write themselves, a private cache folder per test session, models
+with large random weights, and run and model folders to write and edit."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from transformer_lm.config import ModelConfig
+from transformer_lm.checkpoint import save_checkpoint
+from transformer_lm.config import ModelConfig, dump_json
 from transformer_lm.model import Transformer
+from transformer_lm.tokenizers import ByteTokenizer, Tokenizer, save_tokenizer
 
 
 def make_corpus(n_lines: int = 400, seed: int = 0) -> str:
@@ -65,3 +69,25 @@ def random_model(config: ModelConfig, seed: int = 0, std: float = 0.3) -> Transf
             gain = name.endswith(("norm1.weight", "norm2.weight", "norm.weight"))
             p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if gain else 0.0))
     return model.eval()
+
+
+def write_run(folder: Path, config: ModelConfig, tokenizer: Tokenizer | None = None) -> Path:
+    """A run folder as `tlm train` leaves it, without training: config, tokenizer, one checkpoint."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(dump_json({"model": config.to_dict()}))
+    save_tokenizer(tokenizer or ByteTokenizer(), folder / "tokenizer.json")
+    save_checkpoint(folder, Transformer(config).init_weights(seed=0), {}, 1)
+    return folder
+
+
+def copy_folder(folder: Path, dest: Path) -> Path:
+    """A copy of `folder` at `dest`, to edit without touching a shared fixture's folder."""
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def edit_json(path: Path, **changes: object) -> None:
+    """Update the JSON object in `path` with `changes`."""
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))

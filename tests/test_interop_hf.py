@@ -18,18 +18,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from conftest import copy_folder, edit_json, write_run
 from transformer_lm import checkpoint
 from transformer_lm.accounting import count_params
 from transformer_lm.api import load_run
-from transformer_lm.checkpoint import latest_checkpoint, save_checkpoint
+from transformer_lm.checkpoint import latest_checkpoint
 from transformer_lm.cli import main
-from transformer_lm.config import ModelConfig, dump_json
+from transformer_lm.config import ModelConfig
 from transformer_lm.errors import CheckpointError, ConversionError, RunExistsError
 from transformer_lm.generate import generate
 from transformer_lm.interop import hf as hf_module
 from transformer_lm.interop.hf import export_hf, import_hf, load_hf, load_hf_tokenizer
 from transformer_lm.model import Transformer
-from transformer_lm.tokenizers import BPETokenizer, ByteTokenizer, save_tokenizer
+from transformer_lm.tokenizers import BPETokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -201,21 +202,12 @@ def test_export_loads_in_transformers_and_round_trips(hf_models, family, tmp_pat
         "model"]
 
 
-def _write_run(folder: Path, config: ModelConfig, tokenizer=None) -> Path:
-    """A run folder as `tlm train` leaves it, without training: config, tokenizer, one checkpoint."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(dump_json({"model": config.to_dict()}))
-    save_tokenizer(tokenizer or ByteTokenizer(), folder / "tokenizer.json")
-    save_checkpoint(folder, Transformer(config).init_weights(seed=0), {}, 1)
-    return folder
-
-
 @pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "tiny-mistral", "tiny-qwen2"])
 def test_export_of_trained_presets_with_the_byte_tokenizer(preset, tmp_path):
     """Our own runs (here freshly initialized) export to the family their architecture matches; the byte tokenizer
     becomes a byte-level tokenizer.json whose ids are the byte values."""
     config = ModelConfig.from_preset(preset, vocab_size=256, block_size=64)
-    run = _write_run(tmp_path / "run", config)
+    run = write_run(tmp_path / "run", config)
     out = export_hf(run, tmp_path / "hf")
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(0))
@@ -237,7 +229,7 @@ def test_overwrite_never_replaces_a_hugging_face_folder(hf_models, tmp_path):
     """convert and export --overwrite took any folder with a config.json for one tlm wrote: a mistyped --out naming
     another downloaded model deleted it. A run is recognised by its config's model section, an export by the mark in
     its safetensors header."""
-    other = _copy(hf_models["qwen2"][1], tmp_path / "other")
+    other = copy_folder(hf_models["qwen2"][1], tmp_path / "other")
     before = _files(other)
     run = import_hf(hf_models["llama"][1], tmp_path / "run")
     for write in (lambda: import_hf(hf_models["llama"][1], other, overwrite=True),
@@ -277,20 +269,9 @@ def test_a_failed_overwrite_keeps_the_previous_folder(hf_models, tmp_path, monke
 # Errors: typed in the library, one line and exit 2 through the CLI
 
 
-def _copy(folder: Path, dest: Path) -> Path:
-    shutil.copytree(folder, dest)
-    return dest
-
-
-def _edit_json(path: Path, **changes) -> None:
-    d = json.loads(path.read_text())
-    d.update(changes)
-    path.write_text(json.dumps(d))
-
-
 def test_unsupported_model_type(hf_models, tmp_path, capsys):
-    folder = _copy(hf_models["llama"][1], tmp_path / "src")
-    _edit_json(folder / "config.json", model_type="falcon")
+    folder = copy_folder(hf_models["llama"][1], tmp_path / "src")
+    edit_json(folder / "config.json", model_type="falcon")
     with pytest.raises(ConversionError, match="unsupported model_type 'falcon'"):
         import_hf(folder, tmp_path / "run")
     assert main(["convert", str(folder), "--out", str(tmp_path / "run")]) == 2
@@ -314,12 +295,12 @@ def test_a_source_that_is_no_model_folder_is_named(tmp_path, capsys):
 
 
 def test_config_weights_shape_mismatch(hf_models, tmp_path):
-    folder = _copy(hf_models["mistral"][1], tmp_path / "src")
-    _edit_json(folder / "config.json", intermediate_size=128)
+    folder = copy_folder(hf_models["mistral"][1], tmp_path / "src")
+    edit_json(folder / "config.json", intermediate_size=128)
     with pytest.raises(CheckpointError, match=r"ffn\.\w+\.weight has shape"):
         load_hf(folder)
-    folder = _copy(hf_models["llama"][1], tmp_path / "src2")
-    _edit_json(folder / "config.json", attention_bias=True, mlp_bias=True)
+    folder = copy_folder(hf_models["llama"][1], tmp_path / "src2")
+    edit_json(folder / "config.json", attention_bias=True, mlp_bias=True)
     with pytest.raises(CheckpointError, match="lack"):
         load_hf(folder)
 
@@ -350,7 +331,7 @@ def test_gpt2_weights_without_the_transformer_prefix(hf_models, tmp_path):
     """OpenAI's own GPT-2 upload names its tensors wte.weight, h.0.attn..., with no "transformer." prefix: the import
     asked the file for the prefixed names and crashed."""
     hf, folder = hf_models["gpt2"]
-    src = _copy(folder, tmp_path / "src")
+    src = copy_folder(folder, tmp_path / "src")
     tensors = load_file(src / "model.safetensors")
     save_file({k.removeprefix("transformer."): v for k, v in tensors.items()}, src / "model.safetensors")
     assert transformers.GPT2LMHeadModel.from_pretrained(src).transformer.h[0].ln_1.weight.equal(
@@ -365,7 +346,7 @@ def test_gpt2_weights_without_the_transformer_prefix(hf_models, tmp_path):
 def test_a_missing_config_field_means_what_it_means_to_transformers(hf_models, tmp_path, family, dropped):
     """A config.json without rms_norm_eps, sliding_window or num_key_value_heads: transformers takes its defaults
     (1e-6, a 4096-token window, 8 KV heads for Mistral), which tlm took as its own (1e-5, none, the head count)."""
-    src = _copy(hf_models[family][1], tmp_path / "src")
+    src = copy_folder(hf_models[family][1], tmp_path / "src")
     d = json.loads((src / "config.json").read_text())
     del d[dropped]
     (src / "config.json").write_text(json.dumps(d))
@@ -385,16 +366,16 @@ def test_a_missing_config_field_means_what_it_means_to_transformers(hf_models, t
                                    "rope_scaling": None},  # (transformers 4.x wrote the full llama3 settings there)
                                   {"rope_parameters": [1, 2]}, {"rope_theta": "abc", "rope_parameters": None}])
 def test_malformed_rope_settings_are_one_line_errors(hf_models, tmp_path, capsys, rope):
-    src = _copy(hf_models["llama"][1], tmp_path / "src")
-    _edit_json(src / "config.json", **rope)
+    src = copy_folder(hf_models["llama"][1], tmp_path / "src")
+    edit_json(src / "config.json", **rope)
     assert main(["convert", str(src), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tlm: error: the rope settings of config.json") and err.count("\n") == 1, err
 
 
 def test_a_config_field_of_the_wrong_type_is_named(hf_models, tmp_path):
-    src = _copy(hf_models["llama"][1], tmp_path / "src")
-    _edit_json(src / "config.json", num_attention_heads="4")
+    src = copy_folder(hf_models["llama"][1], tmp_path / "src")
+    edit_json(src / "config.json", num_attention_heads="4")
     with pytest.raises(ConversionError, match="n_head must be an integer, got .4."):
         load_hf(src)
 
@@ -420,7 +401,7 @@ def test_llama3_rope_scaling_round_trips_through_mistral_and_qwen2(tmp_path, fam
 
 
 def test_non_representable_export(tmp_path, capsys):
-    run = _write_run(tmp_path / "run", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
+    run = write_run(tmp_path / "run", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
                                                    pos_encoding="sinusoidal"))
     with pytest.raises(ConversionError, match="pos_encoding is 'sinusoidal'"):
         export_hf(run, tmp_path / "hf")
@@ -429,16 +410,16 @@ def test_non_representable_export(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sinusoidal" in err
 
-    gqa = _write_run(tmp_path / "gqa", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_kv_head=1,
+    gqa = write_run(tmp_path / "gqa", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_kv_head=1,
                                                    n_embd=32))
     with pytest.raises(ConversionError, match="grouped-query"):
         export_hf(gqa, tmp_path / "hf2")
-    rope = _write_run(tmp_path / "rope", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
+    rope = write_run(tmp_path / "rope", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
                                                      pos_encoding="rope", norm="rmsnorm", mlp="swiglu"))
     with pytest.raises(ConversionError, match=r"gpt2 needs 'learned' \(exportable as llama\)"):
         export_hf(rope, tmp_path / "hf4", family="gpt2")  # it said no Hugging Face family has rope
     # rope with layernorm: llama suggested gpt2 (for the norm) and gpt2 suggested llama (for rope); neither takes both
-    ln = _write_run(tmp_path / "ln", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
+    ln = write_run(tmp_path / "ln", ModelConfig(vocab_size=256, block_size=32, n_layer=1, n_head=2, n_embd=32,
                                                  pos_encoding="rope"))
     for family in ("llama", "gpt2"):
         with pytest.raises(ConversionError, match=r"needs .*\(no Hugging Face family has this combination\)"):
@@ -502,7 +483,7 @@ def test_char_tokenizer_exports_weights_only_with_a_warning(tmp_path, caplog):
     from transformer_lm.tokenizers import CharTokenizer
 
     tok = CharTokenizer("abcdefgh ")
-    run = _write_run(tmp_path / "run", ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size), tok)
+    run = write_run(tmp_path / "run", ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size), tok)
     with caplog.at_level("WARNING"):
         out = export_hf(run, tmp_path / "hf")
     assert "no Hugging Face tokenizer.json form" in caplog.text
@@ -519,7 +500,7 @@ def test_bos_is_kept_only_when_the_tokenizer_adds_it(hf_models, tmp_path):
     tok.hf.add_special_tokens(["<s>", "</s>"])
     bos = tok.hf.token_to_id("<s>")
     for adds in (False, True):  # the post-processor is set on the second pass
-        folder = _copy(hf_models["llama"][1], tmp_path / f"llama-{adds}")
+        folder = copy_folder(hf_models["llama"][1], tmp_path / f"llama-{adds}")
         if adds:
             tok.hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
         transformers.PreTrainedTokenizerFast(tokenizer_object=tok.hf, bos_token="<s>", eos_token="</s>"
@@ -588,130 +569,9 @@ def test_import_with_tokenizer_model_stops_at_eos(sentencepiece_folder, tmp_path
 # ----------------------------------------------------------------------------------------------------------------------
 # Several end-of-sequence ids (Llama 3.x, Qwen2.5 instruct folders)
 
-LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"]
-
-
-@pytest.fixture(scope="module")
-def llama3_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Llama folder whose end-of-sequence ids are spread as in published ones: tokenizer_config.json's eos_token
-    <|end_of_text|>, config.json's eos_token_id [<|end_of_text|>, <|eom_id|>] (Llama 3.1 lists three there) and
-    generation_config.json's [<|end_of_text|>, <|eom_id|>, <|eot_id|>] (Qwen2.5-Instruct lists one there that
-    config.json lacks). The LM head rows of <|eom_id|> and <|eot_id|> are those of two tokens greedy decoding draws,
-    scaled up, so that samples end at them; the embedding table is the tokenizer's size, so that the ids tlm draws
-    from the tokenizer's vocabulary are all the model's."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    rust = RustTokenizer(models.BPE())
-    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    rust.decoder = decoders.ByteLevel()
-    rust.train_from_iterator(["def alpha(beta):\n    return beta * 2\n" * 20, "naïve größe ✓ x = [1, 2]\n" * 5],
-                             trainers.BpeTrainer(vocab_size=300, special_tokens=LLAMA3_SPECIALS, show_progress=False,
-                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bot, end, eom, eot = (rust.token_to_id(t) for t in LLAMA3_SPECIALS)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-                                      vocab_size=rust.get_vocab_size(), bos_token_id=bot, eos_token_id=[end, eom])
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(1)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-        prompt = torch.tensor([[bot, 40, 41, 42]])
-        free = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                              eos_token_id=None, pad_token_id=end)[0, 4:].tolist()
-        head = model.lm_head.weight
-        head[eom], head[eot] = head[free[4]] * 1.5, head[free[9]] * 1.5
-    folder = tmp_path_factory.mktemp("hf-llama3")
-    model.save_pretrained(folder)
-    _edit_json(folder / "generation_config.json", eos_token_id=[end, eom, eot])
-    transformers.PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<|begin_of_text|>",
-                                         eos_token="<|end_of_text|>").save_pretrained(folder)
-    return folder
-
-
-def test_import_keeps_every_end_of_sequence_id(llama3_folder, tmp_path):
-    """eot_id (the document separator) is tokenizer_config.json's eos_token; the sample's stop ids are it and every
-    other id config.json and generation_config.json list, in the run folder too."""
-    run = load_run(import_hf(llama3_folder, tmp_path / "run"), "cpu")
-    ids = [run.tokenizer.hf.token_to_id(t) for t in LLAMA3_SPECIALS[1:]]
-    assert run.tokenizer.eot_id == ids[0]
-    assert run.tokenizer.stop_ids == tuple(ids)
-
-    # without tokenizer_config.json's eos_token, config.json's first id is the separator
-    folder = _copy(llama3_folder, tmp_path / "no-eos-token")
-    tc = json.loads((folder / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in tc.items() if k != "eos_token"}))
-    _edit_json(folder / "config.json", eos_token_id=[ids[2], ids[1]])
-    (folder / "generation_config.json").unlink()
-    tok = load_hf_tokenizer(folder)
-    assert (tok.eot_id, tok.stop_ids) == (ids[2], (ids[2], ids[1]))
-
-
 def test_sentencepiece_import_keeps_every_end_of_sequence_id(sentencepiece_folder, tmp_path):
-    folder = _copy(sentencepiece_folder, tmp_path / "spm")
-    _edit_json(folder / "config.json", eos_token_id=[2, 5])
+    folder = copy_folder(sentencepiece_folder, tmp_path / "spm")
+    edit_json(folder / "config.json", eos_token_id=[2, 5])
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     run = load_run(import_hf(folder, tmp_path / "run"), "cpu")
     assert (run.tokenizer.eot_id, run.tokenizer.stop_ids) == (2, (2, 5, 7))
-
-
-def test_samples_end_where_transformers_generate_ends(llama3_folder, tmp_path, capsys):
-    """Greedy ids equal transformers' generate with the folder's own generation config, where it stops included: at
-    <|eom_id|> (config.json's second id), at <|eot_id|> (generation_config.json's alone), or nowhere. The text of
-    the API (plain and speculative) and of `tlm sample` is that of the ids before the stop."""
-    hf = transformers.AutoModelForCausalLM.from_pretrained(llama3_folder).eval()
-    run_dir = import_hf(llama3_folder, tmp_path / "run")
-    run = load_run(run_dir, "cpu")
-    tok = run.tokenizer
-    bot, end, eom, eot = (tok.hf.token_to_id(t) for t in LLAMA3_SPECIALS)
-    ended = []
-    for text in ("def", " x = [1, 2]", "a", "naïve größe", "größe"):
-        # this tokenizer adds no BOS, so the API's prompt is the text's ids; with one, "größe" runs to the limit
-        prompt = tok.encode(text) if text != "größe" else [bot, *tok.encode(text)]
-        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                          max_new_tokens=30, do_sample=False, pad_token_id=end)[0, len(prompt):].tolist()
-        assert list(generate(run.model, prompt, 30, temperature=0, stop_ids=tok.stop_ids)) == ref
-        ended.append(ref[-1] if len(ref) < 30 else None)
-        if prompt[0] == bot:
-            continue
-        sample = tok.decode(ref[:-1])
-        assert run.generate(text, max_new_tokens=30, greedy=True) == sample
-        assert run.use_draft(run, k=3).generate(text, max_new_tokens=30, greedy=True) == sample
-        run.use_draft(None)
-        capsys.readouterr()
-        assert main(["sample", str(run_dir), text, "--max_new_tokens", "30", "--greedy", "true", "--device",
-                     "cpu"]) == 0
-        assert capsys.readouterr().out == text + sample + "\n"
-    assert ended == [eom, eot, eot, eom, None]
-
-
-def test_export_lists_every_end_of_sequence_id(llama3_folder, tmp_path):
-    """config.json and generation_config.json of the export list the run's stop ids, so that transformers' generate
-    on the exported folder (its own settings, no eos given) stops where tlm does; importing it again keeps them."""
-    run_dir = import_hf(llama3_folder, tmp_path / "run")
-    tok = load_run(run_dir, "cpu").tokenizer
-    out = export_hf(run_dir, tmp_path / "hf")
-    for name in ("config.json", "generation_config.json"):
-        assert json.loads((out / name).read_text())["eos_token_id"] == list(tok.stop_ids)
-    again = load_run(import_hf(out, tmp_path / "again"), "cpu")
-    assert (again.tokenizer.eot_id, again.tokenizer.stop_ids) == (tok.eot_id, tok.stop_ids)
-    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    ended = set()
-    for text in ("def", " x = [1, 2]"):
-        prompt = torch.tensor([tok.encode(text)])
-        ref = back.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False,
-                            pad_token_id=tok.eot_id)[0, prompt.size(1):].tolist()
-        assert list(generate(again.model, prompt[0].tolist(), 30, temperature=0, stop_ids=tok.stop_ids)) == ref
-        ended.add(ref[-1])
-    assert ended == set(tok.stop_ids[1:])  # <|eom_id|> and <|eot_id|>
-
-    # a tokenizer with one end-of-text id exports it as one int, as before
-    bpe = BPETokenizer.train(["def alpha(beta):\n    return beta\n" * 10], vocab_size=280)
-    single = export_hf(_write_run(tmp_path / "bpe", ModelConfig.from_preset("tiny-llama", vocab_size=280), bpe),
-                       tmp_path / "hf-bpe")
-    for name in ("config.json", "generation_config.json"):
-        assert json.loads((single / name).read_text())["eos_token_id"] == bpe.eot_id
-    assert not (export_hf(_write_run(tmp_path / "byte", ModelConfig.from_preset("tiny-llama", vocab_size=256)),
-                          tmp_path / "hf-byte") / "generation_config.json").exists()

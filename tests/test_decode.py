@@ -63,11 +63,12 @@ def test_static_cache_logits_and_greedy_equal_full_recompute(name):
         # fp32 rounding only (logits up to ~10 here, differently summed in a longer masked attention)
         torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
 
-        # the buffers hold what the dynamic cache holds, at the same slots
+        # the buffers hold what the dynamic cache holds, at the same slots (layer 1's keys and values come from
+        # layer 0's differently summed attention: the same fp32 rounding, 1.05e-5 seen on a 0.26 value)
         dynamic = KVCache(config, 2)
         model(idx, cache=dynamic)
-        torch.testing.assert_close(cache.k, dynamic.k[:, :, :, :30])
-        torch.testing.assert_close(cache.v, dynamic.v[:, :, :, :30])
+        torch.testing.assert_close(cache.k, dynamic.k[:, :, :, :30], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.v, dynamic.v[:, :, :, :30], atol=1e-4, rtol=1e-4)
 
     prompt = idx[0, :6].tolist()
     greedy = list(generate(model, prompt, 20, temperature=0))  # generate() decodes with the static cache

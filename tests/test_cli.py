@@ -288,6 +288,20 @@ def test_a_run_with_another_runs_tokenizer_or_corrupt_ids_is_one_line(trained_ru
                    match="holds token id 1000")
 
 
+def test_a_tokenizer_given_for_a_prepared_folder_is_refused_not_ignored(corpus_file: Path, tmp_path: Path, capsys):
+    """`tlm train data/corpus --tokenizer bpe` trained on the folder's char ids as if the flag were not there."""
+    data = tmp_path / "chars"
+    assert tlm(capsys, "prepare", corpus_file, "--out", data, "--tokenizer", "char")[0] == 0
+    one_line_error(capsys, "train", data, "--out", tmp_path / "r", "--tokenizer", "bpe", *TINY,
+                   match=f"{data} was prepared with the char tokenizer; --tokenizer bpe applies to raw text only")
+    assert not (tmp_path / "r").exists()
+    code, _, err = tlm(capsys, "train", data, "--out", tmp_path / "r", "--tokenizer", "char", *TINY,
+                       "--train.max_iters", "2")  # the folder's own kind, named, is fine
+    assert code == 0, err
+    code, _, err = tlm(capsys, "train", "--out", tmp_path / "r", "--resume", "true", "--train.max_iters", "3")
+    assert code == 0, err  # the resumed run's saved tokenizer kind is its folder's
+
+
 def test_overwrite_replaces_a_run(trained_run: Path, corpus_file: Path, capsys):
     code, _, err = tlm(capsys, "train", corpus_file, "--out", trained_run, "--tokenizer", "byte", *TINY,
                        "--train.max_iters", "2", "--overwrite", "true")

@@ -67,7 +67,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
                    f"also sets --train.* defaults): {', '.join(presets())}.")
     p.add_class_arguments(ModelConfig, "model", instantiate=False)
     p.add_class_arguments(TrainConfig, "train", instantiate=False)
-    add_tokenizer_args(p)
+    add_tokenizer_args(p, prepared_too=True)
     p.add_argument("--resume", type=bool, default=False, help="Continue the run in --out from its last checkpoint.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace a different run already in --out.")
 

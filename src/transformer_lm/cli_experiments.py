@@ -200,7 +200,7 @@ def _scaling_parser() -> ArgumentParser:
                         "library source).")
     p.add_argument("--out", type=str, default="runs/scaling", help="Output folder (rungs in OUT/runs/).")
     p.add_class_arguments(ScalingConfig, nested_key=None, instantiate=False)
-    add_tokenizer_args(p)
+    add_tokenizer_args(p, prepared_too=True)
     p.add_argument("--overwrite", type=bool, default=False, help="Replace rung folders that hold other runs.")
     return p
 

@@ -131,13 +131,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TLM_CACHE_DIR") or Path.home() / ".cache" / "transformer-lm")
 
 
-def training_data(data: str | Path | None, tokenizer: str = "byte", vocab_size: int | None = None,
+def training_data(data: str | Path | None, tokenizer: str | None = None, vocab_size: int | None = None,
                   gpt2_dir: str | Path | None = None) -> PreparedData:
-    """Data for `tlm train`: a folder made by `tlm prepare` is used as it is; raw text (a file, folder or glob, or by
-    default the Python standard library's source) is prepared into the cache, keyed by the files' paths, sizes and
+    """Data for `tlm train`: a folder made by `tlm prepare` is used as it is (a `tokenizer` other than the one it was
+    prepared with is a ConfigError, not ignored); raw text (a file, folder or glob, or by default the Python standard
+    library's source) is prepared into the cache with `tokenizer` (default byte), keyed by the files' paths, sizes and
     times (`_stamp`) and the tokenizer settings (GPT-2's files stamped too), so a second run starts at once."""
     if data is not None and is_prepared(data):
-        return load_prepared(data)
+        prepared = load_prepared(data)
+        if tokenizer is not None and tokenizer != prepared.tokenizer.kind:
+            raise ConfigError(f"{data} was prepared with the {prepared.tokenizer.kind} tokenizer; --tokenizer "
+                              f"{tokenizer} applies to raw text only: drop it, or prepare the text again with "
+                              f"`tlm prepare ... --tokenizer {tokenizer}`")
+        return prepared
+    tokenizer = "byte" if tokenizer is None else tokenizer
     if tokenizer not in TOKENIZER_KINDS:  # before "preparing ... with the X tokenizer" is logged
         build_tokenizer(tokenizer, [])
     sources = default_corpus() if data is None else resolve_sources(data)

@@ -178,6 +178,19 @@ def test_raw_text_is_prepared_once_and_again_after_any_edit(tmp_path: Path):
     assert again.path != first.path and again.tokenizer.decode(again.train[:8].tolist()) == "hgfedcba"
 
 
+def test_a_cache_entry_of_an_older_preparation_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Entries prepared before a change to how text becomes ids (session 14's chunk cut) were trained on as they
+    were: the key carries train.CACHE_VERSION, so an entry written under another version is prepared again."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh" * 100)
+    old = training_data(corpus, "char")
+    train_module = sys.modules["transformer_lm.train"]  # the package's `train` is the function
+    monkeypatch.setattr(train_module, "CACHE_VERSION", train_module.CACHE_VERSION + 1)
+    new = training_data(corpus, "char")
+    assert new.path != old.path and old.path.is_dir()  # the old entry is left for the runs that recorded it
+    assert new.train.tolist() == old.train.tolist()
+
+
 def test_raw_text_prepared_meanwhile_by_another_run_is_used(tmp_path: Path):
     """Two runs started together on the same raw text both prepare it; the one that finishes second used to replace
     the first's cache folder (which that run may be loading) and now uses it."""

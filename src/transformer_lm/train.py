@@ -131,6 +131,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TLM_CACHE_DIR") or Path.home() / ".cache" / "transformer-lm")
 
 
+CACHE_VERSION = 2
+"""Part of the raw-text cache's key: raised whenever the same text and tokenizer settings would now give other ids,
+so that a cache entry prepared by an older version is prepared again, not trained on (2: a chunk is no longer cut
+before \x1c-\x1f, where GPT-2's BPE split differently). A resumed run keeps the folder it recorded."""
+
+
 def training_data(data: str | Path | None, tokenizer: str | None = None, vocab_size: int | None = None,
                   gpt2_dir: str | Path | None = None) -> PreparedData:
     """Data for `tlm train`: a folder made by `tlm prepare` is used as it is (a `tokenizer` other than the one it was
@@ -150,7 +156,7 @@ def training_data(data: str | Path | None, tokenizer: str | None = None, vocab_s
     sources = default_corpus() if data is None else resolve_sources(data)
     gpt2_files = [Path(gpt2_dir, name) for name in ("encoder.json", "vocab.bpe")] if tokenizer == "gpt2" and \
         gpt2_dir is not None else []
-    key = json.dumps({"sources": [_stamp(p) for p in sources], "tokenizer": tokenizer,
+    key = json.dumps({"version": CACHE_VERSION, "sources": [_stamp(p) for p in sources], "tokenizer": tokenizer,
                       "vocab_size": vocab_size if tokenizer == "bpe" else None,
                       "gpt2_files": [_stamp(p) for p in gpt2_files if p.is_file()]})
     out = cache_dir() / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]

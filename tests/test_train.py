@@ -316,6 +316,16 @@ def test_resume_continues_exactly(corpus_file: Path, tmp_path: Path):
     assert resumed.val.loss == full.val.loss
 
 
+def test_ctrl_c_in_the_last_step_ends_a_complete_run(corpus_file: Path, tmp_path: Path):
+    """Ctrl-C during the last step (here: train's stop_at, which behaves as Ctrl-C) was reported as an interruption
+    to resume (exit 130), and loss.png was never drawn, although every step had run and was checkpointed."""
+    data = training_data(corpus_file, "char")
+    res = train(ModelConfig(**SMALL), small_train(), data, tmp_path / "run", progress=False, stop_at=12)
+    assert not res.interrupted and res.step == 12 and res.val is not None
+    assert (tmp_path / "run" / "loss.png").is_file()
+    assert ckpt.checkpoint_step(ckpt.latest_checkpoint(tmp_path / "run")) == 12
+
+
 def test_resume_with_new_settings_counts_tokens_and_records_the_settings(corpus_file: Path, tmp_path: Path):
     """Resumed with a doubled batch, the token count adds up what each step trained (it was step × the new batch), a
     token budget ends on the tokens really trained, config.json takes the new settings (a later --resume fell back

@@ -409,7 +409,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
                 checkpoint()
             elif stop or step == stop_at:
                 checkpoint()
-            if stop or step == stop_at:
+            if (stop or step == stop_at) and not finished:  # a Ctrl-C in the last step: the run is complete
                 interrupted = True
                 break
     bar.close()

@@ -316,6 +316,26 @@ def test_resume_continues_exactly(corpus_file: Path, tmp_path: Path):
     assert resumed.val.loss == full.val.loss
 
 
+def test_a_batch_the_memory_plan_says_cannot_fit_is_refused_before_training(corpus_file: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """A batch too large for the host was granted by Linux's overcommit and the OOM killer ended the run in its
+    first step, without a word. Now the planned peak (`tlm memory`'s plan) is compared with the free memory first."""
+    from transformer_lm import runtime
+    from transformer_lm.experiments.memory import plan_memory
+    from transformer_lm.optim import fused_adamw
+
+    data = training_data(corpus_file, "char")
+    model = ModelConfig(**{**SMALL, "vocab_size": data.tokenizer.vocab_size})
+    need = plan_memory(model, 4, dtype="float32", fused_optimizer=fused_adamw(torch.device("cpu"))).peak  # fp32
+    monkeypatch.setattr(runtime, "free_memory", lambda device: need - 1)
+    with pytest.raises(ConfigError, match=r"training 4 sequences of 16 tokens .* needs 0\.0 GiB, more than the 0\.0 "
+                                          r"GiB free on cpu; lower --train.batch_size"):
+        train(model, small_train(), data, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(runtime, "free_memory", lambda device: need)
+    assert train(model, small_train(max_iters=2), data, tmp_path / "run", progress=False).step == 2
+
+
 def test_ctrl_c_in_the_last_step_ends_a_complete_run(corpus_file: Path, tmp_path: Path):
     """Ctrl-C during the last step (here: train's stop_at, which behaves as Ctrl-C) was reported as an interruption
     to resume (exit 130), and loss.png was never drawn, although every step had run and was checkpointed."""

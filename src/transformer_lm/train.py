@@ -53,7 +53,7 @@ from .data import (
 from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
 from .model import build_model
-from .optim import config_hyperparameters, lr_at, make_optimizer, set_lr
+from .optim import config_hyperparameters, fused_adamw, lr_at, make_optimizer, set_lr
 from .parallel import (
     DistInfo,
     check_batch,
@@ -68,7 +68,7 @@ from .parallel import (
     parallelize,
 )
 from .perf import mfu, peak_flops
-from .runtime import autocast, autocast_dtype, environment
+from .runtime import autocast, autocast_dtype, check_fits, environment
 from .tokenizers import TOKENIZER_KINDS, build_tokenizer, load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
@@ -284,6 +284,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
                           "models with --train.parallel ddp")
     if sharded and cfg.optimizer == "muon":
         raise ConfigError("train.optimizer=muon needs whole weight matrices; use --train.parallel ddp with muon")
+    check_memory(model_config, cfg, info, device, amp_dtype)
     peak = peak_flops(device, amp_dtype)  # for MFU: a datasheet figure, or a matmul timed now
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(device).init_weights(cfg.seed)
@@ -420,6 +421,29 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     if not interrupted and info.is_main:
         plot_losses(metrics_path, run_dir / "loss.png")
     return TrainResult(run_dir, step, tokens, elapsed, val, interrupted, info.is_main)
+
+
+def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, device: torch.device,
+                 amp_dtype: torch.dtype) -> None:
+    """Refuse, before anything is built, a run whose memory plan (`tlm memory`'s, within 5-15 % of the measured peak)
+    exceeds the free memory: a batch too large for a Linux host was granted (overcommit) and the OOM killer ended
+    the run, unannounced, in its first step. The processes torchrun starts on one host share its memory."""
+    if model_config.arch != "transformer":
+        return  # the plan models Transformer blocks; a recurrent baseline is small
+    from .experiments.memory import plan_memory
+
+    sharded = info.enabled and cfg.parallel == "fsdp"
+    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(amp_dtype, "float32")
+    plan = plan_memory(model_config, cfg.batch_size // info.world_size, world_size=info.world_size,
+                       parallel="fsdp" if sharded else "ddp", dtype=dtype,
+                       activation_checkpointing=cfg.activation_checkpointing,
+                       fused_optimizer=fused_adamw(device) and not sharded)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled and device.type == "cpu" else 1
+    who = f"{local} processes of " if local > 1 else ""
+    check_fits(plan.peak * local, device, f"training {who}{cfg.batch_size // info.world_size} sequences of "
+               f"{model_config.block_size} tokens at a time (the memory plan of `tlm memory`)",
+               "lower --train.batch_size (--train.grad_accum keeps the tokens per step) or set "
+               "--train.activation_checkpointing true")
 
 
 def _check_finite(loss: float, grad_norm: float | None, step: int, lr: float) -> None:

@@ -273,6 +273,18 @@ def test_speculative_runs_past_the_context_window():
         next(speculative_generate(target, random_model(tiny_config(vocab_size=62)), [1], 5))
 
 
+@pytest.mark.parametrize("prompt", [list(range(1, 40)), [1, 2, 3]])
+def test_a_draft_with_a_shorter_context_leaves_the_targets_whole(prompt):
+    """A draft trained with a shorter block_size drafts within its own window (restarting it several times here):
+    the target still sees the whole prompt and output, which fit its window, so the greedy ids are plain greedy's.
+    The window both shared cropped the 39-token prompt to the draft's 7, and the target's greedy ids changed."""
+    target = random_model(tiny_config(block_size=64))
+    draft = random_model(tiny_config(block_size=8, n_layer=1), seed=3)
+    plain = list(generate(target, prompt, 24, temperature=0.0))
+    for k in (2, 6):
+        assert list(speculative_generate(target, draft, prompt, 24, k=k)) == plain
+
+
 @pytest.mark.parametrize("path", ["cached", "chunked", "uncached", "speculative", "batch"])
 def test_generation_ends_after_the_first_stop_id(path):
     """Every path ends after the first of the stop ids it is given, that id included (transformers' generate returns

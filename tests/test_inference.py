@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -508,7 +509,7 @@ def folder_bytes(path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys):
+def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys, caplog):
     run, other = tmp_path / "run", tmp_path / "byte-run"
     for out, tokenizer in ((run, "char"), (other, "byte")):
         code, _, err = tlm(capsys, "train", corpus_file, "--out", out, "--tokenizer", tokenizer, *TINY)
@@ -522,6 +523,10 @@ def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys):
         assert code == 0 and out.startswith("def "), err
     code, out, err = tlm(capsys, "sample", run, "def ", *greedy, "--draft", run, "--draft_k", "3")
     assert code == 0 and out == plain, err  # speculative greedy == plain greedy, through the CLI
+    with caplog.at_level(logging.WARNING):  # no compiled step to use: said, not silently dropped
+        code, out, err = tlm(capsys, "sample", run, "def ", *greedy, "--draft", run, "--compile", "true")
+    assert code == 0 and out == plain, err
+    assert "speculative decoding with a draft runs eagerly" in caplog.text
 
     code, ref, err = tlm(capsys, "eval", run, "--data", corpus_file, "--json", "true")
     assert code == 0, err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from .recurrent import RecurrentLM
 from .runtime import resolve_device
 from .speculative import check_draft
 from .tokenizers import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -84,6 +87,8 @@ class Run:
         if not isinstance(prompt, str):
             raise ConfigError(f"the prompt must be text (a str), got {type(prompt).__name__}; for token ids use "
                               "transformer_lm.generate.generate(run.model, ids, ...)")
+        if cfg.compile and self.draft is not None:  # speculative decoding runs both models on their dynamic caches
+            log.warning("compile applies to plain decoding's step; speculative decoding with a draft runs eagerly")
         gen = _generator(cfg.seed, self.model)
         for _ in range(cfg.num_samples):
             yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats)

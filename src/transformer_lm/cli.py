@@ -239,15 +239,12 @@ def cmd_sample(a: Namespace) -> None:
     if a.verbose and a.draft:
         log.warning("--verbose reports plain decoding's timings; with --draft there are none to report")
     run = load_run(a.run, a.device)
-    if cfg.compile and run.model.config.arch != "transformer":  # its cache position is a Python int: recompiles
-        log.warning("--compile applies to the Transformer's decode step; this %s samples eagerly",
-                    run.model.config.arch)
-        cfg.compile = False
     if a.quantize:
         run.quantize(**parse_quantize(a.quantize))
     run.use_decode_layout()
     if a.draft:
         run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
+    cfg = run.sample_config(cfg)  # compile off where it does not apply (said once), so that the notes below agree
     stats = DecodeStats() if a.verbose else None
     run.tokenizer.encode(prompt)  # a prompt the tokenizer cannot encode fails before anything is printed
     for i, pieces in enumerate(run.stream_samples(prompt, cfg, stats)):

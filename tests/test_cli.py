@@ -245,6 +245,10 @@ def test_sample_input_errors_come_before_any_output(trained_run: Path, capsys):
     assert code == 2 and out == "" and "'日'" in err  # the prompt was printed, then the error
     one_line_error(capsys, "sample", trained_run, "de", "--stop", '["", "x"]', match="empty string")
     one_line_error(capsys, "sample", trained_run, "de", "--seed", str(2**70), match="seed must be in")  # a traceback
+    # each names the option that is wrong and its value (one message named both, whichever was)
+    one_line_error(capsys, "sample", trained_run, "de", "--num_samples", "0", match="num_samples must be >= 1, got 0")
+    one_line_error(capsys, "sample", trained_run, "de", "--max_new_tokens", "-1",
+                   match="max_new_tokens must be >= 0, got -1")
     one_line_error(capsys, "sample", trained_run, "de", "--device", "meta", match="not supported")  # a traceback
     one_line_error(capsys, "eval", trained_run, "--data", "de", "--device", "meta", match="not supported")
     one_line_error(capsys, "sample", trained_run, "--seed", "1", "de", match="right after the run folder")

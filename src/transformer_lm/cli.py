@@ -257,11 +257,15 @@ def cmd_sample(a: Namespace) -> None:
         sys.stdout.write("\n")
         if stats is not None and stats.new_tokens:
             sys.stdout.flush()
-            tps = stats.decode_tokens_per_s
-            mbu = decode_mbu(run.model, tps, (stats.prompt_tokens + stats.context) // 2)
-            print(f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tokens/s; decode "
-                  f"{stats.new_tokens} tokens at {tps:.1f} tokens/s, MBU {mbu:.0%}"
-                  + (" (the first sample includes compiling)" if cfg.compile and i == 0 else ""), file=sys.stderr)
+            line = f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tokens/s"
+            if stats.decode_steps:
+                tps = stats.decode_tokens_per_s
+                mbu = decode_mbu(run.model, tps, (stats.prompt_tokens + stats.context) // 2)
+                line += (f"; decode {stats.new_tokens} tokens at {tps:.1f} tokens/s, MBU {mbu:.0%}"
+                         + (" (the first sample includes compiling)" if cfg.compile and i == 0 else ""))
+            else:
+                line += "; no decode step (the one new token is drawn from the prefill's logits)"
+            print(line, file=sys.stderr)
 
 
 def cmd_eval(a: Namespace) -> None:

@@ -236,6 +236,10 @@ def cmd_sample(a: Namespace) -> None:
         except UnicodeError:
             raise DataError("standard input is not UTF-8 text; convert it first (e.g. with iconv)") from None
     cfg = config_from(SampleConfig, a)
+    for stop in cfg.stop:  # only a double-quoted list item has its escapes read: '[\n]' and --stop+ '\n' do not
+        if re.search(r"\\[ntr]", stop):
+            log.warning("--stop item %r is a backslash and a letter, not a control character; for a newline write "
+                        "--stop '[\"\\n\"]' (double quotes inside)", stop)
     if a.verbose and a.draft:
         log.warning("--verbose reports plain decoding's timings; with --draft there are none to report")
     run = load_run(a.run, a.device)

@@ -115,6 +115,16 @@ def test_sample_greedy_stop_strings_and_stdin(trained_run: Path, capsys, monkeyp
     assert piped == out
 
 
+def test_a_stop_string_with_a_literal_backslash_escape_is_warned_of(trained_run: Path, capsys, caplog):
+    """Only a double-quoted YAML item has its escapes read: --stop+ '\\n' and --stop '[\\n]' hold a backslash and
+    an n, which silently never stopped a sample at a newline."""
+    for stop in (["--stop+", "\\n"], ["--stop", "[\\n]"], ["--stop", '["\\n"]']):
+        caplog.clear()
+        assert tlm(capsys, "sample", trained_run, "de", "--max_new_tokens", "2", *stop)[0] == 0
+        warned = "not a control character" in caplog.text
+        assert warned == (stop[1] != '["\\n"]'), (stop, caplog.text)
+
+
 def test_long_prompt_is_cropped_with_a_warning(trained_run: Path, capsys, caplog):
     code, out, _ = tlm(capsys, "sample", trained_run, "def " * 40, "--max_new_tokens", "5", "--seed", "1")
     assert code == 0
@@ -245,6 +255,10 @@ def test_sample_input_errors_come_before_any_output(trained_run: Path, capsys):
     assert code == 2 and out == "" and "'日'" in err  # the prompt was printed, then the error
     one_line_error(capsys, "sample", trained_run, "de", "--stop", '["", "x"]', match="empty string")
     one_line_error(capsys, "sample", trained_run, "de", "--seed", str(2**70), match="seed must be in")  # a traceback
+    # each names the option that is wrong and its value (one message named both, whichever was)
+    one_line_error(capsys, "sample", trained_run, "de", "--num_samples", "0", match="num_samples must be >= 1, got 0")
+    one_line_error(capsys, "sample", trained_run, "de", "--max_new_tokens", "-1",
+                   match="max_new_tokens must be >= 0, got -1")
     one_line_error(capsys, "sample", trained_run, "de", "--device", "meta", match="not supported")  # a traceback
     one_line_error(capsys, "eval", trained_run, "--data", "de", "--device", "meta", match="not supported")
     one_line_error(capsys, "sample", trained_run, "--seed", "1", "de", match="right after the run folder")

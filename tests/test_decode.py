@@ -5,6 +5,7 @@ eager fallback when compiling fails; sampling on the device. CPU, float32, no ti
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -187,6 +188,22 @@ def test_exponential_race_sampling_matches_the_distribution():
     assert set(top2.tolist()) == {0, 1}
 
 
+@pytest.mark.parametrize("n", [1, 2, 20])
+def test_decode_tokens_per_s_counts_the_forwards_the_decode_time_holds(n, monkeypatch):
+    """The first new token comes from the prefill's logits, so decode_s holds n - 1 forwards: n / decode_s was
+    --verbose's rate (2x at 2 tokens; at 1 token, with no forward at all, an MBU of 112%)."""
+    model = random_model(tiny_config(block_size=64), seed=5)
+    calls = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    stats = DecodeStats()
+    assert len(list(generate(model, [1, 2, 3], n, temperature=0, stats=stats))) == n
+    assert stats.decode_steps == len(calls) - 1  # the forwards after the prefill
+    if n == 1:
+        assert math.isnan(stats.decode_tokens_per_s)
+    else:
+        assert stats.decode_tokens_per_s == pytest.approx((len(calls) - 1) / stats.decode_s)
+
 def test_cli_sample_verbose_reports_decode_speed_and_mbu(tmp_path, corpus_file, capsys):
     from transformer_lm.cli import main
 
@@ -199,6 +216,9 @@ def test_cli_sample_verbose_reports_decode_speed_and_mbu(tmp_path, corpus_file, 
     out, err = capsys.readouterr()
     assert out.startswith("def ")
     assert "prefill 4 tokens at" in err and "decode 20 tokens at" in err and "MBU" in err, err
+    assert main(["sample", str(run), "def ", "--max_new_tokens", "1", "--greedy", "true", "--verbose", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "no decode step" in err and "MBU" not in err, err
 
 
 def test_a_kv_cache_larger_than_free_memory_is_refused(monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -273,6 +274,18 @@ def test_speculative_runs_past_the_context_window():
         next(speculative_generate(target, random_model(tiny_config(vocab_size=62)), [1], 5))
 
 
+@pytest.mark.parametrize("prompt", [list(range(1, 40)), [1, 2, 3]])
+def test_a_draft_with_a_shorter_context_leaves_the_targets_whole(prompt):
+    """A draft trained with a shorter block_size drafts within its own window (restarting it several times here):
+    the target still sees the whole prompt and output, which fit its window, so the greedy ids are plain greedy's.
+    The window both shared cropped the 39-token prompt to the draft's 7, and the target's greedy ids changed."""
+    target = random_model(tiny_config(block_size=64))
+    draft = random_model(tiny_config(block_size=8, n_layer=1), seed=3)
+    plain = list(generate(target, prompt, 24, temperature=0.0))
+    for k in (2, 6):
+        assert list(speculative_generate(target, draft, prompt, 24, k=k)) == plain
+
+
 @pytest.mark.parametrize("path", ["cached", "chunked", "uncached", "speculative", "batch"])
 def test_generation_ends_after_the_first_stop_id(path):
     """Every path ends after the first of the stop ids it is given, that id included (transformers' generate returns
@@ -342,6 +355,41 @@ def test_stop_strings_cut_the_sample_where_prompt_and_sample_first_hold_one(prom
         got = "".join(gen.stream_text(None, tok, prompt, SampleConfig(max_new_tokens=len(ids), stop=stops)))
     assert got == ref
 
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
+def test_a_long_streamed_sample_decodes_a_bounded_stretch_per_token_and_the_same_text(kind):
+    """Each token decoded the whole sample so far (an 8000-token char sample: 5.9 s of decoding, against 0.1 s);
+    past STREAM_SETTLE ids the text is settled and decoding goes on after its last ids. The text is the naive
+    decode of all the ids, cut at the first stop string, also where characters split over several byte ids and
+    invalid bytes (U+FFFD) fall at the points where it settles."""
+    import random
+
+    from transformer_lm import generate as gen
+    from transformer_lm.config import SampleConfig
+    from transformer_lm.tokenizers import BPETokenizer, ByteTokenizer, CharTokenizer
+
+    alphabet = "ab €😀\n"
+    tok = {"byte": ByteTokenizer, "char": lambda: CharTokenizer.train([alphabet + "x"]),
+           "bpe": lambda: BPETokenizer.train([alphabet * 50, "ab ab € a😀b\n" * 50], vocab_size=300)}[kind]()
+    rng = random.Random(0)
+    ids = [t for _ in range(1200) for t in tok.encode(rng.choice(alphabet))]
+    if kind == "byte":  # lone invalid bytes and cut characters, decoded as U+FFFD
+        ids = [t for i in ids for t in ([0xE2, i] if rng.random() < 0.05 else [0xFF, i] if rng.random() < 0.05
+                                        else [i])]
+    lengths = []
+    decode = tok.decode
+    tok.decode = lambda x: lengths.append(len(x)) or decode(x)
+    marker = tok.encode("a€x😀")  # the stop string "€x" appears nowhere else
+    with pytest.MonkeyPatch.context() as m:
+        for stop, sample in (([], ids), (["€x"], ids[:len(ids) * 2 // 3] + marker + ids[len(ids) * 2 // 3:])):
+            m.setattr(gen, "generate", lambda *a, sample=sample, **k: iter(sample))
+            lengths.clear()
+            got = "".join(gen.stream_text(None, tok, "ab", SampleConfig(max_new_tokens=len(sample), stop=stop)))
+            whole = decode(sample)
+            assert got == (whole[:whole.index(stop[0])] if stop else whole)
+            assert len(sample) > 10 * gen.STREAM_SETTLE
+            assert max(lengths) < 2 * (gen.STREAM_SETTLE + gen.STREAM_CONTEXT)
 
 def window_starts(model: Transformer) -> list[int]:
     """Spy: the first id of every forward that starts a window (no cache, or an empty one)."""
@@ -496,7 +544,7 @@ def folder_bytes(path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys):
+def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys, caplog):
     run, other = tmp_path / "run", tmp_path / "byte-run"
     for out, tokenizer in ((run, "char"), (other, "byte")):
         code, _, err = tlm(capsys, "train", corpus_file, "--out", out, "--tokenizer", tokenizer, *TINY)
@@ -510,6 +558,10 @@ def test_cli_quantize_and_draft(tmp_path, corpus_file, capsys):
         assert code == 0 and out.startswith("def "), err
     code, out, err = tlm(capsys, "sample", run, "def ", *greedy, "--draft", run, "--draft_k", "3")
     assert code == 0 and out == plain, err  # speculative greedy == plain greedy, through the CLI
+    with caplog.at_level(logging.WARNING):  # no compiled step to use: said, not silently dropped
+        code, out, err = tlm(capsys, "sample", run, "def ", *greedy, "--draft", run, "--compile", "true")
+    assert code == 0 and out == plain, err
+    assert "speculative decoding with a draft runs eagerly" in caplog.text
 
     code, ref, err = tlm(capsys, "eval", run, "--data", corpus_file, "--json", "true")
     assert code == 0, err

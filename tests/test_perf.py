@@ -13,6 +13,7 @@ from transformer_lm.config import ModelConfig
 from transformer_lm.decode import StaticKVCache
 from transformer_lm.model import Transformer
 from transformer_lm.quantize import quantize
+from transformer_lm.recurrent import RecurrentLM
 
 
 def test_mfu_and_mbu_are_the_formulas():
@@ -80,3 +81,16 @@ def test_decode_bytes_add_the_kv_cache_read():
     kv = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
     assert perf.kv_cache_bytes(config, 40, 4) == kv
     assert perf.decode_bytes_per_token(model, config, 40, 4) == pytest.approx((_param_bytes(model) + kv) / 4)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_a_recurrent_models_decode_bytes_add_its_state_not_a_kv_cache(arch):
+    """A recurrent step reads its state after the last position, the same at any context: the --verbose MBU of an
+    LSTM counted a KV cache it does not have (4 layers of 128 at 255 positions: 1.04 MB on 2.16 MB of weights)."""
+    config = ModelConfig(vocab_size=100, block_size=64, n_layer=3, n_embd=32, arch=arch)
+    model = RecurrentLM(config)
+    cache = model.make_cache(4, max_len=40)
+    state = [t[cache.max_len - 1] for t in (cache.h, cache.c) if t is not None]  # one position's, every layer
+    read = sum(t.numel() * t.element_size() for t in state)
+    for context in (1, 40):
+        assert perf.decode_bytes_per_token(model, config, context, 4) == pytest.approx((_param_bytes(model) + read) / 4)

@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from transformer_lm.accounting import count_params, flops_per_token, match_params
+from transformer_lm.api import load_run
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import ConfigError, ConversionError
@@ -195,7 +196,16 @@ def test_cli_train_sample_eval_lstm_end_to_end(tmp_path: Path, corpus_file: Path
     with caplog.at_level(logging.WARNING):  # compiling its step would recompile at every position: eager, said once
         compiled = tlm(capsys, "sample", run, "def ", "--max_new_tokens", "20", "--seed", "0", "--compile", "true")
     assert compiled[1] == out
-    assert "this lstm samples eagerly" in caplog.text
+    assert caplog.text.count("this lstm samples eagerly") == 1
+    caplog.clear()
+    from transformer_lm import generate as gen  # the API too: it recompiled at every token (30 tokens: 35 s)
+    from transformer_lm.decode import decode_one_token
+
+    steps = []
+    with caplog.at_level(logging.WARNING), pytest.MonkeyPatch.context() as m:
+        m.setattr(gen, "decode_step", lambda compile, device: steps.append(compile) or decode_one_token)
+        assert load_run(run).generate("def ", max_new_tokens=20, seed=0, compile=True) == out[len("def "):-1]
+    assert steps == [False] and "this lstm samples eagerly" in caplog.text
 
     code, out, err = tlm(capsys, "eval", run, "--data", corpus_file, "--json", "true")
     assert code == 0, err

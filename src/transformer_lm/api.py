@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from .recurrent import RecurrentLM
 from .runtime import resolve_device
 from .speculative import check_draft
 from .tokenizers import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -77,6 +80,21 @@ class Run:
         self.draft, self.draft_k = (draft.model if draft is not None else None), k
         return self
 
+    def sample_config(self, cfg: SampleConfig) -> SampleConfig:
+        """`cfg` as this run samples with it: compile turned off, with a warning, where no compiled step applies (a
+        recurrent model, whose cache position is a Python int, would recompile at every token: 30 tokens of an LSTM
+        took 35 s; speculative decoding runs both models on their dynamic caches)."""
+        if not cfg.compile:
+            return cfg
+        if self.model.config.arch != "transformer":
+            log.warning("compile applies to the Transformer's decode step; this %s samples eagerly",
+                        self.model.config.arch)
+        elif self.draft is not None:
+            log.warning("compile applies to plain decoding's step; speculative decoding with a draft runs eagerly")
+        else:
+            return cfg
+        return dataclasses.replace(cfg, compile=False)
+
     def stream_samples(self, prompt: str, cfg: SampleConfig,
                        stats: DecodeStats | None = None) -> Iterator[Iterator[str]]:
         """cfg.num_samples streams of text pieces, drawn one after another from one seeded generator. `stats` is
@@ -84,6 +102,7 @@ class Run:
         if not isinstance(prompt, str):
             raise ConfigError(f"the prompt must be text (a str), got {type(prompt).__name__}; for token ids use "
                               "transformer_lm.generate.generate(run.model, ids, ...)")
+        cfg = self.sample_config(cfg)
         gen = _generator(cfg.seed, self.model)
         for _ in range(cfg.num_samples):
             yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats)

@@ -236,18 +236,19 @@ def cmd_sample(a: Namespace) -> None:
         except UnicodeError:
             raise DataError("standard input is not UTF-8 text; convert it first (e.g. with iconv)") from None
     cfg = config_from(SampleConfig, a)
+    for stop in cfg.stop:  # only a double-quoted list item has its escapes read: '[\n]' and --stop+ '\n' do not
+        if re.search(r"\\[ntr]", stop):
+            log.warning("--stop item %r is a backslash and a letter, not a control character; for a newline write "
+                        "--stop '[\"\\n\"]' (double quotes inside)", stop)
     if a.verbose and a.draft:
         log.warning("--verbose reports plain decoding's timings; with --draft there are none to report")
     run = load_run(a.run, a.device)
-    if cfg.compile and run.model.config.arch != "transformer":  # its cache position is a Python int: recompiles
-        log.warning("--compile applies to the Transformer's decode step; this %s samples eagerly",
-                    run.model.config.arch)
-        cfg.compile = False
     if a.quantize:
         run.quantize(**parse_quantize(a.quantize))
     run.use_decode_layout()
     if a.draft:
         run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
+    cfg = run.sample_config(cfg)  # compile off where it does not apply (said once), so that the notes below agree
     stats = DecodeStats() if a.verbose else None
     run.tokenizer.encode(prompt)  # a prompt the tokenizer cannot encode fails before anything is printed
     for i, pieces in enumerate(run.stream_samples(prompt, cfg, stats)):
@@ -260,11 +261,15 @@ def cmd_sample(a: Namespace) -> None:
         sys.stdout.write("\n")
         if stats is not None and stats.new_tokens:
             sys.stdout.flush()
-            tps = stats.decode_tokens_per_s
-            mbu = decode_mbu(run.model, tps, (stats.prompt_tokens + stats.context) // 2)
-            print(f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tokens/s; decode "
-                  f"{stats.new_tokens} tokens at {tps:.1f} tokens/s, MBU {mbu:.0%}"
-                  + (" (the first sample includes compiling)" if cfg.compile and i == 0 else ""), file=sys.stderr)
+            line = f"prefill {stats.prompt_tokens} tokens at {stats.prefill_tokens_per_s:.1f} tokens/s"
+            if stats.decode_steps:
+                tps = stats.decode_tokens_per_s
+                mbu = decode_mbu(run.model, tps, (stats.prompt_tokens + stats.context) // 2)
+                line += (f"; decode {stats.new_tokens} tokens at {tps:.1f} tokens/s, MBU {mbu:.0%}"
+                         + (" (the first sample includes compiling)" if cfg.compile and i == 0 else ""))
+            else:
+                line += "; no decode step (the one new token is drawn from the prefill's logits)"
+            print(line, file=sys.stderr)
 
 
 def cmd_eval(a: Namespace) -> None:

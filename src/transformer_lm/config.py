@@ -373,8 +373,10 @@ class SampleConfig:
         check_types(self, "sample")
         if "" in self.stop:
             raise ConfigError("sample.stop holds an empty string, which every text contains; drop it")
-        if self.max_new_tokens < 0 or self.num_samples < 1:
-            raise ConfigError("sample.max_new_tokens must be >= 0 and sample.num_samples >= 1")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:

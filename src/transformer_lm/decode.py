@@ -223,8 +223,15 @@ class DecodeStats:
     """Cached positions at the end (what the last step read back)."""
 
     @property
+    def decode_steps(self) -> int:
+        """Forwards within decode_s, one per token after the first: the first new token is drawn from the prefill's
+        logits, and the last one needs no forward."""
+        return max(0, self.new_tokens - 1)
+
+    @property
     def decode_tokens_per_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s > 0 else float("nan")
+        """Decode forwards per second (NaN without one: a single new token is the prefill's)."""
+        return self.decode_steps / self.decode_s if self.decode_s > 0 and self.decode_steps else float("nan")
 
     @property
     def prefill_tokens_per_s(self) -> float:

@@ -213,11 +213,21 @@ def kv_cache_bytes(config: ModelConfig, context: int, batch: int = 1, dtype: tor
     return 2 * config.n_layer * batch * config.kv_heads * context * config.head_dim * itemsize
 
 
+def cache_read_bytes(config: ModelConfig, context: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of cached state one decode step reads for `batch` rows at `context` positions: a Transformer's keys and
+    values; a recurrent model's state after the last position only (h, and an LSTM's c, of every layer), whatever
+    the context: it has no KV cache to read back."""
+    if config.arch == "transformer":
+        return kv_cache_bytes(config, context, batch, dtype)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return (2 if config.arch == "lstm" else 1) * config.n_layer * batch * config.n_embd * itemsize
+
+
 def decode_bytes_per_token(model: nn.Module, config: ModelConfig, context: int, batch: int = 1,
                            dtype: torch.dtype = torch.float32) -> float:
     """Bytes read per generated token by a decode step over `batch` rows at `context` cached positions: the weights
-    once per step (shared by the rows) plus each row's KV cache, divided by the rows."""
-    return (weight_bytes(model) + kv_cache_bytes(config, context, batch, dtype)) / batch
+    once per step (shared by the rows) plus each row's cached state (cache_read_bytes), divided by the rows."""
+    return (weight_bytes(model) + cache_read_bytes(config, context, batch, dtype)) / batch
 
 
 def decode_mbu(model: nn.Module, tokens_per_s: float, context: int, batch: int = 1) -> float:

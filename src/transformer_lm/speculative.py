@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from .decode import activation_dtype
 from .errors import ConfigError
@@ -31,6 +32,33 @@ def check_draft(target: Transformer, draft: Transformer, vocab_size: int | None 
                           "the same tokenizer")
 
 
+class _Window:
+    """One model's context during speculative decoding: its cache holds seq[:keep] + seq[start:] of the ids so far
+    (all of them while start is 0), within that model's own context window. Target and draft keep one each, so that a
+    draft with a shorter context than the target's never shortens what the target sees (which would change its
+    distribution); the draft's window only affects how well it guesses."""
+
+    def __init__(self, model: nn.Module, needed: int, keep: int) -> None:
+        block = model.config.block_size
+        self.cache = model.make_cache(1, max_len=min(block, needed), dtype=activation_dtype(model))
+        self.limit = min(block, self.cache.max_len)  # positions the cache holds
+        self.half = max(1, block // 2)
+        self.keep = min(keep, self.half - 1)
+        self.start = 0
+
+    def view(self, seq: list[int]) -> list[int]:
+        return seq[:self.keep] + seq[self.start:] if self.start else seq
+
+    def make_room(self, ids: list[int], extra: int) -> int:
+        """Restart from the recent half window (the cache emptied, to be refilled from the view) when the view of
+        `ids` and `extra` more positions would overflow the cache; -> the view's length of `ids`."""
+        n = len(self.view(ids))
+        if n + extra > self.limit and n > self.half:
+            self.start, self.cache.pos = len(ids) - (self.half - self.keep), 0
+            n = self.half
+        return n
+
+
 @torch.no_grad()
 def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequence[int], max_new_tokens: int,
                          k: int = 4, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
@@ -41,9 +69,10 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     limits the ids drawn, the prompt's first `keep` ids stay at the window's start, and the output ends after the
     first of `stop_ids`, as in generate().
 
-    While prompt + output fit in the context window the greedy ids equal generate()'s (except with a w8a8 target,
-    whose activation scale is the whole call's: quantize.py); past it, both models restart from the last half
-    window (as generate() does, though not at the same token, so long greedy outputs may differ).
+    While prompt + output fit in the target's context window the greedy ids equal generate()'s (except with a w8a8
+    target, whose activation scale is the whole call's: quantize.py), whatever the draft's window; past its own
+    window, each model restarts from the last half of it (as generate() does, though not at the same token, so long
+    greedy outputs may differ).
     """
     if not prompt:
         raise ValueError("generation needs a non-empty prompt")
@@ -53,18 +82,9 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     modes = target.training, draft.training
     target.eval(), draft.eval()
     device = target.tok_emb.weight.device
-    block = min(target.config.block_size, draft.config.block_size)
-    ids = crop_prompt(prompt, block, keep)
-    caches = [m.make_cache(1, max_len=min(block, len(ids) + max_new_tokens + k), dtype=activation_dtype(m))
-              for m in (target, draft)]
-    tcache, dcache = caches
-    limit, half = min(block, tcache.max_len), max(1, block // 2)
-    keep = min(keep, half - 1)
-    start = 0  # the caches hold the window ids[:kept] + ids[start:], kept = keep once a restart has cut ids
-
-    def window(seq: list[int]) -> list[int]:
-        return seq[:keep] + seq[start:] if start else seq
-
+    ids = crop_prompt(prompt, target.config.block_size, keep)
+    tw, dw = (_Window(m, len(ids) + max_new_tokens + k, keep) for m in (target, draft))
+    tcache, dcache = tw.cache, dw.cache
     greedy = temperature == 0
 
     def probs(logits: torch.Tensor) -> torch.Tensor:
@@ -76,18 +96,17 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     produced = 0
     try:
         while produced < max_new_tokens:
-            n = len(window(ids))  # the window's length
             k_round = min(k, max_new_tokens - produced - 1)  # the round adds up to k_round + 1 tokens
-            if n + k_round > limit and n > half:  # window full: restart from the recent half window
-                start, tcache.pos, dcache.pos = len(ids) - (half - keep), 0, 0
-                n = half
-            k_round = min(k_round, limit - n)  # the target writes n + k_round positions
+            n = tw.make_room(ids, k_round)  # the target writes n + k_round positions
+            k_round = min(k_round, tw.limit - n)
+            nd = dw.make_room(ids, k_round - 1)  # the draft reads all but its last proposal
+            k_round = min(k_round, dw.limit - nd + 1)
 
             # 1. the draft proposes k_round tokens, one forward each
             drafted: list[int] = []
             qs: list[torch.Tensor] = []
             for _ in range(k_round):
-                seq = window(ids + drafted)
+                seq = dw.view(ids + drafted)
                 x = torch.tensor([seq[dcache.pos:]], device=device)
                 logits = draft(x, cache=dcache, last_only=True).logits[0, -1, :vocab_size]
                 if greedy:
@@ -97,7 +116,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
                     drafted.append(draw(qs[-1]))
 
             # 2. the target scores the pending ids and all proposals in one forward: k_round + 1 distributions
-            seq = window(ids + drafted)
+            seq = tw.view(ids + drafted)
             x = torch.tensor([seq[tcache.pos:]], device=device)
             logits = target(x, cache=tcache).logits[0, -(k_round + 1):, :vocab_size]  # (k_round + 1, V)
 
@@ -122,9 +141,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
                 new.append(int(logits[-1].argmax()) if greedy else draw(probs(logits[-1])))
 
             # 4. rewind both caches to the accepted prefix (the last new token is pending, as in generate())
-            accepted = n + len(new) - 1
-            tcache.pos = accepted
-            dcache.pos = min(dcache.pos, accepted)
+            tcache.pos = n + len(new) - 1
+            dcache.pos = min(dcache.pos, nd + len(new) - 1)
             new, stopped = until_stop(new, stop_ids)
             ids.extend(new)
             produced += len(new)

@@ -37,7 +37,8 @@ def add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
                    help="A compute budget in FLOPs (3.14e23) for the Chinchilla-optimal N and D; alone, plans that "
                    "optimal model.")
     p.add_argument("--seq_len", type=int | None, default=None,
-                   help="Training context for the attention FLOPs (default: the model's block_size).")
+                   help="Training context for the attention FLOPs (default: the model's block_size); needs a model, "
+                   "not --params.")
     p.add_argument("--hardware", type=str, default="H100-SXM",
                    help=f"Accelerator: {', '.join(a.name for a in ACCELERATORS.values())}, or all.")
     p.add_argument("--precision", type=Literal["bf16", "fp32"], default="bf16", help="Which vendor peak to use.")

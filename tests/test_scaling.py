@@ -4,6 +4,7 @@ hyperparameter rule, the frontier against its definition, and `tlm experiment sc
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 from pathlib import Path
@@ -172,7 +173,7 @@ def test_a_sweep_stopped_by_ctrl_c_stops_and_resumes_its_rung(corpus_file: Path,
                                                                capsys):
     """Ctrl-C in a rung (here: train's stop_at, which behaves as Ctrl-C) ends the sweep as an interruption (it went
     on with a half-trained rung, or crashed on one not yet evaluated) and the same command resumes the rung: the
-    results equal an uninterrupted sweep's."""
+    results equal an uninterrupted sweep's. A rung stopped before its first checkpoint is started again."""
     argv = ["experiment", "scaling", str(corpus_file), "--sizes", "[1x32, 1x64]", "--tokens", "4096",
             "--block_size", "32", "--batch_size", "8", "--evals", "2", "--eval_batches", "2", "--device", "cpu"]
     assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
@@ -187,4 +188,15 @@ def test_a_sweep_stopped_by_ctrl_c_stops_and_resumes_its_rung(corpus_file: Path,
         with open(tmp_path / sweep / "scaling.csv", newline="") as f:
             return [(r["name"], r["tokens"], r["val_loss"]) for r in csv.DictReader(f)]
     assert table("cut") == table("whole")
+
+    def killed(*a: object, **kw: object) -> None:  # a second Ctrl-C (or a kill) before the first checkpoint
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(importlib.import_module("transformer_lm.train"), "save_checkpoint", killed)  # the module
+        assert main([*argv, "--out", str(tmp_path / "killed")]) == 130
+    rung = tmp_path / "killed" / "runs" / "L1-d32"
+    assert (rung / "config.json").is_file() and not (rung / "checkpoints" / "latest").exists()
+    # the same command starts that rung again: it had said the folder "holds another run" and asked for --overwrite
+    assert main([*argv, "--out", str(tmp_path / "killed")]) == 0, capsys.readouterr().err
+    assert table("killed") == table("whole")
 

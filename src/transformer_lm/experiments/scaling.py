@@ -291,7 +291,9 @@ class ScalingResult:
 
 def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None:
     """"finished" when the folder holds this exact rung (same model, training and data config) trained to its last
-    step, "paused" when it holds it stopped earlier (Ctrl-C) with a checkpoint to resume from, else None."""
+    step, "paused" when it holds it stopped earlier (Ctrl-C) with a checkpoint to resume from, "started" when it
+    holds it stopped before its first checkpoint (killed, or a second Ctrl-C): nothing to keep, so it starts over;
+    else None."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
         records = read_metrics(run_dir / "metrics.jsonl")
@@ -301,7 +303,7 @@ def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None
         return None
     if any(r.get("step") == steps and "val_loss" in r for r in records):
         return "finished"
-    return "paused" if (run_dir / "checkpoints" / "latest").is_file() else None
+    return "paused" if (run_dir / "checkpoints" / "latest").is_file() else "started"
 
 
 def data_fingerprint(data: PreparedData) -> str:
@@ -346,10 +348,11 @@ def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwri
             log.info("rung %s: reusing the finished run in %s", plan.name, run_dir)
         else:
             log.info("rung %s: %d steps at lr %.3g%s", plan.name, plan.train.max_iters, plan.train.lr,
-                     ", resumed" if state == "paused" else "")
+                     {"paused": ", resumed", "started": ", started again (stopped before its first checkpoint)"}
+                     .get(state or "", ""))
             try:
                 res = train(plan.model, plan.train, data, run_dir, resume=state == "paused",
-                            overwrite=overwrite, progress=progress, extra_config=extra)
+                            overwrite=overwrite or state == "started", progress=progress, extra_config=extra)
             except RunExistsError as e:
                 if not (run_dir / "config.json").is_file():
                     raise  # not another run: train's own reason (files tlm did not write, ...) is the one to give

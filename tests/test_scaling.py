@@ -153,10 +153,11 @@ def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
     assert main(argv) == 0  # a second call reuses the finished rungs
     assert capsys.readouterr().out.count("(reused)") == 3
     before = (out / "scaling.json").read_text()
-    for other in (["--tokens", "8192"], ["--sizes", "[1x32]"]):  # another sweep's results are not replaced
-        assert main([*argv[:-2], *other]) == 2
+    for other, changed in ((["--tokens", "8192"], "tokens 4096.0 there, 8192.0 now"),  # not the sizes, unchanged
+                           (["--sizes", "[1x32]"], "sizes ['1x32', '1x64', '2x64'] there, ['1x32'] now")):
+        assert main([*argv, *other]) == 2  # another sweep's results are not replaced
         err = capsys.readouterr().err
-        assert "another scaling sweep" in err and "--overwrite true" in err and err.count("\n") == 1
+        assert f"another scaling sweep ({changed});" in err and "--overwrite true" in err and err.count("\n") == 1
     assert (out / "scaling.json").read_text() == before
 
     def no_fit(x, y):

@@ -321,10 +321,12 @@ def _check_sweep(out: Path, cfg: ScalingConfig, overwrite: bool) -> None:
         saved = json.loads((out / "scaling.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if isinstance(saved, dict) and saved != json.loads(json.dumps(asdict(cfg))) and not overwrite:
-        raise RunExistsError(f"{out} holds the results of another scaling sweep (sizes {saved.get('sizes')}); pass "
-                             "--overwrite true to replace them (finished identical rungs are still reused), or "
-                             "choose another --out")
+    now = json.loads(json.dumps(asdict(cfg)))
+    if isinstance(saved, dict) and saved != now and not overwrite:
+        changed = ", ".join(f"{k} {saved.get(k)} there, {now.get(k)} now" for k in sorted(saved.keys() | now.keys())
+                            if saved.get(k) != now.get(k))  # the settings that differ (it named only the sizes)
+        raise RunExistsError(f"{out} holds the results of another scaling sweep ({changed}); pass --overwrite true "
+                             "to replace them (finished identical rungs are still reused), or choose another --out")
 
 
 def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwrite: bool = False,

@@ -93,12 +93,14 @@ def r_squared(y: np.ndarray, predicted: np.ndarray) -> float:
 
 def fit_power_law(x: Any, y: Any, iters: int = 200) -> PowerLawFit:
     """Least-squares fit of y = E + A·x^(−α) with E ≥ 0 and 0 ≤ α ≤ ALPHA_MAX (method: module docstring). Needs ≥ 3
-    points, x > 0; raises DataError when y does not fall with x as a power law (the best α is at a bound)."""
+    distinct x > 0; raises DataError when y does not fall with x as a power law (the best α is at a bound)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
         raise DataError(f"a power-law fit needs at least 3 (x, y) pairs, got x {x.shape} and y {y.shape}; add rungs")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0) and np.all(y > 0)):
         raise DataError("a power-law fit needs finite positive losses and positive sizes")
+    if len(np.unique(x)) < 3:  # E, A and α: through two sizes any number of curves fit equally well
+        raise DataError(f"a power-law fit needs at least 3 distinct sizes, got {np.unique(x).tolist()}; add rungs")
     scale = math.exp(float(np.mean(np.log(x))))  # fit in u = x / scale, where A is O(y) and well conditioned
     log_u = np.log(x / scale)
     floor = float(y.min())

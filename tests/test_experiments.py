@@ -178,6 +178,11 @@ def test_cli_plan(capsys):
                          "--hardware", "all", "--gpus", "8")
     assert code == 0, err
     assert "MI300X" in out and "Chinchilla-optimal" in out and "context 1024" in out
+    code, out, err = tlm(capsys, "plan", "--preset", "gpt2", "--tokens", "10B")
+    # the dense term is 6 × the matmul weights (Q/K/V, projections, FFN, the tied head) × D, not the printed N
+    # (124,439,808, which counts the position table and the norms): it was labelled "(6·N·D)"
+    weights = 12 * (768 * 3 * 768 + 768 * 768 + 2 * 768 * 3072) + 50257 * 768
+    assert f"{6 * weights * 10e9:.3e} dense (6 × {weights:,} matmul weights × D)" in out
     code, out, err = tlm(capsys, "plan", "--preset", "gpt2", "--json", "true")
     assert json.loads(out)["config"]["n_embd"] == 768
     code, out, err = tlm(capsys, "plan", "--compute", "5.76e23", "--hardware", "A100-80GB", "--gpus", "1024")

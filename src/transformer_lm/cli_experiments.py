@@ -104,7 +104,8 @@ def cmd_plan(a: Namespace) -> None:
     rows = [("model", model),
             ("tokens", f"{res.tokens:,.0f} ({res.tokens_per_param:.1f} tokens/parameter; Chinchilla-optimal: "
                        f"{CHINCHILLA_TOKENS_PER_PARAM:.0f})"),
-            ("training FLOPs", f"{res.total_flops:.3e} = {res.dense_flops:.3e} dense (6·N·D) + "
+            ("training FLOPs", f"{res.total_flops:.3e} = {res.dense_flops:.3e} dense (6 × "
+                               f"{res.dense_flops / (6 * res.tokens):,.0f} matmul weights × D) + "
                                f"{res.attention_flops:.3e} attention" if config is not None else
                                f"{res.total_flops:.3e} = 6·N·D (attention not counted: no architecture given)"),
             ("Chinchilla-optimal", f"for C = {res.compute_budget:.3e} FLOPs: N = {res.optimal_params:.3e} "

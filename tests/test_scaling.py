@@ -174,6 +174,21 @@ def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
     assert result["fit_params"] is None and "power law" in result["fit_notes"]["N"] and len(result["rungs"]) == 3
 
 
+def test_a_sweep_that_cannot_run_is_refused_before_its_data_is_prepared(tmp_path: Path, monkeypatch, capsys):
+    """An unavailable --device and another sweep's --out were refused only after the corpus was tokenized (12 s for
+    the default stdlib corpus here, far longer for a large one)."""
+    prepared = []
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "training_data",
+                        lambda *a, **kw: prepared.append(a))
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "scaling.json").write_text(json.dumps({"config": {"sizes": ["1x32"]}}))
+    for flags, error in ((["--out", str(tmp_path / "new"), "--device", "cuda:99"], "cuda:99"),
+                         (["--out", str(out)], "another scaling sweep")):
+        assert main(["experiment", "scaling", *flags]) == 2
+        assert error in capsys.readouterr().err and prepared == []
+
+
 def test_a_sweep_stopped_by_ctrl_c_stops_and_resumes_its_rung(corpus_file: Path, tmp_path: Path, monkeypatch,
                                                                capsys):
     """Ctrl-C in a rung (here: train's stop_at, which behaves as Ctrl-C) ends the sweep as an interruption (it went

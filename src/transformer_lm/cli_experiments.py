@@ -208,10 +208,13 @@ def _scaling_parser() -> ArgumentParser:
 
 
 def cmd_scaling(a: Namespace) -> None:
-    from .experiments.scaling import ScalingConfig, render_summary, run_scaling
+    from .experiments.scaling import ScalingConfig, check_sweep, render_summary, run_scaling
+    from .runtime import resolve_device
     from .train import training_data
 
     cfg = config_from(ScalingConfig, a)
+    resolve_device(cfg.device)  # an unavailable device and another sweep's --out: before the data is prepared
+    check_sweep(a.out, cfg, a.overwrite)
     data = training_data(a.data, a.tokenizer, a.vocab_size, a.gpt2_dir)
     res = run_scaling(cfg, data, a.out, overwrite=a.overwrite, data_label=a.data or "python-stdlib")
     _print_results(render_summary(res), res.files)

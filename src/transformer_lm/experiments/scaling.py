@@ -316,11 +316,11 @@ def data_fingerprint(data: PreparedData) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_sweep(out: Path, cfg: ScalingConfig, overwrite: bool) -> None:
+def check_sweep(out: str | Path, cfg: ScalingConfig, overwrite: bool) -> None:
     """Refuse, before training, an `out` whose scaling.json is another sweep's (other sizes, budget or rule) unless
     `overwrite`: the same sweep run again reuses its finished rungs and rewrites its results in place."""
     try:
-        saved = json.loads((out / "scaling.json").read_text())["config"]
+        saved = json.loads((Path(out) / "scaling.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return
     now = json.loads(json.dumps(asdict(cfg)))
@@ -336,7 +336,7 @@ def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwri
     """Train every rung into `out`/runs/NAME (a finished identical rung is reused), fit, and write scaling.csv,
     scaling_points.csv, scaling.json, loss_vs_params.png and loss_vs_compute.png into `out`."""
     out = Path(out)
-    _check_sweep(out, cfg, overwrite)
+    check_sweep(out, cfg, overwrite)
     t0 = time.perf_counter()
     rungs, points = [], []
     for plan in plan_rungs(cfg, data.tokenizer.vocab_size):

@@ -59,6 +59,8 @@ def test_config_rejects_unknown_encoding():
         pe.ReversalTask(num_symbols=1)
     with pytest.raises(ConfigError, match="encodings names rope more than once"):  # it trained rope twice
         pe.PEAblationConfig(encodings=["rope", "none", "rope"])
+    with pytest.raises(ConfigError, match="encodings is empty"):  # it said "unknown positional encoding(s) []"
+        pe.PEAblationConfig(encodings=[])
 
 
 @pytest.mark.parametrize("flags,error", [(["--n_embd", "24", "--n_head", "8"], "rope needs an even head size"),

@@ -180,6 +180,11 @@ def test_long_range_pipeline_at_tiny_size(tmp_path: Path):
         LongRangeConfig(tasks=["brackets"])
     with pytest.raises(ConfigError, match="tasks names copy more than once"):
         LongRangeConfig(tasks=["copy", "copy"])
+    for empty, error in (({"tasks": []}, "tasks is empty"), ({"archs": []}, "archs is empty")):  # not "unknown []"
+        with pytest.raises(ConfigError, match=error):
+            LongRangeConfig(**empty)
+    with pytest.raises(ConfigError, match="archs is empty"):
+        SpeedConfig(archs=[])
     with pytest.raises(ConfigError, match="seq_lens names 64 more than once"):
         SpeedConfig(seq_lens=[64, 128, 64])
 

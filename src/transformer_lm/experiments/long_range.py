@@ -101,8 +101,11 @@ class LongRangeConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "long_range")  # finite numbers, a seed torch takes
+        for name, values in (("tasks", self.tasks), ("archs", self.archs)):  # it said "unknown task(s) ... []"
+            if not values:
+                raise ConfigError(f"{name} is empty; tasks: {', '.join(TASKS)}; architectures: transformer, lstm, rnn")
         bad = sorted(set(self.tasks) - set(TASKS)) + sorted(set(self.archs) - {"transformer", "lstm", "rnn"})
-        if bad or not self.tasks or not self.archs:
+        if bad:
             raise ConfigError(f"unknown task(s) or architecture(s) {bad}; tasks: {', '.join(TASKS)}; architectures: "
                               "transformer, lstm, rnn")
         check_unique("tasks", self.tasks)

@@ -116,8 +116,10 @@ class PEAblationConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "pe_ablation")  # finite numbers, a seed torch takes
+        if not self.encodings:  # it said "unknown positional encoding(s) []"
+            raise ConfigError(f"encodings is empty; name at least one of {', '.join(ENCODINGS)}")
         bad = [e for e in self.encodings if e not in ENCODINGS]
-        if bad or not self.encodings:
+        if bad:
             raise ConfigError(f"unknown positional encoding(s) {bad}; choose among {', '.join(ENCODINGS)}")
         check_unique("encodings", self.encodings)
         if min(self.steps, self.batch_size, self.eval_sequences) < 1 or self.lr <= 0:

@@ -87,7 +87,8 @@ def test_accelerator_table_and_bad_input():
                 lambda: planner.parse_count("-5"), lambda: planner.plan(params=1e9, mfu=1.5),
                 lambda: planner.plan(params=1e9, gpus=0), lambda: planner.plan(),
                 lambda: planner.plan(params=1e9, hardware="TPU-v5e", precision="fp32"),
-                lambda: planner.plan(params=1e9, config=GPT3_175B)):
+                lambda: planner.plan(params=1e9, config=GPT3_175B),
+                lambda: planner.plan(params=1e9, seq_len=2048), lambda: planner.plan(compute=1e21, seq_len=2048)):
         with pytest.raises(ConfigError):
             bad()
 
@@ -177,6 +178,11 @@ def test_cli_plan(capsys):
                          "--hardware", "all", "--gpus", "8")
     assert code == 0, err
     assert "MI300X" in out and "Chinchilla-optimal" in out and "context 1024" in out
+    code, out, err = tlm(capsys, "plan", "--preset", "gpt2", "--tokens", "10B")
+    # the dense term is 6 × the matmul weights (Q/K/V, projections, FFN, the tied head) × D, not the printed N
+    # (124,439,808, which counts the position table and the norms): it was labelled "(6·N·D)"
+    weights = 12 * (768 * 3 * 768 + 768 * 768 + 2 * 768 * 3072) + 50257 * 768
+    assert f"{6 * weights * 10e9:.3e} dense (6 × {weights:,} matmul weights × D)" in out
     code, out, err = tlm(capsys, "plan", "--preset", "gpt2", "--json", "true")
     assert json.loads(out)["config"]["n_embd"] == 768
     code, out, err = tlm(capsys, "plan", "--compute", "5.76e23", "--hardware", "A100-80GB", "--gpus", "1024")
@@ -186,7 +192,8 @@ def test_cli_plan(capsys):
 
 
 @pytest.mark.parametrize("argv", [["--params", "1B", "--hardware", "abacus"], ["--params", "lots"],
-                                  ["--params", "1B", "--mfu", "0"], ["--params", "1B", "--preset", "gpt2"]])
+                                  ["--params", "1B", "--mfu", "0"], ["--params", "1B", "--preset", "gpt2"],
+                                  ["--params", "1B", "--seq_len", "2048"], ["--compute", "1e21", "--seq_len", "8"]])
 def test_cli_plan_bad_input(capsys, argv):
     code, out, err = tlm(capsys, "plan", *argv)
     assert code == 2 and out == "" and err.startswith("tlm: error:") and err.count("\n") == 1

@@ -133,3 +133,14 @@ def test_cli_prints_the_four_layouts(capsys: pytest.CaptureFixture):
     # FSDP: a 1/8 fp32 shard (3.37 GB) + the bf16 all-gathered root (2 × 32000 × 4096 + 4096) and two blocks
     # (2 × 202,383,360 parameters): 1.33 GB
     assert [float(w) for w in weights] == pytest.approx([26.95, 26.95, 4.70, 4.70], abs=0.01)
+
+
+def test_cli_shows_a_small_model_in_megabytes(capsys: pytest.CaptureFixture):
+    """The default preset (tiny, 858,880 parameters) needs a few MB: in GB every row had printed 0.00 or 0.01."""
+    assert main(["memory"]) == 0
+    out = capsys.readouterr().out
+    assert "MB per device (1 MB = 10⁶ bytes)" in out.splitlines()[0]
+    row = {ln[:24].strip(): [float(v) for v in ln[24:].split()] for ln in out.splitlines()[2:-1]}
+    n = 4 * (12 * 128**2 + 13 * 128) + 2 * 256 * 128 + 2 * 128  # 4 blocks, token and position tables, final norm
+    assert row["weights (fp32)"][:2] == pytest.approx([4 * n / 1e6] * 2, abs=0.005)  # DDP: whole fp32 weights
+    assert row["AdamW state"][:2] == pytest.approx([8 * n / 1e6] * 2, abs=0.005)

@@ -59,6 +59,22 @@ def test_config_rejects_unknown_encoding():
         pe.ReversalTask(num_symbols=1)
     with pytest.raises(ConfigError, match="encodings names rope more than once"):  # it trained rope twice
         pe.PEAblationConfig(encodings=["rope", "none", "rope"])
+    with pytest.raises(ConfigError, match="encodings is empty"):  # it said "unknown positional encoding(s) []"
+        pe.PEAblationConfig(encodings=[])
+
+
+@pytest.mark.parametrize("flags,error", [(["--n_embd", "24", "--n_head", "8"], "rope needs an even head size"),
+                                         (["--n_embd", "9", "--n_head", "1", "--encodings", "[learned, sinusoidal]"],
+                                          "sinusoidal encoding needs an even n_embd")])
+def test_an_invalid_model_is_refused_before_any_encoding_trains(monkeypatch, tmp_path: Path, capsys,
+                                                               flags: list, error: str):
+    """Sinusoidal and learned trained (a minute at the defaults) before rope's model, with a head size of 3, was
+    refused and the run ended without results: every encoding's model is checked before the first trains."""
+    trained = []
+    monkeypatch.setattr(pe, "train_encoding", lambda cfg, e: trained.append(e))
+    code = main(["experiment", "pe-ablation", "--out", str(tmp_path / "pe"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and error in err and err.count("\n") == 1 and trained == []
 
 
 def test_pe_ablation_end_to_end(tmp_path: Path, capsys):

@@ -79,6 +79,19 @@ def test_task_sizes_are_validated():
         Copy(length=20, n_symbols=10)
 
 
+def test_long_range_refuses_a_bad_task_before_training_any(monkeypatch, tmp_path: Path, capsys):
+    """The copy models trained first and their results were lost when the recall task turned out invalid
+    afterwards: the settings (and every task's Transformer) are checked up front, before a step is trained."""
+    trained = []
+    monkeypatch.setattr(long_range, "train_on_task", lambda *a, **k: trained.append(a) or [0.0])
+    code = main(["experiment", "long-range", "--out", str(tmp_path / "lr"), "--tasks", "[copy, recall]",
+                 "--recall_length", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "recall_length must be >= 2" in err and err.count("\n") == 1 and trained == []
+    with pytest.raises(ConfigError, match="rope needs an even head size"):  # at once, not when its task comes
+        LongRangeConfig(n_embd=24, n_head=8)
+
+
 class Oracle(nn.Module):
     """Logits that put the naive solver's answer first: what a perfect model scores."""
 
@@ -167,6 +180,11 @@ def test_long_range_pipeline_at_tiny_size(tmp_path: Path):
         LongRangeConfig(tasks=["brackets"])
     with pytest.raises(ConfigError, match="tasks names copy more than once"):
         LongRangeConfig(tasks=["copy", "copy"])
+    for empty, error in (({"tasks": []}, "tasks is empty"), ({"archs": []}, "archs is empty")):  # not "unknown []"
+        with pytest.raises(ConfigError, match=error):
+            LongRangeConfig(**empty)
+    with pytest.raises(ConfigError, match="archs is empty"):
+        SpeedConfig(archs=[])
     with pytest.raises(ConfigError, match="seq_lens names 64 more than once"):
         SpeedConfig(seq_lens=[64, 128, 64])
 

@@ -4,6 +4,7 @@ hyperparameter rule, the frontier against its definition, and `tlm experiment sc
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 from pathlib import Path
@@ -57,10 +58,14 @@ def test_fit_is_least_squares_and_r2_is_by_definition():
     assert scaling.r_squared(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 4.0])) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("x, y", [([1, 2], [3, 2]), ([1, 2, 0], [3, 2, 1]), ([1, 2, 3], [3, float("nan"), 1])])
-def test_fit_rejects_bad_points(x, y):
+@pytest.mark.parametrize("x, y", [([1, 2], [3, 2]), ([1, 2, 0], [3, 2, 1]), ([1, 2, 3], [3, float("nan"), 1]),
+                                  ([1e4, 1e4, 1e4], [3.0, 3.1, 2.5]), ([1e4, 1e4, 1e5, 1e5], [3.0, 3.1, 2.5, 2.6])])
+def test_fit_rejects_bad_points(x, y, recwarn):
+    """Also fewer than 3 distinct sizes: 3 unknowns are not determined by 2 (one size gave 400 RankWarnings from the
+    grid's line fits, two sizes an arbitrary curve through the two means, with an R² that looked fine)."""
     with pytest.raises(DataError):
         scaling.fit_power_law(x, y)
+    assert not recwarn.list
 
 
 @pytest.mark.parametrize("x", [[1e6, 2e6, 8e6], [1e3, 2e3, 8e3], [1e9, 1e10, 1e11]])
@@ -152,10 +157,11 @@ def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
     assert main(argv) == 0  # a second call reuses the finished rungs
     assert capsys.readouterr().out.count("(reused)") == 3
     before = (out / "scaling.json").read_text()
-    for other in (["--tokens", "8192"], ["--sizes", "[1x32]"]):  # another sweep's results are not replaced
-        assert main([*argv[:-2], *other]) == 2
+    for other, changed in ((["--tokens", "8192"], "tokens 4096.0 there, 8192.0 now"),  # not the sizes, unchanged
+                           (["--sizes", "[1x32]"], "sizes ['1x32', '1x64', '2x64'] there, ['1x32'] now")):
+        assert main([*argv, *other]) == 2  # another sweep's results are not replaced
         err = capsys.readouterr().err
-        assert "another scaling sweep" in err and "--overwrite true" in err and err.count("\n") == 1
+        assert f"another scaling sweep ({changed});" in err and "--overwrite true" in err and err.count("\n") == 1
     assert (out / "scaling.json").read_text() == before
 
     def no_fit(x, y):
@@ -168,11 +174,26 @@ def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
     assert result["fit_params"] is None and "power law" in result["fit_notes"]["N"] and len(result["rungs"]) == 3
 
 
+def test_a_sweep_that_cannot_run_is_refused_before_its_data_is_prepared(tmp_path: Path, monkeypatch, capsys):
+    """An unavailable --device and another sweep's --out were refused only after the corpus was tokenized (12 s for
+    the default stdlib corpus here, far longer for a large one)."""
+    prepared = []
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "training_data",
+                        lambda *a, **kw: prepared.append(a))
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "scaling.json").write_text(json.dumps({"config": {"sizes": ["1x32"]}}))
+    for flags, error in ((["--out", str(tmp_path / "new"), "--device", "cuda:99"], "cuda:99"),
+                         (["--out", str(out)], "another scaling sweep")):
+        assert main(["experiment", "scaling", *flags]) == 2
+        assert error in capsys.readouterr().err and prepared == []
+
+
 def test_a_sweep_stopped_by_ctrl_c_stops_and_resumes_its_rung(corpus_file: Path, tmp_path: Path, monkeypatch,
                                                                capsys):
     """Ctrl-C in a rung (here: train's stop_at, which behaves as Ctrl-C) ends the sweep as an interruption (it went
     on with a half-trained rung, or crashed on one not yet evaluated) and the same command resumes the rung: the
-    results equal an uninterrupted sweep's."""
+    results equal an uninterrupted sweep's. A rung stopped before its first checkpoint is started again."""
     argv = ["experiment", "scaling", str(corpus_file), "--sizes", "[1x32, 1x64]", "--tokens", "4096",
             "--block_size", "32", "--batch_size", "8", "--evals", "2", "--eval_batches", "2", "--device", "cpu"]
     assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
@@ -187,4 +208,15 @@ def test_a_sweep_stopped_by_ctrl_c_stops_and_resumes_its_rung(corpus_file: Path,
         with open(tmp_path / sweep / "scaling.csv", newline="") as f:
             return [(r["name"], r["tokens"], r["val_loss"]) for r in csv.DictReader(f)]
     assert table("cut") == table("whole")
+
+    def killed(*a: object, **kw: object) -> None:  # a second Ctrl-C (or a kill) before the first checkpoint
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(importlib.import_module("transformer_lm.train"), "save_checkpoint", killed)  # the module
+        assert main([*argv, "--out", str(tmp_path / "killed")]) == 130
+    rung = tmp_path / "killed" / "runs" / "L1-d32"
+    assert (rung / "config.json").is_file() and not (rung / "checkpoints" / "latest").exists()
+    # the same command starts that rung again: it had said the folder "holds another run" and asked for --overwrite
+    assert main([*argv, "--out", str(tmp_path / "killed")]) == 0, capsys.readouterr().err
+    assert table("killed") == table("whole")
 

@@ -416,15 +416,18 @@ def cmd_memory(a: Namespace) -> None:
                           "plans": {k: v.to_dict() for k, v in plans.items()}}, indent=2))
         return
     n = accounting.count_params(cfg).total
+    # MB when every peak is under a GB: in GB a small model's table (the default preset's) was all 0.00
+    unit, size = ("GB", 1e9) if max(v.peak for v in plans.values()) >= 1e9 else ("MB", 1e6)
     print(f"{a.preset or 'model config'}: {n:,} parameters; {a.batch_size} × {a.seq_len or cfg.block_size} tokens per "
-          f"device and micro-step, {a.dtype} autocast, {a.world_size} devices; GB per device (1 GB = 10⁹ bytes)")
+          f"device and micro-step, {a.dtype} autocast, {a.world_size} devices; {unit} per device "
+          f"(1 {unit} = 10{'⁹' if unit == 'GB' else '⁶'} bytes)")
     rows = [("weights (fp32)", "weights"), ("gradients (fp32)", "gradients"), ("AdamW state", "optimizer"),
             ("autocast weight copies", "autocast_copies"), ("activations", "activations"),
             ("logits transient", "logits_transient"), ("one block's activations", "block_activations")]
     print(f"{'':<24}" + "".join(f"{k:>11}" for k in plans))
     for label, key in rows:
-        print(f"{label:<24}" + "".join(f"{getattr(v, key) / 1e9:>11,.2f}" for v in plans.values()))
-    print(f"{'peak':<24}" + "".join(f"{v.peak / 1e9:>11,.2f}" for v in plans.values()))
+        print(f"{label:<24}" + "".join(f"{getattr(v, key) / size:>11,.2f}" for v in plans.values()))
+    print(f"{'peak':<24}" + "".join(f"{v.peak / size:>11,.2f}" for v in plans.values()))
     print(f"{f'fits {a.gpu_gb:g} GB':<24}" + "".join(f"{'yes' if v.peak <= a.gpu_gb * 1e9 else 'no':>11}"
                                                    for v in plans.values()))
 

@@ -37,7 +37,8 @@ def add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
                    help="A compute budget in FLOPs (3.14e23) for the Chinchilla-optimal N and D; alone, plans that "
                    "optimal model.")
     p.add_argument("--seq_len", type=int | None, default=None,
-                   help="Training context for the attention FLOPs (default: the model's block_size).")
+                   help="Training context for the attention FLOPs (default: the model's block_size); needs a model, "
+                   "not --params.")
     p.add_argument("--hardware", type=str, default="H100-SXM",
                    help=f"Accelerator: {', '.join(a.name for a in ACCELERATORS.values())}, or all.")
     p.add_argument("--precision", type=Literal["bf16", "fp32"], default="bf16", help="Which vendor peak to use.")
@@ -103,7 +104,8 @@ def cmd_plan(a: Namespace) -> None:
     rows = [("model", model),
             ("tokens", f"{res.tokens:,.0f} ({res.tokens_per_param:.1f} tokens/parameter; Chinchilla-optimal: "
                        f"{CHINCHILLA_TOKENS_PER_PARAM:.0f})"),
-            ("training FLOPs", f"{res.total_flops:.3e} = {res.dense_flops:.3e} dense (6·N·D) + "
+            ("training FLOPs", f"{res.total_flops:.3e} = {res.dense_flops:.3e} dense (6 × "
+                               f"{res.dense_flops / (6 * res.tokens):,.0f} matmul weights × D) + "
                                f"{res.attention_flops:.3e} attention" if config is not None else
                                f"{res.total_flops:.3e} = 6·N·D (attention not counted: no architecture given)"),
             ("Chinchilla-optimal", f"for C = {res.compute_budget:.3e} FLOPs: N = {res.optimal_params:.3e} "
@@ -206,10 +208,13 @@ def _scaling_parser() -> ArgumentParser:
 
 
 def cmd_scaling(a: Namespace) -> None:
-    from .experiments.scaling import ScalingConfig, render_summary, run_scaling
+    from .experiments.scaling import ScalingConfig, check_sweep, render_summary, run_scaling
+    from .runtime import resolve_device
     from .train import training_data
 
     cfg = config_from(ScalingConfig, a)
+    resolve_device(cfg.device)  # an unavailable device and another sweep's --out: before the data is prepared
+    check_sweep(a.out, cfg, a.overwrite)
     data = training_data(a.data, a.tokenizer, a.vocab_size, a.gpt2_dir)
     res = run_scaling(cfg, data, a.out, overwrite=a.overwrite, data_label=a.data or "python-stdlib")
     _print_results(render_summary(res), res.files)

@@ -142,7 +142,8 @@ def plan(params: float | None = None, config: ModelConfig | None = None, tokens:
 
     Tokens default to `compute` / (training FLOPs per token) when a budget is given, else to the Chinchilla-optimal
     20 per parameter. `hardware` names an accelerator of `ACCELERATORS`, or "all" for every one that publishes a
-    peak at `precision`. `seq_len` is the training context for the attention FLOPs (default: block_size)."""
+    peak at `precision`. `seq_len` is the training context for the attention FLOPs (default: block_size), so it
+    needs `config`."""
     if params is not None and config is not None:
         raise ConfigError("give either a parameter count or a model config, not both")
     if not 0 < mfu <= 1:
@@ -167,6 +168,9 @@ def plan(params: float | None = None, config: ModelConfig | None = None, tokens:
         dense_per_token = per_token["train"] - 3 * per_token["attention_forward"]
         attention_per_token = 3 * per_token["attention_forward"]
     else:
+        if seq_len is not None:  # a bare count has no attention for the context to count (it was ignored)
+            raise ConfigError(f"seq_len {seq_len} sets the context of the attention FLOPs, which need an architecture; "
+                              "give a model (--preset / --model.*) instead of a parameter count, or drop --seq_len")
         if params is None:
             if compute is None:
                 raise ConfigError("nothing to plan: give a model (preset or config), a parameter count or a compute "

@@ -93,12 +93,14 @@ def r_squared(y: np.ndarray, predicted: np.ndarray) -> float:
 
 def fit_power_law(x: Any, y: Any, iters: int = 200) -> PowerLawFit:
     """Least-squares fit of y = E + A·x^(−α) with E ≥ 0 and 0 ≤ α ≤ ALPHA_MAX (method: module docstring). Needs ≥ 3
-    points, x > 0; raises DataError when y does not fall with x as a power law (the best α is at a bound)."""
+    distinct x > 0; raises DataError when y does not fall with x as a power law (the best α is at a bound)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
     if x.shape != y.shape or x.ndim != 1 or len(x) < 3:
         raise DataError(f"a power-law fit needs at least 3 (x, y) pairs, got x {x.shape} and y {y.shape}; add rungs")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(x > 0) and np.all(y > 0)):
         raise DataError("a power-law fit needs finite positive losses and positive sizes")
+    if len(np.unique(x)) < 3:  # E, A and α: through two sizes any number of curves fit equally well
+        raise DataError(f"a power-law fit needs at least 3 distinct sizes, got {np.unique(x).tolist()}; add rungs")
     scale = math.exp(float(np.mean(np.log(x))))  # fit in u = x / scale, where A is O(y) and well conditioned
     log_u = np.log(x / scale)
     floor = float(y.min())
@@ -291,7 +293,9 @@ class ScalingResult:
 
 def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None:
     """"finished" when the folder holds this exact rung (same model, training and data config) trained to its last
-    step, "paused" when it holds it stopped earlier (Ctrl-C) with a checkpoint to resume from, else None."""
+    step, "paused" when it holds it stopped earlier (Ctrl-C) with a checkpoint to resume from, "started" when it
+    holds it stopped before its first checkpoint (killed, or a second Ctrl-C): nothing to keep, so it starts over;
+    else None."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())
         records = read_metrics(run_dir / "metrics.jsonl")
@@ -301,7 +305,7 @@ def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None
         return None
     if any(r.get("step") == steps and "val_loss" in r for r in records):
         return "finished"
-    return "paused" if (run_dir / "checkpoints" / "latest").is_file() else None
+    return "paused" if (run_dir / "checkpoints" / "latest").is_file() else "started"
 
 
 def data_fingerprint(data: PreparedData) -> str:
@@ -312,17 +316,19 @@ def data_fingerprint(data: PreparedData) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_sweep(out: Path, cfg: ScalingConfig, overwrite: bool) -> None:
+def check_sweep(out: str | Path, cfg: ScalingConfig, overwrite: bool) -> None:
     """Refuse, before training, an `out` whose scaling.json is another sweep's (other sizes, budget or rule) unless
     `overwrite`: the same sweep run again reuses its finished rungs and rewrites its results in place."""
     try:
-        saved = json.loads((out / "scaling.json").read_text())["config"]
+        saved = json.loads((Path(out) / "scaling.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if isinstance(saved, dict) and saved != json.loads(json.dumps(asdict(cfg))) and not overwrite:
-        raise RunExistsError(f"{out} holds the results of another scaling sweep (sizes {saved.get('sizes')}); pass "
-                             "--overwrite true to replace them (finished identical rungs are still reused), or "
-                             "choose another --out")
+    now = json.loads(json.dumps(asdict(cfg)))
+    if isinstance(saved, dict) and saved != now and not overwrite:
+        changed = ", ".join(f"{k} {saved.get(k)} there, {now.get(k)} now" for k in sorted(saved.keys() | now.keys())
+                            if saved.get(k) != now.get(k))  # the settings that differ (it named only the sizes)
+        raise RunExistsError(f"{out} holds the results of another scaling sweep ({changed}); pass --overwrite true "
+                             "to replace them (finished identical rungs are still reused), or choose another --out")
 
 
 def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwrite: bool = False,
@@ -330,7 +336,7 @@ def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwri
     """Train every rung into `out`/runs/NAME (a finished identical rung is reused), fit, and write scaling.csv,
     scaling_points.csv, scaling.json, loss_vs_params.png and loss_vs_compute.png into `out`."""
     out = Path(out)
-    _check_sweep(out, cfg, overwrite)
+    check_sweep(out, cfg, overwrite)
     t0 = time.perf_counter()
     rungs, points = [], []
     for plan in plan_rungs(cfg, data.tokenizer.vocab_size):
@@ -346,10 +352,11 @@ def run_scaling(cfg: ScalingConfig, data: PreparedData, out: str | Path, overwri
             log.info("rung %s: reusing the finished run in %s", plan.name, run_dir)
         else:
             log.info("rung %s: %d steps at lr %.3g%s", plan.name, plan.train.max_iters, plan.train.lr,
-                     ", resumed" if state == "paused" else "")
+                     {"paused": ", resumed", "started": ", started again (stopped before its first checkpoint)"}
+                     .get(state or "", ""))
             try:
                 res = train(plan.model, plan.train, data, run_dir, resume=state == "paused",
-                            overwrite=overwrite, progress=progress, extra_config=extra)
+                            overwrite=overwrite or state == "started", progress=progress, extra_config=extra)
             except RunExistsError as e:
                 if not (run_dir / "config.json").is_file():
                     raise  # not another run: train's own reason (files tlm did not write, ...) is the one to give

@@ -62,8 +62,10 @@ class SpeedConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "speed")  # finite numbers, a seed torch takes
+        if not self.archs:  # it said "unknown architecture(s) []"
+            raise ConfigError(f"archs is empty; name at least one of {', '.join(ARCHS)}")
         unknown = sorted(set(self.archs) - set(ARCHS))
-        if unknown or not self.archs:
+        if unknown:
             raise ConfigError(f"unknown architecture(s) {unknown}; choose among {', '.join(ARCHS)}")
         check_unique("archs", self.archs)
         check_unique("seq_lens", self.seq_lens)

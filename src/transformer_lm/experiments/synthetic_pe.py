@@ -116,16 +116,25 @@ class PEAblationConfig:
 
     def __post_init__(self) -> None:
         check_types(self, "pe_ablation")  # finite numbers, a seed torch takes
+        if not self.encodings:  # it said "unknown positional encoding(s) []"
+            raise ConfigError(f"encodings is empty; name at least one of {', '.join(ENCODINGS)}")
         bad = [e for e in self.encodings if e not in ENCODINGS]
-        if bad or not self.encodings:
+        if bad:
             raise ConfigError(f"unknown positional encoding(s) {bad}; choose among {', '.join(ENCODINGS)}")
         check_unique("encodings", self.encodings)
         if min(self.steps, self.batch_size, self.eval_sequences) < 1 or self.lr <= 0:
             raise ConfigError("steps, batch_size and eval_sequences must be >= 1 and lr > 0")
-        self.task()  # validates the task
+        for encoding in self.encodings:  # every model is valid before the first trains (rope and sinusoidal
+            self.model_config(encoding)  # need even sizes), so a later one cannot end the run after minutes
 
     def task(self) -> ReversalTask:
         return ReversalTask(self.num_symbols, self.length)
+
+    def model_config(self, encoding: str) -> ModelConfig:
+        """The model every encoding gets, with `encoding`."""
+        task = self.task()
+        return ModelConfig(vocab_size=task.vocab_size, block_size=task.block_size, n_layer=self.n_layer,
+                           n_head=self.n_head, n_embd=self.n_embd, pos_encoding=encoding)
 
 
 @dataclass
@@ -176,9 +185,7 @@ def accuracy(model: Transformer, x: torch.Tensor, y: torch.Tensor, batch_size: i
 
 def train_encoding(cfg: PEAblationConfig, encoding: str) -> EncodingResult:
     """Train one model with `encoding` on fresh reversal batches and measure it on held-out sequences."""
-    task, device = cfg.task(), resolve_device(cfg.device)
-    model_cfg = ModelConfig(vocab_size=task.vocab_size, block_size=task.block_size, n_layer=cfg.n_layer,
-                            n_head=cfg.n_head, n_embd=cfg.n_embd, pos_encoding=encoding)
+    task, device, model_cfg = cfg.task(), resolve_device(cfg.device), cfg.model_config(encoding)
     tcfg = TrainConfig(max_iters=cfg.steps, lr=cfg.lr, warmup_iters=max(1, cfg.steps // 20), seed=cfg.seed)
     model = Transformer(model_cfg).to(device).init_weights(cfg.seed)
     optimizer = make_optimizer(model, tcfg, device)

@@ -146,6 +146,26 @@ def test_generation_cached_batched_and_speculative(arch):
         assert list(speculative_generate(target, draft, prompts[0], 10, k=3, temperature=0.0)) == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lstm_runs_under_cpu_autocast(dtype):
+    """torch's oneDNN LSTM fails under a CPU autocast ("could not create a primitive descriptor": `--train.dtype
+    bfloat16` crashed at the first step); the recurrence runs in float32, the LM head in the autocast dtype."""
+    model = make("lstm")
+    idx = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = naive_logits(model, idx)
+        with torch.autocast("cpu", dtype=dtype):
+            fused, stepped = model(idx).logits, model(idx, cache=model.make_cache(3)).logits
+    for logits in (fused, stepped):
+        assert logits.dtype == dtype  # the head did run in the autocast dtype
+        torch.testing.assert_close(logits.float(), expected, atol=3e-2, rtol=3e-2)
+    model.train()
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(idx[:, :-1], idx[:, 1:]).loss  # a training step's forward and backward, as train() runs them
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_attention_only_features_raise_typed_errors(tmp_path: Path):
     model = make("lstm")
     with pytest.raises(ConfigError, match="no attention weights"):

@@ -14,6 +14,7 @@ from transformer_lm.config import ModelConfig
 from transformer_lm.decode import StaticKVCache
 from transformer_lm.model import Transformer
 from transformer_lm.quantize import quantize
+from transformer_lm.recurrent import RecurrentLM
 
 
 def test_mfu_and_mbu_are_the_formulas():
@@ -114,3 +115,16 @@ def test_decode_bytes_add_the_kv_cache_read():
     kv = cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
     assert perf.kv_cache_bytes(config, 40, 4) == kv
     assert perf.decode_bytes_per_token(model, config, 40, 4) == pytest.approx((_param_bytes(model) + kv) / 4)
+
+
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_a_recurrent_decode_step_reads_its_state_not_a_kv_cache(arch):
+    """A recurrent model has no keys and values: its decode step reads the weights and the state it continues
+    from (h, and an LSTM's c, of every layer), whatever the context. A KV cache of its unused n_head fields was
+    counted (a 2x64 LSTM's `tlm sample --verbose` MBU 1.4x too high at 100 positions)."""
+    config = ModelConfig(arch=arch, vocab_size=100, block_size=64, n_layer=3, n_embd=32)
+    model = RecurrentLM(config)
+    state = model.make_cache(4).state()
+    state_read = sum(t.numel() * t.element_size() for t in (state if isinstance(state, tuple) else (state,)))
+    for context in (1, 40):
+        assert perf.decode_bytes_per_token(model, config, context, 4) == (_param_bytes(model) + state_read) / 4

@@ -218,11 +218,21 @@ def kv_cache_bytes(config: ModelConfig, context: int, batch: int = 1, dtype: tor
     return 2 * config.n_layer * batch * config.kv_heads * context * config.head_dim * itemsize
 
 
+def state_bytes(config: ModelConfig, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a recurrent model's hidden state, h (and an LSTM's cell c) of every layer and row: what one of its
+    decode steps reads back in place of a KV cache, whatever the context."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return (2 if config.arch == "lstm" else 1) * config.n_layer * batch * config.n_embd * itemsize
+
+
 def decode_bytes_per_token(model: nn.Module, config: ModelConfig, context: int, batch: int = 1,
                            dtype: torch.dtype = torch.float32) -> float:
     """Bytes read per generated token by a decode step over `batch` rows at `context` cached positions: the weights
-    once per step (shared by the rows) plus each row's KV cache, divided by the rows."""
-    return (weight_bytes(model) + kv_cache_bytes(config, context, batch, dtype)) / batch
+    once per step (shared by the rows) plus each row's KV cache, or a recurrent model's state (it has no keys and
+    values: counting a KV cache of its unused attention fields overstated an LSTM's MBU), divided by the rows."""
+    cache = kv_cache_bytes(config, context, batch, dtype) if config.arch == "transformer" else \
+        state_bytes(config, batch, dtype)
+    return (weight_bytes(model) + cache) / batch
 
 
 def decode_mbu(model: nn.Module, tokens_per_s: float, context: int, batch: int = 1) -> float:

@@ -166,6 +166,26 @@ def test_lstm_runs_under_cpu_autocast(dtype):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_a_recurrent_model_decodes_eagerly_when_asked_to_compile(monkeypatch, caplog):
+    """`tlm sample --compile true` decoded an LSTM eagerly after a warning, but Run.generate(compile=True),
+    generate() and generate_batch() compiled its step, whose cache position is a Python int: recompiled at every
+    position (30 tokens of a small LSTM took 76 s). Every entry point now decodes it eagerly, warning once a call."""
+    from transformer_lm import decode
+    from transformer_lm.api import Run
+    from transformer_lm.tokenizers import ByteTokenizer
+
+    monkeypatch.setattr(decode, "compiled_decode_step", lambda *a: pytest.fail("a recurrent decode step compiled"))
+    model = make("lstm", vocab_size=256)
+    run = Run(Path("run"), {}, model, ByteTokenizer(), 0)
+    with caplog.at_level(logging.WARNING):
+        assert list(generate(model, [1, 2, 3], 8, temperature=0.0, compile=True)) == \
+            list(generate(model, [1, 2, 3], 8, temperature=0.0))
+        assert generate_batch(model, [[1, 2], [3]], 5, compile=True) == generate_batch(model, [[1, 2], [3]], 5)
+        assert run.generate("ab", max_new_tokens=6, seed=0, num_samples=2, compile=True) == \
+            run.generate("ab", max_new_tokens=6, seed=0, num_samples=2)
+    assert caplog.text.count("this lstm samples eagerly") == 3
+
+
 def test_attention_only_features_raise_typed_errors(tmp_path: Path):
     model = make("lstm")
     with pytest.raises(ConfigError, match="no attention weights"):

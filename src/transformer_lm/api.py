@@ -22,7 +22,7 @@ from .data import encode_sources, is_prepared, load_prepared, resolve_sources
 from .decode import DecodeStats
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
-from .generate import stream_text
+from .generate import compiles, stream_text
 from .model import Transformer, build_model
 from .recurrent import RecurrentLM
 from .runtime import resolve_device
@@ -85,6 +85,7 @@ class Run:
             raise ConfigError(f"the prompt must be text (a str), got {type(prompt).__name__}; for token ids use "
                               "transformer_lm.generate.generate(run.model, ids, ...)")
         gen = _generator(cfg.seed, self.model)
+        cfg = dataclasses.replace(cfg, compile=compiles(self.model, cfg.compile))  # warned once, not per sample
         for _ in range(cfg.num_samples):
             yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats)
 

@@ -225,6 +225,7 @@ def cmd_train(a: Namespace) -> int:
 def cmd_sample(a: Namespace) -> None:
     from .api import load_run
     from .decode import DecodeStats
+    from .generate import compiles
     from .perf import decode_mbu
     from .quantize import parse_quantize
 
@@ -239,10 +240,7 @@ def cmd_sample(a: Namespace) -> None:
     if a.verbose and a.draft:
         log.warning("--verbose reports plain decoding's timings; with --draft there are none to report")
     run = load_run(a.run, a.device)
-    if cfg.compile and run.model.config.arch != "transformer":  # its cache position is a Python int: recompiles
-        log.warning("--compile applies to the Transformer's decode step; this %s samples eagerly",
-                    run.model.config.arch)
-        cfg.compile = False
+    cfg.compile = compiles(run.model, cfg.compile)  # a recurrent model samples eagerly (warned here, once)
     if a.quantize:
         run.quantize(**parse_quantize(a.quantize))
     run.use_decode_layout()

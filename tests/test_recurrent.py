@@ -197,6 +197,26 @@ def test_attention_only_features_raise_typed_errors(tmp_path: Path):
     assert isinstance(build_model(ModelConfig(n_layer=1)), Transformer)
 
 
+def test_transformer_only_settings_of_a_recurrent_model_are_reported(tmp_path: Path, corpus_file: Path, capsys,
+                                                                     caplog):
+    """`tlm train --model.arch lstm --model.n_head 8 --model.pos_encoding rope` trained the same LSTM as without the
+    two flags, and `tlm info` counted it, without a word; both now name what is ignored (and only that)."""
+    lstm = ModelConfig(arch="lstm", n_layer=1, n_embd=16, block_size=16, n_head=8, pos_encoding="rope", bias=False)
+    assert lstm.unused_fields() == {"n_head": 8, "pos_encoding": "rope"}  # bias applies to the LSTM's gates
+    assert ModelConfig(arch="rnn").unused_fields() == {} == ModelConfig(n_head=8).unused_fields()
+    assert build_model(lstm).num_params() == build_model(ModelConfig(arch="lstm", n_layer=1, n_embd=16,
+                                                                     block_size=16, bias=False)).num_params()
+    with caplog.at_level(logging.WARNING):
+        train(lstm, TrainConfig(max_iters=1, eval_batches=1, batch_size=2, warmup_iters=0),
+              training_data(corpus_file, "char"), tmp_path / "run", progress=False)
+        assert tlm(capsys, "info", "--model.arch", "rnn", "--model.sliding_window", "4")[0] == 0
+        assert tlm(capsys, "info", "--model.arch", "rnn")[0] == 0
+    warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert "model.arch=lstm does not use model.n_head=8, model.pos_encoding=rope " in warned[0]
+    assert "model.arch=rnn does not use model.sliding_window=4 " in warned[1]
+
+
 def test_resuming_a_run_saved_before_the_arch_field(tmp_path: Path, corpus_file: Path):
     """config.json files written before `arch` existed lack it; resuming reads the default (transformer)."""
     data = training_data(corpus_file, "char")

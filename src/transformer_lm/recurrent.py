@@ -14,6 +14,7 @@ model steps through time one position at a time, recording each state.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -23,8 +24,20 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .model import LMOutput, head_loss
 
+log = logging.getLogger(__name__)
+
 State = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 """(h, c) of an LSTM or h of an RNN, each (n_layer, B, n_embd): what nn.LSTM / nn.RNN take and return."""
+
+
+def warn_unused_fields(config: ModelConfig) -> None:
+    """Log which Transformer-only fields a recurrent `config` sets and ignores (ModelConfig.unused_fields): a run
+    that asked for them would otherwise silently differ from what was asked."""
+    unused = config.unused_fields()
+    if unused:
+        log.warning("model.arch=%s does not use %s (attention, position and feed-forward settings): ignored; a "
+                    "recurrent model is set by n_layer, n_embd, bias, tie_embeddings and dropout", config.arch,
+                    ", ".join(f"model.{k}={v}" for k, v in unused.items()))
 
 
 class RecurrentCache(nn.Module):

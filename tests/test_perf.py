@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from transformer_lm import perf
 from transformer_lm.config import ModelConfig
@@ -48,6 +49,39 @@ def test_cpu_peak_and_bandwidth_are_measured_once():
     assert perf.peak_flops(cpu, torch.float32) == peak  # cached, not measured again
     bandwidth = perf.copy_bandwidth(cpu, 16 * 2**20, 2)
     assert math.isfinite(bandwidth) and 1e8 < bandwidth < 1e13
+
+
+class _Products(TorchDispatchMode):
+    """Records each matmul op run within, with its operands' strides (their layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[object, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.seen.append((func, *(a.stride() for a in args if isinstance(a, torch.Tensor))))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_measured_peak_times_the_product_nn_linear_computes(monkeypatch):
+    """The peak was timed on a @ b of two plain [n, n] operands; every matmul of a training step is an nn.Linear's
+    x @ Wᵀ, and on this CPU (no bf16 units) bf16's plain product ran 13× slower than that one: a bf16 run's MFU read
+    several times 100 %, and its six 1024² products held the run 30 s before its first step. The product timed must
+    be nn.Linear's own: the same op on operands of the same layout, and 2n³ FLOPs over its time."""
+    timed = _Products()
+
+    def clock(fn, device, repeats):  # a stand-in for _best_time: one call, recorded, taking 1 s
+        with timed:
+            fn()
+        return 1.0
+
+    monkeypatch.setattr(perf, "_best_time", clock)
+    assert perf.measured_matmul_flops(torch.device("cpu"), torch.float32, n=64) == 2 * 64**3
+    linear = _Products()
+    with linear, torch.no_grad():
+        torch.nn.Linear(64, 64, bias=False)(torch.randn(64, 64))
+    assert timed.seen == linear.seen and len(linear.seen) == 1
 
 
 def _param_bytes(model: torch.nn.Module) -> int:

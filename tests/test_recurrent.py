@@ -147,6 +147,46 @@ def test_generation_cached_batched_and_speculative(arch):
         assert list(speculative_generate(target, draft, prompts[0], 10, k=3, temperature=0.0)) == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lstm_runs_under_cpu_autocast(dtype):
+    """torch's oneDNN LSTM fails under a CPU autocast ("could not create a primitive descriptor": `--train.dtype
+    bfloat16` crashed at the first step); the recurrence runs in float32, the LM head in the autocast dtype."""
+    model = make("lstm")
+    idx = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = naive_logits(model, idx)
+        with torch.autocast("cpu", dtype=dtype):
+            fused, stepped = model(idx).logits, model(idx, cache=model.make_cache(3)).logits
+    for logits in (fused, stepped):
+        assert logits.dtype == dtype  # the head did run in the autocast dtype
+        torch.testing.assert_close(logits.float(), expected, atol=3e-2, rtol=3e-2)
+    model.train()
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(idx[:, :-1], idx[:, 1:]).loss  # a training step's forward and backward, as train() runs them
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_recurrent_model_decodes_eagerly_when_asked_to_compile(monkeypatch, caplog):
+    """`tlm sample --compile true` decoded an LSTM eagerly after a warning, but Run.generate(compile=True),
+    generate() and generate_batch() compiled its step, whose cache position is a Python int: recompiled at every
+    position (30 tokens of a small LSTM took 76 s). Every entry point now decodes it eagerly, warning once a call."""
+    from transformer_lm import decode
+    from transformer_lm.api import Run
+    from transformer_lm.tokenizers import ByteTokenizer
+
+    monkeypatch.setattr(decode, "compiled_decode_step", lambda *a: pytest.fail("a recurrent decode step compiled"))
+    model = make("lstm", vocab_size=256)
+    run = Run(Path("run"), {}, model, ByteTokenizer(), 0)
+    with caplog.at_level(logging.WARNING):
+        assert list(generate(model, [1, 2, 3], 8, temperature=0.0, compile=True)) == \
+            list(generate(model, [1, 2, 3], 8, temperature=0.0))
+        assert generate_batch(model, [[1, 2], [3]], 5, compile=True) == generate_batch(model, [[1, 2], [3]], 5)
+        assert run.generate("ab", max_new_tokens=6, seed=0, num_samples=2, compile=True) == \
+            run.generate("ab", max_new_tokens=6, seed=0, num_samples=2)
+    assert caplog.text.count("this lstm samples eagerly") == 3
+
+
 def test_attention_only_features_raise_typed_errors(tmp_path: Path):
     model = make("lstm")
     with pytest.raises(ConfigError, match="no attention weights"):
@@ -156,6 +196,26 @@ def test_attention_only_features_raise_typed_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match="model.arch"):
         RecurrentLM(ModelConfig())
     assert isinstance(build_model(ModelConfig(n_layer=1)), Transformer)
+
+
+def test_transformer_only_settings_of_a_recurrent_model_are_reported(tmp_path: Path, corpus_file: Path, capsys,
+                                                                     caplog):
+    """`tlm train --model.arch lstm --model.n_head 8 --model.pos_encoding rope` trained the same LSTM as without the
+    two flags, and `tlm info` counted it, without a word; both now name what is ignored (and only that)."""
+    lstm = ModelConfig(arch="lstm", n_layer=1, n_embd=16, block_size=16, n_head=8, pos_encoding="rope", bias=False)
+    assert lstm.unused_fields() == {"n_head": 8, "pos_encoding": "rope"}  # bias applies to the LSTM's gates
+    assert ModelConfig(arch="rnn").unused_fields() == {} == ModelConfig(n_head=8).unused_fields()
+    assert build_model(lstm).num_params() == build_model(ModelConfig(arch="lstm", n_layer=1, n_embd=16,
+                                                                     block_size=16, bias=False)).num_params()
+    with caplog.at_level(logging.WARNING):
+        train(lstm, TrainConfig(max_iters=1, eval_batches=1, batch_size=2, warmup_iters=0),
+              training_data(corpus_file, "char"), tmp_path / "run", progress=False)
+        assert tlm(capsys, "info", "--model.arch", "rnn", "--model.sliding_window", "4")[0] == 0
+        assert tlm(capsys, "info", "--model.arch", "rnn")[0] == 0
+    warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert "model.arch=lstm does not use model.n_head=8, model.pos_encoding=rope " in warned[0]
+    assert "model.arch=rnn does not use model.sliding_window=4 " in warned[1]
 
 
 def test_resuming_a_run_saved_before_the_arch_field(tmp_path: Path, corpus_file: Path):

@@ -23,7 +23,7 @@ from .data import encode_sources, is_prepared, load_prepared, resolve_sources
 from .decode import DecodeStats
 from .errors import CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
-from .generate import stream_text
+from .generate import compiles, stream_text
 from .model import Transformer, build_model
 from .recurrent import RecurrentLM
 from .runtime import resolve_device
@@ -81,19 +81,13 @@ class Run:
         return self
 
     def sample_config(self, cfg: SampleConfig) -> SampleConfig:
-        """`cfg` as this run samples with it: compile turned off, with a warning, where no compiled step applies (a
-        recurrent model, whose cache position is a Python int, would recompile at every token: 30 tokens of an LSTM
-        took 35 s; speculative decoding runs both models on their dynamic caches)."""
-        if not cfg.compile:
-            return cfg
-        if self.model.config.arch != "transformer":
-            log.warning("compile applies to the Transformer's decode step; this %s samples eagerly",
-                        self.model.config.arch)
-        elif self.draft is not None:
+        """`cfg` as this run samples with it: compile turned off, with one warning, where no compiled step applies (a
+        recurrent model: generate.compiles; speculative decoding runs both models on their dynamic caches)."""
+        compile = compiles(self.model, cfg.compile)
+        if compile and self.draft is not None:
             log.warning("compile applies to plain decoding's step; speculative decoding with a draft runs eagerly")
-        else:
-            return cfg
-        return dataclasses.replace(cfg, compile=False)
+            compile = False
+        return cfg if compile == cfg.compile else dataclasses.replace(cfg, compile=compile)
 
     def stream_samples(self, prompt: str, cfg: SampleConfig,
                        stats: DecodeStats | None = None) -> Iterator[Iterator[str]]:
@@ -102,7 +96,7 @@ class Run:
         if not isinstance(prompt, str):
             raise ConfigError(f"the prompt must be text (a str), got {type(prompt).__name__}; for token ids use "
                               "transformer_lm.generate.generate(run.model, ids, ...)")
-        cfg = self.sample_config(cfg)
+        cfg = self.sample_config(cfg)  # warned once, not per sample
         gen = _generator(cfg.seed, self.model)
         for _ in range(cfg.num_samples):
             yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats)

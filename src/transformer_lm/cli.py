@@ -287,6 +287,8 @@ def cmd_eval(a: Namespace) -> None:
 
 
 def cmd_info(a: Namespace) -> None:
+    from .recurrent import warn_unused_fields
+
     if a.run:
         from .api import read_run_config
 
@@ -297,6 +299,7 @@ def cmd_info(a: Namespace) -> None:
         cfg = read_run_config(a.run)[1]  # the config alone: no need to load the weights
     else:
         cfg = ModelConfig(**a.model.as_dict())
+    warn_unused_fields(cfg)  # what the counts below leave out
     p = accounting.count_params(cfg)
     fl = accounting.flops_per_token(cfg)
     mem = accounting.training_memory(cfg)

@@ -82,6 +82,12 @@ NormKind = Literal["layernorm", "rmsnorm"]
 MlpKind = Literal["gelu", "swiglu"]
 
 
+TRANSFORMER_ONLY = ("n_head", "n_kv_head", "d_ff", "pos_encoding", "rope_theta", "rope_scaling", "rope_scaling_factor",
+                    "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_position", "norm", "norm_eps",
+                    "mlp", "gelu_approximate", "qkv_bias", "sliding_window")
+"""ModelConfig's fields that only a Transformer uses (attention, positions, feed-forward, norms)."""
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a decoder-only Transformer. Defaults are the `tiny` preset's family: a GPT-2-style model."""
@@ -89,7 +95,8 @@ class ModelConfig:
     arch: Architecture = "transformer"
     """transformer, or a recurrent baseline behind the same interface (recurrent.py): lstm or rnn (Elman, tanh),
     n_layer layers of width n_embd. Recurrent models use vocab_size, block_size (the training window), n_layer,
-    n_embd, bias, tie_embeddings and dropout; the attention, position and feed-forward fields do not apply to them."""
+    n_embd, bias, tie_embeddings and dropout; the attention, position and feed-forward fields do not apply to them
+    (`tlm train` and `tlm info` warn about those set)."""
     vocab_size: int = 256
     """Number of token ids; set from the tokenizer when training."""
     block_size: int = 256
@@ -176,6 +183,15 @@ class ModelConfig:
             raise ConfigError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
         if self.d_ff is not None and self.d_ff < 1:
             raise ConfigError(f"model.d_ff must be >= 1, got {self.d_ff}")
+
+    def unused_fields(self) -> dict[str, Any]:
+        """The attention, position and feed-forward fields set away from their defaults in a recurrent model's
+        config (`arch` lstm or rnn), which it does not use: `tlm train --model.arch lstm --model.n_head 8` trained
+        the same LSTM as without the flag, and said nothing. Empty for a Transformer."""
+        if self.arch == "transformer":
+            return {}
+        default = ModelConfig()
+        return {name: getattr(self, name) for name in TRANSFORMER_ONLY if getattr(self, name) != getattr(default, name)}
 
     # Derived fields, computed in one place.
     @property

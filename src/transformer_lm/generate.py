@@ -12,6 +12,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from .config import SampleConfig
 from .decode import DecodeStats, decode_step, lent_cache, prefill
@@ -58,6 +59,17 @@ def next_token_probs(logits: torch.Tensor, temperature: float = 1.0, top_k: int 
     return logits.softmax(dim=-1)
 
 
+def compiles(model: nn.Module, compile: bool) -> bool:
+    """Whether a decode step of `model` asked to `compile` is compiled: a Transformer's is (its cache position is a
+    device tensor). A recurrent model's cache position is a Python int, so its compiled step would be recompiled at
+    every position (30 tokens of a small LSTM took 76 s under dynamo's recompile warnings): it decodes eagerly,
+    after one warning."""
+    if compile and not isinstance(model, Transformer):
+        log.warning("compiling applies to the Transformer's decode step; this %s samples eagerly", model.config.arch)
+        return False
+    return compile
+
+
 def window(ids: list[int], size: int, keep: int = 0) -> list[int]:
     """The first `keep` ids (a BOS that models trained with one expect first) and the last of the others, `size` in
     all when `ids` is longer (the newest id always kept)."""
@@ -98,7 +110,8 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     window fills up, the cache is rebuilt from the last half window (amortized cost instead of a full recompute per
     token); the prompt's first `keep` ids (its BOS, for models trained with one) stay at the window's start through
     cropping and rebuilds, as llama.cpp's context shift keeps them. `use_cache=False` recomputes everything every
-    step: the slow reference the cache is tested against. `compile` compiles the decode step (decode.py). Tokens
+    step: the slow reference the cache is tested against. `compile` compiles the decode step (decode.py; a
+    Transformer's only: `compiles`). Tokens
     stay on the device and reach the host `sync_every` at a time (default: 1 on CPU, where reading a tensor costs
     nothing; 8 elsewhere), and are checked for a stop id there: a chunk's ids past one are dropped, no extra sync.
     `stats` receives the timings.
@@ -115,8 +128,8 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     ids = crop_prompt(prompt, model.config.block_size, keep)
     try:
         if use_cache:
-            yield from _generate_cached(model, ids, max_new_tokens, temperature, top_k, top_p, generator, compile,
-                                        sync_every, stats, vocab_size, keep, stop_ids)
+            yield from _generate_cached(model, ids, max_new_tokens, temperature, top_k, top_p, generator,
+                                        compiles(model, compile), sync_every, stats, vocab_size, keep, stop_ids)
             return
         device = model.tok_emb.weight.device
         for _ in range(max_new_tokens):
@@ -284,7 +297,7 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     pad = torch.tensor([longest - n for n in lens], device=device)  # (B,)
     ids = torch.tensor([[0] * (longest - n) + list(p) for p, n in zip(prompts, lens)], device=device)  # (B, L)
     key_mask = torch.arange(longest + max_new_tokens, device=device)[None, :] >= pad[:, None]  # (B, S), False: pad
-    step = decode_step(compile, device)
+    step = decode_step(compiles(model, compile), device)
     positions = (torch.arange(longest, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
     out = []
     try:

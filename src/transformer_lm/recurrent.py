@@ -14,6 +14,7 @@ model steps through time one position at a time, recording each state.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -23,8 +24,20 @@ from .config import ModelConfig
 from .errors import ConfigError
 from .model import LMOutput, head_loss
 
+log = logging.getLogger(__name__)
+
 State = tuple[torch.Tensor, torch.Tensor] | torch.Tensor
 """(h, c) of an LSTM or h of an RNN, each (n_layer, B, n_embd): what nn.LSTM / nn.RNN take and return."""
+
+
+def warn_unused_fields(config: ModelConfig) -> None:
+    """Log which Transformer-only fields a recurrent `config` sets and ignores (ModelConfig.unused_fields): a run
+    that asked for them would otherwise silently differ from what was asked."""
+    unused = config.unused_fields()
+    if unused:
+        log.warning("model.arch=%s does not use %s (attention, position and feed-forward settings): ignored; a "
+                    "recurrent model is set by n_layer, n_embd, bias, tie_embeddings and dropout", config.arch,
+                    ", ".join(f"model.{k}={v}" for k, v in unused.items()))
 
 
 class RecurrentCache(nn.Module):
@@ -135,13 +148,23 @@ class RecurrentLM(nn.Module):
                               "with model.arch=transformer")
         x = self.dropout(self.tok_emb(idx))  # (B, T, C)
         if cache is None and key_mask is None:
-            y, _ = self.rnn(x)  # (B, T, C): one fused call over the whole sequence
+            y, _ = self._recur(x)  # (B, T, C): one fused call over the whole sequence
         else:
             y = self._step_through(x, cache, key_mask)
         y = self.dropout(y)
         if last_only:
             y = y[:, -1:, :]
         return head_loss(self.lm_head, y, targets)
+
+    def _recur(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """self.rnn(x, state), an LSTM on a CPU with autocast off: under a bfloat16 or float16 CPU autocast, torch's
+        oneDNN LSTM kernel fails to build ("could not create a primitive descriptor", so `--train.dtype bfloat16`
+        crashed at the first step). The LSTM is on none of CPU autocast's lists: without oneDNN it runs in float32
+        under autocast too, as it does here; the LM head after it still runs in the autocast dtype."""
+        if self.config.arch == "lstm" and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.rnn(x, state)
+        return self.rnn(x, state)
 
     def _step_through(self, x: torch.Tensor, cache: RecurrentCache | None, key_mask: torch.Tensor | None
                       ) -> torch.Tensor:
@@ -157,7 +180,7 @@ class RecurrentLM(nn.Module):
             state = h if self.config.arch == "rnn" else (h, torch.zeros_like(h))
         outputs = []
         for t in range(T):
-            y, new = self.rnn(x[:, t:t + 1], state)  # y (B, 1, C): the top layer's h
+            y, new = self._recur(x[:, t:t + 1], state)  # y (B, 1, C): the top layer's h
             if key_mask is not None:  # padding leaves every layer's state as it was
                 keep = key_mask[:, start + t].view(1, B, 1)
                 new = torch.where(keep, new, state) if isinstance(new, torch.Tensor) else \

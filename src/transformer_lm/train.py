@@ -68,6 +68,7 @@ from .parallel import (
     parallelize,
 )
 from .perf import mfu, peak_flops
+from .recurrent import warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
 from .tokenizers import TOKENIZER_KINDS, build_tokenizer, load_tokenizer, save_tokenizer
 
@@ -273,6 +274,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
            overwrite: bool, progress: bool, extra_config: dict[str, Any] | None, stop_at: int | None,
            info: DistInfo, device: torch.device) -> TrainResult:
     model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": data.tokenizer.vocab_size})
+    if info.is_main:
+        warn_unused_fields(model_config)
     config = {"model": model_config.to_dict(), "train": json.loads(dump_json(cfg)), **(extra_config or {})}
     resuming = on_main(prepare_run_dir, info, run_dir, config, data, resume, overwrite)
     amp_dtype = autocast_dtype(device, cfg.dtype)

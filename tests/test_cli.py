@@ -433,6 +433,16 @@ def test_resume_with_a_recipe_preset_keeps_the_runs_training_settings(corpus_fil
     one_line_error(capsys, "train", "--config", tmp_path / "c.yaml", "--resume", "true", match="different model config")
 
 
+def test_a_true_false_option_given_alone_is_told_to_take_its_value(tmp_path: Path, capsys):
+    """`tlm sample RUN --greedy` got argparse's bare "expected one argument"; the options taking a value of another
+    kind keep it as it is."""
+    for argv in (["sample", "r", "x", "--greedy"], ["train", "--resume", "--out", "r"], ["train", "--train.compile"],
+                 ["experiment", "scaling", "--overwrite"]):
+        option = next(a for a in argv if a.startswith("--") and a != "--out")
+        one_line_error(capsys, *argv, match=f"expected one argument; give it a value: {option} true (or false)")
+    assert one_line_error(capsys, "train", "--out", match="--out").endswith("argument --out: expected one argument")
+
+
 def test_config_values_that_would_fail_later_are_one_line(corpus_file: Path, tmp_path: Path, capsys, monkeypatch):
     """Each of these passed the checks and then ran forever (NaN max_time), trained NaN weights (1e400 lr), or ended
     in a traceback (a seed torch cannot take, a null section, a bad torchrun environment) — some after minutes of

@@ -488,6 +488,18 @@ COMMANDS.update(convert=cmd_convert, export=cmd_export, bench=cmd_bench)
 COMMANDS.update(consolidate=cmd_consolidate, memory=cmd_memory)
 
 
+def _is_flag(option: str) -> bool:
+    """Whether `option` is a true/false option of some tlm command (their default is a bool)."""
+    parsers = list(build_parser()[1].values())
+    while parsers:
+        for action in parsers.pop()._actions:
+            if option in action.option_strings and isinstance(action.default, bool):
+                return True
+            if isinstance(action.choices, dict):  # nested subcommands: `tlm experiment scaling`
+                parsers += action.choices.values()
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     argv = sys.argv[1:] if argv is None else argv
@@ -503,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
             msg += f"; write a list in brackets, {opt} '[a, b]', or give items one at a time with {opt}+ a"
         if re.search(r"Expected a <class 'int'>\. Got value: -?\d+\.0\b", msg):  # 2e6 given for an int field
             msg += "; write whole numbers in full (2000000, not 2e6)"
+        bare = re.fullmatch(r"argument (--[\w.]+): expected one argument", msg)
+        if bare and _is_flag(bare.group(1)):  # `--greedy` alone: true/false options take their value
+            msg += f"; give it a value: {bare.group(1)} true (or false)"
         if msg.lower().startswith("unrecognized arguments") and argv[:1] == ["sample"]:  # an optional positional
             msg += "; the prompt goes right after the run folder: tlm sample RUN \"PROMPT\" [options]"
         rank, world = (int(v) if v.isdigit() else 0 for v in (os.environ.get("RANK", "0"),

@@ -126,7 +126,7 @@ def test_frontier_matches_its_definition():
         assert p["on_frontier"] == (not beaten)
 
 
-def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
+def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     argv = ["experiment", "scaling", str(corpus_file), "--out", str(out), "--sizes", "[1x32, 1x64, 2x64]",
             "--tokens", "4096", "--block_size", "32", "--batch_size", "8", "--evals", "2", "--eval_batches", "2",
@@ -155,6 +155,12 @@ def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
     with open(Path(rows[0]["run_dir"]) / "metrics.jsonl", "a") as f:
         f.write('{"step": 17, "tok')  # a line cut short by a kill: dropped, not "another run"
     assert main(argv) == 0  # a second call reuses the finished rungs
+    assert capsys.readouterr().out.count("(reused)") == 3
+    for rung in (out / "runs").iterdir():  # a sweep recorded with the path as typed (relative), as before
+        config = json.loads((rung / "config.json").read_text())
+        (rung / "config.json").write_text(json.dumps({**config, "data": {**config["data"], "source": "corpus.txt"}}))
+    monkeypatch.chdir(corpus_file.parent)  # the same corpus named another way: it said "holds another run"
+    assert main([*argv[:2], f"./{corpus_file.name}", *argv[3:]]) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.count("(reused)") == 3
     before = (out / "scaling.json").read_text()
     for other, changed in ((["--tokens", "8192"], "tokens 4096.0 there, 8192.0 now"),  # not the sizes, unchanged

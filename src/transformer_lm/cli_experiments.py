@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -216,7 +217,9 @@ def cmd_scaling(a: Namespace) -> None:
     resolve_device(cfg.device)  # an unavailable device and another sweep's --out: before the data is prepared
     check_sweep(a.out, cfg, a.overwrite)
     data = training_data(a.data, a.tokenizer, a.vocab_size, a.gpt2_dir)
-    res = run_scaling(cfg, data, a.out, overwrite=a.overwrite, data_label=a.data or "python-stdlib")
+    # absolute, as tlm train records it: `tlm train --resume` on a rung reads its data from there, from any folder
+    source = os.path.abspath(a.data) if a.data else "python-stdlib"
+    res = run_scaling(cfg, data, a.out, overwrite=a.overwrite, data_label=source)
     _print_results(render_summary(res), res.files)
 
 

@@ -291,6 +291,13 @@ class ScalingResult:
         return math.log10(max(n) / min(n)) if n else 0.0
 
 
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two rungs the same: their config without the data's source as it was typed (corpus.txt,
+    ./corpus.txt and /abs/corpus.txt are one corpus; the prepared folder and its fingerprint say what the data is)."""
+    data = config.get("data")
+    return {**config, "data": {k: v for k, v in data.items() if k != "source"} if isinstance(data, dict) else data}
+
+
 def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None:
     """"finished" when the folder holds this exact rung (same model, training and data config) trained to its last
     step, "paused" when it holds it stopped earlier (Ctrl-C) with a checkpoint to resume from, "started" when it
@@ -301,7 +308,7 @@ def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None
         records = read_metrics(run_dir / "metrics.jsonl")
     except (OSError, ValueError):
         return None
-    if not (isinstance(saved, dict) and all(saved.get(k) == v for k, v in config.items())):
+    if not (isinstance(saved, dict) and all(_identity(saved).get(k) == v for k, v in _identity(config).items())):
         return None
     if any(r.get("step") == steps and "val_loss" in r for r in records):
         return "finished"

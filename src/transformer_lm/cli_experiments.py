@@ -71,7 +71,7 @@ def add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
                                         "scripts) about runs and experiment output folders.")
     p.add_argument("paths", type=str, nargs="+", help="Run folders and experiment output folders (runs inside them "
                    "are found too).")
-    p.add_argument("--out", type=str, default="report.html", help="HTML file to write.")
+    p.add_argument("--out", type=str, default="report.html", help="HTML file to write (named .html or .htm).")
     p.add_argument("--title", type=str, default="transformer-lm report", help="Title of the page.")
 
 

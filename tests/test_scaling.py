@@ -7,6 +7,7 @@ import csv
 import importlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,12 @@ def test_rungs_follow_the_rule():
         scaling.plan_rungs(scaling.ScalingConfig(sizes=["1x32"], compute=1.5 * 8 * 64 * flops_per_token(
             ModelConfig(vocab_size=256, block_size=64, n_layer=1, n_head=1, n_embd=32))["train"], block_size=64,
             batch_size=8), 256)
+    small = dict(sizes=["1x32", "1x64", "2x64"], block_size=32, batch_size=4)  # the smallest rung fails first
+    with pytest.raises(ConfigError, match="10 % off --compute") as refused:
+        scaling.plan_rungs(scaling.ScalingConfig(**small, compute=3e7), 256)
+    suggested = float(re.search(r"give --compute >= (\S+) ", str(refused.value)).group(1))
+    for p in scaling.plan_rungs(scaling.ScalingConfig(**small, compute=suggested), 256):  # was refused for 1x64
+        assert p.train.max_iters * 4 * 32 * flops_per_token(p.model)["train"] == pytest.approx(suggested, rel=0.1)
 
 
 def test_data_fingerprint_follows_the_prepared_contents(tmp_path: Path):

@@ -194,7 +194,8 @@ def test_data_errors(tmp_path: Path, capsys):
     one_line_error(capsys, "bench", "--json", tmp_path / "binary.bin" / "b.json", match="binary.bin: File exists")
     for experiment in ("pe-ablation", "speed", "long-range"):  # --out refused before any training, not after
         one_line_error(capsys, "experiment", experiment, "--out", tmp_path / "long.txt", match="long.txt: File exists")
-    one_line_error(capsys, "memory", "--seq_len", "0", match="1 <= seq_len")  # was planned at the block size
+    # --seq_len 0 was planned at the block size
+    one_line_error(capsys, "memory", "--seq_len", "0", match="seq_len must be in [1, block_size=256], got 0")
     one_line_error(capsys, "plan", "--params", "1e300", "--tokens", "1e300", match="overflows")  # was JSON Infinity
 
 

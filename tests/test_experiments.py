@@ -88,7 +88,8 @@ def test_accelerator_table_and_bad_input():
                 lambda: planner.plan(params=1e9, gpus=0), lambda: planner.plan(),
                 lambda: planner.plan(params=1e9, hardware="TPU-v5e", precision="fp32"),
                 lambda: planner.plan(params=1e9, config=GPT3_175B),
-                lambda: planner.plan(params=1e9, seq_len=2048), lambda: planner.plan(compute=1e21, seq_len=2048)):
+                lambda: planner.plan(params=1e9, seq_len=2048), lambda: planner.plan(compute=1e21, seq_len=2048),
+                lambda: planner.plan(params=1e9, mfu=1e-320), lambda: planner.plan(params=1e9, pue=1e308)):
         with pytest.raises(ConfigError):
             bad()
 
@@ -193,7 +194,8 @@ def test_cli_plan(capsys):
 
 @pytest.mark.parametrize("argv", [["--params", "1B", "--hardware", "abacus"], ["--params", "lots"],
                                   ["--params", "1B", "--mfu", "0"], ["--params", "1B", "--preset", "gpt2"],
-                                  ["--params", "1B", "--seq_len", "2048"], ["--compute", "1e21", "--seq_len", "8"]])
+                                  ["--params", "1B", "--seq_len", "2048"], ["--compute", "1e21", "--seq_len", "8"],
+                                  ["--params", "1B", "--pue", "1e308", "--json", "true"]])  # was JSON Infinity kWh
 def test_cli_plan_bad_input(capsys, argv):
     code, out, err = tlm(capsys, "plan", *argv)
     assert code == 2 and out == "" and err.startswith("tlm: error:") and err.count("\n") == 1

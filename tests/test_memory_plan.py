@@ -144,3 +144,13 @@ def test_cli_shows_a_small_model_in_megabytes(capsys: pytest.CaptureFixture):
     n = 4 * (12 * 128**2 + 13 * 128) + 2 * 256 * 128 + 2 * 128  # 4 blocks, token and position tables, final norm
     assert row["weights (fp32)"][:2] == pytest.approx([4 * n / 1e6] * 2, abs=0.005)  # DDP: whole fp32 weights
     assert row["AdamW state"][:2] == pytest.approx([8 * n / 1e6] * 2, abs=0.005)
+
+
+@pytest.mark.parametrize("flag,value,error", [("--batch_size", "0", "batch_size must be >= 1, got 0"),
+                                              ("--world_size", "0", "world_size must be >= 1, got 0"),
+                                              ("--seq_len", "999", "seq_len must be in [1, block_size=256], got 999")])
+def test_cli_names_the_setting_that_is_out_of_range(capsys: pytest.CaptureFixture, flag: str, value: str, error: str):
+    """One message had listed all three rules for any of them ("need batch_size >= 1, world_size >= 1 and ...")."""
+    assert main(["memory", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert error in err and err.count("\n") == 1

@@ -97,6 +97,11 @@ def test_report_bad_input(tmp_path: Path, capsys, folders: dict[str, Path]):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html")]) == 2
     assert "found no run" in capsys.readouterr().err
+    exp = shutil.copytree(folders["exp"], tmp_path / "exp2")
+    for name in ("report.png", "report.csv", "report"):  # an HTML page the next report would read as a plot or table
+        assert main(["report", str(exp), "--out", str(exp / name)]) == 2
+        err = capsys.readouterr().err
+        assert "does not end in .html" in err and err.count("\n") == 1 and not (exp / name).exists()
 
 
 def test_run_names_are_drawn_literally_in_every_legend(monkeypatch: pytest.MonkeyPatch):

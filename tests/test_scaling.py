@@ -7,6 +7,7 @@ import csv
 import importlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,12 @@ def test_rungs_follow_the_rule():
         scaling.plan_rungs(scaling.ScalingConfig(sizes=["1x32"], compute=1.5 * 8 * 64 * flops_per_token(
             ModelConfig(vocab_size=256, block_size=64, n_layer=1, n_head=1, n_embd=32))["train"], block_size=64,
             batch_size=8), 256)
+    small = dict(sizes=["1x32", "1x64", "2x64"], block_size=32, batch_size=4)  # the smallest rung fails first
+    with pytest.raises(ConfigError, match="10 % off --compute") as refused:
+        scaling.plan_rungs(scaling.ScalingConfig(**small, compute=3e7), 256)
+    suggested = float(re.search(r"give --compute >= (\S+) ", str(refused.value)).group(1))
+    for p in scaling.plan_rungs(scaling.ScalingConfig(**small, compute=suggested), 256):  # was refused for 1x64
+        assert p.train.max_iters * 4 * 32 * flops_per_token(p.model)["train"] == pytest.approx(suggested, rel=0.1)
 
 
 def test_data_fingerprint_follows_the_prepared_contents(tmp_path: Path):
@@ -126,7 +133,7 @@ def test_frontier_matches_its_definition():
         assert p["on_frontier"] == (not beaten)
 
 
-def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
+def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys, monkeypatch):
     out = tmp_path / "sweep"
     argv = ["experiment", "scaling", str(corpus_file), "--out", str(out), "--sizes", "[1x32, 1x64, 2x64]",
             "--tokens", "4096", "--block_size", "32", "--batch_size", "8", "--evals", "2", "--eval_batches", "2",
@@ -155,6 +162,12 @@ def test_scaling_sweep_end_to_end(corpus_file: Path, tmp_path: Path, capsys):
     with open(Path(rows[0]["run_dir"]) / "metrics.jsonl", "a") as f:
         f.write('{"step": 17, "tok')  # a line cut short by a kill: dropped, not "another run"
     assert main(argv) == 0  # a second call reuses the finished rungs
+    assert capsys.readouterr().out.count("(reused)") == 3
+    for rung in (out / "runs").iterdir():  # a sweep recorded with the path as typed (relative), as before
+        config = json.loads((rung / "config.json").read_text())
+        (rung / "config.json").write_text(json.dumps({**config, "data": {**config["data"], "source": "corpus.txt"}}))
+    monkeypatch.chdir(corpus_file.parent)  # the same corpus named another way: it said "holds another run"
+    assert main([*argv[:2], f"./{corpus_file.name}", *argv[3:]]) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.count("(reused)") == 3
     before = (out / "scaling.json").read_text()
     for other, changed in ((["--tokens", "8192"], "tokens 4096.0 there, 8192.0 now"),  # not the sizes, unchanged

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -71,7 +71,7 @@ def add_experiment_parsers(cmds: dict[str, ArgumentParser]) -> None:
                                         "scripts) about runs and experiment output folders.")
     p.add_argument("paths", type=str, nargs="+", help="Run folders and experiment output folders (runs inside them "
                    "are found too).")
-    p.add_argument("--out", type=str, default="report.html", help="HTML file to write.")
+    p.add_argument("--out", type=str, default="report.html", help="HTML file to write (named .html or .htm).")
     p.add_argument("--title", type=str, default="transformer-lm report", help="Title of the page.")
 
 
@@ -88,8 +88,6 @@ def cmd_plan(a: Namespace) -> None:
     if params is None and (model_given or compute is None):
         config = ModelConfig(**a.model.as_dict())
     res = plan(params, config, tokens, compute, a.hardware, a.mfu, a.gpus, a.pue, a.precision, a.seq_len)
-    if any(isinstance(v, float) and not math.isfinite(v) for v in res.to_dict().values()):
-        raise ConfigError("the plan overflows a float (inf); give smaller --params / --tokens / --compute")
     if a.json:
         print(json.dumps({"preset": a.preset, **res.to_dict()}, indent=2))
         return
@@ -216,7 +214,9 @@ def cmd_scaling(a: Namespace) -> None:
     resolve_device(cfg.device)  # an unavailable device and another sweep's --out: before the data is prepared
     check_sweep(a.out, cfg, a.overwrite)
     data = training_data(a.data, a.tokenizer, a.vocab_size, a.gpt2_dir)
-    res = run_scaling(cfg, data, a.out, overwrite=a.overwrite, data_label=a.data or "python-stdlib")
+    # absolute, as tlm train records it: `tlm train --resume` on a rung reads its data from there, from any folder
+    source = os.path.abspath(a.data) if a.data else "python-stdlib"
+    res = run_scaling(cfg, data, a.out, overwrite=a.overwrite, data_label=source)
     _print_results(render_summary(res), res.files)
 
 

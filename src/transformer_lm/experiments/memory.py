@@ -133,8 +133,11 @@ def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, wor
     if parallel not in ("ddp", "fsdp"):
         raise ConfigError(f"parallel must be ddp or fsdp, got {parallel!r}")
     s = c.block_size if seq_len is None else seq_len
-    if batch_size < 1 or world_size < 1 or not 1 <= s <= c.block_size:
-        raise ConfigError(f"need batch_size >= 1, world_size >= 1 and 1 <= seq_len <= block_size ({c.block_size})")
+    for name, value, ok, rule in (("batch_size", batch_size, batch_size >= 1, ">= 1"),
+                                  ("world_size", world_size, world_size >= 1, ">= 1"),
+                                  ("seq_len", s, 1 <= s <= c.block_size, f"in [1, block_size={c.block_size}]")):
+        if not ok:  # the one that is wrong, with its value (the message had listed all three rules)
+            raise ConfigError(f"{name} must be {rule}, got {value}")
     b, compute = batch_size, DTYPE_BYTES[dtype]
     n = count_params(c).total
     per_block = block_params(c)

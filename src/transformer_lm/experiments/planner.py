@@ -205,5 +205,11 @@ def plan(params: float | None = None, config: ModelConfig | None = None, tokens:
             memory["train_replicated"] <= chip.memory_gb * 1e9, memory["train_sharded"] <= chip.memory_gb * 1e9,
             chip.note))
     context = (seq_len or config.block_size) if config is not None else None
-    return Plan(n, non_embedding, context, float(tokens), dense, attention, budget, opt_n, opt_d, memory, estimates,
-                config.to_dict() if config is not None else None)
+    result = Plan(n, non_embedding, context, float(tokens), dense, attention, budget, opt_n, opt_d, memory, estimates,
+                  config.to_dict() if config is not None else None)
+    d = result.to_dict()
+    numbers = [*d.values(), *d["memory_bytes"].values(), *(v for e in d["estimates"] for v in e.values())]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):  # the estimates too: "inf years"
+        raise ConfigError("the plan overflows a float (inf); give smaller --params / --tokens / --compute / --pue, "
+                          "or a larger --mfu")
+    return result

@@ -291,12 +291,15 @@ def build_report(paths: list[str | Path], title: str = "transformer-lm report") 
 
 
 def write_report(paths: list[str | Path], out: str | Path, title: str = "transformer-lm report") -> Path:
-    """Write `build_report(paths, title)` to `out` (parent folders created). An existing file is replaced only when
-    it is an HTML page (a report written before), so a mistyped --out cannot overwrite data or a script; and only
-    by a whole new one (written beside it, then renamed): a full disk or a kill mid-write leaves the old page."""
+    """Write `build_report(paths, title)` to `out` (parent folders created). `out` must be named .html or .htm: so
+    an existing file is replaced only when it is an HTML page (a report written before) and a mistyped --out cannot
+    overwrite data or a script, and a new page is not named as a file a report reads (report.png or table.csv in an
+    experiment folder came back as a broken plot or a table of HTML in the next report). It is replaced only by a
+    whole new one (written beside it, then renamed): a full disk or a kill mid-write leaves the old page."""
     out = Path(out)
-    if out.exists() and (out.is_dir() or out.suffix.lower() not in (".html", ".htm")):
-        raise ConfigError(f"--out {out} exists and is not an .html page; choose another file name")
+    if out.is_dir() or out.suffix.lower() not in (".html", ".htm"):
+        what = "exists and is not an .html page" if out.exists() else "does not end in .html (the page is HTML)"
+        raise ConfigError(f"--out {out} {what}; choose a file name ending in .html")
     text = build_report(paths, title)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, text)

@@ -215,10 +215,14 @@ class RungPlan:
 def plan_rungs(cfg: ScalingConfig, vocab_size: int) -> list[RungPlan]:
     """The ModelConfig and TrainConfig of every rung (the rule in the module docstring)."""
     tokens_per_step = cfg.batch_size * cfg.block_size
+    models = [ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=n_layer,
+                          n_head=n_embd // cfg.head_dim, n_embd=n_embd) for n_layer, n_embd in cfg.rungs()]
+    # 5 whole steps of the costliest rung keep every rung within 10 % of the budget (the failing rung's 5 steps, named
+    # before, could be too few for a costlier rung, and the budget suggested was then refused for that one)
+    enough = 5 * tokens_per_step * max(flops_per_token(m)["train"] for m in models)
     plans = []
-    for n_layer, n_embd in cfg.rungs():
-        model = ModelConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=n_layer,
-                            n_head=n_embd // cfg.head_dim, n_embd=n_embd)
+    for model in models:
+        n_layer, n_embd = model.n_layer, model.n_embd
         fpt = flops_per_token(model)["train"]
         tokens = cfg.compute / fpt if cfg.compute is not None else cfg.tokens
         steps = max(1, round(tokens / tokens_per_step))
@@ -226,7 +230,7 @@ def plan_rungs(cfg: ScalingConfig, vocab_size: int) -> list[RungPlan]:
             # whole steps: a budget of a few steps cannot be matched (1.5 steps rounds to 2, +33 %)
             raise ConfigError(f"rung {n_layer}x{n_embd} would spend {steps * tokens_per_step * fpt:.3g} FLOPs in "
                               f"{steps} whole step(s), more than 10 % off --compute {cfg.compute:.3g}; give "
-                              f"--compute >= {5 * tokens_per_step * fpt:.3g} or a smaller batch_size or block_size")
+                              f"--compute >= {enough:.3g} or a smaller batch_size or block_size")
         tcfg = TrainConfig(batch_size=cfg.batch_size, max_iters=steps, lr=cfg.base_lr * cfg.base_width / n_embd,
                            warmup_iters=max(1, round(cfg.warmup_fraction * steps)),
                            eval_interval=max(1, steps // cfg.evals), eval_batches=cfg.eval_batches,
@@ -291,6 +295,13 @@ class ScalingResult:
         return math.log10(max(n) / min(n)) if n else 0.0
 
 
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What makes two rungs the same: their config without the data's source as it was typed (corpus.txt,
+    ./corpus.txt and /abs/corpus.txt are one corpus; the prepared folder and its fingerprint say what the data is)."""
+    data = config.get("data")
+    return {**config, "data": {k: v for k, v in data.items() if k != "source"} if isinstance(data, dict) else data}
+
+
 def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None:
     """"finished" when the folder holds this exact rung (same model, training and data config) trained to its last
     step, "paused" when it holds it stopped earlier (Ctrl-C) with a checkpoint to resume from, "started" when it
@@ -301,7 +312,7 @@ def _rung_state(run_dir: Path, config: dict[str, Any], steps: int) -> str | None
         records = read_metrics(run_dir / "metrics.jsonl")
     except (OSError, ValueError):
         return None
-    if not (isinstance(saved, dict) and all(saved.get(k) == v for k, v in config.items())):
+    if not (isinstance(saved, dict) and all(_identity(saved).get(k) == v for k, v in _identity(config).items())):
         return None
     if any(r.get("step") == steps and "val_loss" in r for r in records):
         return "finished"

@@ -111,6 +111,16 @@ def test_bench_refuses_what_it_cannot_do_before_measuring(monkeypatch, capsys):
     assert "weights, gradients and AdamW state" in err and "--preset" in err
 
 
+def test_bench_of_a_recurrent_model_says_what_compares_it():
+    """bench(model={"arch": "lstm"}) failed inside the export mapping ("cannot export an lstm model to Hugging
+    Face"), a message about a command never run; it names what bench compares and what times an LSTM instead."""
+    from transformer_lm.bench import bench
+    from transformer_lm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="transformers has no lstm language model; `tlm experiment speed`"):
+        bench("tiny", model={"arch": "lstm"})
+
+
 @pytest.mark.slow
 def test_cli_bench_compiled_adds_a_compiled_training_row(tmp_path, capsys):
     """--compile trains ours through torch.compile too (compiling in the untimed warm-up) and decodes w8a8."""

@@ -320,6 +320,10 @@ def bench(preset_name: str = "gpt2", model: dict[str, Any] | None = None, device
         raise ConfigError("steps, batch, seq, decode_batch, new_tokens and prefill_len must be >= 1")
     dev = resolve_device(device)
     config = ModelConfig(**{**preset(preset_name), "dropout": 0.0, **(model or {})})
+    if config.arch != "transformer":  # it failed in the export mapping: "cannot export an lstm model to Hugging Face"
+        raise ConfigError(f"bench compares our Transformer with transformers' implementation of it, and transformers "
+                          f"has no {config.arch} language model; `tlm experiment speed` times the recurrent baselines "
+                          "against a Transformer of their size")
     seq = seq or config.block_size
     prefill_len = min(prefill_len, config.block_size)
     if seq > config.block_size:

@@ -212,6 +212,22 @@ def test_lstm_runs_under_cpu_autocast(dtype):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_a_cpu_lstm_under_autocast_is_measured_against_the_float32_peak(tmp_path: Path, corpus_file: Path,
+                                                                        monkeypatch):
+    """Its recurrence runs in float32 under a CPU autocast (test_lstm_runs_under_cpu_autocast), but its MFU divided
+    by the bf16 peak: 475 % on this CPU, whose bf16 products are ~10x slower than its fp32 ones."""
+    import importlib
+
+    asked = []  # the package's `train` is the function: the module by its full name
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "peak_flops", lambda device, dtype: asked.append(dtype) or 1e12)
+    data = training_data(corpus_file, "char")
+    for arch in ("lstm", "rnn"):
+        train(ModelConfig(arch=arch, n_layer=1, n_embd=16, block_size=16),
+              TrainConfig(max_iters=1, eval_batches=1, batch_size=2, warmup_iters=0, device="cpu", dtype="bfloat16"),
+              data, tmp_path / arch, progress=False)
+    assert asked == [torch.float32, torch.bfloat16]  # the RNN runs in bf16 under autocast (on its list)
+
+
 def test_a_recurrent_model_decodes_eagerly_when_asked_to_compile(monkeypatch, caplog):
     """`tlm sample --compile true` decoded an LSTM eagerly after a warning, but Run.generate(compile=True),
     generate() and generate_batch() compiled its step, whose cache position is a Python int: recompiled at every

@@ -41,6 +41,12 @@ def warn_unused_fields(config: ModelConfig) -> None:
                     ", ".join(f"model.{k}={v}" for k, v in unused.items()))
 
 
+def runs_in_float32(config: ModelConfig, device: torch.device) -> bool:
+    """Whether the recurrence of `config`'s model runs in float32 under any autocast on `device` (an LSTM on a CPU:
+    RecurrentLM._recur), so that its FLOPs, nearly all of them, are measured against the float32 peak."""
+    return config.arch == "lstm" and device.type == "cpu"
+
+
 class RecurrentCache(nn.Module):
     """The hidden state after each of the last max_len positions: h (and the LSTM's cell c) of every layer,
     preallocated like a KV cache, in a ring (the state after position p in slot p % max_len).
@@ -166,7 +172,7 @@ class RecurrentLM(nn.Module):
         oneDNN LSTM kernel fails to build ("could not create a primitive descriptor", so `--train.dtype bfloat16`
         crashed at the first step). The LSTM is on none of CPU autocast's lists: without oneDNN it runs in float32
         under autocast too, as it does here; the LM head after it still runs in the autocast dtype."""
-        if self.config.arch == "lstm" and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if runs_in_float32(self.config, x.device) and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
                 return self.rnn(x, state)
         return self.rnn(x, state)

@@ -68,7 +68,7 @@ from .parallel import (
     parallelize,
 )
 from .perf import mfu, peak_flops
-from .recurrent import warn_unused_fields
+from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, environment
 from .tokenizers import TOKENIZER_KINDS, build_tokenizer, load_tokenizer, save_tokenizer
 
@@ -274,7 +274,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
                           "models with --train.parallel ddp")
     if sharded and cfg.optimizer == "muon":
         raise ConfigError("train.optimizer=muon needs whole weight matrices; use --train.parallel ddp with muon")
-    peak = peak_flops(device, amp_dtype)  # for MFU: a datasheet figure, or a matmul timed now
+    # for MFU: a datasheet figure, or a matmul timed now; of float32 for a CPU LSTM, whose recurrence runs in it
+    # under any autocast (against this CPU's bf16 peak, a bf16 run's MFU read 475 %)
+    peak = peak_flops(device, torch.float32 if runs_in_float32(model_config, device) else amp_dtype)
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(device).init_weights(cfg.seed)
     folder = latest_checkpoint(run_dir) if resuming else None

@@ -28,7 +28,8 @@ measured matmul on unknown devices such as CPUs); MBU (bytes read per token ÷ m
 against the median of copy bandwidths probed before each of its rounds: on a shared machine the bandwidth drifts
 by 10-40 % within minutes (a neighbour's load), so a start-up figure can be far from the one the row ran under, and
 a single probe is noisier than the decode timings themselves (17-28 GB/s between rounds that decoded within ±5 %).
-Peak memory is the allocator's peak on CUDA, and the peak resident-set growth over the warm-up call on CPU.
+Peak memory is that of a call after the warm-up (_measure): the allocator's peak on CUDA, the peak resident-set
+growth on CPU.
 """
 
 from __future__ import annotations

@@ -219,13 +219,33 @@ def test_a_cpu_lstm_under_autocast_is_measured_against_the_float32_peak(tmp_path
     import importlib
 
     asked = []  # the package's `train` is the function: the module by its full name
-    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "peak_flops", lambda device, dtype: asked.append(dtype) or 1e12)
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "peak_flops",
+                        lambda device, dtype: asked.append(dtype) or 1e12)
     data = training_data(corpus_file, "char")
     for arch in ("lstm", "rnn"):
         train(ModelConfig(arch=arch, n_layer=1, n_embd=16, block_size=16),
               TrainConfig(max_iters=1, eval_batches=1, batch_size=2, warmup_iters=0, device="cpu", dtype="bfloat16"),
               data, tmp_path / arch, progress=False)
     assert asked == [torch.float32, torch.bfloat16]  # the RNN runs in bf16 under autocast (on its list)
+
+
+def test_activation_checkpointing_of_a_recurrent_model_is_refused_before_the_data(tmp_path: Path,
+                                                                                   corpus_file: Path, capsys,
+                                                                                   monkeypatch):
+    """It was refused by parallelize, once the corpus had been tokenized (minutes for a large one)."""
+    import importlib
+
+    def prepare(*args, **kwargs):
+        raise AssertionError("the data was prepared first")
+
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "training_data", prepare)
+    code, out, err = tlm(capsys, "train", corpus_file, "--out", tmp_path / "run", "--tokenizer", "char",
+                         "--model.arch", "rnn", "--train.activation_checkpointing", "true")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "train.activation_checkpointing recomputes Transformer blocks; an rnn model has none" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="an lstm model has none"):  # the API's train() too
+        train(ModelConfig(arch="lstm"), TrainConfig(activation_checkpointing=True), None, tmp_path / "api")
 
 
 def test_a_recurrent_model_decodes_eagerly_when_asked_to_compile(monkeypatch, caplog):

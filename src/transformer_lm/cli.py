@@ -185,7 +185,7 @@ def cmd_prepare(a: Namespace) -> None:
 def cmd_train(a: Namespace) -> int:
     from .parallel import dist_from_env
     from .runtime import resolve_device
-    from .train import check_resumable, resumed_data, train, training_data
+    from .train import check_resumable, check_settings, resumed_data, train, training_data
 
     for key in ("model", "train"):  # a --config file may set a section to null or a list
         if not isinstance(a.get(key), Namespace):
@@ -197,6 +197,7 @@ def cmd_train(a: Namespace) -> int:
     model_cfg = ModelConfig(**a.model.as_dict())
     train_cfg = TrainConfig(**a.train.as_dict())
     resolve_device(train_cfg.device)  # an unavailable device, before the data is prepared
+    check_settings(model_cfg, train_cfg)  # and settings the model cannot take
     data_arg = a.get("data")
     source = os.path.abspath(data_arg) if data_arg else "python-stdlib"  # absolute: --resume may run elsewhere
     if a.resume:

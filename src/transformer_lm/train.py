@@ -167,6 +167,14 @@ def _stamp(path: Path) -> tuple[str, int, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def check_settings(model_config: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse training settings the model cannot take, before any data is prepared: activation checkpointing of a
+    recurrent model, which has no blocks to recompute, was refused only once the corpus had been tokenized."""
+    if cfg.activation_checkpointing and model_config.arch != "transformer":
+        raise ConfigError(f"train.activation_checkpointing recomputes Transformer blocks; an {model_config.arch} "
+                          "model has none: drop the option")
+
+
 def check_resumable(run_dir: str | Path) -> None:
     """Raise CheckpointError unless `run_dir` holds a checkpoint to resume from."""
     if latest_checkpoint(Path(run_dir)) is None:
@@ -250,6 +258,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
     Started by torchrun (WORLD_SIZE > 1), each process trains its share of every batch (see `parallel`), joined as
     `cfg.parallel` says; rank 0 alone writes the run folder and shows progress."""
     info = dist_from_env()
+    check_settings(model_config, cfg)
     check_batch(cfg.batch_size, info)  # before any process group exists: every rank fails the same way
     device = device_for(info, cfg.device)
     with distributed(info, device, cfg.dist_timeout):

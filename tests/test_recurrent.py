@@ -346,6 +346,9 @@ def test_cli_train_sample_eval_lstm_end_to_end(tmp_path: Path, corpus_file: Path
 
     code, out, err = tlm(capsys, "info", run)
     assert code == 0 and f"{count_params(ModelConfig.from_dict(config)).total:,}" in out
+    # its FLOPs do not depend on the context (it read "(context 32)", the block size)
+    forward = flops_per_token(ModelConfig.from_dict(config))["forward"]
+    assert f"{forward:,.0f}   (no attention: any context)" in out
 
     for argv, match in ((["attention", run, "def a", "--out", tmp_path / "attn"], "no attention weights"),
                         (["export", run, "--out", tmp_path / "hf"], "cannot export an lstm model"),

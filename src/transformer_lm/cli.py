@@ -305,7 +305,8 @@ def cmd_info(a: Namespace) -> None:
     print(f"{'parameters':<28}{p.total:>18,}")
     print(f"{'  non-embedding':<28}{p.non_embedding:>18,}")
     print(f"{'  embedding tables':<28}{p.embedding:>18,}")
-    print(f"{'FLOPs/token forward':<28}{fl['forward']:>18,.0f}   (context {cfg.block_size})")
+    context = f"context {cfg.block_size}" if cfg.arch == "transformer" else "no attention: any context"
+    print(f"{'FLOPs/token forward':<28}{fl['forward']:>18,.0f}   ({context})")
     print(f"{'FLOPs/token training':<28}{fl['train']:>18,.0f}   (3x forward)")
     for k in ("weights", "gradients", "optimizer", "total"):
         print(f"{'memory ' + k + (' (AdamW)' if k == 'optimizer' else ''):<28}{_gib(mem[k]):>18}")

@@ -37,6 +37,28 @@ def test_cli_bench_tiny_prints_every_row(tmp_path, capsys):
     assert result["peak_flops"] > 0 and result["bandwidth"] > 0
 
 
+def test_the_inference_rows_run_the_same_weights(monkeypatch):
+    """The logits were compared before the training rows, which step each model with its own optimizer and loss
+    (transformers' over seq - 1 targets, ours over seq): after them the tiny preset's two models differed by 1.2 in
+    logit (its largest: 1.8), and the prefill and decode rows timed different models. Their prefill logits, from
+    the rows' own calls, and their greedy decodes now agree."""
+    from transformer_lm import bench
+
+    measure, seen = bench._measure, {}
+
+    def recording(row, ours, theirs, *args, **kwargs):
+        if row.name == "prefill":
+            seen["prefill"] = (ours() - theirs().logits[:, -1]).abs().max().item()
+        if row.name == "decode batch 1":
+            seen["decode"] = (ours(), theirs()[0, 16:].tolist())  # after the 16-token prompt
+        return measure(row, ours, theirs, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "_measure", recording)
+    result = bench.bench("tiny", steps=1, seq=32, prefill_len=32, new_tokens=8, decode_batch=2)
+    assert seen["prefill"] < 1e-4 and result.max_logit_diff < 1e-4
+    assert seen["decode"][0] == seen["decode"][1]
+
+
 def test_mbu_divides_by_the_median_bandwidth_probed_during_the_row():
     """Bytes per token × tokens per second (median time) / median of the row's probed bandwidths; a row without
     probes divides by the bandwidth it is given (the start-up one)."""
@@ -87,6 +109,16 @@ def test_bench_refuses_what_it_cannot_do_before_measuring(monkeypatch, capsys):
     assert main(["bench", "--preset", "tiny"]) == 2
     err = capsys.readouterr().err
     assert "weights, gradients and AdamW state" in err and "--preset" in err
+
+
+def test_bench_of_a_recurrent_model_says_what_compares_it():
+    """bench(model={"arch": "lstm"}) failed inside the export mapping ("cannot export an lstm model to Hugging
+    Face"), a message about a command never run; it names what bench compares and what times an LSTM instead."""
+    from transformer_lm.bench import bench
+    from transformer_lm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="transformers has no lstm language model; `tlm experiment speed`"):
+        bench("tiny", model={"arch": "lstm"})
 
 
 @pytest.mark.slow

@@ -117,6 +117,23 @@ def test_decode_bytes_add_the_kv_cache_read():
     assert perf.decode_bytes_per_token(model, config, 40, 4) == pytest.approx((_param_bytes(model) + kv) / 4)
 
 
+def test_a_sliding_window_caps_the_kv_cache_read():
+    """A query of a sliding-window model (Mistral) attends to its last `sliding_window` keys: a decode step needs
+    those keys and values, whatever the context (accounting.flops_per_token charges only their attention). The
+    whole context's were counted: Mistral-7B's MBU at 32k positions 1.25x too high."""
+    config = ModelConfig(vocab_size=100, block_size=64, n_layer=3, n_head=4, n_kv_head=2, n_embd=32,
+                         pos_encoding="rope", sliding_window=8)
+    model = Transformer(config)
+
+    def held(slots: int) -> int:  # the real tensors of a cache of that many positions
+        cache = StaticKVCache(config, batch_size=4, max_len=slots)
+        return cache.k.numel() * cache.k.element_size() + cache.v.numel() * cache.v.element_size()
+
+    for context, read in ((40, 8), (8, 8), (5, 5)):
+        assert perf.decode_bytes_per_token(model, config, context, 4) == pytest.approx((_param_bytes(model)
+                                                                                        + held(read)) / 4)
+
+
 @pytest.mark.parametrize("arch", ["lstm", "rnn"])
 def test_a_recurrent_models_decode_bytes_add_its_state_not_a_kv_cache(arch):
     """A recurrent step reads its state after the last position, the same at any context: the --verbose MBU of an

@@ -17,7 +17,7 @@ from transformer_lm.api import load_run
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import ConfigError, ConversionError
-from transformer_lm.generate import generate, generate_batch
+from transformer_lm.generate import generate, generate_batch, sample_next
 from transformer_lm.interop.hf import export_hf
 from transformer_lm.model import Transformer, build_model
 from transformer_lm.quantize import quantize
@@ -99,6 +99,52 @@ def test_cache_rewinds_exactly_and_the_model_is_causal(arch):
         torch.testing.assert_close(model(idx[:, :3], cache=cache).logits, full[:, :3], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["lstm", "rnn"])
+def test_generation_past_the_training_window_carries_the_state(arch, caplog):
+    """A recurrent model has no context window, but generation treated block_size as one: a longer prompt was cut
+    to its last block_size - 1 ids (with a warning), and a full cache threw the state away for a restart from the
+    last half window, each block_size / 2 tokens (a trained 2x64 LSTM reads held-out text at 0.640 nats/char with
+    its state carried, 0.674 in 32-character windows). Now the state carries everything read: sampled ids equal a
+    seeded draw from the naive recurrence over the whole text, with the cache (a ring of the last states) and
+    without it, alone and batched."""
+    torch.manual_seed(0)  # make()'s biases
+    model = make(arch)  # block_size 24
+    with torch.no_grad():  # a long memory, so that what the window left out shows in the draws
+        d = model.config.n_embd
+        for layer in range(model.config.n_layer):
+            if arch == "lstm":
+                getattr(model.rnn, f"bias_ih_l{layer}")[d:2 * d] = 4.0  # forget gates ~0.98
+            else:  # orthogonal: the state neither fades nor explodes
+                getattr(model.rnn, f"weight_hh_l{layer}").copy_(torch.linalg.qr(torch.randn(d, d))[0])
+    prompt = list(range(1, 31))
+
+    def draws() -> torch.Generator:
+        return torch.Generator().manual_seed(5)
+
+    ids, gen = list(prompt), draws()
+    with torch.no_grad():
+        for _ in range(40):
+            ids.append(int(sample_next(naive_logits(model, torch.tensor([ids]))[:, -1], 1.0, generator=gen)))
+    expected = ids[len(prompt):]
+    assert len(set(expected)) > 5  # not a degenerate repetition
+    with caplog.at_level(logging.WARNING):
+        for use_cache in (True, False):
+            assert list(generate(model, prompt, 40, temperature=1.0, generator=draws(), use_cache=use_cache)) == \
+                expected
+        assert generate_batch(model, [prompt], 40, temperature=1.0, generator=draws()) == [expected]
+        prompts = [prompt, prompt[-3:]]  # left padding, 69 positions through a ring of 24 states
+        assert generate_batch(model, prompts, 40) == [list(generate(model, q, 40, temperature=0.0)) for q in prompts]
+    assert "context window" not in caplog.text
+    idx = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a ring of 4 states: 11 positions in pieces, then a rewind of 2 (less than 4)
+        full = naive_logits(model, idx)
+        cache = model.make_cache(3, max_len=4)
+        pieces = [model(idx[:, a:b], cache=cache).logits for a, b in ((0, 4), (4, 5), (5, 11))]
+        torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+        cache.pos = 9
+        torch.testing.assert_close(model(idx[:, 9:], cache=cache).logits, full[:, 9:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("arch,bias", VARIANTS)
 @pytest.mark.parametrize("tie", [True, False])
 def test_closed_form_size_and_flops(arch, bias, tie):
@@ -165,6 +211,42 @@ def test_lstm_runs_under_cpu_autocast(dtype):
         loss = model(idx[:, :-1], idx[:, 1:]).loss  # a training step's forward and backward, as train() runs them
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_cpu_lstm_under_autocast_is_measured_against_the_float32_peak(tmp_path: Path, corpus_file: Path,
+                                                                        monkeypatch):
+    """Its recurrence runs in float32 under a CPU autocast (test_lstm_runs_under_cpu_autocast), but its MFU divided
+    by the bf16 peak: 475 % on this CPU, whose bf16 products are ~10x slower than its fp32 ones."""
+    import importlib
+
+    asked = []  # the package's `train` is the function: the module by its full name
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "peak_flops",
+                        lambda device, dtype: asked.append(dtype) or 1e12)
+    data = training_data(corpus_file, "char")
+    for arch in ("lstm", "rnn"):
+        train(ModelConfig(arch=arch, n_layer=1, n_embd=16, block_size=16),
+              TrainConfig(max_iters=1, eval_batches=1, batch_size=2, warmup_iters=0, device="cpu", dtype="bfloat16"),
+              data, tmp_path / arch, progress=False)
+    assert asked == [torch.float32, torch.bfloat16]  # the RNN runs in bf16 under autocast (on its list)
+
+
+def test_activation_checkpointing_of_a_recurrent_model_is_refused_before_the_data(tmp_path: Path,
+                                                                                   corpus_file: Path, capsys,
+                                                                                   monkeypatch):
+    """It was refused by parallelize, once the corpus had been tokenized (minutes for a large one)."""
+    import importlib
+
+    def prepare(*args, **kwargs):
+        raise AssertionError("the data was prepared first")
+
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "training_data", prepare)
+    code, out, err = tlm(capsys, "train", corpus_file, "--out", tmp_path / "run", "--tokenizer", "char",
+                         "--model.arch", "rnn", "--train.activation_checkpointing", "true")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "train.activation_checkpointing recomputes Transformer blocks; an rnn model has none" in err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="an lstm model has none"):  # the API's train() too
+        train(ModelConfig(arch="lstm"), TrainConfig(activation_checkpointing=True), None, tmp_path / "api")
 
 
 def test_a_recurrent_model_decodes_eagerly_when_asked_to_compile(monkeypatch, caplog):
@@ -274,6 +356,9 @@ def test_cli_train_sample_eval_lstm_end_to_end(tmp_path: Path, corpus_file: Path
 
     code, out, err = tlm(capsys, "info", run)
     assert code == 0 and f"{count_params(ModelConfig.from_dict(config)).total:,}" in out
+    # its FLOPs do not depend on the context (it read "(context 32)", the block size)
+    forward = flops_per_token(ModelConfig.from_dict(config))["forward"]
+    assert f"{forward:,.0f}   (no attention: any context)" in out
 
     for argv, match in ((["attention", run, "def a", "--out", tmp_path / "attn"], "no attention weights"),
                         (["export", run, "--out", tmp_path / "hf"], "cannot export an lstm model"),

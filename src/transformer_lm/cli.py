@@ -185,7 +185,7 @@ def cmd_prepare(a: Namespace) -> None:
 def cmd_train(a: Namespace) -> int:
     from .parallel import dist_from_env
     from .runtime import resolve_device
-    from .train import check_resumable, resumed_data, train, training_data
+    from .train import check_resumable, check_settings, resumed_data, train, training_data
 
     for key in ("model", "train"):  # a --config file may set a section to null or a list
         if not isinstance(a.get(key), Namespace):
@@ -197,6 +197,7 @@ def cmd_train(a: Namespace) -> int:
     model_cfg = ModelConfig(**a.model.as_dict())
     train_cfg = TrainConfig(**a.train.as_dict())
     resolve_device(train_cfg.device)  # an unavailable device, before the data is prepared
+    check_settings(model_cfg, train_cfg)  # and settings the model cannot take
     data_arg = a.get("data")
     source = os.path.abspath(data_arg) if data_arg else "python-stdlib"  # absolute: --resume may run elsewhere
     if a.resume:
@@ -311,7 +312,8 @@ def cmd_info(a: Namespace) -> None:
     print(f"{'parameters':<28}{p.total:>18,}")
     print(f"{'  non-embedding':<28}{p.non_embedding:>18,}")
     print(f"{'  embedding tables':<28}{p.embedding:>18,}")
-    print(f"{'FLOPs/token forward':<28}{fl['forward']:>18,.0f}   (context {cfg.block_size})")
+    context = f"context {cfg.block_size}" if cfg.arch == "transformer" else "no attention: any context"
+    print(f"{'FLOPs/token forward':<28}{fl['forward']:>18,.0f}   ({context})")
     print(f"{'FLOPs/token training':<28}{fl['train']:>18,.0f}   (3x forward)")
     for k in ("weights", "gradients", "optimizer", "total"):
         print(f"{'memory ' + k + (' (AdamW)' if k == 'optimizer' else ''):<28}{_gib(mem[k]):>18}")

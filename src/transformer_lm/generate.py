@@ -109,12 +109,12 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     With the cache, the prompt is processed once and each step runs the model on the newest token only. When the
     window fills up, the cache is rebuilt from the last half window (amortized cost instead of a full recompute per
     token); the prompt's first `keep` ids (its BOS, for models trained with one) stay at the window's start through
-    cropping and rebuilds, as llama.cpp's context shift keeps them. `use_cache=False` recomputes everything every
-    step: the slow reference the cache is tested against. `compile` compiles the decode step (decode.py; a
-    Transformer's only: `compiles`). Tokens
-    stay on the device and reach the host `sync_every` at a time (default: 1 on CPU, where reading a tensor costs
-    nothing; 8 elsewhere), and are checked for a stop id there: a chunk's ids past one are dropped, no extra sync.
-    `stats` receives the timings.
+    cropping and rebuilds, as llama.cpp's context shift keeps them. A recurrent model has no window: its whole prompt
+    goes in and its state carries on past block_size, never cropped or rebuilt. `use_cache=False` recomputes
+    everything every step: the slow reference the cache is tested against. `compile` compiles the decode step
+    (decode.py; a Transformer's only: `compiles`). Tokens stay on the device and reach the host `sync_every` at a
+    time (default: 1 on CPU, where reading a tensor costs nothing; 8 elsewhere), and are checked for a stop id
+    there: a chunk's ids past one are dropped, no extra sync. `stats` receives the timings.
     `vocab_size` limits the ids drawn (sample_next).
     The model keeps its KV cache afterwards for the next generation of the same length (decode.lent_cache;
     decode.release_cache(model) frees it).
@@ -125,7 +125,8 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     was_training = model.training
     model.eval()
-    ids = crop_prompt(prompt, model.config.block_size, keep)
+    windowed = isinstance(model, Transformer)  # a recurrent model's state holds all it has read: it has no window
+    ids = crop_prompt(prompt, model.config.block_size, keep) if windowed else list(prompt)
     try:
         if use_cache:
             yield from _generate_cached(model, ids, max_new_tokens, temperature, top_k, top_p, generator,
@@ -133,7 +134,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
             return
         device = model.tok_emb.weight.device
         for _ in range(max_new_tokens):
-            x = torch.tensor([window(ids, model.config.block_size, keep)], device=device)
+            x = torch.tensor([window(ids, model.config.block_size, keep) if windowed else ids], device=device)
             logits = model(x, last_only=True).logits
             ids.append(int(sample_next(logits[:, -1], temperature, top_k, top_p, generator, vocab_size)))
             yield ids[-1]
@@ -153,6 +154,7 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
     step = decode_step(compile, device)
     # the cache holds at most what this call writes: imported models have contexts of 32K-128K positions
     max_len = min(block, len(ids) + max_new_tokens)
+    limit = max_len if isinstance(model, Transformer) else None  # a recurrent model's ring of states never fills
     stats = stats if stats is not None else DecodeStats()
     with lent_cache(model, 1, max_len) as cache:
         start = now(device)
@@ -167,7 +169,7 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
                 drawn.append(sample_next(logits, temperature, top_k, top_p, generator, vocab_size))  # (1,), on device
                 if produced + len(drawn) == max_new_tokens:
                     break  # the last token needs no forward
-                if filled == max_len:
+                if filled == limit:
                     full = True  # no slot for the new token: restart, which needs the ids on the host
                     break
                 logits = step(model, cache, drawn[-1][:, None], None, None)
@@ -278,7 +280,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     Prompts are left-padded to the longest and prefilled in one forward; each row gets its own positions (counted
     from its first real token) and a key mask hides the padding, so every row sees exactly the positions and context
     that generate() gives it alone, and greedy ids are the same (for a model with float or weight-only quantized
-    weights; w8a8's activation scale is the whole call's, so there they may differ: quantize.py).
+    weights; w8a8's activation scale is the whole call's, so there they may differ: quantize.py). A Transformer's
+    prompts and new ids must fit its context window; a recurrent model has none.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generation needs non-empty prompts")
@@ -288,7 +291,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
         return [[] for _ in prompts]
     lens = [len(p) for p in prompts]
     longest, B = max(lens), len(prompts)
-    if longest + max_new_tokens - 1 > model.config.block_size:  # the last draw needs no forward
+    # the last draw needs no forward; a recurrent model has no window to fit
+    if longest + max_new_tokens - 1 > model.config.block_size and isinstance(model, Transformer):
         raise ValueError(f"the longest prompt ({longest} tokens) plus {max_new_tokens} new tokens exceeds the "
                          f"context window of {model.config.block_size}; generate those prompts one by one")
     was_training = model.training
@@ -301,7 +305,7 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     positions = (torch.arange(longest, device=device)[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
     out = []
     try:
-        with lent_cache(model, B, longest + max_new_tokens - 1) as cache:
+        with lent_cache(model, B, min(model.config.block_size, longest + max_new_tokens - 1)) as cache:
             logits = prefill(model, cache, ids, positions, key_mask)
             for i in range(max_new_tokens):
                 nxt = sample_next(logits, temperature, top_k, top_p, generator, vocab_size)  # (B,)

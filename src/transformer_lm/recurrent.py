@@ -5,8 +5,9 @@ token embedding → dropout → n_layer × (LSTM | tanh RNN) of width n_embd →
 
 A RecurrentLM is trained, checkpointed, sampled and evaluated by the same code as the Transformer: forward(idx,
 targets, cache=..., last_only=...) -> LMOutput, init_weights(seed), num_params(), make_cache(). What replaces the KV
-cache is the hidden state: RecurrentCache keeps the state after every position written, so moving `pos` back (a
-restart, or speculative decoding dropping rejected proposals) is exact, as it is for a KV cache.
+cache is the hidden state: RecurrentCache keeps the state after each of the last positions written, so moving `pos`
+back (a restart, or speculative decoding dropping rejected proposals) is exact, as it is for a KV cache; and since
+it keeps only the last ones, a generation goes on past block_size (the training window) with its state carried.
 
 Without a cache the whole sequence goes through torch's fused nn.LSTM / nn.RNN; with a cache (or a padding mask) the
 model steps through time one position at a time, recording each state.
@@ -40,11 +41,19 @@ def warn_unused_fields(config: ModelConfig) -> None:
                     ", ".join(f"model.{k}={v}" for k, v in unused.items()))
 
 
+def runs_in_float32(config: ModelConfig, device: torch.device) -> bool:
+    """Whether the recurrence of `config`'s model runs in float32 under any autocast on `device` (an LSTM on a CPU:
+    RecurrentLM._recur), so that its FLOPs, nearly all of them, are measured against the float32 peak."""
+    return config.arch == "lstm" and device.type == "cpu"
+
+
 class RecurrentCache(nn.Module):
-    """The hidden state after each position: h (and the LSTM's cell c) of every layer, preallocated like a KV cache.
+    """The hidden state after each of the last max_len positions: h (and the LSTM's cell c) of every layer,
+    preallocated like a KV cache, in a ring (the state after position p in slot p % max_len).
 
     `pos` is the number of positions consumed; the state to continue from is the one written after position pos-1
-    (zeros at pos 0), so setting `pos` to any earlier value rewinds exactly.
+    (zeros at pos 0), so setting `pos` back by less than max_len (or to 0) rewinds exactly. Unlike a KV cache it
+    never fills up: a recurrent model has no context window, and its state carries on past max_len positions.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int | None = None,
@@ -62,7 +71,8 @@ class RecurrentCache(nn.Module):
         if self.pos == 0:
             h = torch.zeros_like(self.h[0])
             return h if self.c is None else (h, torch.zeros_like(h))
-        return self.h[self.pos - 1] if self.c is None else (self.h[self.pos - 1], self.c[self.pos - 1])
+        slot = (self.pos - 1) % self.max_len
+        return self.h[slot] if self.c is None else (self.h[slot], self.c[slot])
 
     def reset(self) -> None:
         """Start over from the zero state."""
@@ -70,10 +80,11 @@ class RecurrentCache(nn.Module):
 
     def write(self, position: int, state: State) -> None:
         """Record the state after absolute `position` (0-based)."""
+        slot = position % self.max_len
         if self.c is None:
-            self.h[position] = state
+            self.h[slot] = state
         else:
-            self.h[position], self.c[position] = state
+            self.h[slot], self.c[slot] = state
 
 
 class RecurrentLM(nn.Module):
@@ -161,7 +172,7 @@ class RecurrentLM(nn.Module):
         oneDNN LSTM kernel fails to build ("could not create a primitive descriptor", so `--train.dtype bfloat16`
         crashed at the first step). The LSTM is on none of CPU autocast's lists: without oneDNN it runs in float32
         under autocast too, as it does here; the LM head after it still runs in the autocast dtype."""
-        if self.config.arch == "lstm" and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        if runs_in_float32(self.config, x.device) and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
                 return self.rnn(x, state)
         return self.rnn(x, state)
@@ -171,8 +182,6 @@ class RecurrentLM(nn.Module):
         """Run the stack one position at a time from the cache's state, writing every new state into the cache."""
         B, T, C = x.shape
         start = cache.pos if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"{start + T} positions exceed the cache of {cache.max_len}; make a larger cache")
         if cache is not None:
             state = cache.state()
         else:

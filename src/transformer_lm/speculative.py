@@ -71,8 +71,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
 
     While prompt + output fit in the target's context window the greedy ids equal generate()'s (except with a w8a8
     target, whose activation scale is the whole call's: quantize.py), whatever the draft's window; past its own
-    window, each model restarts from the last half of it (as generate() does, though not at the same token, so long
-    greedy outputs may differ).
+    window, each model restarts from the last half of it (as generate() does with a Transformer, though not at the
+    same token, and never with a recurrent model, whose state it carries on: so long greedy outputs may differ).
     """
     if not prompt:
         raise ValueError("generation needs a non-empty prompt")

@@ -68,7 +68,7 @@ from .parallel import (
     parallelize,
 )
 from .perf import mfu, peak_flops
-from .recurrent import warn_unused_fields
+from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
 from .tokenizers import TOKENIZER_KINDS, build_tokenizer, load_tokenizer, save_tokenizer
 
@@ -180,6 +180,14 @@ def _stamp(path: Path) -> tuple[str, int, int, int]:
     return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def check_settings(model_config: ModelConfig, cfg: TrainConfig) -> None:
+    """Refuse training settings the model cannot take, before any data is prepared: activation checkpointing of a
+    recurrent model, which has no blocks to recompute, was refused only once the corpus had been tokenized."""
+    if cfg.activation_checkpointing and model_config.arch != "transformer":
+        raise ConfigError(f"train.activation_checkpointing recomputes Transformer blocks; an {model_config.arch} "
+                          "model has none: drop the option")
+
+
 def check_resumable(run_dir: str | Path) -> None:
     """Raise CheckpointError unless `run_dir` holds a checkpoint to resume from."""
     if latest_checkpoint(Path(run_dir)) is None:
@@ -263,6 +271,7 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
     Started by torchrun (WORLD_SIZE > 1), each process trains its share of every batch (see `parallel`), joined as
     `cfg.parallel` says; rank 0 alone writes the run folder and shows progress."""
     info = dist_from_env()
+    check_settings(model_config, cfg)
     check_batch(cfg.batch_size, info)  # before any process group exists: every rank fails the same way
     device = device_for(info, cfg.device)
     with distributed(info, device, cfg.dist_timeout):
@@ -288,7 +297,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     if sharded and cfg.optimizer == "muon":
         raise ConfigError("train.optimizer=muon needs whole weight matrices; use --train.parallel ddp with muon")
     check_memory(model_config, cfg, info, device, amp_dtype)
-    peak = peak_flops(device, amp_dtype)  # for MFU: a datasheet figure, or a matmul timed now
+    # for MFU: a datasheet figure, or a matmul timed now; of float32 for a CPU LSTM, whose recurrence runs in it
+    # under any autocast (against this CPU's bf16 peak, a bf16 run's MFU read 475 %)
+    peak = peak_flops(device, torch.float32 if runs_in_float32(model_config, device) else amp_dtype)
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(device).init_weights(cfg.seed)
     folder = latest_checkpoint(run_dir) if resuming else None

@@ -64,11 +64,13 @@ def test_static_cache_logits_and_greedy_equal_full_recompute(name):
         # fp32 rounding only (logits up to ~10 here, differently summed in a longer masked attention)
         torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
 
-        # the buffers hold what the dynamic cache holds, at the same slots
+        # the buffers hold what the dynamic cache holds, at the same slots, up to the same fp32 rounding: a 9-row
+        # prefill, one-row steps and one 30-row forward are differently shaped matmuls (2-4e-6 apart in layer 0 on
+        # this CPU, 1-2.4e-5 in layer 1, on keys of up to 14: past assert_close's default atol of 1e-5)
         dynamic = KVCache(config, 2)
         model(idx, cache=dynamic)
-        torch.testing.assert_close(cache.k, dynamic.k[:, :, :, :30])
-        torch.testing.assert_close(cache.v, dynamic.v[:, :, :, :30])
+        torch.testing.assert_close(cache.k, dynamic.k[:, :, :, :30], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.v, dynamic.v[:, :, :, :30], atol=1e-4, rtol=1e-4)
 
     prompt = idx[0, :6].tolist()
     greedy = list(generate(model, prompt, 20, temperature=0))  # generate() decodes with the static cache

@@ -41,7 +41,7 @@ class _Window:
     def __init__(self, model: nn.Module, needed: int, keep: int) -> None:
         block = model.config.block_size
         self.cache = model.make_cache(1, max_len=min(block, needed), dtype=activation_dtype(model))
-        self.limit = min(block, self.cache.max_len)  # positions the cache holds
+        self.limit = self.cache.max_len  # positions the cache holds (no more than the block)
         self.half = max(1, block // 2)
         self.keep = min(keep, self.half - 1)
         self.start = 0

@@ -74,6 +74,17 @@ def until_stop(ids: list[int], stop_ids: Collection[int]) -> tuple[list[int], bo
     return (ids, False) if end is None else (ids[:end + 1], True)
 
 
+def check_prompt(prompt: Sequence[int], table: int) -> None:
+    """Raise ValueError unless `prompt` is non-empty and its ids index the `table` rows of the model's embedding:
+    torch's own error, 'index out of range in self', names neither the id nor the table."""
+    if len(prompt) == 0:
+        raise ValueError("generation needs a non-empty prompt")
+    bad = next((t for t in prompt if not 0 <= t < table), None)
+    if bad is not None:
+        raise ValueError(f"prompt id {bad} is outside the model's embedding table of {table} rows; encode the prompt "
+                         "with the model's own tokenizer")
+
+
 def crop_prompt(ids: Sequence[int], block_size: int, keep: int = 0) -> list[int]:
     """Keep block_size - 1 ids (at least one), leaving room for a new token: the first `keep` and the last."""
     ids = list(ids)
@@ -106,8 +117,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     The model keeps its KV cache afterwards for the next generation of the same length (decode.lent_cache;
     decode.release_cache(model) frees it).
     """
-    if not prompt:
-        raise ValueError("generation needs a non-empty prompt")
+    check_prompt(prompt, model.config.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     was_training = model.training
@@ -267,8 +277,8 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     that generate() gives it alone, and greedy ids are the same (for a model with float or weight-only quantized
     weights; w8a8's activation scale is the whole call's, so there they may differ: quantize.py).
     """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generation needs non-empty prompts")
+    for p in prompts:
+        check_prompt(p, model.config.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not prompts or max_new_tokens == 0:

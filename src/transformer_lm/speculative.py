@@ -16,7 +16,7 @@ from torch import nn
 
 from .decode import activation_dtype
 from .errors import ConfigError
-from .generate import crop_prompt, next_token_probs, until_stop
+from .generate import check_prompt, crop_prompt, next_token_probs, until_stop
 from .model import Transformer
 
 
@@ -74,8 +74,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     window, each model restarts from the last half of it (as generate() does, though not at the same token, so long
     greedy outputs may differ).
     """
-    if not prompt:
-        raise ValueError("generation needs a non-empty prompt")
+    check_prompt(prompt, min(target.config.vocab_size, draft.config.vocab_size))
     if k < 1:
         raise ConfigError(f"speculative decoding needs k >= 1 draft tokens per step, got {k}")
     check_draft(target, draft, vocab_size)

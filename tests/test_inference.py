@@ -485,6 +485,8 @@ def test_batched_generation_equals_one_by_one(variant):
         generate_batch(model, prompts, -3)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):  # was torch's "Dimension size" error
         list(generate(model, [1], -3))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):  # was an empty result, silently
+        list(speculative_generate(model, model, [1], -3))
     with pytest.raises(ValueError, match="context window"):
         generate_batch(model, prompts, 60)
     # ids another tokenizer made: torch's "index out of range in self" named neither the id nor the table

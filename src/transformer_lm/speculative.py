@@ -75,6 +75,8 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     greedy outputs may differ).
     """
     check_prompt(prompt, min(target.config.vocab_size, draft.config.vocab_size))
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if k < 1:
         raise ConfigError(f"speculative decoding needs k >= 1 draft tokens per step, got {k}")
     check_draft(target, draft, vocab_size)

@@ -26,6 +26,7 @@ from transformer_lm.decode import (
 from transformer_lm.errors import ConfigError
 from transformer_lm.generate import generate, generate_batch, sample_next
 from transformer_lm.model import KVCache, Transformer
+from transformer_lm.speculative import speculative_generate
 
 CONFIGS = {
     "learned": dict(pos_encoding="learned"),
@@ -204,6 +205,35 @@ def test_decode_tokens_per_s_counts_the_forwards_the_decode_time_holds(n, monkey
         assert math.isnan(stats.decode_tokens_per_s)
     else:
         assert stats.decode_tokens_per_s == pytest.approx((len(calls) - 1) / stats.decode_s)
+
+PATHS = {"generate": lambda m, p, n, **kw: list(generate(m, p, n, **kw)),
+         "batch": lambda m, p, n, **kw: generate_batch(m, [[1], p], n, **kw),
+         "speculative": lambda m, p, n, **kw: list(speculative_generate(m, m, p, n, **kw))}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_generation_refuses_arguments_with_no_meaning(path):
+    """What SampleConfig refuses, refused by the functions that take it directly: a temperature of -0.01 drew the
+    least likely id, top_k 0 failed inside torch, top_p 0 and a NaN temperature drew id 0 every time; an id of
+    another tokenizer was torch's 'index out of range in self', naming neither it nor the table; speculative
+    decoding of -3 tokens returned nothing."""
+    model, run = random_model(tiny_config(vocab_size=61)), PATHS[path]
+    for bad, match in ((dict(temperature=-0.01), "temperature must be >= 0"),
+                       (dict(temperature=float("nan")), "temperature must be >= 0"),
+                       (dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), r"top_p must be in \(0, 1\]")):
+        with pytest.raises(ConfigError, match=match):
+            run(model, [1], 3, **bad)
+    for bad in (61, -1):
+        with pytest.raises(ValueError, match=f"prompt id {bad} is outside the model's embedding table of 61 rows"):
+            run(model, [5, bad], 3)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        run(model, [], 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        run(model, [1], -3)
+    # a draft's smaller table bounds the ids too
+    target = random_model(tiny_config(vocab_size=70, n_layer=1))
+    with pytest.raises(ValueError, match="embedding table of 61 rows"):
+        list(speculative_generate(target, model, [5, 65], 3, vocab_size=61))
 
 def test_cli_sample_verbose_reports_decode_speed_and_mbu(tmp_path, corpus_file, capsys):
     from transformer_lm.cli import main

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator, Sequence
 
 import torch
 
-from .config import SampleConfig
+from .config import SampleConfig, check_sampling
 from .decode import DecodeStats, decode_step, lent_cache, prefill
 from .model import Transformer
 from .perf import now
@@ -120,6 +120,7 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     check_prompt(prompt, model.config.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     ids = crop_prompt(prompt, model.config.block_size, keep)
@@ -281,6 +282,7 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
         check_prompt(p, model.config.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     if not prompts or max_new_tokens == 0:
         return [[] for _ in prompts]
     lens = [len(p) for p in prompts]

@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterator, Sequence
 import torch
 from torch import nn
 
+from .config import check_sampling
 from .decode import activation_dtype
 from .errors import ConfigError
 from .generate import check_prompt, crop_prompt, next_token_probs, until_stop
@@ -77,6 +78,7 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     check_prompt(prompt, min(target.config.vocab_size, draft.config.vocab_size))
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     if k < 1:
         raise ConfigError(f"speculative decoding needs k >= 1 draft tokens per step, got {k}")
     check_draft(target, draft, vocab_size)

@@ -128,7 +128,7 @@ def test_a_stop_string_with_a_literal_backslash_escape_is_warned_of(trained_run:
 def test_long_prompt_is_cropped_with_a_warning(trained_run: Path, capsys, caplog):
     code, out, _ = tlm(capsys, "sample", trained_run, "def " * 40, "--max_new_tokens", "5", "--seed", "1")
     assert code == 0
-    assert "longer than the context window" in caplog.text
+    assert "leaves no room for a new token in the context window" in caplog.text
 
 
 def test_info_preset_and_override(capsys):

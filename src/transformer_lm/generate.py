@@ -90,7 +90,8 @@ def crop_prompt(ids: Sequence[int], block_size: int, keep: int = 0) -> list[int]
     ids = list(ids)
     size = max(1, block_size - 1)
     if len(ids) > size:
-        log.warning("prompt of %d tokens is longer than the context window (%d): keeping its last %d tokens%s",
+        log.warning("prompt of %d tokens leaves no room for a new token in the context window (%d): keeping its "
+                    "last %d tokens%s",
                     len(ids), block_size, size - min(keep, size - 1), " after BOS" if keep else "")
         ids = window(ids, size, keep)
     return ids

@@ -139,6 +139,19 @@ def test_generations_reuse_the_models_cache_and_match_fresh_ones():
         full_recompute_greedy(model, p, 9) for p in prompts]
 
 
+def test_a_cache_kept_from_inference_mode_is_not_written_outside_it():
+    """A generation under torch.inference_mode() (as inference scripts run it) left the model a cache of inference
+    tensors, and the next generation outside that mode died writing it: 'Inplace update to inference tensor outside
+    InferenceMode is not allowed'. Either order now gives the same ids."""
+    model = random_model(tiny_config(), seed=4, std=0.5)
+    prompt = [3, 1, 4, 1, 5]
+    ref = full_recompute_greedy(model, prompt, 12)
+    for _ in range(2):
+        with torch.inference_mode():
+            assert list(generate(model, prompt, 12, temperature=0)) == ref
+        assert list(generate(model, prompt, 12, temperature=0)) == ref
+        assert generate_batch(model, [prompt, [2]], 12)[0] == ref
+
 def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
     config = tiny_config()
     model = random_model(config)

@@ -501,6 +501,15 @@ def test_sample_into_a_closed_pipe_stops_quietly(trained_run: Path):
     assert "Traceback" not in err and "BrokenPipeError" not in err
 
 
+def test_sample_into_an_encoding_without_its_characters_escapes_them(trained_run: Path):
+    """Standard output in latin-1 (or a Windows file in cp1252) cannot hold '✓': the prompt's or a sample's such
+    character was a UnicodeEncodeError traceback; it is written escaped, as Python writes them to stderr."""
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    proc = subprocess.run([sys.executable, "-m", "transformer_lm.cli", "sample", str(trained_run), "a = [b]  # ✓",
+                           "--max_new_tokens", "5", "--greedy", "true"], capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode("latin-1").startswith("a = [b]  # \\u2713")
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_under_torchrun_a_settings_error_is_printed_once(capsys, monkeypatch, rank):
     """Every rank refuses the same bad setting: rank 0 alone says so (each of 8 ranks printed the same line), naming

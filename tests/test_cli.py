@@ -128,7 +128,7 @@ def test_a_stop_string_with_a_literal_backslash_escape_is_warned_of(trained_run:
 def test_long_prompt_is_cropped_with_a_warning(trained_run: Path, capsys, caplog):
     code, out, _ = tlm(capsys, "sample", trained_run, "def " * 40, "--max_new_tokens", "5", "--seed", "1")
     assert code == 0
-    assert "longer than the context window" in caplog.text
+    assert "leaves no room for a new token in the context window" in caplog.text
 
 
 def test_info_preset_and_override(capsys):
@@ -525,6 +525,15 @@ def test_sample_into_a_closed_pipe_stops_quietly(trained_run: Path):
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
 
+
+def test_sample_into_an_encoding_without_its_characters_escapes_them(trained_run: Path):
+    """Standard output in latin-1 (or a Windows file in cp1252) cannot hold '✓': the prompt's or a sample's such
+    character was a UnicodeEncodeError traceback; it is written escaped, as Python writes them to stderr."""
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    proc = subprocess.run([sys.executable, "-m", "transformer_lm.cli", "sample", str(trained_run), "a = [b]  # ✓",
+                           "--max_new_tokens", "5", "--greedy", "true"], capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode("latin-1").startswith("a = [b]  # \\u2713")
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_under_torchrun_a_settings_error_is_printed_once(capsys, monkeypatch, rank):

@@ -26,6 +26,7 @@ from transformer_lm.decode import (
 from transformer_lm.errors import ConfigError
 from transformer_lm.generate import generate, generate_batch, sample_next
 from transformer_lm.model import KVCache, Transformer
+from transformer_lm.speculative import speculative_generate
 
 CONFIGS = {
     "learned": dict(pos_encoding="learned"),
@@ -64,8 +65,9 @@ def test_static_cache_logits_and_greedy_equal_full_recompute(name):
         # fp32 rounding only (logits up to ~10 here, differently summed in a longer masked attention)
         torch.testing.assert_close(torch.stack(steps, 1), full[:, 8:], atol=1e-4, rtol=1e-4)
 
-        # the buffers hold what the dynamic cache holds, at the same slots (layer 1's keys and values come from
-        # layer 0's differently summed attention: the same fp32 rounding, 1.05e-5 seen on a 0.26 value)
+        # the buffers hold what the dynamic cache holds, at the same slots, up to the same fp32 rounding: a 9-row
+        # prefill, one-row steps and one 30-row forward are differently shaped matmuls (2-4e-6 apart in layer 0 on
+        # this CPU, 1-2.4e-5 in layer 1, on keys of up to 14: past assert_close's default atol of 1e-5)
         dynamic = KVCache(config, 2)
         model(idx, cache=dynamic)
         torch.testing.assert_close(cache.k, dynamic.k[:, :, :, :30], atol=1e-4, rtol=1e-4)
@@ -137,6 +139,19 @@ def test_generations_reuse_the_models_cache_and_match_fresh_ones():
         full_recompute_greedy(model, p, 9) for p in prompts]
 
 
+def test_a_cache_kept_from_inference_mode_is_not_written_outside_it():
+    """A generation under torch.inference_mode() (as inference scripts run it) left the model a cache of inference
+    tensors, and the next generation outside that mode died writing it: 'Inplace update to inference tensor outside
+    InferenceMode is not allowed'. Either order now gives the same ids."""
+    model = random_model(tiny_config(), seed=4, std=0.5)
+    prompt = [3, 1, 4, 1, 5]
+    ref = full_recompute_greedy(model, prompt, 12)
+    for _ in range(2):
+        with torch.inference_mode():
+            assert list(generate(model, prompt, 12, temperature=0)) == ref
+        assert list(generate(model, prompt, 12, temperature=0)) == ref
+        assert generate_batch(model, [prompt, [2]], 12)[0] == ref
+
 def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
     config = tiny_config()
     model = random_model(config)
@@ -203,6 +218,35 @@ def test_decode_tokens_per_s_counts_the_forwards_the_decode_time_holds(n, monkey
         assert math.isnan(stats.decode_tokens_per_s)
     else:
         assert stats.decode_tokens_per_s == pytest.approx((len(calls) - 1) / stats.decode_s)
+
+PATHS = {"generate": lambda m, p, n, **kw: list(generate(m, p, n, **kw)),
+         "batch": lambda m, p, n, **kw: generate_batch(m, [[1], p], n, **kw),
+         "speculative": lambda m, p, n, **kw: list(speculative_generate(m, m, p, n, **kw))}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_generation_refuses_arguments_with_no_meaning(path):
+    """What SampleConfig refuses, refused by the functions that take it directly: a temperature of -0.01 drew the
+    least likely id, top_k 0 failed inside torch, top_p 0 and a NaN temperature drew id 0 every time; an id of
+    another tokenizer was torch's 'index out of range in self', naming neither it nor the table; speculative
+    decoding of -3 tokens returned nothing."""
+    model, run = random_model(tiny_config(vocab_size=61)), PATHS[path]
+    for bad, match in ((dict(temperature=-0.01), "temperature must be >= 0"),
+                       (dict(temperature=float("nan")), "temperature must be >= 0"),
+                       (dict(top_k=0), "top_k must be >= 1"), (dict(top_p=0.0), r"top_p must be in \(0, 1\]")):
+        with pytest.raises(ConfigError, match=match):
+            run(model, [1], 3, **bad)
+    for bad in (61, -1):
+        with pytest.raises(ValueError, match=f"prompt id {bad} is outside the model's embedding table of 61 rows"):
+            run(model, [5, bad], 3)
+    with pytest.raises(ValueError, match="non-empty prompt"):
+        run(model, [], 3)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        run(model, [1], -3)
+    # a draft's smaller table bounds the ids too
+    target = random_model(tiny_config(vocab_size=70, n_layer=1))
+    with pytest.raises(ValueError, match="embedding table of 61 rows"):
+        list(speculative_generate(target, model, [5, 65], 3, vocab_size=61))
 
 def test_cli_sample_verbose_reports_decode_speed_and_mbu(tmp_path, corpus_file, capsys):
     from transformer_lm.cli import main

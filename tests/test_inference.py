@@ -234,6 +234,10 @@ def test_int4_group_size_must_divide_the_inputs():
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear | Int4Linear))  # untouched
     with pytest.raises(ConfigError, match="8 or 4"):
         quantize(model, 3)
+    assert parse_quantize("int4:32")["group_size"] == 32
+    for spec in ("int4:", "int8:", "int4:x", "int8:32"):  # "int4:" was int4 in groups of 128, silently
+        with pytest.raises(ConfigError, match="int4:GROUP_SIZE"):
+            parse_quantize(spec)
     odd = random_model(tiny_config(n_embd=12, n_head=2))  # widths 12 and 48: no common group of 16 or more
     with pytest.raises(ConfigError, match=r"or int8 \(no group of 16 or more"):  # int4:8 holds more than int8
         quantize(odd, 4)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -237,6 +238,8 @@ def cmd_sample(a: Namespace) -> None:
         except UnicodeError:
             raise DataError("standard input is not UTF-8 text; convert it first (e.g. with iconv)") from None
     cfg = config_from(SampleConfig, a)
+    if isinstance(sys.stdout, io.TextIOWrapper):  # a file or console in an encoding without some characters
+        sys.stdout.reconfigure(errors="backslashreplace")  # (cp1252, latin-1): escaped, not a traceback mid-sample
     for stop in cfg.stop:  # only a double-quoted list item has its escapes read: '[\n]' and --stop+ '\n' do not
         if re.search(r"\\[ntr]", stop):
             log.warning("--stop item %r is a backslash and a letter, not a control character; for a newline write "

@@ -133,7 +133,9 @@ def lent_cache(model: nn.Module, batch_size: int, max_len: int) -> Iterator[nn.M
         return
     device, dtype = model.tok_emb.weight.device, activation_dtype(model)
     kept = _KEPT.pop(model, None)
-    if kept is not None and (kept.k_0.size(0), kept.max_len, kept.k_0.device, kept.k_0.dtype) == (
+    # a cache made under torch.inference_mode() holds inference tensors, which only that mode may write in place
+    inference = kept is not None and kept.pos.is_inference() and not torch.is_inference_mode_enabled()
+    if kept is not None and not inference and (kept.k_0.size(0), kept.max_len, kept.k_0.device, kept.k_0.dtype) == (
             batch_size, min(max_len, model.config.block_size), device, dtype):
         cache = kept
         cache.reset()

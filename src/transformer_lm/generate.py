@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterator, Sequence
 import torch
 from torch import nn
 
-from .config import SampleConfig
+from .config import SampleConfig, check_sampling
 from .decode import DecodeStats, decode_step, lent_cache, prefill
 from .model import Transformer
 from .perf import now
@@ -86,12 +86,24 @@ def until_stop(ids: list[int], stop_ids: Collection[int]) -> tuple[list[int], bo
     return (ids, False) if end is None else (ids[:end + 1], True)
 
 
+def check_prompt(prompt: Sequence[int], table: int) -> None:
+    """Raise ValueError unless `prompt` is non-empty and its ids index the `table` rows of the model's embedding:
+    torch's own error, 'index out of range in self', names neither the id nor the table."""
+    if len(prompt) == 0:
+        raise ValueError("generation needs a non-empty prompt")
+    bad = next((t for t in prompt if not 0 <= t < table), None)
+    if bad is not None:
+        raise ValueError(f"prompt id {bad} is outside the model's embedding table of {table} rows; encode the prompt "
+                         "with the model's own tokenizer")
+
+
 def crop_prompt(ids: Sequence[int], block_size: int, keep: int = 0) -> list[int]:
     """Keep block_size - 1 ids (at least one), leaving room for a new token: the first `keep` and the last."""
     ids = list(ids)
     size = max(1, block_size - 1)
     if len(ids) > size:
-        log.warning("prompt of %d tokens is longer than the context window (%d): keeping its last %d tokens%s",
+        log.warning("prompt of %d tokens leaves no room for a new token in the context window (%d): keeping its "
+                    "last %d tokens%s",
                     len(ids), block_size, size - min(keep, size - 1), " after BOS" if keep else "")
         ids = window(ids, size, keep)
     return ids
@@ -119,10 +131,10 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
     The model keeps its KV cache afterwards for the next generation of the same length (decode.lent_cache;
     decode.release_cache(model) frees it).
     """
-    if not prompt:
-        raise ValueError("generation needs a non-empty prompt")
+    check_prompt(prompt, model.config.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     windowed = isinstance(model, Transformer)  # a recurrent model's state holds all it has read: it has no window
@@ -283,10 +295,11 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], max_new
     weights; w8a8's activation scale is the whole call's, so there they may differ: quantize.py). A Transformer's
     prompts and new ids must fit its context window; a recurrent model has none.
     """
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("generation needs non-empty prompts")
+    for p in prompts:
+        check_prompt(p, model.config.vocab_size)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     if not prompts or max_new_tokens == 0:
         return [[] for _ in prompts]
     lens = [len(p) for p in prompts]

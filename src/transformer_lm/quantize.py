@@ -352,8 +352,8 @@ def _head_is_tied(model: nn.Module) -> bool:
 def parse_quantize(spec: str) -> dict[str, int | bool]:
     """The CLI's --quantize values as quantize() arguments: 'int8' -> 8 bits, 'w8a8' -> 8 bits with dynamic
     activations, 'int4' -> 4 bits in groups of 128, 'int4:32' -> groups of 32."""
-    name, _, group = spec.partition(":")
+    name, colon, group = spec.partition(":")
     bits = {"int8": 8, "w8a8": 8, "int4": 4}.get(name)
-    if bits is None or (group and (bits == 8 or not group.isdigit())):
+    if bits is None or (colon and (bits == 8 or not group.isdigit())):  # 'int4:' names no group
         raise ConfigError(f"--quantize must be int8, w8a8, int4 or int4:GROUP_SIZE (e.g. int4:32), got {spec!r}")
     return {"bits": bits, "group_size": int(group) if group else 128, "dynamic": name == "w8a8"}

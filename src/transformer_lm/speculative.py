@@ -14,9 +14,10 @@ from collections.abc import Collection, Iterator, Sequence
 import torch
 from torch import nn
 
+from .config import check_sampling
 from .decode import activation_dtype
 from .errors import ConfigError
-from .generate import crop_prompt, next_token_probs, until_stop
+from .generate import check_prompt, crop_prompt, next_token_probs, until_stop
 from .model import Transformer
 
 
@@ -41,7 +42,7 @@ class _Window:
     def __init__(self, model: nn.Module, needed: int, keep: int) -> None:
         block = model.config.block_size
         self.cache = model.make_cache(1, max_len=min(block, needed), dtype=activation_dtype(model))
-        self.limit = min(block, self.cache.max_len)  # positions the cache holds
+        self.limit = self.cache.max_len  # positions the cache holds (no more than the block)
         self.half = max(1, block // 2)
         self.keep = min(keep, self.half - 1)
         self.start = 0
@@ -74,8 +75,10 @@ def speculative_generate(target: Transformer, draft: Transformer, prompt: Sequen
     window, each model restarts from the last half of it (as generate() does with a Transformer, though not at the
     same token, and never with a recurrent model, whose state it carries on: so long greedy outputs may differ).
     """
-    if not prompt:
-        raise ValueError("generation needs a non-empty prompt")
+    check_prompt(prompt, min(target.config.vocab_size, draft.config.vocab_size))
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
     if k < 1:
         raise ConfigError(f"speculative decoding needs k >= 1 draft tokens per step, got {k}")
     check_draft(target, draft, vocab_size)

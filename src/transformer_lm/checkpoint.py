@@ -46,9 +46,31 @@ def fsync_dir(path: Path) -> None:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """safetensors' save_file, with the mode open() gives a new file (0666 less the umask): save_file makes it
-    0600, so others on a shared file system could not load a run their group may read."""
-    save_file(tensors, str(path), metadata=metadata)
+    0600, so others on a shared file system could not load a run their group may read. A failed write (a full
+    disk) is raised as the OSError it is, which the CLI reports in one line: safetensors raises its own
+    SafetensorError, and `tlm train` ended in its traceback."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     share(path)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save, with a failed write (a full disk) raised as the OSError it is, naming the file: torch's zip
+    writer reports it as a RuntimeError ('unexpected pos 576 vs 534'), from which a Python file object's write
+    keeps the OSError as the context (a path given to torch.save keeps nothing)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except (RuntimeError, OSError) as e:
+        err = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(err, OSError) or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def share(path: str | Path) -> None:
@@ -172,8 +194,12 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step
     tmp = begin_checkpoint(run_dir, step)
     if tmp is None:  # this step is already saved (e.g. Ctrl-C right after an eval checkpoint)
         return Path(run_dir) / "checkpoints" / _step_dir(step)
-    save_tensors(weights_of(model), tmp / "model.safetensors", metadata={"step": str(step)})
-    return commit_checkpoint(run_dir, tmp, step, state)
+    try:
+        save_tensors(weights_of(model), tmp / "model.safetensors", metadata={"step": str(step)})
+        return commit_checkpoint(run_dir, tmp, step, state)
+    except BaseException:  # a full disk: give back the space the partial checkpoint holds; the previous one stands
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _step_dir(step: int) -> str:
@@ -199,7 +225,7 @@ def commit_checkpoint(run_dir: Path, tmp: Path, step: int, state: dict[str, Any]
     crash left (between the pointer's move and the deletion, or mid-save), which would otherwise stay for good."""
     root = Path(run_dir) / "checkpoints"
     final = root / _step_dir(step)
-    torch.save(state, tmp / "state.pt")
+    save_torch(state, tmp / "state.pt")
     for f in tmp.rglob("*"):
         if f.is_file():
             _fsync_file(f)

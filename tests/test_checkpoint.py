@@ -50,3 +50,32 @@ def test_a_refused_write_is_an_os_error_naming_the_file(tmp_path: Path, part: st
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
     ckpt.save_checkpoint(tmp_path, model, big_state, 2)
     assert torch.equal(ckpt.load_state(ckpt.latest_checkpoint(tmp_path))["optimizer"], big_state["optimizer"])
+
+
+class _Payload:
+    """Pickles as a call of open(marker, "w"): loading it with pickle would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.marker), "w")
+
+
+def test_a_state_file_that_would_run_code_is_refused_in_one_short_line(tmp_path: Path) -> None:
+    """torch's weights_only refusal reached the CLI whole: a page of text advising weights_only=False and
+    add_safe_globals (with terminal escape codes), where the point is that tlm never writes such a file."""
+    folder = tmp_path / "step"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    torch.save({"step": 1, "rng": _Payload(marker)}, folder / "state.pt")
+    with pytest.raises(ckpt.CheckpointError, match=r"names the Python object [\w.]*open.*intact copy") as info:
+        ckpt.load_state(folder)
+    assert not marker.exists()
+    assert "weights_only" not in str(info.value) and "\n" not in str(info.value) and len(str(info.value)) < 300
+    good = folder / "state.pt"
+    torch.save({"step": 1}, good)
+    good.write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=r"truncated or corrupt \(RuntimeError: PytorchStreamReader") as info:
+        ckpt.load_state(folder)
+    assert len(str(info.value)) < 300

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -404,10 +405,23 @@ def _check_fits(path: Path, shapes: dict[str, torch.Size], expected: dict[str, t
 
 
 def load_state(folder: Path) -> dict[str, Any]:
+    """The training state, read with weights_only=True: a file that names Python objects to rebuild (which would run
+    their code) is refused with one short line. torch's own text, which the CLI printed whole, is a page long and
+    advises weights_only=False or add_safe_globals, neither of which tlm should take."""
     path = Path(folder) / "state.pt"
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError as e:
         raise CheckpointError(f"missing training state {path}") from e
+    except pickle.UnpicklingError as e:
+        name = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if name:
+            raise CheckpointError(f"training state {path} names the Python object {name.group(1)}, which only running "
+                                  "code from the file could rebuild: not a state tlm wrote, and it will not be loaded; "
+                                  "resume from an intact copy of the run folder") from e
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise CheckpointError(f"training state {path} is truncated or corrupt "
+                              f"({why.group(1).strip() if why else _first_line(e)})") from e
     except Exception as e:  # torch raises a variety of types for a truncated or foreign file
-        raise CheckpointError(f"training state {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
+        first = re.split(r"(?<=\.)\s", _first_line(e), maxsplit=1)[0]  # torch's next sentences are advice
+        raise CheckpointError(f"training state {path} is truncated or corrupt ({first})") from e

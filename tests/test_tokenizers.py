@@ -378,3 +378,24 @@ def test_num_bytes_counts_the_text_and_not_the_separators():
     bpe = BPETokenizer.train([text * 20], vocab_size=300)
     ids = [*bpe.encode(text), bpe.eot_id, *bpe.encode(text)]
     assert bpe.num_bytes(ids) == 2 * len(text.encode())
+
+
+def test_num_bytes_counts_no_bytes_for_an_imported_bos():
+    """An imported tokenizer.json whose post-processor puts BOS first (Llama 3's template): bits per byte took the
+    decoded '<|begin_of_text|>' (17 bytes) off the text's bytes, 3.4x too few bytes per token on a 24-byte text."""
+    from tokenizers import processors
+
+    from transformer_lm.evaluate import predicted_bytes_per_token
+    from transformer_lm.tokenizers import HFFileTokenizer
+
+    bos = "<|begin_of_text|>"
+    hf = BPETokenizer.train(CORPUS, vocab_size=300).hf
+    hf.add_special_tokens([bos])
+    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, hf.token_to_id(bos))])
+    tok = HFFileTokenizer(hf, EOT, bos)
+    text = "naïve — 日本\nhello there"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id and tok.decode(ids) == bos + text  # as `tokenizers` decodes it
+    assert tok.num_bytes(ids) == len(text.encode())
+    np = pytest.importorskip("numpy")
+    assert predicted_bytes_per_token(tok, np.array(ids), len(text.encode())) == len(text.encode()) / (len(ids) - 1)

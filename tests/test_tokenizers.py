@@ -281,6 +281,14 @@ def test_gpt2_loader_equals_reference_bpe_on_varied_text(toks: dict[str, Tokeniz
     assert tok.encode(" the aaaaa") == [merged[b" the"], merged[b" a"], merged[b"aaaa"]]
 
 
+def test_bpe_trained_on_one_string_learns_its_merges() -> None:
+    """A string passed as the texts was iterated character by character: a BPE of the bytes alone (257 ids)."""
+    text = "".join(CORPUS) * 3
+    one, listed = build_tokenizer("bpe", text, vocab_size=400), build_tokenizer("bpe", [text], vocab_size=400)
+    assert one.vocab_size == listed.vocab_size == 400
+    assert one.encode(PARAGRAPH) == listed.encode(PARAGRAPH)
+
+
 def test_vocab_size_is_ignored_by_kinds_whose_size_is_fixed(small_gpt2_dir: Path) -> None:
     assert build_tokenizer("byte", vocab_size=4096).vocab_size == 256
     assert build_tokenizer("char", ["ab"], vocab_size=4096).vocab_size == 2

@@ -230,7 +230,10 @@ class BPETokenizer(_HFTokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> BPETokenizer:
-        """The vocabulary may come out smaller than `vocab_size` when the corpus runs out of pairs to merge."""
+        """The vocabulary may come out smaller than `vocab_size` when the corpus runs out of pairs to merge. One
+        string is one text: iterated, it was a stream of one-character texts, with no pair to merge (257 ids)."""
+        if isinstance(texts, str):
+            texts = [texts]
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
             raise ConfigError(f"bpe vocab_size must be an integer >= 257 (256 bytes + {EOT}), got {vocab_size!r}")
         hf = _byte_level(models.BPE())
@@ -401,9 +404,9 @@ def build_tokenizer(
 ) -> Tokenizer:
     """Build a tokenizer of `kind`.
 
-    `texts` (a stream is fine) trains `char` and `bpe` and is ignored by the others. `vocab_size` is the BPE
-    target (default 4096); the other kinds ignore it, as their size is fixed by their data, so a CLI can pass its
-    default for every kind. `gpt2_dir` holds GPT-2's `encoder.json` and `vocab.bpe`.
+    `texts` (a stream is fine, or one string) trains `char` and `bpe` and is ignored by the others. `vocab_size` is
+    the BPE target (default 4096); the other kinds ignore it, as their size is fixed by their data, so a CLI can pass
+    its default for every kind. `gpt2_dir` holds GPT-2's `encoder.json` and `vocab.bpe`.
     """
     if kind not in TOKENIZER_KINDS:
         raise _unknown_kind(kind)

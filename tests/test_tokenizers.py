@@ -407,3 +407,22 @@ def test_num_bytes_counts_no_bytes_for_an_imported_bos():
     assert tok.num_bytes(ids) == len(text.encode())
     np = pytest.importorskip("numpy")
     assert predicted_bytes_per_token(tok, np.array(ids), len(text.encode())) == len(text.encode()) / (len(ids) - 1)
+
+
+def test_an_imported_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts(tmp_path: Path):
+    """A tokenizer.json saved with truncation and padding on: every encode was cut at max_length and a batch padded
+    with pad ids, where transformers' tokenizer (the model's reference) does neither unless a call asks."""
+    transformers = pytest.importorskip("transformers")
+    from transformer_lm.tokenizers import HFFileTokenizer
+
+    hf = BPETokenizer.train(CORPUS, vocab_size=300).hf
+    hf.enable_truncation(8)
+    hf.enable_padding(pad_id=0, pad_token=EOT)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    tok = HFFileTokenizer.from_file(tmp_path / "tokenizer.json")
+    texts = ["hi", PARAGRAPH]
+    assert tok.encode_batch(texts) == ref(texts)["input_ids"] == [tok.encode(t) for t in texts]
+    assert tok.decode(tok.encode(PARAGRAPH)) == PARAGRAPH
+    save_tokenizer(tok, tmp_path / "saved.json")
+    assert load_tokenizer(tmp_path / "saved.json").encode(PARAGRAPH) == tok.encode(PARAGRAPH)

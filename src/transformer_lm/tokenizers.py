@@ -178,6 +178,11 @@ class _HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` byte-level BPE, which encodes batches in parallel in Rust."""
 
     def __init__(self, hf: HFTokenizer):
+        # A tokenizer.json saved with truncation or padding on (after a fine-tune's batching) made every encode cut
+        # the text at max_length (a 1 MiB data chunk to 512 ids) and pad a batch with pad ids; transformers applies
+        # neither unless a call asks, and neither belongs in a token stream.
+        hf.no_truncation()
+        hf.no_padding()
         self.hf = hf
 
     @property

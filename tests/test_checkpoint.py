@@ -52,6 +52,22 @@ def test_a_refused_write_is_an_os_error_naming_the_file(tmp_path: Path, part: st
     assert torch.equal(ckpt.load_state(ckpt.latest_checkpoint(tmp_path))["optimizer"], big_state["optimizer"])
 
 
+
+def test_refused_atomic_writes_leave_no_temporary_file(tmp_path: Path) -> None:
+    """The weights `tlm consolidate` writes, and the small JSON files (config, pointer): a full disk left the hidden
+    temporary file behind, as large as what was written of it."""
+    model = Transformer(ModelConfig(**SMALL)).init_weights(0)
+    (tmp_path / "config.json").write_text("{}")
+    with file_size_limit(1000):
+        with pytest.raises(OSError) as info:
+            ckpt.write_weights(tmp_path, model, 1)
+        assert info.value.errno == errno.EFBIG
+        with pytest.raises(OSError):
+            ckpt.atomic_write_text(tmp_path / "config.json", "x" * 5000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == "{}"
+
+
 class _Payload:
     """Pickles as a call of open(marker, "w"): loading it with pickle would create the marker file."""
 

@@ -83,13 +83,17 @@ def share(path: str | Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder + fsync + rename: readers see the old or the new file, never half.
-    UTF-8 whatever the locale (a report's text is not all ASCII)."""
+    UTF-8 whatever the locale (a report's text is not all ASCII). A failed write (a full disk) removes the temp file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -252,12 +256,17 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_weights(folder: Path, model: nn.Module, step: int) -> Path:
-    """Write `model`'s weights as folder/model.safetensors, atomically (temp file, fsync, rename)."""
+    """Write `model`'s weights as folder/model.safetensors, atomically (temp file, fsync, rename). A failed write
+    removes the temp file: a full disk kept it, hidden, as large as the weights written so far."""
     path = Path(folder) / "model.safetensors"
     tmp = path.with_name(f".{path.name}.tmp")
-    save_tensors(weights_of(model), tmp, metadata={"step": str(step)})
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        save_tensors(weights_of(model), tmp, metadata={"step": str(step)})
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
     return path
 

@@ -289,6 +289,18 @@ def test_bpe_trained_on_one_string_learns_its_merges() -> None:
     assert one.encode(PARAGRAPH) == listed.encode(PARAGRAPH)
 
 
+def test_bpe_spends_no_ids_on_the_document_separator() -> None:
+    """Documents joined with '<|endoftext|>': the trainer learned the separator's pieces ('<|', 'endoftext', '|>',
+    ' <|'), ids that encoding never yields there as the separator encodes to its own id. Trained on the documents
+    alone, the vocabulary is the same as with the separator."""
+    docs = [c * 2 for c in CORPUS[:-1]] * 3
+    joined = build_tokenizer("bpe", [EOT.join(docs)], vocab_size=1000)
+    apart = build_tokenizer("bpe", docs, vocab_size=1000)
+    assert joined.to_dict() == apart.to_dict()
+    pieces = {b for i, b in token_bytes(joined).items() if i != joined.eot_id and (b"<|" in b or b"oftext" in b)}
+    assert not pieces  # the documents hold neither: only the separator taught them
+
+
 def test_vocab_size_is_ignored_by_kinds_whose_size_is_fixed(small_gpt2_dir: Path) -> None:
     assert build_tokenizer("byte", vocab_size=4096).vocab_size == 256
     assert build_tokenizer("char", ["ab"], vocab_size=4096).vocab_size == 2

@@ -236,7 +236,9 @@ class BPETokenizer(_HFTokenizer):
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> BPETokenizer:
         """The vocabulary may come out smaller than `vocab_size` when the corpus runs out of pairs to merge. One
-        string is one text: iterated, it was a stream of one-character texts, with no pair to merge (257 ids)."""
+        string is one text: iterated, it was a stream of one-character texts, with no pair to merge (257 ids).
+        The trainer sees the text between '<|endoftext|>' separators: `tokenizers` trains on the separator as text,
+        spending ids on its pieces ('<|', 'endoftext', '|>', ...) that encoding never yields there."""
         if isinstance(texts, str):
             texts = [texts]
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
@@ -248,7 +250,7 @@ class BPETokenizer(_HFTokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(texts, trainer=trainer)
+        hf.train_from_iterator((part for text in texts for part in text.split(EOT)), trainer=trainer)
         return cls(hf)
 
 

@@ -115,6 +115,9 @@ def test_tokenizer_bin_encodes_like_sentencepiece(sp_model: bytes, tmp_path: Pat
     for text in texts:  # decoding after BOS: run.c's rules give SentencePiece's text (bytes fallback included)
         ids = ref.encode(text)
         assert tok.decode([1, *ids]) == ref.decode(ids), text
+    space = ref.piece_to_id("<0x20>")  # a byte piece a model can sample right after BOS keeps its space
+    for ids in ([space, *ref.encode("Once")], [space, space]):
+        assert tok.decode([1, *ids]) == ref.decode(ids)
     rebuilt = load_tokenizer(_saved(tok, tmp_path))
     assert rebuilt.encode(STORY) == tok.encode(STORY)
 
@@ -175,6 +178,7 @@ def test_tokenizer_bin_decoding_follows_run_c() -> None:
     once, e_acute, upon = 259, 260, 261
     assert tok.decode([1, once, upon]) == "Once upon"  # the space after BOS is stripped
     assert tok.decode([once, upon]) == " Once upon"  # ... and only there
+    assert tok.decode([1, 3 + 0x20, once]) == "  Once"  # ... and from a piece's text, not a <0x20>'s byte (was " Once")
     assert tok.decode([3 + 0xC3, 3 + 0xA9, e_acute]) == "éé"  # <0xXX> pieces are raw bytes
     assert tok.encode("é😀") == [3 + 0x20, e_acute, *(3 + b for b in "😀".encode())]
 

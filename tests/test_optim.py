@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from transformer_lm.config import ModelConfig, TrainConfig
-from transformer_lm.errors import ConfigError
+from transformer_lm.errors import CheckpointError, ConfigError
 from transformer_lm.model import Transformer
 from transformer_lm.optim import BatchedMuon, MuonAdamW, config_hyperparameters, lr_at, make_optimizer
 from transformer_lm.train import Budget, read_metrics, train, training_data
@@ -130,6 +130,23 @@ def test_muon_state_dict_round_trip():
             for name in sa:
                 torch.testing.assert_close(sa[name], sb[name])
 
+
+
+@needs_muon
+@pytest.mark.parametrize("tied", [True, False])
+def test_resuming_with_the_other_optimizer_is_a_checkpoint_error(corpus_file: Path, tmp_path: Path, tied: bool):
+    """--train.optimizer changed on --resume: AdamW's state went into Muon + AdamW unnoticed (a tied head gives both
+    two groups of the same sizes), Muon's into AdamW ended in a KeyError traceback; the saved run stays as it was."""
+    data = training_data(corpus_file, "char")
+    model = ModelConfig(**SMALL, tie_embeddings=tied)
+    for saved, other in [("adamw", "muon"), ("muon", "adamw")]:
+        cfg = TrainConfig(batch_size=2, max_iters=2, eval_interval=2, eval_batches=1, warmup_iters=1, optimizer=saved)
+        run = train(model, cfg, data, tmp_path / saved, progress=False).run_dir
+        files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        with pytest.raises(CheckpointError, match=f"holds {saved} optimizer state.*--train.optimizer {saved}"):
+            train(model, TrainConfig(**{**cfg.__dict__, "max_iters": 4, "optimizer": other}), data, run, resume=True,
+                  progress=False)
+        assert files == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
 def test_wsd_schedule_shape():
     cfg = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_iters=0, max_iters=100, schedule="wsd", cooldown_fraction=0.2)

@@ -281,6 +281,26 @@ def test_gpt2_loader_equals_reference_bpe_on_varied_text(toks: dict[str, Tokeniz
     assert tok.encode(" the aaaaa") == [merged[b" the"], merged[b" a"], merged[b"aaaa"]]
 
 
+def test_bpe_trained_on_one_string_learns_its_merges() -> None:
+    """A string passed as the texts was iterated character by character: a BPE of the bytes alone (257 ids)."""
+    text = "".join(CORPUS) * 3
+    one, listed = build_tokenizer("bpe", text, vocab_size=400), build_tokenizer("bpe", [text], vocab_size=400)
+    assert one.vocab_size == listed.vocab_size == 400
+    assert one.encode(PARAGRAPH) == listed.encode(PARAGRAPH)
+
+
+def test_bpe_spends_no_ids_on_the_document_separator() -> None:
+    """Documents joined with '<|endoftext|>': the trainer learned the separator's pieces ('<|', 'endoftext', '|>',
+    ' <|'), ids that encoding never yields there as the separator encodes to its own id. Trained on the documents
+    alone, the vocabulary is the same as with the separator."""
+    docs = [c * 2 for c in CORPUS[:-1]] * 3
+    joined = build_tokenizer("bpe", [EOT.join(docs)], vocab_size=1000)
+    apart = build_tokenizer("bpe", docs, vocab_size=1000)
+    assert joined.to_dict() == apart.to_dict()
+    pieces = {b for i, b in token_bytes(joined).items() if i != joined.eot_id and (b"<|" in b or b"oftext" in b)}
+    assert not pieces  # the documents hold neither: only the separator taught them
+
+
 def test_vocab_size_is_ignored_by_kinds_whose_size_is_fixed(small_gpt2_dir: Path) -> None:
     assert build_tokenizer("byte", vocab_size=4096).vocab_size == 256
     assert build_tokenizer("char", ["ab"], vocab_size=4096).vocab_size == 2
@@ -378,3 +398,43 @@ def test_num_bytes_counts_the_text_and_not_the_separators():
     bpe = BPETokenizer.train([text * 20], vocab_size=300)
     ids = [*bpe.encode(text), bpe.eot_id, *bpe.encode(text)]
     assert bpe.num_bytes(ids) == 2 * len(text.encode())
+
+
+def test_num_bytes_counts_no_bytes_for_an_imported_bos():
+    """An imported tokenizer.json whose post-processor puts BOS first (Llama 3's template): bits per byte took the
+    decoded '<|begin_of_text|>' (17 bytes) off the text's bytes, 3.4x too few bytes per token on a 24-byte text."""
+    from tokenizers import processors
+
+    from transformer_lm.evaluate import predicted_bytes_per_token
+    from transformer_lm.tokenizers import HFFileTokenizer
+
+    bos = "<|begin_of_text|>"
+    hf = BPETokenizer.train(CORPUS, vocab_size=300).hf
+    hf.add_special_tokens([bos])
+    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, hf.token_to_id(bos))])
+    tok = HFFileTokenizer(hf, EOT, bos)
+    text = "naïve — 日本\nhello there"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id and tok.decode(ids) == bos + text  # as `tokenizers` decodes it
+    assert tok.num_bytes(ids) == len(text.encode())
+    np = pytest.importorskip("numpy")
+    assert predicted_bytes_per_token(tok, np.array(ids), len(text.encode())) == len(text.encode()) / (len(ids) - 1)
+
+
+def test_an_imported_tokenizer_json_saved_with_truncation_and_padding_encodes_whole_texts(tmp_path: Path):
+    """A tokenizer.json saved with truncation and padding on: every encode was cut at max_length and a batch padded
+    with pad ids, where transformers' tokenizer (the model's reference) does neither unless a call asks."""
+    transformers = pytest.importorskip("transformers")
+    from transformer_lm.tokenizers import HFFileTokenizer
+
+    hf = BPETokenizer.train(CORPUS, vocab_size=300).hf
+    hf.enable_truncation(8)
+    hf.enable_padding(pad_id=0, pad_token=EOT)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    tok = HFFileTokenizer.from_file(tmp_path / "tokenizer.json")
+    texts = ["hi", PARAGRAPH]
+    assert tok.encode_batch(texts) == ref(texts)["input_ids"] == [tok.encode(t) for t in texts]
+    assert tok.decode(tok.encode(PARAGRAPH)) == PARAGRAPH
+    save_tokenizer(tok, tmp_path / "saved.json")
+    assert load_tokenizer(tmp_path / "saved.json").encode(PARAGRAPH) == tok.encode(PARAGRAPH)

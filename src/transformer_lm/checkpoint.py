@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -46,9 +47,31 @@ def fsync_dir(path: Path) -> None:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """safetensors' save_file, with the mode open() gives a new file (0666 less the umask): save_file makes it
-    0600, so others on a shared file system could not load a run their group may read."""
-    save_file(tensors, str(path), metadata=metadata)
+    0600, so others on a shared file system could not load a run their group may read. A failed write (a full
+    disk) is raised as the OSError it is, which the CLI reports in one line: safetensors raises its own
+    SafetensorError, and `tlm train` ended in its traceback."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     share(path)
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """torch.save, with a failed write (a full disk) raised as the OSError it is, naming the file: torch's zip
+    writer reports it as a RuntimeError ('unexpected pos 576 vs 534'), from which a Python file object's write
+    keeps the OSError as the context (a path given to torch.save keeps nothing)."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(obj, f)
+    except (RuntimeError, OSError) as e:
+        err = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(err, OSError) or err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None
 
 
 def share(path: str | Path) -> None:
@@ -60,13 +83,17 @@ def share(path: str | Path) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temp file in the same folder + fsync + rename: readers see the old or the new file, never half.
-    UTF-8 whatever the locale (a report's text is not all ASCII)."""
+    UTF-8 whatever the locale (a report's text is not all ASCII). A failed write (a full disk) removes the temp file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -172,8 +199,12 @@ def save_checkpoint(run_dir: Path, model: nn.Module, state: dict[str, Any], step
     tmp = begin_checkpoint(run_dir, step)
     if tmp is None:  # this step is already saved (e.g. Ctrl-C right after an eval checkpoint)
         return Path(run_dir) / "checkpoints" / _step_dir(step)
-    save_tensors(weights_of(model), tmp / "model.safetensors", metadata={"step": str(step)})
-    return commit_checkpoint(run_dir, tmp, step, state)
+    try:
+        save_tensors(weights_of(model), tmp / "model.safetensors", metadata={"step": str(step)})
+        return commit_checkpoint(run_dir, tmp, step, state)
+    except BaseException:  # a full disk: give back the space the partial checkpoint holds; the previous one stands
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _step_dir(step: int) -> str:
@@ -199,7 +230,7 @@ def commit_checkpoint(run_dir: Path, tmp: Path, step: int, state: dict[str, Any]
     crash left (between the pointer's move and the deletion, or mid-save), which would otherwise stay for good."""
     root = Path(run_dir) / "checkpoints"
     final = root / _step_dir(step)
-    torch.save(state, tmp / "state.pt")
+    save_torch(state, tmp / "state.pt")
     for f in tmp.rglob("*"):
         if f.is_file():
             _fsync_file(f)
@@ -225,12 +256,17 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_weights(folder: Path, model: nn.Module, step: int) -> Path:
-    """Write `model`'s weights as folder/model.safetensors, atomically (temp file, fsync, rename)."""
+    """Write `model`'s weights as folder/model.safetensors, atomically (temp file, fsync, rename). A failed write
+    removes the temp file: a full disk kept it, hidden, as large as the weights written so far."""
     path = Path(folder) / "model.safetensors"
     tmp = path.with_name(f".{path.name}.tmp")
-    save_tensors(weights_of(model), tmp, metadata={"step": str(step)})
-    _fsync_file(tmp)
-    os.replace(tmp, path)
+    try:
+        save_tensors(weights_of(model), tmp, metadata={"step": str(step)})
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
     return path
 
@@ -378,10 +414,23 @@ def _check_fits(path: Path, shapes: dict[str, torch.Size], expected: dict[str, t
 
 
 def load_state(folder: Path) -> dict[str, Any]:
+    """The training state, read with weights_only=True: a file that names Python objects to rebuild (which would run
+    their code) is refused with one short line. torch's own text, which the CLI printed whole, is a page long and
+    advises weights_only=False or add_safe_globals, neither of which tlm should take."""
     path = Path(folder) / "state.pt"
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError as e:
         raise CheckpointError(f"missing training state {path}") from e
+    except pickle.UnpicklingError as e:
+        name = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if name:
+            raise CheckpointError(f"training state {path} names the Python object {name.group(1)}, which only running "
+                                  "code from the file could rebuild: not a state tlm wrote, and it will not be loaded; "
+                                  "resume from an intact copy of the run folder") from e
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise CheckpointError(f"training state {path} is truncated or corrupt "
+                              f"({why.group(1).strip() if why else _first_line(e)})") from e
     except Exception as e:  # torch raises a variety of types for a truncated or foreign file
-        raise CheckpointError(f"training state {path} is truncated or corrupt ({type(e).__name__}: {e})") from e
+        first = re.split(r"(?<=\.)\s", _first_line(e), maxsplit=1)[0]  # torch's next sentences are advice
+        raise CheckpointError(f"training state {path} is truncated or corrupt ({first})") from e

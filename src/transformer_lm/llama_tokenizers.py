@@ -126,12 +126,14 @@ class Llama2cTokenizer(Tokenizer):
         return [t for t, keep in zip(ids, alive) if keep]
 
     def decode_bytes(self, ids: Sequence[int], prev: int | None = None) -> bytes:
-        """The bytes run.c prints for `ids` (without its safe_printf filter); `prev` is the id before them."""
+        """The bytes run.c prints for `ids` (without its safe_printf filter); `prev` is the id before them. After BOS
+        run.c strips a leading space from the piece's text, before reading <0xXX>: the byte piece <0x20> keeps its
+        space, as in SentencePiece's decode."""
         out = []
         for i in self._check_ids(ids):
             if i != LLAMA_BOS:
-                piece = self._bytes[i]
-                out.append(piece[1:] if prev == LLAMA_BOS and piece.startswith(b" ") else piece)
+                strip = prev == LLAMA_BOS and self.pieces[i].startswith(" ")
+                out.append(self._bytes[i][1:] if strip else self._bytes[i])
             prev = i
         return b"".join(out)
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 
 def _param_roles(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -171,6 +171,25 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     head = [{"params": roles["head"], "weight_decay": cfg.weight_decay, "lr_scale": 1.0}] if roles["head"] else []
     adamw = torch.optim.AdamW([*head, rest], **adamw_kw)
     return MuonAdamW(muon, adamw)
+
+
+def _kind(groups: list[dict[str, Any]]) -> str:
+    """The train.optimizer that made these parameter groups: Muon's groups alone carry `ns_steps`."""
+    return "muon" if any("ns_steps" in g for g in groups) else "adamw"
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer | MuonAdamW, sd: dict[str, Any]) -> None:
+    """Raise CheckpointError unless the saved optimizer state `sd` comes from an optimizer of this one's kind with
+    groups of the same sizes. torch's load_state_dict compares only the sizes: a run resumed with another
+    --train.optimizer loaded AdamW's moments into Muon's group unnoticed (a tied head gives both two groups of the
+    same sizes), or ended in a KeyError traceback ('step') from Muon's state loaded into AdamW."""
+    saved, ours = _kind(sd["param_groups"]), _kind(optimizer.param_groups)
+    if saved != ours:
+        raise CheckpointError(f"the checkpoint holds {saved} optimizer state, and this run would train with {ours}; "
+                              f"resume with --train.optimizer {saved}, or start a new run to change the optimizer")
+    if [len(g["params"]) for g in sd["param_groups"]] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointError("the checkpoint's optimizer state does not fit this model's parameter groups; resume "
+                              "it with the config saved beside it")
 
 
 @contextmanager

@@ -278,6 +278,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any]) -
     """Load a whole (single-process format) optimizer state, keeping only this rank's shard of sharded parameters."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    from .optim import check_optimizer_state
+
+    check_optimizer_state(optimizer, sd)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for k, s in sd["state"].items():

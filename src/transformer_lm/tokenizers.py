@@ -73,10 +73,12 @@ class Tokenizer(ABC):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     def num_bytes(self, ids: Sequence[int]) -> int:
-        """UTF-8 bytes of the text `ids` stand for (for bits per byte); an end-of-text separator stands for none.
-        Exact for a whole text; a stretch cut inside a character counts a U+FFFD (3 bytes) for it."""
-        eot = self.eot_id
-        return len(self.decode([i for i in ids if i != eot]).encode("utf-8"))
+        """UTF-8 bytes of the text `ids` stand for (for bits per byte); an end-of-text separator stands for none, and
+        so does the BOS an imported tokenizer.json's post-processor puts first (decoded, Llama 3's is 17 bytes of
+        '<|begin_of_text|>', which bits per byte took off a text's bytes). Exact for a whole text; a stretch cut
+        inside a character counts a U+FFFD (3 bytes) for it."""
+        marks = {self.eot_id, self.bos_id}
+        return len(self.decode([i for i in ids if i not in marks]).encode("utf-8"))
 
     @abstractmethod
     def to_dict(self) -> dict[str, Any]:
@@ -176,6 +178,11 @@ class _HFTokenizer(Tokenizer):
     """A Hugging Face `tokenizers` byte-level BPE, which encodes batches in parallel in Rust."""
 
     def __init__(self, hf: HFTokenizer):
+        # A tokenizer.json saved with truncation or padding on (after a fine-tune's batching) made every encode cut
+        # the text at max_length (a 1 MiB data chunk to 512 ids) and pad a batch with pad ids; transformers applies
+        # neither unless a call asks, and neither belongs in a token stream.
+        hf.no_truncation()
+        hf.no_padding()
         self.hf = hf
 
     @property
@@ -228,7 +235,12 @@ class BPETokenizer(_HFTokenizer):
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int = DEFAULT_BPE_VOCAB_SIZE) -> BPETokenizer:
-        """The vocabulary may come out smaller than `vocab_size` when the corpus runs out of pairs to merge."""
+        """The vocabulary may come out smaller than `vocab_size` when the corpus runs out of pairs to merge. One
+        string is one text: iterated, it was a stream of one-character texts, with no pair to merge (257 ids).
+        The trainer sees the text between '<|endoftext|>' separators: `tokenizers` trains on the separator as text,
+        spending ids on its pieces ('<|', 'endoftext', '|>', ...) that encoding never yields there."""
+        if isinstance(texts, str):
+            texts = [texts]
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
             raise ConfigError(f"bpe vocab_size must be an integer >= 257 (256 bytes + {EOT}), got {vocab_size!r}")
         hf = _byte_level(models.BPE())
@@ -238,7 +250,7 @@ class BPETokenizer(_HFTokenizer):
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(texts, trainer=trainer)
+        hf.train_from_iterator((part for text in texts for part in text.split(EOT)), trainer=trainer)
         return cls(hf)
 
 
@@ -399,9 +411,9 @@ def build_tokenizer(
 ) -> Tokenizer:
     """Build a tokenizer of `kind`.
 
-    `texts` (a stream is fine) trains `char` and `bpe` and is ignored by the others. `vocab_size` is the BPE
-    target (default 4096); the other kinds ignore it, as their size is fixed by their data, so a CLI can pass its
-    default for every kind. `gpt2_dir` holds GPT-2's `encoder.json` and `vocab.bpe`.
+    `texts` (a stream is fine, or one string) trains `char` and `bpe` and is ignored by the others. `vocab_size` is
+    the BPE target (default 4096); the other kinds ignore it, as their size is fixed by their data, so a CLI can pass
+    its default for every kind. `gpt2_dir` holds GPT-2's `encoder.json` and `vocab.bpe`.
     """
     if kind not in TOKENIZER_KINDS:
         raise _unknown_kind(kind)

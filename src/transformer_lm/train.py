@@ -440,16 +440,16 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
 def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, device: torch.device,
                  amp_dtype: torch.dtype) -> None:
     """Refuse, before anything is built, a run whose memory plan (`tlm memory`'s, within 5-15 % of the measured peak)
-    exceeds the free memory: a batch too large for a Linux host was granted (overcommit) and the OOM killer ended
-    the run, unannounced, in its first step. The processes torchrun starts on one host share its memory."""
+    exceeds the free memory: on a Linux host a batch too large is granted (overcommit), and the first step then ends
+    in an allocator error or the OOM killer's unannounced kill. The processes torchrun starts on one host share its
+    memory."""
     if model_config.arch != "transformer":
         return  # the plan models Transformer blocks; a recurrent baseline is small
     from .experiments.memory import plan_memory
 
     sharded = info.enabled and cfg.parallel == "fsdp"
-    dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(amp_dtype, "float32")
     plan = plan_memory(model_config, cfg.batch_size // info.world_size, world_size=info.world_size,
-                       parallel="fsdp" if sharded else "ddp", dtype=dtype,
+                       parallel="fsdp" if sharded else "ddp", dtype=str(amp_dtype).removeprefix("torch."),
                        activation_checkpointing=cfg.activation_checkpointing,
                        fused_optimizer=fused_adamw(device) and not sharded)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled and device.type == "cpu" else 1

@@ -259,7 +259,7 @@ def test_cli_sample_verbose_reports_decode_speed_and_mbu(tmp_path, corpus_file, 
     assert main(["sample", str(run), "def ", "--max_new_tokens", "20", "--greedy", "true", "--verbose", "true"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("def ")
-    assert "prefill 4 tokens at" in err and "decode 20 tokens at" in err and "MBU" in err, err
+    assert "prefill 4 tokens at" in err and "decode 20 tokens (19 forwards) at" in err and "MBU" in err, err
     assert main(["sample", str(run), "def ", "--max_new_tokens", "1", "--greedy", "true", "--verbose", "true"]) == 0
     err = capsys.readouterr().err
     assert "no decode step" in err and "MBU" not in err, err

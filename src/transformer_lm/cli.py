@@ -85,7 +85,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--draft_k", type=int, default=4, help="Tokens the draft proposes per target forward.")
     p.add_argument("--verbose", type=bool, default=False,
                    help="After each sample, print prefill and decode tokens/s and the decode's MBU (memory "
-                   "bandwidth utilization: bytes read per token × tokens/s ÷ measured copy bandwidth) to stderr.")
+                   "bandwidth utilization: bytes read per token × tokens/s ÷ measured copy bandwidth) to stderr. "
+                   "N new tokens take N-1 decode forwards (the first is drawn from the prefill's logits).")
 
     p = cmds["eval"] = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on text.")
     p.add_argument("run", type=str, help="Run folder.")
@@ -269,7 +270,8 @@ def cmd_sample(a: Namespace) -> None:
             if stats.decode_steps:
                 tps = stats.decode_tokens_per_s
                 mbu = decode_mbu(run.model, tps, (stats.prompt_tokens + stats.context) // 2)
-                line += (f"; decode {stats.new_tokens} tokens at {tps:.1f} tokens/s, MBU {mbu:.0%}"
+                line += (f"; decode {stats.new_tokens} tokens ({stats.decode_steps} forwards) at {tps:.1f} tokens/s, "
+                         f"MBU {mbu:.0%}"
                          + (" (the first sample includes compiling)" if cfg.compile and i == 0 else ""))
             else:
                 line += "; no decode step (the one new token is drawn from the prefill's logits)"

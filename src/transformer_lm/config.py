@@ -271,7 +271,8 @@ class TrainConfig:
     """Optimization and bookkeeping of a training run."""
 
     batch_size: int = 16
-    """Sequences per micro-batch (under torchrun: the global micro-batch, split evenly over the ranks)."""
+    """Sequences per micro-batch (under torchrun: the global micro-batch, split evenly over the ranks). A Transformer
+    run whose memory plan (`tlm memory`) for it exceeds the free memory is refused before training starts."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step (effective batch = batch_size * grad_accum)."""
     max_iters: int | None = 2000
@@ -330,7 +331,8 @@ class TrainConfig:
     micro-batch, split over ranks."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them: activation memory falls from
-    every block's to the blocks' inputs plus one block's, for about one more forward pass of compute."""
+    every block's to the blocks' inputs plus one block's, for about one more forward pass of compute (Transformer
+    models only: a recurrent baseline has no blocks to recompute and is refused)."""
     dist_timeout: float = 1800.0
     """Seconds a collective (all-reduce, all-gather, barrier) waits for the other ranks before the run fails with an
     error, e.g. when a rank died or hangs. Keep it above the longest pause of one rank: a checkpoint write."""
@@ -383,7 +385,8 @@ class SampleConfig:
     """Number of independent samples."""
     compile: bool = False
     """torch.compile the single-token decode step (tens of seconds once per process; falls back to eager decoding
-    with a warning if compiling fails)."""
+    with a warning if compiling fails). A Transformer's plain decoding only: a recurrent model and speculative
+    decoding with a draft decode eagerly, with one warning."""
 
     def __post_init__(self) -> None:
         check_types(self, "sample")

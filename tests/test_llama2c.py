@@ -10,6 +10,7 @@ import errno
 import io
 import struct
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,12 +18,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transformer_lm import checkpoint, load_run
+from transformer_lm import checkpoint, data, load_run
 from transformer_lm.errors import CheckpointError, RunExistsError, TokenizerError
 from transformer_lm.generate import generate
 from transformer_lm.interop.llama2c import MAGIC, import_llama2c, load_llama2c, read_header
 from transformer_lm.llama_tokenizers import Llama2cTokenizer, SentencePieceTokenizer
-from transformer_lm.tokenizers import load_tokenizer, save_tokenizer
+from transformer_lm.tokenizers import HFFileTokenizer, load_tokenizer, save_tokenizer
 
 STORY = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her dog Max.\n"
@@ -165,6 +166,41 @@ def exported(sp_model: bytes, tmp_path_factory: pytest.TempPathFactory) -> tuple
 def test_tokenizer_bin_encodes_like_sentencepiece_on_random_text(exported: tuple, text: str) -> None:
     ours, ref = exported
     assert ours.encode(text) == ref.encode(text)
+
+
+def _sp_hf_tokenizer() -> HFFileTokenizer:
+    """A Llama 2-style tokenizer.json: Prepend('▁') and spaces as '▁' in the normalizer, BPE without a pre-tokenizer
+    (trained on lines, so no merge holds a line break), and '<s> $A' as the post-processor."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import models, normalizers, processors, trainers
+
+    hf = HF(models.BPE(unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.train_from_iterator(STORY.splitlines() * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=["\n"], show_progress=False))
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", hf.token_to_id("<s>"))])
+    return HFFileTokenizer(hf, eot="</s>", bos="<s>")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "tokenizer.bin", "tokenizer.json"])
+def test_chunked_preparation_encodes_as_the_whole_text(kind: str, sp_model: bytes, exported: tuple,
+                                                       tmp_path: Path) -> None:
+    """`prepare` encodes a long file in ~1 MiB chunks; each chunk after the first got the tokenizer's start of text
+    again (SentencePiece's dummy-prefix '▁', a tokenizer.json's BOS): one stray id per chunk. Now each split's ids
+    are those of encoding its text whole."""
+    tok = {"sentencepiece": lambda: SentencePieceTokenizer(sp_model), "tokenizer.bin": lambda: exported[0],
+           "tokenizer.json": _sp_hf_tokenizer}[kind]()
+    text = STORY * 6
+    (tmp_path / "story.txt").write_text(text)
+    with mock.patch.object(data, "CHUNK_CHARS", 250):  # half a chunk holds a line break: chunks start at one
+        chunks = list(data._file_chunks(tmp_path / "story.txt"))
+        assert len(chunks) > 5 and all(c.startswith("\n") for c in chunks[1:])
+        whole, _ = data.encode_sources([tmp_path / "story.txt"], tok)
+        manifest = data.prepare([tmp_path / "story.txt"], tmp_path / "prepared", tok, val_fraction=0.3, workers=1)
+    assert whole.tolist() == tok.encode(text)
+    assert (tok.encode(text)[0] == tok.bos_id) is (kind == "tokenizer.json")  # the one BOS, at the start
+    prepared, n = data.load_prepared(tmp_path / "prepared"), manifest["train_chars"]
+    assert prepared.train.tolist() == tok.encode(text[:n]) and prepared.val.tolist() == tok.encode(text[n:])
 
 
 def _saved(tok: Llama2cTokenizer, folder: Path) -> Path:

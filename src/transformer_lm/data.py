@@ -48,7 +48,7 @@ _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 # What `prepare` and `tlm train` write into every folder of theirs: all of a set mark one (few corpora hold all three)
 _OUTPUT_MARKERS = (("manifest.json", "train.bin", "tokenizer.json"), ("config.json", "env.json", "tokenizer.json"))
 
-Piece = tuple[str, str, bool]  # (split, text, append end-of-text after it)
+Piece = tuple[str, str, bool, bool]  # (split, text, continues the text before it, append end-of-text after it)
 
 
 def _open_text(path: Path):
@@ -192,22 +192,23 @@ def read_sources(paths: Sequence[Path]) -> Iterator[str]:
 
 
 def _pieces(sources: Sequence[Path], split_at: int, separate: bool) -> Iterator[Piece]:
-    """The corpus stream in order as (split, text, end-of-text after) pieces; the piece that holds character
-    `split_at` is cut there, and each file's separator goes with that file's last piece."""
+    """The corpus stream in order as Pieces; the piece that holds character `split_at` is cut there, and each file's
+    separator goes with that file's last piece. A file's later chunks continue its text (Tokenizer.
+    encode_continuation); a file, and the validation split, start afresh."""
     start = 0  # stream offset, in characters, of the next piece
     for i, path in enumerate(sources):
         chunks = _file_chunks(path)
-        prev = next(chunks, None)
+        prev, continues = next(chunks, None), False
         while prev is not None:
             nxt = next(chunks, None)
             eot = separate and nxt is None and i < len(sources) - 1
             end = start + len(prev)
             if start < split_at < end:
-                yield "train", prev[: split_at - start], False
-                yield "val", prev[split_at - start :], eot
+                yield "train", prev[: split_at - start], continues, False
+                yield "val", prev[split_at - start :], False, eot
             else:
-                yield ("train" if end <= split_at else "val"), prev, eot
-            start, prev = end, nxt
+                yield ("train" if end <= split_at else "val"), prev, continues and start != split_at, eot
+            start, prev, continues = end, nxt, True
 
 
 class _Encoder:
@@ -217,8 +218,8 @@ class _Encoder:
         self.tokenizer, self.dtype = tokenizer, dtype
 
     def __call__(self, piece: Piece) -> tuple[str, np.ndarray, int]:
-        split, text, eot = piece
-        ids = self.tokenizer.encode(text) if text else []
+        split, text, continues, eot = piece
+        ids = (self.tokenizer.encode_continuation if continues else self.tokenizer.encode)(text) if text else []
         if eot:
             ids = [*ids, self.tokenizer.eot_id]
         return split, np.array(ids, dtype=self.dtype), len(text.encode("utf-8"))

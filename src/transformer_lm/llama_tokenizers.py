@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import heapq
 import struct
 from collections.abc import Sequence
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TokenizerError
-from .tokenizers import Tokenizer, _utf8
+from .tokenizers import SPACE_PIECE, Tokenizer, _utf8
 
 LLAMA_BOS, LLAMA_EOS = 1, 2
 
@@ -91,9 +92,15 @@ class Llama2cTokenizer(Tokenizer):
         return [i] if i is not None else [3 + b for b in _utf8(ch)]
 
     def encode(self, text: str) -> list[int]:
+        return self._encode(text, dummy_prefix=True)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self._encode(text, dummy_prefix=False)
+
+    def _encode(self, text: str, dummy_prefix: bool) -> list[int]:
         if not text:
             return []
-        ids = self._char_ids(" ")
+        ids = self._char_ids(" ") if dummy_prefix else []
         for ch in text:
             ids.extend(self._char_ids(ch))
         # A doubly linked list over the symbols, and a heap of candidate merges keyed by (-score, left position):
@@ -206,6 +213,20 @@ class SentencePieceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         _utf8(text)
         return self.sp.encode(text)
+
+    def encode_continuation(self, text: str) -> list[int]:
+        ids = self.encode(text)
+        return ids[1:] if ids and ids[0] == self._dummy_prefix_id else ids
+
+    @functools.cached_property
+    def _dummy_prefix_id(self) -> int | None:
+        """The id of a lone '▁' when the model puts one before every text (its normalizer's add_dummy_prefix, which
+        the library offers no switch for), else None. Dropping it from a continuation that starts with a line break,
+        as `prepare`'s chunks do, gives the whole text's ids: the '▁' cannot merge with the line break."""
+        pieces = self.sp.encode_as_pieces("x")
+        space = self.sp.piece_to_id(SPACE_PIECE)
+        return space if pieces and pieces[0].startswith(SPACE_PIECE) and self.sp.id_to_piece(space) == SPACE_PIECE \
+            else None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.sp.decode(self._check_ids(ids))

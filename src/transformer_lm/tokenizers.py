@@ -8,6 +8,7 @@ end-of-text id, as tiktoken does with `allowed_special="all"`, so documents join
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -23,6 +24,7 @@ from transformer_lm.errors import ConfigError, DataError, TLMError, TokenizerErr
 
 TOKENIZER_KINDS = ("byte", "char", "bpe", "gpt2")
 EOT = "<|endoftext|>"
+SPACE_PIECE = "\u2581"  # SentencePiece's visible space, "▁"
 DEFAULT_BPE_VOCAB_SIZE = 4096
 
 
@@ -65,6 +67,13 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` where it continues a longer text (a data chunk after a file's first), as they stand inside
+        encode() of the whole: without what one encode() call puts at its start only (an imported tokenizer's BOS,
+        SentencePiece's dummy-prefix space), which `prepare` would otherwise add once per ~1 MiB chunk. Byte, char
+        and GPT-2-style BPE tokenizers add nothing there: this is encode()."""
+        return self.encode(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
@@ -321,6 +330,19 @@ class HFFileTokenizer(_HFTokenizer):
     def bos_id(self) -> int | None:
         """Id of the beginning-of-sequence token, when the model has one."""
         return self.hf.token_to_id(self.bos) if self.bos is not None else None
+
+    def encode_continuation(self, text: str) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False).ids  # no post-processor: no BOS
+        if ids and ids[0] == self._dummy_prefix_id:
+            ids = ids[1:]
+        return ids
+
+    @functools.cached_property
+    def _dummy_prefix_id(self) -> int | None:
+        """The id of a lone '▁' when this tokenizer puts one before every text (a Llama 2 tokenizer.json's Prepend
+        normalizer or Metaspace pre-tokenizer), else None."""
+        pieces = self.hf.encode("x", add_special_tokens=False).tokens
+        return self.hf.token_to_id(SPACE_PIECE) if pieces and pieces[0].startswith(SPACE_PIECE) else None
 
     @classmethod
     def from_file(cls, path: str | Path, eot: str | None = None, bos: str | None = None,

@@ -132,10 +132,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TLM_CACHE_DIR") or Path.home() / ".cache" / "transformer-lm")
 
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 """Part of the raw-text cache's key: raised whenever the same text and tokenizer settings would now give other ids,
 so that a cache entry prepared by an older version is prepared again, not trained on (2: a chunk is no longer cut
-before \x1c-\x1f, where GPT-2's BPE split differently). A resumed run keeps the folder it recorded."""
+before \x1c-\x1f, where GPT-2's BPE split differently; 3: a file's later chunks no longer start with a Llama-family
+tokenizer's BOS or dummy-prefix space). A resumed run keeps the folder it recorded."""
 
 
 def training_data(data: str | Path | None, tokenizer: str | None = None, vocab_size: int | None = None,

@@ -28,7 +28,8 @@ def test_mfu_and_mbu_are_the_formulas():
     ("NVIDIA H100 80GB HBM3", "H100-SXM"), ("NVIDIA H100 PCIe", "H100-PCIe"), ("NVIDIA H100 NVL", "H100-NVL"),
     ("NVIDIA H200", "H200"), ("NVIDIA H200 NVL", "H200-NVL"),
     ("NVIDIA A100-SXM4-80GB", "A100-80GB"), ("NVIDIA A100-SXM4-40GB", "A100-40GB"), ("NVIDIA L4", "L4"),
-    ("Tesla V100-SXM2-32GB", "V100"), ("NVIDIA GeForce RTX 4090", "RTX-4090"), ("NVIDIA L40S", None),
+    ("Tesla V100-SXM2-32GB", "V100"), ("Tesla V100-PCIE-16GB", "V100-PCIe"), ("Tesla V100S-PCIE-32GB", "V100S-PCIe"),
+    ("NVIDIA GeForce RTX 4090", "RTX-4090"), ("NVIDIA L40S", None),
 ])
 def test_known_accelerators_are_found_by_device_name(monkeypatch, device_name, chip):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: device_name)

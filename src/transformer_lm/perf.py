@@ -74,9 +74,14 @@ ACCELERATORS: dict[str, Accelerator] = {a.name.lower(): a for a in [
                 device_pattern=r"A100.*80GB"),
     Accelerator("A100-40GB", 312.0, 19.5, 400, 40, "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM)",
                 device_pattern=r"A100(?!.*80GB)"),
-    # NVIDIA V100 Tensor Core GPU datasheet: Tensor 125 (fp16); FP32 15.7; 300 W (SXM2); 32 GB
+    # NVIDIA V100 Tensor Core GPU datasheet: Tensor 125 (fp16); FP32 15.7; 300 W (SXM2); 32 GB. Its PCIe boards
+    # ("Tesla V100-PCIE-32GB": 112, 14, 250 W; "Tesla V100S-PCIE-32GB": 130, 16.4, 250 W) have their own rows.
     Accelerator("V100", 125.0, 15.7, 300, 32, "NVIDIA V100 Tensor Core GPU datasheet (SXM2)",
-                note="no bf16: the half-precision figure is fp16 tensor cores", device_pattern=r"V100"),
+                note="no bf16: the half-precision figure is fp16 tensor cores", device_pattern=r"V100(?!S)(?!-PCIE)"),
+    Accelerator("V100-PCIe", 112.0, 14.0, 250, 32, "NVIDIA V100 Tensor Core GPU datasheet (PCIe)",
+                note="no bf16: the half-precision figure is fp16 tensor cores", device_pattern=r"V100-PCIE"),
+    Accelerator("V100S-PCIe", 130.0, 16.4, 250, 32, "NVIDIA V100S Tensor Core GPU datasheet (PCIe)",
+                note="no bf16: the half-precision figure is fp16 tensor cores", device_pattern=r"V100S"),
     # NVIDIA Ada Lovelace GPU architecture whitepaper, RTX 4090: FP16/BF16 tensor with FP32 accumulate 165.2 dense;
     # FP32 82.6; 450 W total graphics power; 24 GB
     Accelerator("RTX-4090", 165.2, 82.6, 450, 24, "NVIDIA Ada Lovelace GPU architecture whitepaper (GeForce RTX 4090)",

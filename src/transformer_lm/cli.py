@@ -320,8 +320,9 @@ def cmd_info(a: Namespace) -> None:
     context = f"context {cfg.block_size}" if cfg.arch == "transformer" else "no attention: any context"
     print(f"{'FLOPs/token forward':<28}{fl['forward']:>18,.0f}   ({context})")
     print(f"{'FLOPs/token training':<28}{fl['train']:>18,.0f}   (3x forward)")
-    for k in ("weights", "gradients", "optimizer", "total"):
-        print(f"{'memory ' + k + (' (AdamW)' if k == 'optimizer' else ''):<28}{_gib(mem[k]):>18}")
+    for k in ("weights", "gradients", "optimizer", "total"):  # as `tlm train` holds them, whatever a run stored
+        print(f"{'memory ' + k + (' (AdamW)' if k == 'optimizer' else ''):<28}{_gib(mem[k]):>18}"
+              + ("   (training state in fp32; activations not included)" if k == "weights" else ""))
     print("config: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 import os
 import shutil
@@ -125,10 +127,20 @@ def test_a_stop_string_with_a_literal_backslash_escape_is_warned_of(trained_run:
         assert warned == (stop[1] != '["\\n"]'), (stop, caplog.text)
 
 
-def test_long_prompt_is_cropped_with_a_warning(trained_run: Path, capsys, caplog):
-    code, out, _ = tlm(capsys, "sample", trained_run, "def " * 40, "--max_new_tokens", "5", "--seed", "1")
-    assert code == 0
-    assert "leaves no room for a new token in the context window" in caplog.text
+def test_long_prompt_is_cropped_with_a_warning(trained_run: Path, monkeypatch):
+    """The warning comes before the sample is written: printed after the prompt, it landed mid-line on a terminal."""
+    out = io.StringIO()
+    written_at_warning = []
+    monkeypatch.setattr(sys, "stdout", out)
+    spy = logging.Handler()
+    spy.emit = lambda record: written_at_warning.append((record.getMessage(), out.getvalue()))
+    logging.getLogger().addHandler(spy)
+    try:
+        assert main(["sample", str(trained_run), "def " * 40, "--max_new_tokens", "5", "--seed", "1"]) == 0
+    finally:
+        logging.getLogger().removeHandler(spy)
+    crops = [written for message, written in written_at_warning if "leaves no room for a new token" in message]
+    assert crops == [""] and out.getvalue().startswith("def " * 40)
 
 
 def test_info_preset_and_override(capsys):

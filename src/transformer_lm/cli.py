@@ -259,7 +259,8 @@ def cmd_sample(a: Namespace) -> None:
     for i, pieces in enumerate(run.stream_samples(prompt, cfg, stats)):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        sys.stdout.write(prompt)
+        first = next(pieces, "")  # prefill first: a warning about the prompt (cropped) comes before it, not mid-line
+        sys.stdout.write(prompt + first)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()

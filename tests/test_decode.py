@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import random_model
+from transformer_lm import generate as generate_module
 from transformer_lm import runtime
 from transformer_lm.config import ModelConfig
 from transformer_lm.decode import (
+    _KEPT,
     DecodeStats,
     StaticKVCache,
     _with_eager_fallback,
@@ -24,7 +26,7 @@ from transformer_lm.decode import (
     release_cache,
 )
 from transformer_lm.errors import ConfigError
-from transformer_lm.generate import generate, generate_batch, sample_next
+from transformer_lm.generate import cache_len, generate, generate_batch, sample_next
 from transformer_lm.model import KVCache, Transformer
 from transformer_lm.speculative import speculative_generate
 
@@ -170,6 +172,22 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(caplog):
     assert len(calls) == 1  # not retried
     warnings = [r for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
+
+
+def test_a_compiled_step_serves_many_lengths_from_a_few_cache_sizes(monkeypatch):
+    """A compiled step is traced for one cache shape, so compiled generations round their cache up to a power of two
+    (at least 64, at most the block): a server's requests of any length reuse a handful of traces. Eager ones keep
+    the exact length. The ids are those of a full recompute either way (the extra slots stay masked)."""
+    assert [cache_len(n, 1024, True) for n in (1, 64, 65, 144, 600, 2000)] == [64, 64, 128, 256, 1024, 1024]
+    assert [cache_len(n, 1024, False) for n in (1, 144, 2000)] == [1, 144, 1024]
+    model = random_model(tiny_config(block_size=256), seed=4, std=0.5)
+    monkeypatch.setattr(generate_module, "decode_step", lambda compile, device: decode_one_token)  # no compile wait
+    for prompt, new, slots in (([3, 1, 4], 5, 64), ([3, 1, 4], 70, 128), (list(range(1, 40)), 100, 256)):
+        assert list(generate(model, prompt, new, temperature=0, compile=True)) == \
+            full_recompute_greedy(model, prompt, new)
+        assert _KEPT[model].max_len == slots
+    list(generate(model, [3, 1, 4], 5, temperature=0))
+    assert _KEPT[model].max_len == 8
 
 
 @pytest.mark.slow

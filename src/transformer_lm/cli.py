@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
@@ -30,6 +30,9 @@ from .cli_experiments import (
 )
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recipe, presets
 from .errors import ConfigError, DataError, TLMError
+
+if TYPE_CHECKING:
+    from .api import Run
 
 log = logging.getLogger("transformer_lm")
 
@@ -72,21 +75,22 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--resume", type=bool, default=False, help="Continue the run in --out from its last checkpoint.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace a different run already in --out.")
 
-    p = cmds["sample"] = ArgumentParser(exit_on_error=False, description="Generate text from a trained run.")
-    p.add_argument("run", type=str, help="Run folder.")
+    p = cmds["sample"] = _sampling_parser("Generate text from a trained run.")
     p.add_argument("prompt", type=str | None, nargs="?", default=None,
                    help="Prompt text (default: read standard input when it is not a terminal, else empty).")
-    p.add_class_arguments(SampleConfig, nested_key=None, instantiate=False)
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
-    p.add_argument("--quantize", type=str | None, default=None, help=QUANTIZE_HELP)
-    p.add_argument("--draft", type=str | None, default=None,
-                   help="Run folder of a smaller model with the same tokenizer: speculative decoding (same output "
-                   "distribution, fewer target forwards).")
-    p.add_argument("--draft_k", type=int, default=4, help="Tokens the draft proposes per target forward.")
     p.add_argument("--verbose", type=bool, default=False,
                    help="After each sample, print prefill and decode tokens/s and the decode's MBU (memory "
                    "bandwidth utilization: bytes read per token × tokens/s ÷ measured copy bandwidth) to stderr. "
                    "N new tokens take N-1 decode forwards (the first is drawn from the prefill's logits).")
+
+    p = cmds["serve"] = _sampling_parser("Serve a run over HTTP with OpenAI's completions API (POST "
+                                         "/v1/completions); the sampling options are the defaults of requests.")
+    p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+    p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    p.add_argument("--name", type=str | None, default=None, help="Model id clients give (default: the run folder's "
+                   "name).")
+    p.add_argument("--concurrency", type=int, default=8, help="Requests generating at once, each with its own KV "
+                   "cache, taking turns on the model token by token; more wait.")
 
     p = cmds["eval"] = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on text.")
     p.add_argument("run", type=str, help="Run folder.")
@@ -111,6 +115,35 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         sub.add_subcommand(name, p, help=p.description)
     add_experiment_subcommands(cmds["experiment"])  # nested subcommands go in after their parent
     return parser, cmds
+
+
+def _sampling_parser(description: str) -> ArgumentParser:
+    """The options of the commands that sample from a run (`tlm sample`, `tlm serve`): the run, how it is loaded,
+    and SampleConfig's fields."""
+    p = ArgumentParser(exit_on_error=False, description=description)
+    p.add_argument("run", type=str, help="Run folder.")
+    p.add_class_arguments(SampleConfig, nested_key=None, instantiate=False)
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    p.add_argument("--quantize", type=str | None, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--draft", type=str | None, default=None,
+                   help="Run folder of a smaller model with the same tokenizer: speculative decoding (same output "
+                   "distribution, fewer target forwards).")
+    p.add_argument("--draft_k", type=int, default=4, help="Tokens the draft proposes per target forward.")
+    return p
+
+
+def _load_for_sampling(a: Namespace) -> Run:
+    """The run of a sampling command, quantized, in the decode layout and with its draft, as the options say."""
+    from .api import load_run
+    from .quantize import parse_quantize
+
+    run = load_run(a.run, a.device)
+    if a.quantize:
+        run.quantize(**parse_quantize(a.quantize))
+    run.use_decode_layout()
+    if a.draft:
+        run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
+    return run
 
 
 def parse(argv: list[str]) -> Namespace:
@@ -226,10 +259,8 @@ def cmd_train(a: Namespace) -> int:
 
 
 def cmd_sample(a: Namespace) -> None:
-    from .api import load_run
     from .decode import DecodeStats
     from .perf import decode_mbu
-    from .quantize import parse_quantize
 
     prompt = a.prompt
     if prompt is None:
@@ -247,14 +278,9 @@ def cmd_sample(a: Namespace) -> None:
                         "--stop '[\"\\n\"]' (double quotes inside)", stop)
     if a.verbose and a.draft:
         log.warning("--verbose reports plain decoding's timings; with --draft there are none to report")
-    run = load_run(a.run, a.device)
-    if a.quantize:
-        run.quantize(**parse_quantize(a.quantize))
-    run.use_decode_layout()
-    if a.draft:
-        run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
+    run = _load_for_sampling(a)
     cfg = run.sample_config(cfg)  # compile off where it does not apply (said once), so that the notes below agree
-    stats = DecodeStats() if a.verbose else None
+    stats = DecodeStats() if a.verbose and not a.draft else None
     run.tokenizer.encode(prompt)  # a prompt the tokenizer cannot encode fails before anything is printed
     for i, pieces in enumerate(run.stream_samples(prompt, cfg, stats)):
         if cfg.num_samples > 1:
@@ -277,6 +303,16 @@ def cmd_sample(a: Namespace) -> None:
             else:
                 line += "; no decode step (the one new token is drawn from the prefill's logits)"
             print(line, file=sys.stderr)
+
+
+def cmd_serve(a: Namespace) -> None:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise ConfigError(f"tlm serve needs FastAPI and uvicorn ({e}); pip install 'transformer-lm[serve]'") from None
+    if a.concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, got {a.concurrency}")
+    serve(_load_for_sampling(a), config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency)
 
 
 def cmd_eval(a: Namespace) -> None:
@@ -493,7 +529,7 @@ def cmd_bench(a: Namespace) -> None:
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info,
             "plan": cmd_plan, "attention": cmd_attention, "experiment": cmd_experiment, "report": cmd_report}
-COMMANDS.update(convert=cmd_convert, export=cmd_export, bench=cmd_bench)
+COMMANDS.update(convert=cmd_convert, export=cmd_export, bench=cmd_bench, serve=cmd_serve)
 COMMANDS.update(consolidate=cmd_consolidate, memory=cmd_memory)
 
 

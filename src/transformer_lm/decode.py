@@ -223,6 +223,9 @@ class DecodeStats:
     """Wall time from the end of prefill to the last token on the host."""
     context: int = 0
     """Cached positions at the end (what the last step read back)."""
+    finish_reason: str = ""
+    """Why the sample ended, in OpenAI's words (generate.stream_text sets it): "stop" at a stop id or stop string,
+    "length" at max_new_tokens."""
 
     @property
     def decode_steps(self) -> int:

@@ -156,6 +156,16 @@ def generate(model: Transformer, prompt: Sequence[int], max_new_tokens: int, tem
         model.train(was_training)
 
 
+def cache_len(needed: int, block: int, compile: bool) -> int:
+    """The KV cache's length for a generation writing `needed` positions: no more than that, since imported models
+    have contexts of 32K-128K positions, and no more than the block. A compiled step is traced for one cache shape
+    (dynamic=False), so with `compile` the length is rounded up to a power of two (at least 64): generations of
+    different lengths (a server's requests) share a few compiled steps instead of recompiling for each length."""
+    if compile:
+        needed = max(64, 1 << max(0, needed - 1).bit_length())
+    return min(block, needed)
+
+
 def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, temperature: float,
                      top_k: int | None, top_p: float | None, generator: torch.Generator | None, compile: bool,
                      sync_every: int | None, stats: DecodeStats | None, vocab_size: int | None,
@@ -164,8 +174,7 @@ def _generate_cached(model: Transformer, ids: list[int], max_new_tokens: int, te
     block = model.config.block_size
     sync_every = sync_every or (1 if device.type == "cpu" else 8)
     step = decode_step(compile, device)
-    # the cache holds at most what this call writes: imported models have contexts of 32K-128K positions
-    max_len = min(block, len(ids) + max_new_tokens)
+    max_len = cache_len(len(ids) + max_new_tokens, block, compile)
     limit = max_len if isinstance(model, Transformer) else None  # a recurrent model's ring of states never fills
     stats = stats if stats is not None else DecodeStats()
     with lent_cache(model, 1, max_len) as cache:
@@ -217,7 +226,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     tokenizer's stop_ids (its end-of-text id, and the other end-of-sequence ids of an imported model). Joining the
     pieces gives the sample's full text. With a `draft` model (same tokenizer), tokens come from speculative decoding
     with `draft_k` proposals per step: same distribution.
-    `stats` receives generate()'s timings (not filled with a draft)."""
+    `stats` receives generate()'s timings (with a draft only the token counts) and the finish_reason."""
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     if tokenizer.bos_id is not None and prompt_ids[:1] != [tokenizer.bos_id]:
         prompt_ids = [tokenizer.bos_id, *prompt_ids]  # models trained with BOS expect it first (llama2.c, Llama)
@@ -241,6 +250,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     tail = prompt[-hold:] if hold else ""  # the prompt's last characters a stop string may begin in
     keep = int(tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id)  # past the window, BOS stays
     stop_ids = tokenizer.stop_ids
+    stats = stats if stats is not None else DecodeStats()
     if draft is None:
         tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator,
                           compile=cfg.compile, stats=stats, vocab_size=tokenizer.vocab_size, keep=keep,
@@ -250,8 +260,13 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
 
         tokens = speculative_generate(model, draft, prompt_ids, cfg.max_new_tokens, draft_k, temperature, cfg.top_k,
                                       cfg.top_p, generator, tokenizer.vocab_size, keep, stop_ids)
+    stats.finish_reason = "length"
+    if draft is not None:  # generate() counts its own
+        stats.prompt_tokens, stats.new_tokens = len(prompt_ids), 0
     for tok in tokens:
+        stats.new_tokens += draft is not None
         if tok in stop_ids:
+            stats.finish_reason = "stop"
             break
         new.append(tok)
         piece = decode(new[settled:])
@@ -263,6 +278,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
         cut = min((i for i in (full.find(s, max(start, len(tail) - len(s) + 1)) for s in cfg.stop) if i >= 0),
                   default=-1)
         if cut >= 0:
+            stats.finish_reason = "stop"
             yield text[emitted:max(emitted, cut - len(tail))]
             return
         # Hold back a trailing replacement char (a multi-byte character may be half-decoded) and a tail that could

@@ -1,0 +1,322 @@
+"""`tlm serve`: a loaded run behind an HTTP API that speaks OpenAI's completions protocol, so that the `openai`
+client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cpp's) can sample from it.
+
+    POST /v1/completions   continue a prompt (or a list of them): max_tokens, temperature, top_p, top_k, stop, n,
+                           seed, stream (server-sent events ending in `data: [DONE]`), stream_options.include_usage
+    GET  /v1/models        the one model served
+    GET  /health           liveness, with the run and its checkpoint step
+
+One process serves one model. Requests run concurrently (up to `concurrency`; more wait their turn), each with its own
+KV cache (decode.lent_cache), and take turns on the model one token at a time under a lock: a long generation delays
+a short one by a step per token instead of by its whole length. Base language models have no chat template, so there
+is no /v1/chat/completions.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Generator, Iterator
+from typing import Any
+
+import anyio
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .api import Run
+from .config import SampleConfig
+from .decode import DecodeStats
+from .errors import TLMError
+
+log = logging.getLogger(__name__)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    """Send one more event before [DONE] with the token counts (its `choices` empty), as OpenAI does."""
+
+
+UNSUPPORTED = {"echo": False, "logprobs": None, "suffix": None, "best_of": 1, "presence_penalty": 0.0,
+               "frequency_penalty": 0.0, "logit_bias": None}
+"""OpenAI's completion fields this server has no implementation of, with the values that ask for nothing: a request
+that sets another value is refused by name rather than answered as if it had not asked."""
+
+
+class CompletionRequest(BaseModel):
+    """The body of POST /v1/completions: OpenAI's fields and `top_k`. Sampling fields left out take the server's
+    defaults (`tlm serve --temperature ... --num_samples` for n); unknown fields are refused, so a misspelt one
+    cannot go unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | list[str] = ""
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def sample_config(self, defaults: SampleConfig) -> SampleConfig:
+        """The server's sampling defaults with this request's fields over them (checked by SampleConfig)."""
+        for field, neutral in UNSUPPORTED.items():
+            if getattr(self, field) not in (neutral, None):
+                raise _BadRequest(f"{field} is not supported by this server; leave it out", field)
+        given = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                 "top_k": self.top_k, "seed": self.seed, "num_samples": self.n}
+        changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if self.temperature is not None:
+            changes["greedy"] = False  # a request's temperature wins over the server's --greedy (0 is greedy too)
+        if self.stop is not None:
+            changes["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return dataclasses.replace(defaults, **changes)
+
+    def prompts(self) -> list[str]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        if not prompts:
+            raise _BadRequest("prompt is an empty list; give a string or a list of strings", "prompt")
+        return prompts
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def _error(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status)
+
+
+class _Turns:
+    """A lock handed over in arrival order. threading.Lock is not: a generation that releases it and asks again at
+    once, as each one does after every token, takes it back before a waiting one wakes, so a long generation held
+    the model for its whole length (a 10-token request waited out a 300-token one)."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+        self._held = False
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[None]:
+        with self._guard:
+            mine = threading.Event() if self._held else None
+            if mine is not None:
+                self._waiting.append(mine)
+            self._held = True
+        if mine is not None:
+            mine.wait()  # set by the holder as it hands the turn over, still held
+        try:
+            yield
+        finally:
+            with self._guard:
+                if self._waiting:
+                    self._waiting.popleft().set()
+                else:
+                    self._held = False
+
+
+@dataclasses.dataclass
+class _Sample:
+    index: int
+    pieces: Iterator[str]
+    stats: DecodeStats
+
+
+class Server:
+    """The state the endpoints share: the run, the sampling defaults and the turn-taking (see the module docstring)."""
+
+    def __init__(self, run: Run, defaults: SampleConfig, name: str, concurrency: int) -> None:
+        self.run, self.name = run, name
+        self.defaults = run.sample_config(defaults)  # compile turned off where it cannot apply, said once, now
+        self.turns = _Turns()
+        self.slots = threading.BoundedSemaphore(concurrency)
+
+    def samples(self, prompts: list[str], cfg: SampleConfig) -> Iterator[_Sample]:
+        """Each prompt's cfg.num_samples samples in OpenAI's order (index = prompt * n + sample), each streamed
+        one token per turn on the model."""
+        for p, prompt in enumerate(prompts):
+            stats = DecodeStats()
+            streams = self.run.stream_samples(prompt, cfg, stats)
+            for s in range(cfg.num_samples):
+                yield _Sample(p * cfg.num_samples + s, self._in_turn(streams), stats)
+
+    def _in_turn(self, streams: Iterator[Iterator[str]]) -> Iterator[str]:
+        with self.turns.turn():
+            pieces = next(streams)
+        try:
+            while True:
+                with self.turns.turn():  # one forward (or a prefill) of this generation, then another's turn
+                    piece = next(pieces, None)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            # Closing hands the cache back (lent_cache) and takes no turn: one taken here deadlocked when the garbage
+            # collector closed an abandoned generation during another's forward, in the thread holding the turn.
+            pieces.close()
+
+    def check(self, body: CompletionRequest) -> tuple[list[str], SampleConfig]:
+        """The request's prompts and sampling settings, or _BadRequest before anything is generated."""
+        if body.model is not None and body.model != self.name:
+            raise _BadRequest(f"the model {body.model!r} is not served here; this server serves {self.name!r}",
+                              "model", 404)
+        try:
+            cfg, prompts = body.sample_config(self.defaults), body.prompts()
+            for prompt in prompts:
+                self.run.tokenizer.encode(prompt)  # text the tokenizer cannot encode is the client's error
+        except TLMError as e:
+            raise _BadRequest(" ".join(str(e).split())) from None
+        return prompts, cfg
+
+    def complete(self, prompts: list[str], cfg: SampleConfig) -> dict[str, Any]:
+        head = _head()
+        choices, usage = [], _Usage()
+        with self.slots:
+            for sample in self.samples(prompts, cfg):
+                with contextlib.closing(sample.pieces) as pieces:
+                    text = "".join(pieces)
+                usage.add(sample)
+                choices.append({"text": text, "index": sample.index, "logprobs": None,
+                                "finish_reason": sample.stats.finish_reason})
+        return {**head, "model": self.name, "choices": choices, "usage": usage.as_dict()}
+
+    def events(self, prompts: list[str], cfg: SampleConfig, include_usage: bool) -> Generator[str, None, None]:
+        head = {**_head(), "model": self.name}
+        usage = _Usage()
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+            return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
+
+        with self.slots:
+            for sample in self.samples(prompts, cfg):
+                with contextlib.closing(sample.pieces) as pieces:  # a client gone: the generation ends now
+                    for piece in pieces:
+                        if piece:
+                            yield event([{"text": piece, "index": sample.index, "logprobs": None,
+                                          "finish_reason": None}])
+                usage.add(sample)
+                yield event([{"text": "", "index": sample.index, "logprobs": None,
+                              "finish_reason": sample.stats.finish_reason}])
+        if include_usage:
+            yield event([], usage=usage.as_dict())
+        yield "data: [DONE]\n\n"
+
+
+@dataclasses.dataclass
+class _Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    _prompts_seen: set[int] = dataclasses.field(default_factory=set)
+
+    def add(self, sample: _Sample) -> None:
+        """Count a finished sample's new tokens, and its prompt's tokens once per prompt (as OpenAI does for n > 1)."""
+        self.completion_tokens += sample.stats.new_tokens
+        if id(sample.stats) not in self._prompts_seen:
+            self._prompts_seen.add(id(sample.stats))
+            self.prompt_tokens += sample.stats.prompt_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _head() -> dict[str, Any]:
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events from a generator that is closed however the response ends. Starlette leaves the iterator
+    of a client that went away suspended, its generation holding a slot (and its KV cache) until the garbage
+    collector finds it."""
+
+    def __init__(self, events: Generator[str, None, None]) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.events = events
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):  # a cancelled response still waits for its generation to end
+                await anyio.to_thread.run_sync(self.events.close)
+
+
+def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None = None,
+               concurrency: int = 8) -> FastAPI:
+    """The ASGI app serving `run` (uvicorn runs it; fastapi.testclient.TestClient calls it in-process). `defaults`
+    are the sampling settings of requests that leave them out; `name` is the model id clients give (default: the run
+    folder's name); `concurrency` the generations in flight at once, each holding a KV cache."""
+    if concurrency < 1:
+        raise TLMError(f"concurrency must be >= 1, got {concurrency}")
+    server = Server(run, defaults or SampleConfig(), name or run.path.resolve().name, concurrency)
+    app = FastAPI(title="transformer-lm", summary=f"{server.name}: OpenAI-compatible text completions")
+    app.state.server = server
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Any, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        if first["type"] == "json_invalid" or first["loc"] == ("body",):  # not JSON, or not an object, or none
+            return _error("the request body must be a JSON object of the completion's fields, sent with "
+                          "Content-Type: application/json")
+        where = ".".join(str(p) for p in first["loc"][1:])
+        return _error(f"{where}: {first['msg']}", where)
+
+    @app.exception_handler(_BadRequest)
+    async def bad_request(_request: Any, exc: _BadRequest) -> JSONResponse:
+        return _error(str(exc), exc.param, exc.status)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": server.name, "run": str(run.path), "step": run.step}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0,
+                                            "owned_by": "transformer-lm"}]}
+
+    @app.post("/v1/completions", response_model=None)
+    def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
+        prompts, cfg = server.check(body)
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return _EventStream(server.events(prompts, cfg, usage))
+        return server.complete(prompts, cfg)
+
+    return app
+
+
+def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
+          concurrency: int = 8) -> None:
+    """Serve `run` with uvicorn until interrupted. With compile, the decode step for the shortest requests' cache
+    (generate.cache_len) is compiled here, before the first client waits on it; longer ones compile on first use."""
+    import uvicorn
+
+    app = create_app(run, defaults, name, concurrency)
+    cfg: SampleConfig = app.state.server.defaults
+    if cfg.compile:
+        log.info("compiling the decode step before serving")
+        run.generate("", **{**dataclasses.asdict(cfg), "max_new_tokens": 2, "num_samples": 1, "stop": []})
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import sys
 import threading
 import time
 from pathlib import Path
@@ -314,6 +315,16 @@ def test_cli_serve_refuses_bad_settings_before_listening(run: Run, capsys: pytes
     assert "--concurrency must be at least 1" in capsys.readouterr().err
     assert main(["serve", str(run.path), "--temperature", "-1"]) == 2
     assert "temperature must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing", ["uvicorn", "transformer_lm.serve"])  # the latter: as without fastapi
+def test_cli_serve_without_its_packages_says_what_to_install(run: Run, missing: str, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, missing, None)  # what an import of a package not installed raises: ImportError
+    assert main(["serve", str(run.path)]) == 2
+    err = capsys.readouterr().err
+    assert "tlm serve needs FastAPI and uvicorn" in err and "pip install fastapi uvicorn" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_openais_own_client_reads_the_responses(client: TestClient, run: Run) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import socket
 import sys
 import threading
 import time
@@ -315,6 +316,12 @@ def test_cli_serve_refuses_bad_settings_before_listening(run: Run, capsys: pytes
     assert "--concurrency must be at least 1" in capsys.readouterr().err
     assert main(["serve", str(run.path), "--temperature", "-1"]) == 2
     assert "temperature must be >= 0" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", str(run.path), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert main(["serve", str(run.path), "--port", "70000"]) == 2
+    assert "--port must be 1-65535, got 70000" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("missing", ["uvicorn", "transformer_lm.serve"])  # the latter: as without fastapi

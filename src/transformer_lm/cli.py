@@ -309,12 +309,13 @@ def cmd_serve(a: Namespace) -> None:
     try:
         import uvicorn  # noqa: F401 - serve() imports it
 
-        from .serve import serve
+        from .serve import check_address, serve
     except ImportError as e:
         raise ConfigError(f"tlm serve needs FastAPI and uvicorn ({e}): pip install fastapi uvicorn, or the project's "
                           "extra: pip install -e '.[serve]'") from None
     if a.concurrency < 1:
         raise ConfigError(f"--concurrency must be at least 1, got {a.concurrency}")
+    check_address(a.host, a.port)
     serve(_load_for_sampling(a), config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency)
 
 

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -34,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .api import Run
 from .config import SampleConfig
 from .decode import DecodeStats
-from .errors import TLMError
+from .errors import ConfigError, TLMError
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +309,19 @@ def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None 
     return app
 
 
+def check_address(host: str, port: int) -> None:
+    """Raise ConfigError now, before a model is loaded (and compiled), when `host`:`port` cannot be listened on."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"--port must be 1-65535, got {port}")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:  # create_server adds "(while attempting to bind on address ...)": the address is said here
+        why = (e.strerror or str(e)).split(" (while")[0]
+        raise ConfigError(f"cannot listen on {host}:{port} ({why}); choose another --port (or --host), or stop what "
+                          "holds it") from None
+
+
 def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
           concurrency: int = 8) -> None:
     """Serve `run` with uvicorn until interrupted. With compile, the decode step for the shortest requests' cache
@@ -319,4 +333,7 @@ def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int =
     if cfg.compile:
         log.info("compiling the decode step before serving")
         run.generate("", **{**dataclasses.asdict(cfg), "max_new_tokens": 2, "num_samples": 1, "stop": []})
+    base = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0', '::') else host}:{port}/v1"
+    log.info("serving %s as model %r: POST %s/completions (openai.OpenAI(base_url=%r, api_key='unused'))",
+             run.path, app.state.server.name, base, base)
     uvicorn.run(app, host=host, port=port, log_level="info")

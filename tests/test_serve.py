@@ -22,7 +22,9 @@ from conftest import make_corpus, random_model
 from transformer_lm.api import Run, load_run
 from transformer_lm.checkpoint import save_checkpoint
 from transformer_lm.cli import main
+from transformer_lm import runtime
 from transformer_lm.config import ModelConfig, SampleConfig, dump_json
+from transformer_lm.errors import ConfigError
 from transformer_lm.generate import generate
 from transformer_lm.tokenizers import BPETokenizer, ByteTokenizer, save_tokenizer
 
@@ -105,16 +107,18 @@ def test_server_defaults_fill_what_a_request_leaves_out(run: Run) -> None:
     out = complete(served, prompt=PROMPT)
     assert out["choices"][0]["text"] == run.generate(PROMPT, greedy=True, max_new_tokens=5)
     assert out["usage"]["completion_tokens"] == 5
-    # a request's temperature wins over the server's greedy: seeded samples, as the library draws them
+    # a request's temperature wins over the server's greedy: seeded samples, sample i as the library draws it
+    # with seed + i
     out = complete(served, prompt=PROMPT, temperature=1.0, seed=3, n=2)
-    assert [c["text"] for c in out["choices"]] == run.generate(PROMPT, temperature=1.0, seed=3, num_samples=2,
-                                                               max_new_tokens=5)
+    assert [c["text"] for c in out["choices"]] == [run.generate(PROMPT, temperature=1.0, seed=3 + i,
+                                                                max_new_tokens=5) for i in range(2)]
 
 
 def test_prompts_and_n_in_openais_order_with_usage(client: TestClient, run: Run) -> None:
     prompts = [PROMPT, "x = [beta"]
     out = complete(client, prompt=prompts, n=2, max_tokens=6, temperature=0.9, top_k=20, seed=7)
-    texts = [run.generate(p, temperature=0.9, top_k=20, seed=7, num_samples=2, max_new_tokens=6) for p in prompts]
+    texts = [[run.generate(p, temperature=0.9, top_k=20, seed=7 + i, max_new_tokens=6) for i in range(2)]
+             for p in prompts]  # sample i seeded with seed + i
     assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]  # prompt-major: index = prompt * n + sample
     assert [c["text"] for c in out["choices"]] == [*texts[0], *texts[1]]
     assert out["choices"][0]["text"] != out["choices"][1]["text"]  # two draws, not one repeated
@@ -212,11 +216,13 @@ def test_a_short_request_is_not_held_up_by_a_long_one(run: Run) -> None:
     assert during.count("long") <= during.count("short") + 1 and turns[-1] == "long"
 
 
-def test_a_client_that_goes_away_ends_its_generation(run: Run) -> None:
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_client_that_goes_away_ends_its_generation(run: Run, batched: bool) -> None:
     """Under uvicorn (ASGI 2.3) starlette learns of a client gone from a disconnect message and cancels the response;
-    the generation must end then and free its slot (here the only one) at once, not whenever the garbage collector
-    (disabled here) gets to it: with StreamingResponse alone it did not."""
-    app = create_app(run, concurrency=1)
+    the generation must end then and free its row or slot (here the only one) at once, not whenever the garbage
+    collector (disabled here) gets to it: with StreamingResponse alone it did not. With a draft the server takes
+    turns instead of batching."""
+    app = create_app(run if batched else load_run(run.path, "cpu").use_draft(run), concurrency=1)
     server = app.state.server
     body = json.dumps({"prompt": PROMPT, "max_tokens": 10**6, "stream": True}).encode()
     sent: list[dict] = []
@@ -243,9 +249,16 @@ def test_a_client_that_goes_away_ends_its_generation(run: Run) -> None:
         with contextlib.suppress(Exception):  # starlette's ClientDisconnect
             anyio.run(app, scope, receive, send)
         assert len(sent) < 200  # it stopped when the client went, not after 10**6 tokens
-        assert server.slots.acquire(blocking=False)  # the slot is free again
-        server.slots.release()
-        assert not server.turns._held
+        if batched:
+            batcher = server.batcher
+            deadline = time.monotonic() + 5
+            while batcher.thread is not None and time.monotonic() < deadline:  # its row is freed at the next step
+                time.sleep(0.01)
+            assert batcher.rows == [None] and not batcher.waiting and batcher.thread is None
+        else:
+            assert server.batcher is None and server.slots.acquire(blocking=False)  # the slot is free again
+            server.slots.release()
+            assert not server.turns._held
     finally:
         gc.enable()
 
@@ -322,6 +335,15 @@ def test_cli_serve_refuses_bad_settings_before_listening(run: Run, capsys: pytes
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert main(["serve", str(run.path), "--port", "70000"]) == 2
     assert "--port must be 1-65535, got 70000" in capsys.readouterr().err
+    assert main(["serve", str(run.path), "--context", "1"]) == 2
+    assert "--context must be at least 2 positions, got 1" in capsys.readouterr().err
+
+
+def test_a_batch_cache_too_large_for_memory_names_the_options(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 10_000)  # bytes: less than 8 rows × 64 positions need
+    with pytest.raises(ConfigError, match=r"the batch's KV cache \(8 rows × 64 positions\) needs .*--concurrency.*"
+                                          r"--context"):
+        create_app(run, concurrency=8)
 
 
 @pytest.mark.parametrize("missing", ["uvicorn", "transformer_lm.serve"])  # the latter: as without fastapi

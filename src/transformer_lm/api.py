@@ -97,7 +97,7 @@ class Run:
             raise ConfigError(f"the prompt must be text (a str), got {type(prompt).__name__}; for token ids use "
                               "transformer_lm.generate.generate(run.model, ids, ...)")
         cfg = self.sample_config(cfg)  # warned once, not per sample
-        gen = _generator(cfg.seed, self.model)
+        gen = seeded_generator(cfg.seed, self.model)
         for _ in range(cfg.num_samples):
             yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats)
 
@@ -190,7 +190,8 @@ def consolidate(path: str | Path) -> Path:
     return write_weights(folder, model, checkpoint_step(folder))
 
 
-def _generator(seed: int | None, model: Transformer) -> torch.Generator:
+def seeded_generator(seed: int | None, model: Transformer) -> torch.Generator:
+    """A generator on the model's device: seeded with `seed`, or from the system's entropy when None."""
     gen = torch.Generator(device=model.tok_emb.weight.device)
     gen.manual_seed(seed) if seed is not None else gen.seed()
     return gen

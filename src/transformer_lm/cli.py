@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
@@ -28,17 +28,11 @@ from .cli_experiments import (
     cmd_plan,
     cmd_report,
 )
+from .cli_sampling import QUANTIZE_HELP, add_serve_parser, cmd_serve, load_for_sampling, sampling_parser
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recipe, presets
 from .errors import ConfigError, DataError, TLMError
 
-if TYPE_CHECKING:
-    from .api import Run
-
 log = logging.getLogger("transformer_lm")
-
-QUANTIZE_HELP = ("Quantization applied after loading: int8 (weight-only, the LM head included), int4 or "
-                 "int4:GROUP_SIZE (weight-only, default group 128), or w8a8 (int8 weights and per-call int8 "
-                 "activations on fbgemm's CPU kernels: the fastest on a CPU, a little less exact).")
 
 
 def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
@@ -75,7 +69,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--resume", type=bool, default=False, help="Continue the run in --out from its last checkpoint.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace a different run already in --out.")
 
-    p = cmds["sample"] = _sampling_parser("Generate text from a trained run.")
+    p = cmds["sample"] = sampling_parser("Generate text from a trained run.")
     p.add_argument("prompt", type=str | None, nargs="?", default=None,
                    help="Prompt text (default: read standard input when it is not a terminal, else empty).")
     p.add_argument("--verbose", type=bool, default=False,
@@ -83,14 +77,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
                    "bandwidth utilization: bytes read per token × tokens/s ÷ measured copy bandwidth) to stderr. "
                    "N new tokens take N-1 decode forwards (the first is drawn from the prefill's logits).")
 
-    p = cmds["serve"] = _sampling_parser("Serve a run over HTTP with OpenAI's completions API (POST "
-                                         "/v1/completions); the sampling options are the defaults of requests.")
-    p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
-    p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
-    p.add_argument("--name", type=str | None, default=None, help="Model id clients give (default: the run folder's "
-                   "name).")
-    p.add_argument("--concurrency", type=int, default=8, help="Requests generating at once, each with its own KV "
-                   "cache, taking turns on the model token by token; more wait.")
+    add_serve_parser(cmds)
 
     p = cmds["eval"] = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on text.")
     p.add_argument("run", type=str, help="Run folder.")
@@ -115,35 +102,6 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
         sub.add_subcommand(name, p, help=p.description)
     add_experiment_subcommands(cmds["experiment"])  # nested subcommands go in after their parent
     return parser, cmds
-
-
-def _sampling_parser(description: str) -> ArgumentParser:
-    """The options of the commands that sample from a run (`tlm sample`, `tlm serve`): the run, how it is loaded,
-    and SampleConfig's fields."""
-    p = ArgumentParser(exit_on_error=False, description=description)
-    p.add_argument("run", type=str, help="Run folder.")
-    p.add_class_arguments(SampleConfig, nested_key=None, instantiate=False)
-    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
-    p.add_argument("--quantize", type=str | None, default=None, help=QUANTIZE_HELP)
-    p.add_argument("--draft", type=str | None, default=None,
-                   help="Run folder of a smaller model with the same tokenizer: speculative decoding (same output "
-                   "distribution, fewer target forwards).")
-    p.add_argument("--draft_k", type=int, default=4, help="Tokens the draft proposes per target forward.")
-    return p
-
-
-def _load_for_sampling(a: Namespace) -> Run:
-    """The run of a sampling command, quantized, in the decode layout and with its draft, as the options say."""
-    from .api import load_run
-    from .quantize import parse_quantize
-
-    run = load_run(a.run, a.device)
-    if a.quantize:
-        run.quantize(**parse_quantize(a.quantize))
-    run.use_decode_layout()
-    if a.draft:
-        run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
-    return run
 
 
 def parse(argv: list[str]) -> Namespace:
@@ -278,7 +236,7 @@ def cmd_sample(a: Namespace) -> None:
                         "--stop '[\"\\n\"]' (double quotes inside)", stop)
     if a.verbose and a.draft:
         log.warning("--verbose reports plain decoding's timings; with --draft there are none to report")
-    run = _load_for_sampling(a)
+    run = load_for_sampling(a)
     cfg = run.sample_config(cfg)  # compile off where it does not apply (said once), so that the notes below agree
     stats = DecodeStats() if a.verbose and not a.draft else None
     run.tokenizer.encode(prompt)  # a prompt the tokenizer cannot encode fails before anything is printed
@@ -303,20 +261,6 @@ def cmd_sample(a: Namespace) -> None:
             else:
                 line += "; no decode step (the one new token is drawn from the prefill's logits)"
             print(line, file=sys.stderr)
-
-
-def cmd_serve(a: Namespace) -> None:
-    try:
-        import uvicorn  # noqa: F401 - serve() imports it
-
-        from .serve import check_address, serve
-    except ImportError as e:
-        raise ConfigError(f"tlm serve needs FastAPI and uvicorn ({e}): pip install fastapi uvicorn, or the project's "
-                          "extra: pip install -e '.[serve]'") from None
-    if a.concurrency < 1:
-        raise ConfigError(f"--concurrency must be at least 1, got {a.concurrency}")
-    check_address(a.host, a.port)
-    serve(_load_for_sampling(a), config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency)
 
 
 def cmd_eval(a: Namespace) -> None:

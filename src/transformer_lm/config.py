@@ -398,6 +398,11 @@ class SampleConfig:
             raise ConfigError(f"num_samples must be >= 1, got {self.num_samples}")
         check_sampling(self.temperature, self.top_k, self.top_p)
 
+    @property
+    def draw_temperature(self) -> float:
+        """The temperature tokens are drawn at: 0 (greedy) with `greedy`, whatever `temperature` says."""
+        return 0.0 if self.greedy else self.temperature
+
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ConfigError for sampling settings that have no meaning, checked by SampleConfig and by the generation

@@ -219,20 +219,54 @@ STREAM_CONTEXT ids, as it does after the prompt's: each token then decodes a bou
 so far (which made streaming quadratic: an 8000-token char sample took 1.55x the time of its generation)."""
 
 
+def sample_prompt(tokenizer: Tokenizer, prompt: str) -> tuple[list[int], int]:
+    """The ids a sample of `prompt` continues, and how many of them stay first through window shifts (`keep`: 1 for
+    a leading BOS). Models trained with BOS expect it first (llama2.c, Llama); an empty prompt starts from
+    end-of-text (or the first id when there is none)."""
+    prompt_ids = tokenizer.encode(prompt) if prompt else []
+    if tokenizer.bos_id is not None and prompt_ids[:1] != [tokenizer.bos_id]:
+        prompt_ids = [tokenizer.bos_id, *prompt_ids]
+    if not prompt_ids:
+        prompt_ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
+    return prompt_ids, int(tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id)
+
+
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
                 generator: torch.Generator | None = None, draft: Transformer | None = None,
                 draft_k: int = 4, stats: DecodeStats | None = None) -> Iterator[str]:
-    """Yield text pieces of one sample continuing `prompt`, stopping at any of cfg.stop (excluded) or at any of the
-    tokenizer's stop_ids (its end-of-text id, and the other end-of-sequence ids of an imported model). Joining the
-    pieces gives the sample's full text. With a `draft` model (same tokenizer), tokens come from speculative decoding
-    with `draft_k` proposals per step: same distribution.
-    `stats` receives generate()'s timings (with a draft only the token counts) and the finish_reason."""
-    prompt_ids = tokenizer.encode(prompt) if prompt else []
-    if tokenizer.bos_id is not None and prompt_ids[:1] != [tokenizer.bos_id]:
-        prompt_ids = [tokenizer.bos_id, *prompt_ids]  # models trained with BOS expect it first (llama2.c, Llama)
-    if not prompt_ids:  # an empty prompt starts from end-of-text (or the first id when there is none)
-        prompt_ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
-    temperature = 0.0 if cfg.greedy else cfg.temperature
+    """Yield text pieces of one sample continuing `prompt` (text_pieces: up to cfg.stop or a stop id). With a
+    `draft` model (same tokenizer), tokens come from speculative decoding with `draft_k` proposals per step: same
+    distribution. `stats` receives generate()'s timings (with a draft only the token counts) and the finish_reason."""
+    prompt_ids, keep = sample_prompt(tokenizer, prompt)
+    temperature = cfg.draw_temperature
+    stats = stats if stats is not None else DecodeStats()
+    if draft is None:
+        tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator,
+                          compile=cfg.compile, stats=stats, vocab_size=tokenizer.vocab_size, keep=keep,
+                          stop_ids=tokenizer.stop_ids)
+    else:
+        from .speculative import speculative_generate  # speculative imports this module
+
+        stats.prompt_tokens, stats.new_tokens = len(prompt_ids), 0  # generate() counts its own
+
+        def counted(ids: Iterator[int]) -> Iterator[int]:
+            for tok in ids:
+                stats.new_tokens += 1
+                yield tok
+
+        tokens = counted(speculative_generate(model, draft, prompt_ids, cfg.max_new_tokens, draft_k, temperature,
+                                              cfg.top_k, cfg.top_p, generator, tokenizer.vocab_size, keep,
+                                              tokenizer.stop_ids))
+    yield from text_pieces(tokenizer, prompt, prompt_ids, tokens, cfg.stop, stats)
+
+
+def text_pieces(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int], tokens: Iterator[int],
+                stop: Sequence[str], stats: DecodeStats) -> Iterator[str]:
+    """Turn the new ids `tokens` continuing `prompt_ids` (the ids of `prompt`) into text pieces, stopping at any of
+    the strings `stop` (excluded) or at any of the tokenizer's stop_ids (its end-of-text id, and the other
+    end-of-sequence ids of an imported model); stats.finish_reason says which ended it. Joining the pieces gives the
+    sample's full text; incomplete UTF-8 and a tail that may still grow into a stop string are held back, so that
+    nothing yielded is ever taken back."""
     # Decode the new ids after the prompt's last ones: SentencePiece-style tokenizers drop a leading space at the
     # start of a text ("▁there" alone is "there") and keep it after BOS only where the piece follows text, so the
     # continuation's text is decode(context + new) less decode(context), as transformers' TextStreamer does.
@@ -246,25 +280,11 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     new: list[int] = []
     settled, done = 0, ""  # new[:settled] decodes to `done` for good: the context has moved past them
     emitted = 0
-    hold = max((len(s) for s in cfg.stop), default=1) - 1
+    hold = max((len(s) for s in stop), default=1) - 1
     tail = prompt[-hold:] if hold else ""  # the prompt's last characters a stop string may begin in
-    keep = int(tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id)  # past the window, BOS stays
     stop_ids = tokenizer.stop_ids
-    stats = stats if stats is not None else DecodeStats()
-    if draft is None:
-        tokens = generate(model, prompt_ids, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, generator,
-                          compile=cfg.compile, stats=stats, vocab_size=tokenizer.vocab_size, keep=keep,
-                          stop_ids=stop_ids)
-    else:
-        from .speculative import speculative_generate  # speculative imports this module
-
-        tokens = speculative_generate(model, draft, prompt_ids, cfg.max_new_tokens, draft_k, temperature, cfg.top_k,
-                                      cfg.top_p, generator, tokenizer.vocab_size, keep, stop_ids)
     stats.finish_reason = "length"
-    if draft is not None:  # generate() counts its own
-        stats.prompt_tokens, stats.new_tokens = len(prompt_ids), 0
     for tok in tokens:
-        stats.new_tokens += draft is not None
         if tok in stop_ids:
             stats.finish_reason = "stop"
             break
@@ -275,7 +295,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
         # "\n"); what of it the sample wrote is left out, as always
         full = tail + text
         start = max(0, len(tail) + emitted - hold)  # and each match ends in the sample (not within the prompt):
-        cut = min((i for i in (full.find(s, max(start, len(tail) - len(s) + 1)) for s in cfg.stop) if i >= 0),
+        cut = min((i for i in (full.find(s, max(start, len(tail) - len(s) + 1)) for s in stop) if i >= 0),
                   default=-1)
         if cut >= 0:
             stats.finish_reason = "stop"

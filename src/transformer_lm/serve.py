@@ -6,10 +6,12 @@ client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cp
     GET  /v1/models        the one model served
     GET  /health           liveness, with the run and its checkpoint step
 
-One process serves one model. Requests run concurrently (up to `concurrency`; more wait their turn), each with its own
-KV cache (decode.lent_cache), and take turns on the model one token at a time under a lock: a long generation delays
-a short one by a step per token instead of by its whole length. Base language models have no chat template, so there
-is no /v1/chat/completions.
+One process serves one model. A Transformer's samples are batched continuously (batching.py): up to `concurrency` of
+them, from any requests (a request's n samples too), share every decode step, each in a row of one KV cache; more
+wait in arrival order for a row. A model that cannot be batched so (a recurrent one; speculative decoding with a
+draft) runs up to `concurrency` requests that take turns on it one token at a time, each with its own KV cache
+(decode.lent_cache): a long generation delays a short one by a step per token instead of by its whole length.
+Base language models have no chat template, so there is no /v1/chat/completions.
 """
 
 from __future__ import annotations
@@ -32,10 +34,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .api import Run
+from .api import Run, seeded_generator
+from .batching import Batcher, Tokens
 from .config import SampleConfig
 from .decode import DecodeStats
 from .errors import ConfigError, TLMError
+from .generate import sample_prompt, text_pieces
+from .model import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -142,27 +147,58 @@ class _Turns:
 @dataclasses.dataclass
 class _Sample:
     index: int
+    prompt: int
     pieces: Iterator[str]
     stats: DecodeStats
 
 
 class Server:
-    """The state the endpoints share: the run, the sampling defaults and the turn-taking (see the module docstring)."""
+    """The state the endpoints share: the run, the sampling defaults, and the batcher or the turn-taking (see the
+    module docstring)."""
 
-    def __init__(self, run: Run, defaults: SampleConfig, name: str, concurrency: int) -> None:
+    def __init__(self, run: Run, defaults: SampleConfig, name: str, concurrency: int,
+                 context: int | None = None) -> None:
         self.run, self.name = run, name
         self.defaults = run.sample_config(defaults)  # compile turned off where it cannot apply, said once, now
+        self.batcher = None
+        if isinstance(run.model, Transformer) and run.draft is None:
+            self.batcher = Batcher(run.model, concurrency, self.defaults.compile, context)
         self.turns = _Turns()
-        self.slots = threading.BoundedSemaphore(concurrency)
+        self.slots = threading.BoundedSemaphore(concurrency) if self.batcher is None else contextlib.nullcontext()
 
-    def samples(self, prompts: list[str], cfg: SampleConfig) -> Iterator[_Sample]:
-        """Each prompt's cfg.num_samples samples in OpenAI's order (index = prompt * n + sample), each streamed
-        one token per turn on the model."""
-        for p, prompt in enumerate(prompts):
-            stats = DecodeStats()
-            streams = self.run.stream_samples(prompt, cfg, stats)
-            for s in range(cfg.num_samples):
-                yield _Sample(p * cfg.num_samples + s, self._in_turn(streams), stats)
+    def samples(self, prompts: list[str], cfg: SampleConfig) -> Generator[_Sample, None, None]:
+        """Each prompt's cfg.num_samples samples in OpenAI's order (index = prompt * n + sample), sample i seeded
+        with seed + i (unseeded: at random): one sample per prompt draws what `tlm sample --seed` draws. Batched, all
+        of them are queued at once and generate side by side; taking turns, one after another."""
+        seeds = [None if cfg.seed is None else cfg.seed + s for s in range(cfg.num_samples)]
+        if self.batcher is None:
+            for p, prompt in enumerate(prompts):
+                stats = DecodeStats()
+                for s, seed in enumerate(seeds):
+                    streams = self.run.stream_samples(prompt, dataclasses.replace(cfg, seed=seed, num_samples=1),
+                                                      stats)
+                    yield _Sample(p * cfg.num_samples + s, p, self._in_turn(streams), stats)
+            return
+        queued: list[tuple[int, str, list[int], Tokens, DecodeStats]] = []
+        try:
+            for p, prompt in enumerate(prompts):
+                ids, keep = sample_prompt(self.run.tokenizer, prompt)
+                for seed in seeds:
+                    stats, gen = DecodeStats(), seeded_generator(seed, self.run.model)
+                    tokens = self.batcher.submit(ids, cfg.max_new_tokens, cfg.draw_temperature, cfg.top_k,
+                                                 cfg.top_p, gen, stats, self.run.tokenizer.vocab_size, keep,
+                                                 self.run.tokenizer.stop_ids)
+                    queued.append((p, prompt, ids, tokens, stats))
+            for index, (p, prompt, ids, tokens, stats) in enumerate(queued):
+                yield _Sample(index, p, self._batched(prompt, ids, tokens, cfg, stats), stats)
+        finally:
+            for *_, tokens, _ in queued:  # a client gone: its samples not yet read give their rows up too
+                tokens.close()
+
+    def _batched(self, prompt: str, ids: list[int], tokens: Tokens, cfg: SampleConfig,
+                 stats: DecodeStats) -> Iterator[str]:
+        with tokens:  # a sample ended by a stop string gives its row up now
+            yield from text_pieces(self.run.tokenizer, prompt, ids, tokens, cfg.stop, stats)
 
     def _in_turn(self, streams: Iterator[Iterator[str]]) -> Iterator[str]:
         with self.turns.turn():
@@ -195,8 +231,8 @@ class Server:
     def complete(self, prompts: list[str], cfg: SampleConfig) -> dict[str, Any]:
         head = _head()
         choices, usage = [], _Usage()
-        with self.slots:
-            for sample in self.samples(prompts, cfg):
+        with self.slots, contextlib.closing(self.samples(prompts, cfg)) as samples:
+            for sample in samples:
                 with contextlib.closing(sample.pieces) as pieces:
                     text = "".join(pieces)
                 usage.add(sample)
@@ -211,8 +247,8 @@ class Server:
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
 
-        with self.slots:
-            for sample in self.samples(prompts, cfg):
+        with self.slots, contextlib.closing(self.samples(prompts, cfg)) as samples:
+            for sample in samples:
                 with contextlib.closing(sample.pieces) as pieces:  # a client gone: the generation ends now
                     for piece in pieces:
                         if piece:
@@ -235,8 +271,8 @@ class _Usage:
     def add(self, sample: _Sample) -> None:
         """Count a finished sample's new tokens, and its prompt's tokens once per prompt (as OpenAI does for n > 1)."""
         self.completion_tokens += sample.stats.new_tokens
-        if id(sample.stats) not in self._prompts_seen:
-            self._prompts_seen.add(id(sample.stats))
+        if sample.prompt not in self._prompts_seen:
+            self._prompts_seen.add(sample.prompt)
             self.prompt_tokens += sample.stats.prompt_tokens
 
     def as_dict(self) -> dict[str, int]:
@@ -266,13 +302,14 @@ class _EventStream(StreamingResponse):
 
 
 def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None = None,
-               concurrency: int = 8) -> FastAPI:
+               concurrency: int = 8, context: int | None = None) -> FastAPI:
     """The ASGI app serving `run` (uvicorn runs it; fastapi.testclient.TestClient calls it in-process). `defaults`
     are the sampling settings of requests that leave them out; `name` is the model id clients give (default: the run
-    folder's name); `concurrency` the generations in flight at once, each holding a KV cache."""
+    folder's name); `concurrency` the samples generating at once (batching.Batcher's rows: see the module
+    docstring), `context` the positions each row holds (batching.Batcher)."""
     if concurrency < 1:
         raise TLMError(f"concurrency must be >= 1, got {concurrency}")
-    server = Server(run, defaults or SampleConfig(), name or run.path.resolve().name, concurrency)
+    server = Server(run, defaults or SampleConfig(), name or run.path.resolve().name, concurrency, context)
     app = FastAPI(title="transformer-lm", summary=f"{server.name}: OpenAI-compatible text completions")
     app.state.server = server
 
@@ -323,17 +360,17 @@ def check_address(host: str, port: int) -> None:
 
 
 def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-          concurrency: int = 8) -> None:
-    """Serve `run` with uvicorn until interrupted. With compile, the decode step for the shortest requests' cache
+          concurrency: int = 8, context: int | None = None) -> None:
+    """Serve `run` with uvicorn until interrupted. With compile, the decode step for the shortest cache length
     (generate.cache_len) is compiled here, before the first client waits on it; longer ones compile on first use."""
     import uvicorn
 
-    app = create_app(run, defaults, name, concurrency)
-    cfg: SampleConfig = app.state.server.defaults
-    if cfg.compile:
+    app = create_app(run, defaults, name, concurrency, context)
+    server: Server = app.state.server
+    if server.defaults.compile:
         log.info("compiling the decode step before serving")
-        run.generate("", **{**dataclasses.asdict(cfg), "max_new_tokens": 2, "num_samples": 1, "stop": []})
+        server.complete([""], dataclasses.replace(server.defaults, max_new_tokens=2, num_samples=1, stop=[]))
     base = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0', '::') else host}:{port}/v1"
     log.info("serving %s as model %r: POST %s/completions (openai.OpenAI(base_url=%r, api_key='unused'))",
-             run.path, app.state.server.name, base, base)
+             run.path, server.name, base, base)
     uvicorn.run(app, host=host, port=port, log_level="info")

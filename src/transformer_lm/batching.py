@@ -1,0 +1,247 @@
+"""Continuous batching: concurrent generations that share every forward of the model, as vLLM and TGI serve requests.
+Decoding a token reads all the weights whatever the batch, so where decoding is bound by memory bandwidth (any CPU,
+a GPU at small batch) B rows cost little more than one: B clients get up to B times the tokens per second they get
+taking turns.
+
+Each generation holds a row of one RowKVCache, at a position of its own. A new one joins at the next step: its
+prompt is prefilled alone (into a cache of its own length, the plain causal attention), copied into a free row, and
+from then on decodes in the batch. One that ends (its max tokens, a stop id, its reader gone) frees its row for the
+next in line. Every row sees exactly the positions and context generate() gives it alone, window shifts included,
+so greedy ids are generate()'s, and a seeded row draws what generate() draws with the same generator.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Collection, Iterator, Sequence
+
+import torch
+
+from .config import ModelConfig, check_sampling
+from .decode import DecodeStats, StaticKVCache, activation_dtype, decode_step
+from .generate import cache_len, check_prompt, crop_prompt, sample_next, window
+from .model import KVCache, Transformer
+from .perf import kv_cache_bytes, now
+from .runtime import check_fits
+
+
+class RowKVCache(StaticKVCache):
+    """A StaticKVCache whose rows are at positions of their own. `pos` is (B, 1, 1, 1), each row's
+    next slot, shaped so that the model's attention_mask broadcasts it over (B, heads, T, S) and hides from each row
+    the slots it has not written. update() writes one new position per row (a decode step) and returns the first
+    `visible` slots, the most any row has written (for a compiled step rounded up as generate.cache_len does, so
+    that a few traces serve every length): attention reads no slot that every row masks."""
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        super().__init__(config, batch_size, max_len, device, dtype)
+        self.pos = torch.zeros(batch_size, 1, 1, 1, dtype=torch.long, device=device)  # replaces the 0-d buffer
+        if self.pos.is_cuda:
+            torch._dynamo.mark_static_address(self.pos)
+        self.visible = self.max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k_buf, v_buf = self.layer(layer)
+        rows, slots = torch.arange(k.size(0), device=k.device), self.pos.view(-1)
+        k_buf[rows, :, slots] = k[:, :, 0].to(k_buf.dtype)  # (B, n_kv, hd) at each row's own slot
+        v_buf[rows, :, slots] = v[:, :, 0].to(v_buf.dtype)
+        return k_buf[:, :, :self.visible], v_buf[:, :, :self.visible]
+
+    def place(self, row: int, prompt: KVCache, length: int, dirty: int) -> None:
+        """Copy the `length` positions prefilled into `prompt` (batch 1) into `row`'s first slots, and zero its slots
+        up to `dirty` that an earlier generation wrote: masked, but a masked weight of 0 times a stale inf (a float16
+        overflow) would still be NaN."""
+        for i in range(self.n_layer):
+            for buf, new in zip(self.layer(i), (prompt.k[i, 0], prompt.v[i, 0])):
+                buf[row, :, :length] = new[:, :length]
+                buf[row, :, length:dirty] = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Generation:
+    """One sample in the batch: what continuing it needs, and the queue its ids go out through (None ends it, an
+    exception is re-raised to the reader)."""
+
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    generator: torch.Generator | None
+    vocab_size: int | None
+    keep: int
+    stop_ids: Collection[int]
+    stats: DecodeStats
+    out: queue.SimpleQueue = dataclasses.field(default_factory=queue.SimpleQueue)
+    cancelled: bool = False
+    produced: int = 0
+    started: float = 0.0
+
+
+class Tokens(Iterator[int]):
+    """The ids of one generation in the batch as they are drawn. close() (or leaving a `with`) gives its row up at the
+    next step, drawn or not: a reader that goes away takes no more of the model's time."""
+
+    def __init__(self, gen: _Generation) -> None:
+        self._gen = gen
+
+    def __next__(self) -> int:
+        if self._gen.cancelled:
+            raise StopIteration
+        item = self._gen.out.get()
+        if item is None:
+            self._gen.cancelled = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._gen.cancelled = True
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._gen.cancelled = True
+
+    def __enter__(self) -> Tokens:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+DEFAULT_CONTEXT = 8192
+"""The most positions a row holds unless told: imported models have windows of 32K-128K positions, whose cache for a
+batch of rows would be tens of gigabytes."""
+
+
+class Batcher:
+    """Up to `rows` generations of one Transformer decoded together (see the module docstring), by a thread that runs
+    while there is work and ends when there is none. Generations beyond `rows` wait their turn in arrival order.
+    Each row holds `context` positions (default: the model's window, at most DEFAULT_CONTEXT); a generation that
+    fills its row shifts its window there, as generate() does at the model's window. `compile` compiles the batched
+    decode step (decode.decode_step). The model is put in eval mode, and must be used by nothing else while the
+    batcher works."""
+
+    def __init__(self, model: Transformer, rows: int, compile: bool = False, context: int | None = None) -> None:
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        block = model.config.block_size
+        self.context = min(block, context or DEFAULT_CONTEXT)
+        if self.context < 2:
+            raise ValueError(f"context must be at least 2 positions (a prompt id and a new one), got {context}")
+        self.model, self.compile = model.eval(), compile
+        self.device, self.dtype = model.tok_emb.weight.device, activation_dtype(model)
+        check_fits(kv_cache_bytes(model.config, self.context, rows, self.dtype), self.device,
+                   f"the batch's KV cache ({rows} rows × {self.context} positions)",
+                   "batch fewer rows (tlm serve --concurrency) or hold fewer positions (--context)")
+        self.cache = RowKVCache(model.config, rows, self.context, self.device, self.dtype)
+        self.step = decode_step(compile, self.device)
+        self.rows: list[_Generation | None] = [None] * rows
+        self.pos = [0] * rows  # each row's next slot, on the host: nothing is read back from the device
+        self.dirty = [0] * rows  # the slots each row has written since it was last zeroed
+        self.waiting: collections.deque[_Generation] = collections.deque()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None,
+               stats: DecodeStats | None = None, vocab_size: int | None = None, keep: int = 0,
+               stop_ids: Collection[int] = ()) -> Tokens:
+        """Queue a generation; its ids, as generate() with the same arguments yields them, come from the returned
+        Tokens (`stats` gets generate()'s counts and timings)."""
+        check_prompt(prompt, self.model.config.vocab_size)
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)
+        gen = _Generation(crop_prompt(prompt, self.context, keep), max_new_tokens, temperature,
+                          top_k, top_p, generator, vocab_size, keep, stop_ids,
+                          stats if stats is not None else DecodeStats())
+        if max_new_tokens == 0:
+            gen.out.put(None)
+            return Tokens(gen)
+        with self.lock:
+            self.waiting.append(gen)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._work, name="tlm-batcher", daemon=True)
+                self.thread.start()
+        return Tokens(gen)
+
+    def _work(self) -> None:
+        with torch.no_grad():
+            while self._admit_or_end():
+                try:
+                    self._decode()
+                except BaseException as e:  # noqa: BLE001 - every reader of the batch gets it, re-raised
+                    for row, gen in enumerate(self.rows):
+                        if gen is not None:
+                            gen.out.put(e)
+                            self.rows[row] = None
+
+    def _admit_or_end(self) -> bool:
+        """Free the rows of finished or abandoned generations and prefill waiting ones into free rows; False (the
+        thread ends) when nothing is left to do."""
+        for row, gen in enumerate(self.rows):
+            if gen is not None and gen.cancelled:
+                self.rows[row] = None
+        while None in self.rows:
+            with self.lock:
+                gen = self.waiting.popleft() if self.waiting else None
+                if gen is None and not any(self.rows):
+                    self.thread = None  # under the lock: a submit from now on starts a new thread
+                    return False
+            if gen is None:
+                return True
+            if not gen.cancelled:
+                row = self.rows.index(None)
+                try:
+                    self._start(row, gen, gen.ids)
+                except BaseException as e:  # noqa: BLE001 - its reader gets it, the batch goes on
+                    gen.out.put(e)
+                    self.rows[row] = None
+        return True
+
+    def _start(self, row: int, gen: _Generation, ids: list[int]) -> None:
+        """Prefill `ids` alone and place them in `row`; draw the next id from the prompt's logits."""
+        self.rows[row] = gen
+        start = now(self.device)
+        prompt = KVCache(self.model.config, 1, len(ids), self.device, self.dtype)
+        logits = self.model(torch.tensor([ids], device=self.device), cache=prompt, last_only=True).logits[:, -1]
+        self.cache.place(row, prompt, len(ids), self.dirty[row])
+        self.pos[row] = self.dirty[row] = len(ids)
+        if not gen.produced:  # the first prefill (a window shift's is counted in the decode time, as generate does)
+            gen.stats.prompt_tokens, gen.stats.prefill_s, gen.stats.new_tokens = len(ids), now(self.device) - start, 0
+            gen.started = time.perf_counter()
+        self._draw(row, gen, logits)
+
+    def _decode(self) -> None:
+        """One forward of every row (free ones run on id 0 at slot 0, never read), then a draw for each generation."""
+        active = [(row, gen) for row, gen in enumerate(self.rows) if gen is not None]
+        if not active:
+            return
+        pos = [p if gen is not None else 0 for p, gen in zip(self.pos, self.rows)]
+        last = [gen.ids[-1] if gen is not None else 0 for gen in self.rows]
+        self.cache.visible = cache_len(max(pos) + 1, self.cache.max_len, self.compile)
+        positions = torch.tensor(pos, device=self.device)[:, None]  # (B, 1)
+        self.cache.pos.copy_(positions.view(-1, 1, 1, 1))
+        logits = self.step(self.model, self.cache, torch.tensor(last, device=self.device)[:, None], positions, None)
+        for row, gen in active:
+            self.pos[row] += 1
+            self.dirty[row] = max(self.dirty[row], self.pos[row])
+            self._draw(row, gen, logits[row:row + 1])
+
+    def _draw(self, row: int, gen: _Generation, logits: torch.Tensor) -> None:
+        """Draw `gen`'s next id from `logits` (1, vocab) and send it; end the generation where generate() would, or
+        shift its window (restart from the recent half, as generate() does) when its row has no slot left."""
+        tok = int(sample_next(logits, gen.temperature, gen.top_k, gen.top_p, gen.generator, gen.vocab_size))
+        gen.ids.append(tok)
+        gen.produced += 1
+        gen.stats.new_tokens, gen.stats.context = gen.produced, self.pos[row]
+        gen.stats.decode_s = time.perf_counter() - gen.started
+        gen.out.put(tok)
+        if gen.produced == gen.max_new_tokens or tok in gen.stop_ids:
+            gen.out.put(None)
+            self.rows[row] = None
+        elif self.pos[row] == self.cache.max_len:
+            self._start(row, gen, window(gen.ids, max(1, self.context // 2), gen.keep))

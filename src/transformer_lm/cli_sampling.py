@@ -1,0 +1,78 @@
+"""The options of the `tlm` commands that sample from a run (`tlm sample`, `tlm serve`), how they load it, and
+`tlm serve` itself (serve.py behind uvicorn)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from jsonargparse import ArgumentParser, Namespace
+
+from .cli_args import config_from
+from .config import SampleConfig
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .api import Run
+
+QUANTIZE_HELP = ("Quantization applied after loading: int8 (weight-only, the LM head included), int4 or "
+                 "int4:GROUP_SIZE (weight-only, default group 128), or w8a8 (int8 weights and per-call int8 "
+                 "activations on fbgemm's CPU kernels: the fastest on a CPU, a little less exact).")
+
+
+def sampling_parser(description: str) -> ArgumentParser:
+    """The run, how it is loaded, and SampleConfig's fields."""
+    p = ArgumentParser(exit_on_error=False, description=description)
+    p.add_argument("run", type=str, help="Run folder.")
+    p.add_class_arguments(SampleConfig, nested_key=None, instantiate=False)
+    p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
+    p.add_argument("--quantize", type=str | None, default=None, help=QUANTIZE_HELP)
+    p.add_argument("--draft", type=str | None, default=None,
+                   help="Run folder of a smaller model with the same tokenizer: speculative decoding (same output "
+                   "distribution, fewer target forwards).")
+    p.add_argument("--draft_k", type=int, default=4, help="Tokens the draft proposes per target forward.")
+    return p
+
+
+def load_for_sampling(a: Namespace) -> Run:
+    """The run of a sampling command, quantized, in the decode layout and with its draft, as the options say."""
+    from .api import load_run
+    from .quantize import parse_quantize
+
+    run = load_run(a.run, a.device)
+    if a.quantize:
+        run.quantize(**parse_quantize(a.quantize))
+    run.use_decode_layout()
+    if a.draft:
+        run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
+    return run
+
+
+def add_serve_parser(cmds: dict[str, ArgumentParser]) -> None:
+    p = cmds["serve"] = sampling_parser("Serve a run over HTTP with OpenAI's completions API (POST "
+                                        "/v1/completions); the sampling options are the defaults of requests.")
+    p.add_argument("--host", type=str, default="127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+    p.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    p.add_argument("--name", type=str | None, default=None, help="Model id clients give (default: the run folder's "
+                   "name).")
+    p.add_argument("--concurrency", type=int, default=8, help="Samples generating at once, batched: each a row of "
+                   "one KV cache, all sharing every decode step; more wait for a row. (With --draft, or a recurrent "
+                   "model: requests taking turns on the model token by token.)")
+    p.add_argument("--context", type=int | None, default=None, help="Positions each row of the batch's KV cache "
+                   "holds (default: the model's context window, at most 8192); a longer sample shifts its window "
+                   "there, keeping the last half. Memory: concurrency × context positions of keys and values.")
+
+
+def cmd_serve(a: Namespace) -> None:
+    try:
+        import uvicorn  # noqa: F401 - serve() imports it
+
+        from .serve import check_address, serve
+    except ImportError as e:
+        raise ConfigError(f"tlm serve needs FastAPI and uvicorn ({e}): pip install fastapi uvicorn, or the project's "
+                          "extra: pip install -e '.[serve]'") from None
+    if a.concurrency < 1:
+        raise ConfigError(f"--concurrency must be at least 1, got {a.concurrency}")
+    if a.context is not None and a.context < 2:
+        raise ConfigError(f"--context must be at least 2 positions, got {a.context}")
+    check_address(a.host, a.port)
+    serve(load_for_sampling(a), config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency, a.context)

@@ -1,13 +1,14 @@
-"""What serving costs: tokens/s of `tlm serve` over HTTP (its own process, on localhost, streamed, as clients read it)
-against Run.generate in this process on the same run, prompt and settings, one client and several at once.
+"""What serving costs and what batching gains: tokens/s of `tlm serve` over HTTP (its own process, on localhost,
+streamed, as clients read them) against the same tokens generated in this process, one client and several at once.
 
     python benchmarks/serve_throughput.py RUN [--clients 1 4] [--tokens 64] [--repeats 3] [--threads N]
 
 Every request is greedy `--tokens` tokens after the same prompt (no stop id reached: a run folder trained briefly
-rarely writes one; the counts come from `usage`). The direct reference generates the same number of tokens one
-sample after another. Rounds alternate direct and served calls (`repeats` rounds, median reported) so that a busy
-machine slows both alike. Requests have no batching: concurrent ones take turns on the model token by token, so the
-aggregate tokens/s of N clients is expected near one client's, and each client's near 1/N of it.
+rarely writes one; the counts come from `usage`). Two references, in this process: one by one (Run.generate, one
+sample after another, in the decode layout as `tlm sample` runs it: what N clients get when they take turns on the
+model, as the server did before it batched) and batched (generate.generate_batch of the N prompts at once, in
+nn.Linear's layout as the server runs: what its continuous batching can reach at most). Rounds alternate the
+references and the served calls (`repeats` rounds, median reported) so that a busy machine slows all alike.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import httpx
 import torch
 
 from transformer_lm.api import load_run
+from transformer_lm.generate import generate_batch, sample_prompt
 
 PROMPT = "The "
 
@@ -77,7 +79,8 @@ def main() -> None:
     args = ap.parse_args()
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    run = load_run(args.run).use_decode_layout()
+    run = load_run(args.run).use_decode_layout()  # as `tlm sample` runs it: the decode layout, fastest at one row
+    plain = load_run(args.run)  # as `tlm serve` batches it: nn.Linear, faster at a few rows (layout.py)
     port = free_port()
     # the server in a process of its own, as clients meet it: not sharing this one's interpreter lock
     server = subprocess.Popen([sys.executable, "-m", "transformer_lm.cli", "serve", args.run, "--port", str(port),
@@ -95,19 +98,28 @@ def main() -> None:
             time.sleep(0.2)
     served(url, 1, 4)  # warm-up: first-request costs (imports, the model's kept cache) outside the clock
 
-    def direct(clients: int) -> float:
+    def one_by_one(clients: int) -> float:
         t0 = time.perf_counter()
         texts = run.generate(PROMPT, greedy=True, max_new_tokens=args.tokens, num_samples=clients)
         assert len(texts if clients > 1 else [texts]) == clients
         return clients * args.tokens / (time.perf_counter() - t0)
 
+    ids = sample_prompt(run.tokenizer, PROMPT)[0]
+
+    def batched(clients: int) -> float:
+        t0 = time.perf_counter()
+        generate_batch(plain.model, [ids] * clients, args.tokens)
+        return clients * args.tokens / (time.perf_counter() - t0)
+
     print(f"{args.run}: {args.tokens} greedy tokens after {PROMPT!r}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} rounds")
-    print(f"{'clients':>7} {'direct tok/s':>12} {'served tok/s':>12} {'served/direct':>13} {'first text s':>12}")
+          f"median of {args.repeats} rounds; tokens/s of all clients together")
+    print(f"{'clients':>7} {'one by one':>10} {'batched':>8} {'served':>8} {'served/one by one':>17} "
+          f"{'served/batched':>14} {'first text s':>12}")
     for clients in args.clients:
-        rounds = [(direct(clients), *served(url, clients, args.tokens)) for _ in range(args.repeats)]
-        d, s, first = (statistics.median(r[i] for r in rounds) for i in range(3))
-        print(f"{clients:>7} {d:>12.1f} {s:>12.1f} {s / d:>12.2f}x {first:>12.3f}")
+        rounds = [(one_by_one(clients), batched(clients), *served(url, clients, args.tokens))
+                  for _ in range(args.repeats)]
+        o, b, s, first = (statistics.median(r[i] for r in rounds) for i in range(4))
+        print(f"{clients:>7} {o:>10.1f} {b:>8.1f} {s:>8.1f} {s / o:>16.2f}x {s / b:>13.2f}x {first:>12.3f}")
     server.terminate()
 
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from conftest import make_corpus, random_model
+from transformer_lm import runtime
 from transformer_lm.api import Run, load_run
 from transformer_lm.checkpoint import save_checkpoint
 from transformer_lm.cli import main
-from transformer_lm import runtime
 from transformer_lm.config import ModelConfig, SampleConfig, dump_json
 from transformer_lm.errors import ConfigError
 from transformer_lm.generate import generate

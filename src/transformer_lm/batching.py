@@ -20,6 +20,7 @@ import time
 from collections.abc import Collection, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from .config import ModelConfig, check_sampling
 from .decode import DecodeStats, StaticKVCache, activation_dtype, decode_step
@@ -30,19 +31,36 @@ from .runtime import check_fits
 
 
 class RowKVCache(StaticKVCache):
-    """A StaticKVCache whose rows are at positions of their own. `pos` is (B, 1, 1, 1), each row's
-    next slot, shaped so that the model's attention_mask broadcasts it over (B, heads, T, S) and hides from each row
-    the slots it has not written. update() writes one new position per row (a decode step) and returns the first
-    `visible` slots, the most any row has written (for a compiled step rounded up as generate.cache_len does, so
-    that a few traces serve every length): attention reads no slot that every row masks."""
+    """A StaticKVCache whose rows are at positions of their own. `pos` is (B, 1, 1, 1), each row's next slot, shaped
+    so that the model's attention_mask broadcasts it over (B, heads, T, S) and hides from each row the slots it has
+    not written. update() writes one new position per row (a decode step) and returns the first `visible` slots, the
+    most any row has written (for a compiled step rounded up as generate.cache_len does, so that a few traces serve
+    every length): attention reads no slot that every row masks. first(b) is a cache of the first b rows, sharing
+    their buffers: a step of b generations runs on b rows, not on all."""
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        super().__init__(config, batch_size, max_len, device, dtype)
+                 dtype: torch.dtype, buffers: dict[str, torch.Tensor] | None = None) -> None:
+        if buffers is None:
+            super().__init__(config, batch_size, max_len, device, dtype)
+        else:  # a view of another's first rows (first()): nothing allocated
+            nn.Module.__init__(self)
+            self.max_len, self.n_layer = max_len, config.n_layer
+            for name, buf in buffers.items():
+                self.register_buffer(name, buf, persistent=False)
         self.pos = torch.zeros(batch_size, 1, 1, 1, dtype=torch.long, device=device)  # replaces the 0-d buffer
         if self.pos.is_cuda:
             torch._dynamo.mark_static_address(self.pos)
         self.visible = self.max_len
+        self.config, self._views = config, {}
+
+    def first(self, rows: int) -> RowKVCache:
+        """The first `rows` rows as a cache of their own (made once per size), its `pos` its own."""
+        if rows == self.k_0.size(0):
+            return self
+        if rows not in self._views:
+            views = {name: buf[:rows] for name, buf in self.named_buffers() if name != "pos"}
+            self._views[rows] = RowKVCache(self.config, rows, self.max_len, self.pos.device, self.k_0.dtype, views)
+        return self._views[rows]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k_buf, v_buf = self.layer(layer)
@@ -59,6 +77,12 @@ class RowKVCache(StaticKVCache):
             for buf, new in zip(self.layer(i), (prompt.k[i, 0], prompt.v[i, 0])):
                 buf[row, :, :length] = new[:, :length]
                 buf[row, :, length:dirty] = 0
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src`'s first `length` slots into row `dst`."""
+        for i in range(self.n_layer):
+            for buf in self.layer(i):
+                buf[dst, :, :length] = buf[src, :, :length]
 
 
 @dataclasses.dataclass(eq=False)
@@ -180,11 +204,12 @@ class Batcher:
                             self.rows[row] = None
 
     def _admit_or_end(self) -> bool:
-        """Free the rows of finished or abandoned generations and prefill waiting ones into free rows; False (the
-        thread ends) when nothing is left to do."""
+        """Free the rows of finished or abandoned generations, pack the others into the first rows, and prefill
+        waiting ones into the rows after them; False (the thread ends) when nothing is left to do."""
         for row, gen in enumerate(self.rows):
             if gen is not None and gen.cancelled:
                 self.rows[row] = None
+        self._pack()
         while None in self.rows:
             with self.lock:
                 gen = self.waiting.popleft() if self.waiting else None
@@ -200,7 +225,23 @@ class Batcher:
                 except BaseException as e:  # noqa: BLE001 - its reader gets it, the batch goes on
                     gen.out.put(e)
                     self.rows[row] = None
+            self._pack()  # a generation that ended at its first id left a hole
         return True
+
+    def _pack(self) -> None:
+        """Move the last generations into the rows ended ones left, so that the b running are rows 0..b-1, which a
+        step runs alone (RowKVCache.first): a row moved is its written slots copied, a step's work at most."""
+        lo, hi = 0, len(self.rows) - 1
+        while True:
+            while lo < hi and self.rows[lo] is not None:
+                lo += 1
+            while hi > lo and self.rows[hi] is None:
+                hi -= 1
+            if lo >= hi:
+                return
+            self.cache.move(hi, lo, self.pos[hi])
+            self.rows[lo], self.rows[hi], self.pos[lo] = self.rows[hi], None, self.pos[hi]
+            self.dirty[lo] = max(self.dirty[lo], self.pos[hi])
 
     def _start(self, row: int, gen: _Generation, ids: list[int]) -> None:
         """Prefill `ids` alone and place them in `row`; draw the next id from the prompt's logits."""
@@ -216,17 +257,25 @@ class Batcher:
         self._draw(row, gen, logits)
 
     def _decode(self) -> None:
-        """One forward of every row (free ones run on id 0 at slot 0, never read), then a draw for each generation."""
-        active = [(row, gen) for row, gen in enumerate(self.rows) if gen is not None]
-        if not active:
+        """One forward of the running generations' rows (the first b: _pack), then a draw for each. A compiled step
+        runs a power of two of rows, as it does of slots (a trace per size): free ones run on id 0 at slot 0, never
+        read."""
+        running = sum(gen is not None for gen in self.rows)
+        if not running:
             return
-        pos = [p if gen is not None else 0 for p, gen in zip(self.pos, self.rows)]
-        last = [gen.ids[-1] if gen is not None else 0 for gen in self.rows]
-        self.cache.visible = cache_len(max(pos) + 1, self.cache.max_len, self.compile)
-        positions = torch.tensor(pos, device=self.device)[:, None]  # (B, 1)
-        self.cache.pos.copy_(positions.view(-1, 1, 1, 1))
-        logits = self.step(self.model, self.cache, torch.tensor(last, device=self.device)[:, None], positions, None)
-        for row, gen in active:
+        b = min(len(self.rows), 1 << (running - 1).bit_length()) if self.compile else running
+        cache = self.cache.first(b)
+        pos = [p if gen is not None else 0 for p, gen in zip(self.pos[:b], self.rows[:b])]
+        last = [gen.ids[-1] if gen is not None else 0 for gen in self.rows[:b]]
+        cache.visible = cache_len(max(pos) + 1, cache.max_len, self.compile)
+        positions = torch.tensor(pos, device=self.device)[:, None]  # (b, 1)
+        cache.pos.copy_(positions.view(-1, 1, 1, 1))
+        logits = self.step(self.model, cache, torch.tensor(last, device=self.device)[:, None], positions, None)
+        for row in range(b):
+            gen = self.rows[row]
+            if gen is None:
+                self.dirty[row] = max(self.dirty[row], 1)
+                continue
             self.pos[row] += 1
             self.dirty[row] = max(self.dirty[row], self.pos[row])
             self._draw(row, gen, logits[row:row + 1])

@@ -1,4 +1,4 @@
-"""Parser pieces shared by the `tlm` commands of cli.py and cli_experiments.py."""
+"""Parser pieces shared by the `tlm` commands of cli.py, cli_experiments.py and cli_sampling.py."""
 
 from __future__ import annotations
 

@@ -33,15 +33,17 @@ def sampling_parser(description: str) -> ArgumentParser:
     return p
 
 
-def load_for_sampling(a: Namespace) -> Run:
-    """The run of a sampling command, quantized, in the decode layout and with its draft, as the options say."""
+def load_for_sampling(a: Namespace, decode_layout: bool = True) -> Run:
+    """The run of a sampling command, quantized, with its draft, as the options say, and in the decode layout
+    (layout.py) unless told otherwise."""
     from .api import load_run
     from .quantize import parse_quantize
 
     run = load_run(a.run, a.device)
     if a.quantize:
         run.quantize(**parse_quantize(a.quantize))
-    run.use_decode_layout()
+    if decode_layout:
+        run.use_decode_layout()
     if a.draft:
         run.use_draft(load_run(a.draft, a.device).use_decode_layout(), a.draft_k)
     return run
@@ -66,7 +68,7 @@ def cmd_serve(a: Namespace) -> None:
     try:
         import uvicorn  # noqa: F401 - serve() imports it
 
-        from .serve import check_address, serve
+        from .serve import batches, check_address, serve
     except ImportError as e:
         raise ConfigError(f"tlm serve needs FastAPI and uvicorn ({e}): pip install fastapi uvicorn, or the project's "
                           "extra: pip install -e '.[serve]'") from None
@@ -75,4 +77,7 @@ def cmd_serve(a: Namespace) -> None:
     if a.context is not None and a.context < 2:
         raise ConfigError(f"--context must be at least 2 positions, got {a.context}")
     check_address(a.host, a.port)
-    serve(load_for_sampling(a), config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency, a.context)
+    run = load_for_sampling(a, decode_layout=False)
+    if not batches(run):  # the decode layout speeds one row up and slows a few down (layout.py)
+        run.use_decode_layout()
+    serve(run, config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency, a.context)

@@ -6,7 +6,10 @@ nn.Linear keeps W as [out, in] and multiplies by its transpose (an "NT" GEMM). O
 one thread) that path is slower than the plain "NN" product with Wᵀ stored [in, out] at a few rows: 768→2304 at 8
 rows 0.9 ms vs 0.4 ms with the weight in cache, and the tied GPT-2 head at 1 row ~1.2× faster. Whole-model GPT-2
 decoding on one thread: batch 8 1.2-1.3× faster, batch 1 1.1×, prefill of 1024 tokens unchanged (measured on a
-loaded machine; with two threads there, no consistent difference). GPT-2's Conv1D stores its weights this way. In
+loaded machine; with two threads there, no consistent difference). With two threads on a later host (session 18) the
+NN path at 2-4 rows was the slow one, 2.3× at 2 rows (768→2304: 0.30 vs 0.13 ms): a GPT-2 step of 2 rows took 53 ms
+instead of 22, of 4 rows 56 instead of 40, of 8 rows 66 instead of 56, against 18.6 instead of 19.1 at 1 row; so
+`tlm serve`, which batches, keeps nn.Linear. GPT-2's Conv1D stores its weights this way. In
 bf16 the NT path is the faster one (oneDNN), and on GPUs cuBLAS takes either layout at full speed: there the model
 is left alone.
 

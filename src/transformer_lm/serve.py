@@ -152,6 +152,12 @@ class _Sample:
     stats: DecodeStats
 
 
+def batches(run: Run) -> bool:
+    """Whether `run` is served by continuous batching: a Transformer decoding without a draft (see the module
+    docstring)."""
+    return isinstance(run.model, Transformer) and run.draft is None
+
+
 class Server:
     """The state the endpoints share: the run, the sampling defaults, and the batcher or the turn-taking (see the
     module docstring)."""
@@ -161,7 +167,7 @@ class Server:
         self.run, self.name = run, name
         self.defaults = run.sample_config(defaults)  # compile turned off where it cannot apply, said once, now
         self.batcher = None
-        if isinstance(run.model, Transformer) and run.draft is None:
+        if batches(run):
             self.batcher = Batcher(run.model, concurrency, self.defaults.compile, context)
         self.turns = _Turns()
         self.slots = threading.BoundedSemaphore(concurrency) if self.batcher is None else contextlib.nullcontext()

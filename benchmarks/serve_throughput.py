@@ -2,6 +2,7 @@
 streamed, as clients read them) against the same tokens generated in this process, one client and several at once.
 
     python benchmarks/serve_throughput.py RUN [--clients 1 4] [--tokens 64] [--repeats 3] [--threads N]
+                                              [--quantize int8|int4|w8a8]
 
 Every request is greedy `--tokens` tokens after the same prompt (no stop id reached: a run folder trained briefly
 rarely writes one; the counts come from `usage`). Two references, in this process: one by one (Run.generate, one
@@ -28,6 +29,7 @@ import torch
 
 from transformer_lm.api import load_run
 from transformer_lm.generate import generate_batch, sample_prompt
+from transformer_lm.quantize import parse_quantize
 
 PROMPT = "The "
 
@@ -76,15 +78,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--quantize", default=None, help="as tlm serve's --quantize, for the server and both references")
     args = ap.parse_args()
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    run = load_run(args.run).use_decode_layout()  # as `tlm sample` runs it: the decode layout, fastest at one row
-    plain = load_run(args.run)  # as `tlm serve` batches it: nn.Linear, faster at a few rows (layout.py)
+    run, plain = load_run(args.run), load_run(args.run)
+    if args.quantize:
+        run.quantize(**parse_quantize(args.quantize))
+        plain.quantize(**parse_quantize(args.quantize))
+    run.use_decode_layout()  # as `tlm sample` runs it: the decode layout, fastest at one row; `plain` as `tlm serve`
+    # batches it: nn.Linear, faster at a few rows (layout.py)
     port = free_port()
     # the server in a process of its own, as clients meet it: not sharing this one's interpreter lock
     server = subprocess.Popen([sys.executable, "-m", "transformer_lm.cli", "serve", args.run, "--port", str(port),
-                               "--concurrency", str(max(args.clients))],
+                               "--concurrency", str(max(args.clients)),
+                               *(["--quantize", args.quantize] if args.quantize else [])],
                               env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -111,7 +119,8 @@ def main() -> None:
         generate_batch(plain.model, [ids] * clients, args.tokens)
         return clients * args.tokens / (time.perf_counter() - t0)
 
-    print(f"{args.run}: {args.tokens} greedy tokens after {PROMPT!r}, {torch.get_num_threads()} threads, "
+    print(f"{args.run}{' ' + args.quantize if args.quantize else ''}: {args.tokens} greedy tokens after {PROMPT!r}, "
+          f"{torch.get_num_threads()} threads, "
           f"median of {args.repeats} rounds; tokens/s of all clients together")
     print(f"{'clients':>7} {'one by one':>10} {'batched':>8} {'served':>8} {'served/one by one':>17} "
           f"{'served/batched':>14} {'first text s':>12}")

@@ -6,6 +6,7 @@ CPU, float32, no timing."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -17,6 +18,7 @@ from transformer_lm.batching import Batcher, RowKVCache
 from transformer_lm.decode import DecodeStats
 from transformer_lm.generate import generate
 from transformer_lm.model import KVCache
+from transformer_lm.quantize import _dynamic_kernels, quantize
 
 PROMPTS = [[5, 6, 7, 8], [2], list(range(1, 20)), [9, 3, 9, 3, 9, 3, 1]]
 
@@ -107,6 +109,17 @@ def test_a_failing_step_reaches_its_readers_and_the_batcher_goes_on(monkeypatch:
     assert list(batcher.submit([1, 2], 5, temperature=0)) == list(generate(model, [1, 2], 5, temperature=0))
     with pytest.raises(ValueError, match="embedding table"):
         batcher.submit([model.config.vocab_size], 3)
+
+
+def test_w8a8_batching_warns_that_rows_share_an_activation_scale(caplog: pytest.LogCaptureFixture) -> None:
+    if not _dynamic_kernels():
+        pytest.skip("no fbgemm int8 kernels in this PyTorch")
+    model = quantize(random_model(tiny_config(), seed=6, std=0.5), 8, dynamic=True)
+    with caplog.at_level(logging.WARNING, logger="transformer_lm.batching"):
+        Batcher(model, rows=1)
+        assert not caplog.records
+        Batcher(model, rows=4)
+    assert "--concurrency 1" in caplog.text and len(caplog.records) == 1
 
 
 def test_rows_at_their_own_positions_attend_to_their_own_past_only() -> None:

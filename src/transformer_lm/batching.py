@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -27,7 +28,10 @@ from .decode import DecodeStats, StaticKVCache, activation_dtype, decode_step
 from .generate import cache_len, check_prompt, crop_prompt, sample_next, window
 from .model import KVCache, Transformer
 from .perf import kv_cache_bytes, now
+from .quantize import W8A8Linear
 from .runtime import check_fits
+
+log = logging.getLogger(__name__)
 
 
 class RowKVCache(StaticKVCache):
@@ -156,6 +160,10 @@ class Batcher:
         if self.context < 2:
             raise ValueError(f"context must be at least 2 positions (a prompt id and a new one), got {context}")
         self.model, self.compile = model.eval(), compile
+        if rows > 1 and any(isinstance(m, W8A8Linear) for m in model.modules()):
+            log.warning("w8a8 quantizes each forward's activations with one scale, so a batched sample's tokens can "
+                        "differ slightly with the samples beside it; one row (tlm serve --concurrency 1) keeps them "
+                        "exactly what it draws alone")
         self.device, self.dtype = model.tok_emb.weight.device, activation_dtype(model)
         check_fits(kv_cache_bytes(model.config, self.context, rows, self.dtype), self.device,
                    f"the batch's KV cache ({rows} rows × {self.context} positions)",

@@ -54,7 +54,7 @@ def test_rows_of_fewer_positions_than_the_window_shift_there() -> None:
     assert got == [list(generate(short, p, 30, temperature=0)) for p in PROMPTS]
     assert got != [list(generate(model, p, 30, temperature=0)) for p in PROMPTS]  # the shift changed what follows
     with pytest.raises(ValueError, match="context must be at least 2"):
-        Batcher(model, rows=1, context=1)
+        Batcher(model, rows=1, context=0)
 
 
 def test_seeded_samples_draw_generates_ids_and_stop_at_a_stop_id() -> None:
@@ -76,12 +76,33 @@ def test_seeded_samples_draw_generates_ids_and_stop_at_a_stop_id() -> None:
     assert (stats.prompt_tokens, stats.new_tokens) == (len(PROMPTS[0]), len(alone))
 
 
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_others_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model(tiny_config(pos_encoding="rope"), seed=8, std=0.5)
+    batcher = Batcher(model, rows=2, prefill_chunk=4)
+    events: list[str] = []
+    step, fill = batcher.step, batcher._fill
+    monkeypatch.setattr(batcher, "step", lambda *a: (events.append("step"), step(*a))[1])
+    monkeypatch.setattr(batcher, "_fill", lambda: (events.append("fill"), fill())[1])
+    running = batcher.submit([1, 2, 3], 10**6, temperature=0)
+    first = [next(running)]  # alone: its prompt prefilled whole, in one go
+    long = batcher.submit(PROMPTS[2], 5, temperature=0)  # 19 ids: 5 chunks of 4, between the running row's steps
+    assert list(long) == list(generate(model, PROMPTS[2], 5, temperature=0))
+    first.extend(next(running) for _ in range(24))
+    running.close()
+    assert first == list(generate(model, [1, 2, 3], 25, temperature=0))
+    fills = [i for i, e in enumerate(events) if e == "fill"]
+    assert len(fills) == 6 and all("step" in events[a:b] for a, b in zip(fills[1:], fills[2:]))
+    with pytest.raises(ValueError, match="prefill_chunk must be >= 1"):
+        Batcher(model, rows=1, prefill_chunk=0)
+
+
 def test_a_closed_generation_gives_its_row_to_the_next() -> None:
     model = random_model(tiny_config(), seed=3, std=0.5)
     batcher = Batcher(model, rows=1)
     endless = batcher.submit([1, 2, 3], 10**9, temperature=1.0)
     next(endless)
     waiting = batcher.submit(PROMPTS[1], 6, temperature=0)
+    assert batcher.load() == {"rows": 1, "running": 1, "waiting": 1}
     endless.close()
     assert list(waiting) == list(generate(model, PROMPTS[1], 6, temperature=0))
     assert list(endless) == []
@@ -89,6 +110,17 @@ def test_a_closed_generation_gives_its_row_to_the_next() -> None:
         batcher.thread.join(5)
     assert batcher.rows == [None] and batcher.thread is None  # nothing left to do: the thread ended
     assert list(batcher.submit([4], 0)) == []
+
+
+def test_close_ends_running_and_waiting_generations() -> None:
+    model = random_model(tiny_config(), seed=3, std=0.5)
+    batcher = Batcher(model, rows=1)
+    running, waiting = batcher.submit([1, 2], 10**9, temperature=1.0), batcher.submit([3], 10**9)
+    next(running)
+    batcher.close()
+    rest = list(running)  # the ids drawn before close, then the end
+    assert len(rest) < 10**3 and list(waiting) == []
+    assert batcher.thread is None and batcher.rows == [None]
 
 
 def test_a_failing_step_reaches_its_readers_and_the_batcher_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:

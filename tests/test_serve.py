@@ -263,6 +263,17 @@ def test_a_client_that_goes_away_ends_its_generation(run: Run, batched: bool) ->
         gc.enable()
 
 
+def test_shutting_down_ends_the_batch_first(run: Run) -> None:
+    """The app's lifespan ends the batch's generations and waits for its thread: a process that exits while that
+    thread is inside a forward dies of std::terminate (seen at Ctrl-C of a busy server)."""
+    app = create_app(run, concurrency=2)
+    batcher = app.state.server.batcher
+    with TestClient(app):
+        endless = batcher.submit([1, 2], 10**9, temperature=1.0)
+        next(endless)
+    assert batcher.thread is None and len(list(endless)) < 10**3
+
+
 def test_turns_are_handed_over_in_arrival_order() -> None:
     """The holder that asks again right after its turn queues behind those already waiting (threading.Lock lets it
     take the turn back first, as a generation does after each token)."""
@@ -319,7 +330,8 @@ def test_a_body_that_is_no_json_object_is_refused(client: TestClient, request_: 
 
 def test_models_and_health(client: TestClient, run: Run) -> None:
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
-    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "run": str(run.path), "step": run.step}
+    assert client.get("/health").json() == {"status": "ok", "model": "tiny", "run": str(run.path), "step": run.step,
+                                            "batch": {"rows": 4, "running": 0, "waiting": 0}}
     named = TestClient(create_app(run, name="my-model"))
     assert complete(named, prompt="a", model="my-model", max_tokens=1)["model"] == "my-model"
 
@@ -337,6 +349,8 @@ def test_cli_serve_refuses_bad_settings_before_listening(run: Run, capsys: pytes
     assert "--port must be 1-65535, got 70000" in capsys.readouterr().err
     assert main(["serve", str(run.path), "--context", "1"]) == 2
     assert "--context must be at least 2 positions, got 1" in capsys.readouterr().err
+    assert main(["serve", str(run.path), "--prefill_chunk", "0"]) == 2
+    assert "--prefill_chunk must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_a_batch_cache_too_large_for_memory_names_the_options(run: Run, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,13 +1,16 @@
 """Continuous batching: concurrent generations that share every forward of the model, as vLLM and TGI serve requests.
-Decoding a token reads all the weights whatever the batch, so where decoding is bound by memory bandwidth (any CPU,
-a GPU at small batch) B rows cost little more than one: B clients get up to B times the tokens per second they get
-taking turns.
+A decode step reads all the weights whatever the batch, so B rows take less than B one-row steps: on a GPU at small
+batch little more than one; on this project's 2-core CPU, whose small GEMMs are not bandwidth-bound, a GPT-2 step of
+8 rows took 2.9× one row's (w8a8: 1.6×), for 2.5× (3.1×) the tokens/s of taking turns (BENCHMARKS.md).
 
 Each generation holds a row of one RowKVCache, at a position of its own. A new one joins at the next step: its
 prompt is prefilled alone (into a cache of its own length, the plain causal attention), copied into a free row, and
-from then on decodes in the batch. One that ends (its max tokens, a stop id, its reader gone) frees its row for the
-next in line. Every row sees exactly the positions and context generate() gives it alone, window shifts included,
-so greedy ids are generate()'s, and a seeded row draws what generate() draws with the same generator.
+from then on decodes in the batch; while others run, a long prompt is prefilled a chunk per step, so that they wait
+a chunk's forward per step rather than its whole prefill (a window shift's re-prefill is done whole). One that
+ends (its max tokens, a stop id, its reader gone) frees its row for the next in line, and the running ones are
+packed into the first rows so that a step runs those alone. Every row sees exactly the positions and context
+generate() gives it alone, window shifts included, so greedy ids are generate()'s, and a seeded row draws what
+generate() draws with the same generator (w8a8 aside: its activation scale is the whole forward's, quantize.py).
 """
 
 from __future__ import annotations
@@ -110,6 +113,16 @@ class _Generation:
     started: float = 0.0
 
 
+@dataclasses.dataclass(eq=False)
+class _Prefill:
+    """A prompt being prefilled chunk by chunk into a cache of its own (Batcher._fill)."""
+
+    gen: _Generation
+    kv: KVCache
+    started: float
+    done: int = 0
+
+
 class Tokens(Iterator[int]):
     """The ids of one generation in the batch as they are drawn. close() (or leaving a `with`) gives its row up at the
     next step, drawn or not: a reader that goes away takes no more of the model's time."""
@@ -144,19 +157,29 @@ DEFAULT_CONTEXT = 8192
 batch of rows would be tens of gigabytes."""
 
 
+DEFAULT_PREFILL_CHUNK = 256
+"""Prompt ids prefilled per step while other generations run: GPT-2 on this project's CPU takes 0.24 s for 256,
+so the running rows' next tokens come that much later, once per chunk, instead of waiting out a whole long prompt."""
+
+
 class Batcher:
     """Up to `rows` generations of one Transformer decoded together (see the module docstring), by a thread that runs
     while there is work and ends when there is none. Generations beyond `rows` wait their turn in arrival order.
     Each row holds `context` positions (default: the model's window, at most DEFAULT_CONTEXT); a generation that
-    fills its row shifts its window there, as generate() does at the model's window. `compile` compiles the batched
+    fills its row shifts its window there, as generate() does at the model's window. While generations run, a new
+    prompt is prefilled `prefill_chunk` ids per step, between their steps. `compile` compiles the batched
     decode step (decode.decode_step). The model is put in eval mode, and must be used by nothing else while the
     batcher works."""
 
-    def __init__(self, model: Transformer, rows: int, compile: bool = False, context: int | None = None) -> None:
+    def __init__(self, model: Transformer, rows: int, compile: bool = False, context: int | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         if rows < 1:
             raise ValueError(f"rows must be >= 1, got {rows}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         block = model.config.block_size
-        self.context = min(block, context or DEFAULT_CONTEXT)
+        self.context = min(block, DEFAULT_CONTEXT if context is None else context)
         if self.context < 2:
             raise ValueError(f"context must be at least 2 positions (a prompt id and a new one), got {context}")
         self.model, self.compile = model.eval(), compile
@@ -174,6 +197,7 @@ class Batcher:
         self.pos = [0] * rows  # each row's next slot, on the host: nothing is read back from the device
         self.dirty = [0] * rows  # the slots each row has written since it was last zeroed
         self.waiting: collections.deque[_Generation] = collections.deque()
+        self.filling: _Prefill | None = None
         self.lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
@@ -200,10 +224,31 @@ class Batcher:
                 self.thread.start()
         return Tokens(gen)
 
+    def close(self, timeout: float = 10.0) -> None:
+        """End every generation, running or waiting (their readers get no more ids), and wait up to `timeout` s for
+        the thread to finish its step: a process exiting while it is inside a forward dies of std::terminate."""
+        with self.lock:
+            ended = [*self.waiting, *(gen for gen in self.rows if gen is not None)]
+            if self.filling is not None:
+                ended.append(self.filling.gen)
+            thread = self.thread
+        for gen in ended:
+            gen.cancelled = True
+            gen.out.put(None)  # a reader waiting on its next id wakes up
+        if thread is not None:
+            thread.join(timeout)
+
+    def load(self) -> dict[str, int]:
+        """The rows, how many generations run in them and how many wait for one (a snapshot)."""
+        return {"rows": len(self.rows), "running": sum(gen is not None for gen in self.rows),
+                "waiting": len(self.waiting)}
+
     def _work(self) -> None:
         with torch.no_grad():
-            while self._admit_or_end():
+            while True:
                 try:
+                    if not self._admit_or_end():
+                        return
                     self._decode()
                 except BaseException as e:  # noqa: BLE001 - every reader of the batch gets it, re-raised
                     for row, gen in enumerate(self.rows):
@@ -212,13 +257,16 @@ class Batcher:
                             self.rows[row] = None
 
     def _admit_or_end(self) -> bool:
-        """Free the rows of finished or abandoned generations, pack the others into the first rows, and prefill
-        waiting ones into the rows after them; False (the thread ends) when nothing is left to do."""
+        """Free the rows of finished or abandoned generations, pack the others into the first rows, go on with the
+        prompt being prefilled, and start waiting ones in the rows after them; False (the thread ends) when nothing is
+        left to do."""
         for row, gen in enumerate(self.rows):
             if gen is not None and gen.cancelled:
                 self.rows[row] = None
         self._pack()
-        while None in self.rows:
+        if self.filling is not None:
+            self._fill()
+        while self.filling is None and None in self.rows:
             with self.lock:
                 gen = self.waiting.popleft() if self.waiting else None
                 if gen is None and not any(self.rows):
@@ -227,14 +275,35 @@ class Batcher:
             if gen is None:
                 return True
             if not gen.cancelled:
-                row = self.rows.index(None)
-                try:
-                    self._start(row, gen, gen.ids)
-                except BaseException as e:  # noqa: BLE001 - its reader gets it, the batch goes on
-                    gen.out.put(e)
-                    self.rows[row] = None
+                kv = KVCache(self.model.config, 1, len(gen.ids), self.device, self.dtype)
+                self.filling = _Prefill(gen, kv, now(self.device))
+                self._fill()
             self._pack()  # a generation that ended at its first id left a hole
         return True
+
+    def _fill(self) -> None:
+        """Prefill the next `prefill_chunk` ids of the prompt under way, or all the rest when no generation runs (none
+        waits on it): a long prompt delays the running rows by a chunk's forward per step, not by its whole prefill.
+        The last chunk places it in the first free row (none was given to another meanwhile) and draws its first id.
+        A failure is its reader's; the batch goes on."""
+        fill = self.filling
+        gen, ids = fill.gen, fill.gen.ids
+        if gen.cancelled:
+            self.filling = None
+            return
+        try:
+            end = min(len(ids), fill.done + self.prefill_chunk) if any(self.rows) else len(ids)
+            x = torch.tensor([ids[fill.done:end]], device=self.device)
+            logits = self.model(x, cache=fill.kv, last_only=True).logits[:, -1]
+            fill.done = end
+            if end < len(ids):
+                return
+            self.filling = None
+            self._placed(self.rows.index(None), gen, fill.kv, len(ids), logits, fill.started)
+        except BaseException as e:  # noqa: BLE001 - its reader gets it, re-raised
+            gen.out.put(e)
+            self.filling = None
+            self.rows = [None if g is gen else g for g in self.rows]
 
     def _pack(self) -> None:
         """Move the last generations into the rows ended ones left, so that the b running are rows 0..b-1, which a
@@ -251,16 +320,20 @@ class Batcher:
             self.rows[lo], self.rows[hi], self.pos[lo] = self.rows[hi], None, self.pos[hi]
             self.dirty[lo] = max(self.dirty[lo], self.pos[hi])
 
-    def _start(self, row: int, gen: _Generation, ids: list[int]) -> None:
-        """Prefill `ids` alone and place them in `row`; draw the next id from the prompt's logits."""
+    def _restart(self, row: int, gen: _Generation, ids: list[int]) -> None:
+        """Prefill `ids` (a shifted window) alone, whole, into `row`, and draw the next id from their logits."""
+        kv = KVCache(self.model.config, 1, len(ids), self.device, self.dtype)
+        logits = self.model(torch.tensor([ids], device=self.device), cache=kv, last_only=True).logits[:, -1]
+        self._placed(row, gen, kv, len(ids), logits, 0.0)
+
+    def _placed(self, row: int, gen: _Generation, kv: KVCache, length: int, logits: torch.Tensor,
+                started: float) -> None:
+        """Put the `length` positions prefilled into `kv` in `row` for `gen`, and draw its next id from `logits`."""
         self.rows[row] = gen
-        start = now(self.device)
-        prompt = KVCache(self.model.config, 1, len(ids), self.device, self.dtype)
-        logits = self.model(torch.tensor([ids], device=self.device), cache=prompt, last_only=True).logits[:, -1]
-        self.cache.place(row, prompt, len(ids), self.dirty[row])
-        self.pos[row] = self.dirty[row] = len(ids)
+        self.cache.place(row, kv, length, self.dirty[row])
+        self.pos[row] = self.dirty[row] = length
         if not gen.produced:  # the first prefill (a window shift's is counted in the decode time, as generate does)
-            gen.stats.prompt_tokens, gen.stats.prefill_s, gen.stats.new_tokens = len(ids), now(self.device) - start, 0
+            gen.stats.prompt_tokens, gen.stats.prefill_s, gen.stats.new_tokens = length, now(self.device) - started, 0
             gen.started = time.perf_counter()
         self._draw(row, gen, logits)
 
@@ -301,4 +374,4 @@ class Batcher:
             gen.out.put(None)
             self.rows[row] = None
         elif self.pos[row] == self.cache.max_len:
-            self._start(row, gen, window(gen.ids, max(1, self.context // 2), gen.keep))
+            self._restart(row, gen, window(gen.ids, max(1, self.context // 2), gen.keep))

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from jsonargparse import ArgumentParser, Namespace
 
+from .batching import DEFAULT_CONTEXT, DEFAULT_PREFILL_CHUNK
 from .cli_args import config_from
 from .config import SampleConfig
 from .errors import ConfigError
@@ -60,8 +61,12 @@ def add_serve_parser(cmds: dict[str, ArgumentParser]) -> None:
                    "one KV cache, all sharing every decode step; more wait for a row. (With --draft, or a recurrent "
                    "model: requests taking turns on the model token by token.)")
     p.add_argument("--context", type=int | None, default=None, help="Positions each row of the batch's KV cache "
-                   "holds (default: the model's context window, at most 8192); a longer sample shifts its window "
-                   "there, keeping the last half. Memory: concurrency × context positions of keys and values.")
+                   f"holds (default: the model's context window, at most {DEFAULT_CONTEXT}); a longer sample shifts "
+                   "its window there, keeping the last half. Memory: concurrency × context positions of keys and "
+                   "values.")
+    p.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="Prompt tokens prefilled "
+                   "per decode step while other samples generate: smaller keeps their tokens coming more evenly, "
+                   "larger prefills faster.")
 
 
 def cmd_serve(a: Namespace) -> None:
@@ -76,8 +81,10 @@ def cmd_serve(a: Namespace) -> None:
         raise ConfigError(f"--concurrency must be at least 1, got {a.concurrency}")
     if a.context is not None and a.context < 2:
         raise ConfigError(f"--context must be at least 2 positions, got {a.context}")
+    if a.prefill_chunk < 1:
+        raise ConfigError(f"--prefill_chunk must be at least 1, got {a.prefill_chunk}")
     check_address(a.host, a.port)
     run = load_for_sampling(a, decode_layout=False)
     if not batches(run):  # the decode layout speeds one row up and slows a few down (layout.py)
         run.use_decode_layout()
-    serve(run, config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency, a.context)
+    serve(run, config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency, a.context, a.prefill_chunk)

@@ -4,7 +4,7 @@ client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cp
     POST /v1/completions   continue a prompt (or a list of them): max_tokens, temperature, top_p, top_k, stop, n,
                            seed, stream (server-sent events ending in `data: [DONE]`), stream_options.include_usage
     GET  /v1/models        the one model served
-    GET  /health           liveness, with the run and its checkpoint step
+    GET  /health           liveness, with the run, its checkpoint step and the batch's load
 
 One process serves one model. A Transformer's samples are batched continuously (batching.py): up to `concurrency` of
 them, from any requests (a request's n samples too), share every decode step, each in a row of one KV cache; more
@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
 import anyio
@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .api import Run, seeded_generator
-from .batching import Batcher, Tokens
+from .batching import DEFAULT_PREFILL_CHUNK, Batcher, Tokens
 from .config import SampleConfig
 from .decode import DecodeStats
 from .errors import ConfigError, TLMError
@@ -163,12 +163,12 @@ class Server:
     module docstring)."""
 
     def __init__(self, run: Run, defaults: SampleConfig, name: str, concurrency: int,
-                 context: int | None = None) -> None:
+                 context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         self.run, self.name = run, name
         self.defaults = run.sample_config(defaults)  # compile turned off where it cannot apply, said once, now
         self.batcher = None
         if batches(run):
-            self.batcher = Batcher(run.model, concurrency, self.defaults.compile, context)
+            self.batcher = Batcher(run.model, concurrency, self.defaults.compile, context, prefill_chunk)
         self.turns = _Turns()
         self.slots = threading.BoundedSemaphore(concurrency) if self.batcher is None else contextlib.nullcontext()
 
@@ -303,20 +303,33 @@ class _EventStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            with anyio.CancelScope(shield=True):  # a cancelled response still waits for its generation to end
+            # A cancelled response still waits for its generation to end. At a forced shutdown (a second Ctrl-C) the
+            # generator may still be running in a worker thread ("generator already executing"): serve() then ends
+            # the batch, which ends it.
+            with anyio.CancelScope(shield=True), contextlib.suppress(ValueError):
                 await anyio.to_thread.run_sync(self.events.close)
 
 
 def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None = None,
-               concurrency: int = 8, context: int | None = None) -> FastAPI:
+               concurrency: int = 8, context: int | None = None,
+               prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> FastAPI:
     """The ASGI app serving `run` (uvicorn runs it; fastapi.testclient.TestClient calls it in-process). `defaults`
     are the sampling settings of requests that leave them out; `name` is the model id clients give (default: the run
     folder's name); `concurrency` the samples generating at once (batching.Batcher's rows: see the module
-    docstring), `context` the positions each row holds (batching.Batcher)."""
+    docstring); `context` (the positions each row holds) and `prefill_chunk` are batching.Batcher's."""
     if concurrency < 1:
         raise TLMError(f"concurrency must be >= 1, got {concurrency}")
-    server = Server(run, defaults or SampleConfig(), name or run.path.resolve().name, concurrency, context)
-    app = FastAPI(title="transformer-lm", summary=f"{server.name}: OpenAI-compatible text completions")
+    server = Server(run, defaults or SampleConfig(), name or run.path.resolve().name, concurrency, context,
+                    prefill_chunk)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if server.batcher is not None:  # shutting down: the batch's generations end before the process does
+            await anyio.to_thread.run_sync(server.batcher.close)
+
+    app = FastAPI(title="transformer-lm", summary=f"{server.name}: OpenAI-compatible text completions",
+                  lifespan=lifespan)
     app.state.server = server
 
     @app.exception_handler(RequestValidationError)
@@ -334,7 +347,10 @@ def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None 
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": server.name, "run": str(run.path), "step": run.step}
+        state = {"status": "ok", "model": server.name, "run": str(run.path), "step": run.step}
+        if server.batcher is not None:
+            state["batch"] = server.batcher.load()
+        return state
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -365,13 +381,18 @@ def check_address(host: str, port: int) -> None:
                           "holds it") from None
 
 
+GRACE_S = 5
+"""Seconds a Ctrl-C gives the responses under way to finish before they are cut off (uvicorn would wait for them
+however long they take)."""
+
+
 def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
-          concurrency: int = 8, context: int | None = None) -> None:
+          concurrency: int = 8, context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
     """Serve `run` with uvicorn until interrupted. With compile, the decode step for the shortest cache length
     (generate.cache_len) is compiled here, before the first client waits on it; longer ones compile on first use."""
     import uvicorn
 
-    app = create_app(run, defaults, name, concurrency, context)
+    app = create_app(run, defaults, name, concurrency, context, prefill_chunk)
     server: Server = app.state.server
     if server.defaults.compile:
         log.info("compiling the decode step before serving")
@@ -379,4 +400,8 @@ def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int =
     base = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0', '::') else host}:{port}/v1"
     log.info("serving %s as model %r: POST %s/completions (openai.OpenAI(base_url=%r, api_key='unused'))",
              run.path, server.name, base, base)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACE_S)
+    finally:  # a forced shutdown skips the lifespan's end: the batch's thread must not be inside a forward at exit
+        if server.batcher is not None:
+            server.batcher.close()

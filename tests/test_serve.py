@@ -298,8 +298,13 @@ def test_turns_are_handed_over_in_arrival_order() -> None:
 
 @pytest.mark.parametrize(("body", "status", "param", "says"), [
     ({"prompt": "a", "max_token": 5}, 400, "max_token", "Extra inputs are not permitted"),
-    ({"prompt": "a", "logprobs": 2}, 400, "logprobs", "logprobs is not supported"),
-    ({"prompt": "a", "echo": True}, 400, "echo", "echo is not supported"),
+    ({"prompt": "a", "logprobs": 2}, 400, "logprobs", "logprobs scores the prompt: give it with echo true"),
+    ({"prompt": "a", "logprobs": 2, "echo": True, "max_tokens": 3}, 400, "logprobs", "max_tokens 0"),
+    ({"prompt": "a", "logprobs": 2, "echo": True, "max_tokens": 0, "stream": True}, 400, "stream", "leave stream"),
+    ({"prompt": "a", "logprobs": 21, "echo": True, "max_tokens": 0}, 400, "logprobs", "less than or equal to 20"),
+    ({"prompt": "a" * 200, "logprobs": 1, "echo": True, "max_tokens": 0}, 400, "prompt",
+     "more than the context window of 64; score a shorter text"),
+    ({"prompt": "a", "suffix": "b"}, 400, "suffix", "suffix is not supported"),
     ({"prompt": "a", "temperature": -1}, 400, None, "temperature must be >= 0"),
     ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
     ({"prompt": "a", "n": 0}, 400, "n", "greater than or equal to 1"),
@@ -326,6 +331,40 @@ def test_a_body_that_is_no_json_object_is_refused(client: TestClient, request_: 
     r = client.post("/v1/completions", **request_)
     assert r.status_code == 400
     assert r.json()["error"]["message"].startswith("the request body must be a JSON object")
+
+
+def test_echo_puts_the_prompt_before_each_completion(client: TestClient, run: Run) -> None:
+    body = {"prompt": [PROMPT, "x = "], "max_tokens": 6, "temperature": 0, "echo": True, "n": 2}
+    texts = [p + run.generate(p, greedy=True, max_new_tokens=6) for p in body["prompt"] for _ in range(2)]
+    assert [c["text"] for c in complete(client, **body)["choices"]] == texts
+    events = [json.loads(line[6:]) for line in client.post("/v1/completions", json={**body, "stream": True}).text
+              .splitlines() if line.startswith("data: {")]
+    streamed = ["".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) for i in range(4)]
+    assert streamed == texts
+    assert complete(client, prompt=PROMPT, max_tokens=0, echo=True)["choices"][0]["text"] == PROMPT
+
+
+def test_scoring_a_prompt_gives_each_tokens_logprob_as_a_naive_loop_does(client: TestClient, run: Run) -> None:
+    """echo + max_tokens 0 + logprobs, as evaluation harnesses score texts: token i's log-probability given the ones
+    before it, and the k likeliest there, against one forward per prefix of the plain model."""
+    ids = run.tokenizer.encode(PROMPT)
+    out = complete(client, prompt=PROMPT, echo=True, max_tokens=0, logprobs=3, n=2)
+    assert [c["index"] for c in out["choices"]] == [0, 1] and out["choices"][0] == {**out["choices"][1], "index": 0}
+    choice = out["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == PROMPT and "".join(lp["tokens"]) == PROMPT and len(lp["tokens"]) == len(ids)
+    assert lp["text_offset"] == [len(run.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    with torch.no_grad():
+        for i in range(1, len(ids)):
+            ref = run.model(torch.tensor([ids[:i]])).logits[0, -1, :run.tokenizer.vocab_size].log_softmax(-1)
+            assert lp["token_logprobs"][i] == pytest.approx(float(ref[ids[i]]), abs=1e-4)
+            top = ref.topk(3)
+            assert list(lp["top_logprobs"][i].values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+            assert list(lp["top_logprobs"][i]) == [run.tokenizer.decode([t]) for t in top.indices.tolist()]
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    turns = TestClient(create_app(load_run(run.path, "cpu").use_draft(run)))  # a server taking turns scores alike
+    assert complete(turns, prompt=PROMPT, echo=True, max_tokens=0, logprobs=3, n=2)["choices"] == out["choices"]
 
 
 def test_models_and_health(client: TestClient, run: Run) -> None:
@@ -383,7 +422,10 @@ def test_openais_own_client_reads_the_responses(client: TestClient, run: Run) ->
     assert "".join(e.choices[0].text for e in events if e.choices) == expected
     assert events[-1].usage.total_tokens == done.usage.total_tokens
     assert [m.id for m in api.models.list()] == ["tiny"]
-    with pytest.raises(openai.BadRequestError, match="logprobs is not supported"):
+    with pytest.raises(openai.BadRequestError, match="logprobs scores the prompt"):
         api.completions.create(model="tiny", prompt=PROMPT, logprobs=2)
+    scored = api.completions.create(model="tiny", prompt=PROMPT, echo=True, max_tokens=0, logprobs=2)
+    assert scored.choices[0].text == PROMPT and "".join(scored.choices[0].logprobs.tokens) == PROMPT
+    assert scored.choices[0].logprobs.token_logprobs[0] is None and len(scored.choices[0].logprobs.top_logprobs[1]) == 2
     with pytest.raises(openai.NotFoundError, match="is not served here"):
         api.completions.create(model="gpt-4", prompt=PROMPT)

@@ -8,6 +8,7 @@ the first) and the bytes of their text.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -73,3 +74,31 @@ def evaluate_tokens(model: Transformer | RecurrentLM, tokens: np.ndarray, bytes_
         raise ValueError("nothing to evaluate: the text has fewer than 2 tokens")
     loss = total / count
     return EvalResult(loss, math.exp(min(loss, 700.0)), bits_per_byte(loss, 1.0, bytes_per_token), count)
+
+
+@torch.no_grad()
+def token_logprobs(model: Transformer | RecurrentLM, ids: Sequence[int], top: int = 0, vocab_size: int | None = None
+                   ) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Score a text: for each of ids[1:], its log-probability given the ids before it, and the `top` most likely ids
+    at that place with theirs (most likely first), over the first `vocab_size` ids (the tokenizer's, where the
+    model's table is padded beyond it; default all). One forward of the whole sequence: a Transformer's must fit its
+    context window."""
+    if isinstance(model, Transformer) and len(ids) > model.config.block_size:
+        raise ValueError(f"{len(ids)} tokens are more than the context window of {model.config.block_size}; score "
+                         "a shorter text")
+    if len(ids) < 2:
+        return []
+    was_training = model.training
+    model.eval()
+    device = model.tok_emb.weight.device
+    try:
+        logits = model(torch.tensor([list(ids)], device=device)).logits[0, :-1, :vocab_size].float()  # (n-1, V)
+    finally:
+        model.train(was_training)
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()
+    if not top:
+        return [(c, []) for c in chosen]
+    values, indices = logprobs.topk(min(top, logprobs.size(1)), dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, indices.tolist(), values.tolist())]
+

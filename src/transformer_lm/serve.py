@@ -2,7 +2,8 @@
 client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cpp's) can sample from it.
 
     POST /v1/completions   continue a prompt (or a list of them): max_tokens, temperature, top_p, top_k, stop, n,
-                           seed, stream (server-sent events ending in `data: [DONE]`), stream_options.include_usage
+                           seed, stream (server-sent events ending in `data: [DONE]`), stream_options.include_usage,
+                           echo; or score it: echo with max_tokens 0 and logprobs
     GET  /v1/models        the one model served
     GET  /health           liveness, with the run, its checkpoint step and the batch's load
 
@@ -39,8 +40,10 @@ from .batching import DEFAULT_PREFILL_CHUNK, Batcher, Tokens
 from .config import SampleConfig
 from .decode import DecodeStats
 from .errors import ConfigError, TLMError
-from .generate import sample_prompt, text_pieces
+from .evaluate import token_logprobs
+from .generate import STREAM_CONTEXT, sample_prompt, text_pieces
 from .model import Transformer
+from .tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,7 @@ class StreamOptions(BaseModel):
     """Send one more event before [DONE] with the token counts (its `choices` empty), as OpenAI does."""
 
 
-UNSUPPORTED = {"echo": False, "logprobs": None, "suffix": None, "best_of": 1, "presence_penalty": 0.0,
-               "frequency_penalty": 0.0, "logit_bias": None}
+UNSUPPORTED = {"suffix": None, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None}
 """OpenAI's completion fields this server has no implementation of, with the values that ask for nothing: a request
 that sets another value is refused by name rather than answered as if it had not asked."""
 
@@ -76,7 +78,10 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     echo: bool = False
-    logprobs: int | None = None
+    """Put the prompt before each completion's text."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """With echo and max_tokens 0: score the prompt (each token's log-probability and the `logprobs` likeliest
+    tokens at its place), as evaluation harnesses ask an OpenAI-compatible server to."""
     suffix: str | None = None
     best_of: int | None = 1
     presence_penalty: float = 0.0
@@ -88,6 +93,11 @@ class CompletionRequest(BaseModel):
         for field, neutral in UNSUPPORTED.items():
             if getattr(self, field) not in (neutral, None):
                 raise _BadRequest(f"{field} is not supported by this server; leave it out", field)
+        if self.logprobs is not None and not (self.echo and self.max_tokens == 0):
+            raise _BadRequest("logprobs scores the prompt: give it with echo true and max_tokens 0 (this server "
+                              "returns no log-probabilities of generated tokens)", "logprobs")
+        if self.logprobs is not None and self.stream:
+            raise _BadRequest("a prompt's logprobs come in one response: leave stream out", "stream")
         given = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                  "top_k": self.top_k, "seed": self.seed, "num_samples": self.n}
         changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
@@ -234,7 +244,7 @@ class Server:
             raise _BadRequest(" ".join(str(e).split())) from None
         return prompts, cfg
 
-    def complete(self, prompts: list[str], cfg: SampleConfig) -> dict[str, Any]:
+    def complete(self, prompts: list[str], cfg: SampleConfig, echo: bool = False) -> dict[str, Any]:
         head = _head()
         choices, usage = [], _Usage()
         with self.slots, contextlib.closing(self.samples(prompts, cfg)) as samples:
@@ -242,11 +252,32 @@ class Server:
                 with contextlib.closing(sample.pieces) as pieces:
                     text = "".join(pieces)
                 usage.add(sample)
-                choices.append({"text": text, "index": sample.index, "logprobs": None,
-                                "finish_reason": sample.stats.finish_reason})
+                choices.append({"text": prompts[sample.prompt] + text if echo else text, "index": sample.index,
+                                "logprobs": None, "finish_reason": sample.stats.finish_reason})
         return {**head, "model": self.name, "choices": choices, "usage": usage.as_dict()}
 
-    def events(self, prompts: list[str], cfg: SampleConfig, include_usage: bool) -> Generator[str, None, None]:
+    def score(self, prompts: list[str], top: int, n: int) -> dict[str, Any]:
+        """Each prompt echoed with OpenAI's logprobs of its tokens (the first None, unless the tokenizer puts a BOS
+        before it), n times over: the answer to echo with max_tokens 0."""
+        choices, prompt_tokens = [], 0
+        for p, prompt in enumerate(prompts):
+            tokenizer = self.run.tokenizer
+            ids, _ = sample_prompt(tokenizer, prompt)
+            own = len(tokenizer.encode(prompt)) if prompt else 0  # the prompt's ids: the last of `ids`
+            try:
+                with self.turns.turn() if self.batcher is None else contextlib.nullcontext():
+                    scored = token_logprobs(self.run.model, ids, top, tokenizer.vocab_size)
+            except ValueError as e:
+                raise _BadRequest(f"prompt {p}: {e}", "prompt") from None
+            logprobs = _logprobs(tokenizer, ids, len(ids) - own, scored)
+            prompt_tokens += len(ids)
+            choices += [{"text": prompt, "index": p * n + s, "logprobs": logprobs, "finish_reason": "length"}
+                        for s in range(n)]
+        return {**_head(), "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
+
+    def events(self, prompts: list[str], cfg: SampleConfig, include_usage: bool,
+               echo: bool = False) -> Generator[str, None, None]:
         head = {**_head(), "model": self.name}
         usage = _Usage()
 
@@ -255,6 +286,9 @@ class Server:
 
         with self.slots, contextlib.closing(self.samples(prompts, cfg)) as samples:
             for sample in samples:
+                if echo and prompts[sample.prompt]:
+                    yield event([{"text": prompts[sample.prompt], "index": sample.index, "logprobs": None,
+                                  "finish_reason": None}])
                 with contextlib.closing(sample.pieces) as pieces:  # a client gone: the generation ends now
                     for piece in pieces:
                         if piece:
@@ -284,6 +318,34 @@ class _Usage:
     def as_dict(self) -> dict[str, int]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _logprobs(tokenizer: Tokenizer, ids: list[int], start: int,
+              scored: list[tuple[float, list[tuple[int, float]]]]) -> dict[str, list[Any]]:
+    """OpenAI's logprobs object for ids[start:] (the prompt's own; before them a BOS or nothing), `scored` holding
+    token_logprobs of ids[1:]. Each token's text is what it adds after the ids before it (as streaming decodes), so
+    that a SentencePiece token keeps its space; its offset is the length of the texts before it."""
+    def piece(context: list[int], i: int) -> str:
+        lead = tokenizer.decode(context)
+        text = tokenizer.decode([*context, i])
+        return text[len(lead):] if text.startswith(lead) else tokenizer.decode([i])
+
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for i in range(start, len(ids)):
+        context = ids[max(0, i - STREAM_CONTEXT):i]
+        token = piece(context, ids[i])
+        out["tokens"].append(token)
+        out["text_offset"].append(offset)
+        offset += len(token)
+        if i == 0:  # nothing before the first: no probability
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        chosen, top = scored[i - 1]
+        out["token_logprobs"].append(chosen)
+        out["top_logprobs"].append({piece(context, t): lp for t, lp in top})
+    return out
 
 
 def _head() -> dict[str, Any]:
@@ -360,10 +422,12 @@ def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None 
     @app.post("/v1/completions", response_model=None)
     def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         prompts, cfg = server.check(body)
+        if body.logprobs is not None:
+            return server.score(prompts, body.logprobs, cfg.num_samples)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return _EventStream(server.events(prompts, cfg, usage))
-        return server.complete(prompts, cfg)
+            return _EventStream(server.events(prompts, cfg, usage, body.echo))
+        return server.complete(prompts, cfg, body.echo)
 
     return app
 

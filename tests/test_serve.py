@@ -298,12 +298,11 @@ def test_turns_are_handed_over_in_arrival_order() -> None:
 
 @pytest.mark.parametrize(("body", "status", "param", "says"), [
     ({"prompt": "a", "max_token": 5}, 400, "max_token", "Extra inputs are not permitted"),
-    ({"prompt": "a", "logprobs": 2}, 400, "logprobs", "logprobs scores the prompt: give it with echo true"),
-    ({"prompt": "a", "logprobs": 2, "echo": True, "max_tokens": 3}, 400, "logprobs", "max_tokens 0"),
-    ({"prompt": "a", "logprobs": 2, "echo": True, "max_tokens": 0, "stream": True}, 400, "stream", "leave stream"),
+    ({"prompt": "a", "logprobs": 2, "stream": True}, 400, "stream", "leave stream out"),
     ({"prompt": "a", "logprobs": 21, "echo": True, "max_tokens": 0}, 400, "logprobs", "less than or equal to 20"),
     ({"prompt": "a" * 200, "logprobs": 1, "echo": True, "max_tokens": 0}, 400, "prompt",
-     "more than the context window of 64; score a shorter text"),
+     "with logprobs, prompt 0 and max_tokens must fit the context window of 64 tokens"),
+    ({"prompt": ["a", "b"], "logprobs": 1, "max_tokens": 64}, 400, "prompt", "prompt 0 and max_tokens must fit"),
     ({"prompt": "a", "suffix": "b"}, 400, "suffix", "suffix is not supported"),
     ({"prompt": "a", "temperature": -1}, 400, None, "temperature must be >= 0"),
     ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens", "greater than or equal to 0"),
@@ -367,6 +366,23 @@ def test_scoring_a_prompt_gives_each_tokens_logprob_as_a_naive_loop_does(client:
     assert complete(turns, prompt=PROMPT, echo=True, max_tokens=0, logprobs=3, n=2)["choices"] == out["choices"]
 
 
+def test_a_completions_logprobs_follow_its_tokens_and_extend_the_prompts(client: TestClient, run: Run) -> None:
+    """logprobs of a greedy completion: its 8 tokens, each the likeliest at its place; with echo and max_tokens 1
+    (how lm-evaluation-harness scores) the prompt's part is the max_tokens 0 scoring's."""
+    out = complete(client, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1)["choices"][0]
+    lp = out["logprobs"]
+    assert out["text"] == run.generate(PROMPT, greedy=True, max_new_tokens=8) and len(lp["tokens"]) == 8
+    assert lp["text_offset"][0] == 0 and None not in lp["token_logprobs"]
+    cut = complete(client, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=1, stop=[out["text"][4:6]])
+    assert len(cut["choices"][0]["logprobs"]["tokens"]) < 8  # the tokens a stop string cut off are left out
+    assert [list(t.values())[0] for t in lp["top_logprobs"]] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    prompt_only = complete(client, prompt=PROMPT, echo=True, max_tokens=0, logprobs=1)["choices"][0]["logprobs"]
+    one_more = complete(client, prompt=PROMPT, echo=True, max_tokens=1, temperature=0, logprobs=1)["choices"][0]
+    n = len(prompt_only["tokens"])
+    assert {k: v[:n] for k, v in one_more["logprobs"].items()} == prompt_only
+    assert len(one_more["logprobs"]["tokens"]) == n + 1
+
+
 def test_models_and_health(client: TestClient, run: Run) -> None:
     assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
     assert client.get("/health").json() == {"status": "ok", "model": "tiny", "run": str(run.path), "step": run.step,
@@ -422,8 +438,8 @@ def test_openais_own_client_reads_the_responses(client: TestClient, run: Run) ->
     assert "".join(e.choices[0].text for e in events if e.choices) == expected
     assert events[-1].usage.total_tokens == done.usage.total_tokens
     assert [m.id for m in api.models.list()] == ["tiny"]
-    with pytest.raises(openai.BadRequestError, match="logprobs scores the prompt"):
-        api.completions.create(model="tiny", prompt=PROMPT, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="leave stream out"):
+        api.completions.create(model="tiny", prompt=PROMPT, logprobs=2, stream=True)
     scored = api.completions.create(model="tiny", prompt=PROMPT, echo=True, max_tokens=0, logprobs=2)
     assert scored.choices[0].text == PROMPT and "".join(scored.choices[0].logprobs.tokens) == PROMPT
     assert scored.choices[0].logprobs.token_logprobs[0] is None and len(scored.choices[0].logprobs.top_logprobs[1]) == 2

@@ -214,7 +214,8 @@ class Batcher:
         gen = _Generation(crop_prompt(prompt, self.context, keep), max_new_tokens, temperature,
                           top_k, top_p, generator, vocab_size, keep, stop_ids,
                           stats if stats is not None else DecodeStats())
-        if max_new_tokens == 0:
+        if max_new_tokens == 0:  # as generate(): nothing drawn, the prompt counted
+            gen.stats.prompt_tokens = len(gen.ids)
             gen.out.put(None)
             return Tokens(gen)
         with self.lock:

@@ -3,7 +3,7 @@ client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cp
 
     POST /v1/completions   continue a prompt (or a list of them): max_tokens, temperature, top_p, top_k, stop, n,
                            seed, stream (server-sent events ending in `data: [DONE]`), stream_options.include_usage,
-                           echo; or score it: echo with max_tokens 0 and logprobs
+                           echo, logprobs (not streamed; echo with max_tokens 0 scores a text)
     GET  /v1/models        the one model served
     GET  /health           liveness, with the run, its checkpoint step and the batch's load
 
@@ -80,8 +80,8 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     """Put the prompt before each completion's text."""
     logprobs: int | None = Field(None, ge=0, le=20)
-    """With echo and max_tokens 0: score the prompt (each token's log-probability and the `logprobs` likeliest
-    tokens at its place), as evaluation harnesses ask an OpenAI-compatible server to."""
+    """Each token's log-probability and the `logprobs` likeliest tokens at its place, for the completion (and the
+    prompt with echo): with echo and max_tokens 0 or 1, how evaluation harnesses score a text."""
     suffix: str | None = None
     best_of: int | None = 1
     presence_penalty: float = 0.0
@@ -93,11 +93,8 @@ class CompletionRequest(BaseModel):
         for field, neutral in UNSUPPORTED.items():
             if getattr(self, field) not in (neutral, None):
                 raise _BadRequest(f"{field} is not supported by this server; leave it out", field)
-        if self.logprobs is not None and not (self.echo and self.max_tokens == 0):
-            raise _BadRequest("logprobs scores the prompt: give it with echo true and max_tokens 0 (this server "
-                              "returns no log-probabilities of generated tokens)", "logprobs")
         if self.logprobs is not None and self.stream:
-            raise _BadRequest("a prompt's logprobs come in one response: leave stream out", "stream")
+            raise _BadRequest("logprobs come with the whole response here: leave stream out", "stream")
         given = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                  "top_k": self.top_k, "seed": self.seed, "num_samples": self.n}
         changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
@@ -160,6 +157,8 @@ class _Sample:
     prompt: int
     pieces: Iterator[str]
     stats: DecodeStats
+    drawn: list[int] | None = None
+    """The ids drawn, as the pieces are read (batched samples only)."""
 
 
 def batches(run: Run) -> bool:
@@ -206,15 +205,21 @@ class Server:
                                                  self.run.tokenizer.stop_ids)
                     queued.append((p, prompt, ids, tokens, stats))
             for index, (p, prompt, ids, tokens, stats) in enumerate(queued):
-                yield _Sample(index, p, self._batched(prompt, ids, tokens, cfg, stats), stats)
+                drawn: list[int] = []
+                yield _Sample(index, p, self._batched(prompt, ids, tokens, cfg, stats, drawn), stats, drawn)
         finally:
             for *_, tokens, _ in queued:  # a client gone: its samples not yet read give their rows up too
                 tokens.close()
 
-    def _batched(self, prompt: str, ids: list[int], tokens: Tokens, cfg: SampleConfig,
-                 stats: DecodeStats) -> Iterator[str]:
+    def _batched(self, prompt: str, ids: list[int], tokens: Tokens, cfg: SampleConfig, stats: DecodeStats,
+                 drawn: list[int]) -> Iterator[str]:
+        def recorded() -> Iterator[int]:
+            for tok in tokens:
+                drawn.append(tok)
+                yield tok
+
         with tokens:  # a sample ended by a stop string gives its row up now
-            yield from text_pieces(self.run.tokenizer, prompt, ids, tokens, cfg.stop, stats)
+            yield from text_pieces(self.run.tokenizer, prompt, ids, recorded(), cfg.stop, stats)
 
     def _in_turn(self, streams: Iterator[Iterator[str]]) -> Iterator[str]:
         with self.turns.turn():
@@ -244,37 +249,53 @@ class Server:
             raise _BadRequest(" ".join(str(e).split())) from None
         return prompts, cfg
 
-    def complete(self, prompts: list[str], cfg: SampleConfig, echo: bool = False) -> dict[str, Any]:
+    def complete(self, prompts: list[str], cfg: SampleConfig, echo: bool = False,
+                 logprobs: int | None = None) -> dict[str, Any]:
         head = _head()
+        if logprobs is not None:
+            self._check_scorable(prompts, cfg.max_new_tokens)
         choices, usage = [], _Usage()
         with self.slots, contextlib.closing(self.samples(prompts, cfg)) as samples:
             for sample in samples:
                 with contextlib.closing(sample.pieces) as pieces:
                     text = "".join(pieces)
                 usage.add(sample)
-                choices.append({"text": prompts[sample.prompt] + text if echo else text, "index": sample.index,
-                                "logprobs": None, "finish_reason": sample.stats.finish_reason})
+                prompt = prompts[sample.prompt]
+                scored = None if logprobs is None else self._logprobs(prompt, text, logprobs, echo, sample.drawn)
+                choices.append({"text": prompt + text if echo else text, "index": sample.index, "logprobs": scored,
+                                "finish_reason": sample.stats.finish_reason})
         return {**head, "model": self.name, "choices": choices, "usage": usage.as_dict()}
 
-    def score(self, prompts: list[str], top: int, n: int) -> dict[str, Any]:
-        """Each prompt echoed with OpenAI's logprobs of its tokens (the first None, unless the tokenizer puts a BOS
-        before it), n times over: the answer to echo with max_tokens 0."""
-        choices, prompt_tokens = [], 0
+    def _check_scorable(self, prompts: list[str], max_tokens: int) -> None:
+        """_BadRequest, before anything is generated, where a prompt and its completion could not be scored in one
+        forward (logprobs)."""
+        if not isinstance(self.run.model, Transformer):
+            return  # a recurrent model has no window
+        block = self.run.model.config.block_size
         for p, prompt in enumerate(prompts):
-            tokenizer = self.run.tokenizer
-            ids, _ = sample_prompt(tokenizer, prompt)
-            own = len(tokenizer.encode(prompt)) if prompt else 0  # the prompt's ids: the last of `ids`
-            try:
-                with self.turns.turn() if self.batcher is None else contextlib.nullcontext():
-                    scored = token_logprobs(self.run.model, ids, top, tokenizer.vocab_size)
-            except ValueError as e:
-                raise _BadRequest(f"prompt {p}: {e}", "prompt") from None
-            logprobs = _logprobs(tokenizer, ids, len(ids) - own, scored)
-            prompt_tokens += len(ids)
-            choices += [{"text": prompt, "index": p * n + s, "logprobs": logprobs, "finish_reason": "length"}
-                        for s in range(n)]
-        return {**_head(), "model": self.name, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}}
+            if len(sample_prompt(self.run.tokenizer, prompt)[0]) + max_tokens > block:
+                raise _BadRequest(f"with logprobs, prompt {p} and max_tokens must fit the context window of {block} "
+                                  "tokens; give a shorter prompt or fewer max_tokens", "prompt")
+
+    def _logprobs(self, prompt: str, text: str, top: int, echo: bool,
+                  drawn: list[int] | None) -> dict[str, list[Any]]:
+        """OpenAI's logprobs of the completion `text` after `prompt` (and of the prompt's own tokens first, with
+        echo; the first token of all has None unless a BOS precedes it): of the ids `drawn` for it (less a stop id,
+        and any whose text a stop string cut off), or where those are not kept (a server taking turns) of `text`
+        encoded as a continuation."""
+        tokenizer = self.run.tokenizer
+        ids, _ = sample_prompt(tokenizer, prompt)
+        own = len(tokenizer.encode(prompt)) if prompt else 0  # the prompt's ids: the last of `ids`
+        start = len(ids) - own if echo else len(ids)
+        if drawn is None:
+            new = tokenizer.encode_continuation(text) if text else []
+        else:
+            new = [tok for tok in drawn if tok not in tokenizer.stop_ids]
+            while new and len(tokenizer.decode(new)) > len(text):
+                new.pop()
+        with self.turns.turn() if self.batcher is None else contextlib.nullcontext():  # beside the batch's thread
+            scored = token_logprobs(self.run.model, ids + new, top, tokenizer.vocab_size)
+        return _logprobs(tokenizer, ids + new, start, scored)
 
     def events(self, prompts: list[str], cfg: SampleConfig, include_usage: bool,
                echo: bool = False) -> Generator[str, None, None]:
@@ -322,9 +343,10 @@ class _Usage:
 
 def _logprobs(tokenizer: Tokenizer, ids: list[int], start: int,
               scored: list[tuple[float, list[tuple[int, float]]]]) -> dict[str, list[Any]]:
-    """OpenAI's logprobs object for ids[start:] (the prompt's own; before them a BOS or nothing), `scored` holding
-    token_logprobs of ids[1:]. Each token's text is what it adds after the ids before it (as streaming decodes), so
-    that a SentencePiece token keeps its space; its offset is the length of the texts before it."""
+    """OpenAI's logprobs object for ids[start:] (the completion's, or with echo the prompt's own and the
+    completion's), `scored` holding token_logprobs of ids[1:]. Each token's text is what it adds after the ids
+    before it (as streaming decodes), so that a SentencePiece token keeps its space; its offset is the length of the
+    texts before it from ids[start] on: an offset into the choice's text."""
     def piece(context: list[int], i: int) -> str:
         lead = tokenizer.decode(context)
         text = tokenizer.decode([*context, i])
@@ -422,12 +444,10 @@ def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None 
     @app.post("/v1/completions", response_model=None)
     def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         prompts, cfg = server.check(body)
-        if body.logprobs is not None:
-            return server.score(prompts, body.logprobs, cfg.num_samples)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             return _EventStream(server.events(prompts, cfg, usage, body.echo))
-        return server.complete(prompts, cfg, body.echo)
+        return server.complete(prompts, cfg, body.echo, body.logprobs)
 
     return app
 

@@ -31,7 +31,7 @@ from transformer_lm.tokenizers import BPETokenizer, ByteTokenizer, save_tokenize
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from transformer_lm.serve import _Turns, create_app  # noqa: E402
+from transformer_lm.serve import CompletionRequest, _Turns, create_app  # noqa: E402
 
 PROMPT = "def alpha_1(beta):\n"
 
@@ -200,9 +200,10 @@ def test_a_short_request_is_not_held_up_by_a_long_one(run: Run) -> None:
     big = ModelConfig(vocab_size=256, block_size=512, n_layer=4, n_head=4, n_embd=128)  # forwards of ~1 ms
     server = create_app(Run(run.path, {}, random_model(big), ByteTokenizer(), 0)).state.server
     started, turns = threading.Event(), []
+    prompts, _ = server.check(CompletionRequest(prompt=PROMPT))
 
     def generate_(name: str, tokens: int) -> None:
-        for sample in server.samples([PROMPT], SampleConfig(max_new_tokens=tokens, greedy=True)):
+        for sample in server.samples(prompts, SampleConfig(max_new_tokens=tokens, greedy=True)):
             for _ in sample.pieces:
                 turns.append(name)
                 started.set()
@@ -309,7 +310,9 @@ def test_turns_are_handed_over_in_arrival_order() -> None:
     ({"prompt": "a", "n": 0}, 400, "n", "greater than or equal to 1"),
     ({"prompt": "a", "top_p": 0}, 400, None, "top_p"),
     ({"prompt": []}, 400, "prompt", "prompt is an empty list"),
-    ({"prompt": [1, 2]}, 400, "prompt", "string"),
+    ({"prompt": [1, 320]}, 400, "prompt", "prompt id 320 is outside"),
+    ({"prompt": [[1, 2], "a"]}, 400, "prompt", "Input should be a valid"),
+    ({"prompt": [[1, 2], []]}, 400, "prompt", "prompt is an empty list"),
     ({"prompt": "a", "model": "gpt-4"}, 404, "model", "'gpt-4' is not served here; this server serves 'tiny'"),
 ])
 def test_bad_requests_are_refused_by_name(client: TestClient, body: dict, status: int, param: str | None,
@@ -381,6 +384,20 @@ def test_a_completions_logprobs_follow_its_tokens_and_extend_the_prompts(client:
     n = len(prompt_only["tokens"])
     assert {k: v[:n] for k, v in one_more["logprobs"].items()} == prompt_only
     assert len(one_more["logprobs"]["tokens"]) == n + 1
+
+
+def test_token_id_prompts_are_served_as_their_text_is(client: TestClient, run: Run) -> None:
+    """Evaluation harnesses send their tokenizer's ids: the same completions and scores as for the text they encode."""
+    ids = run.tokenizer.encode(PROMPT)
+    body = {"max_tokens": 5, "temperature": 0, "echo": True, "logprobs": 2}
+    by_text, by_ids = complete(client, prompt=PROMPT, **body), complete(client, prompt=ids, **body)
+    assert by_ids["choices"] == by_text["choices"] and by_ids["usage"] == by_text["usage"]
+    several = complete(client, prompt=[ids, ids[:3]], max_tokens=4, temperature=0)["choices"]
+    assert [c["text"] for c in several] == [run.generate(run.tokenizer.decode(p), greedy=True, max_new_tokens=4)
+                                           for p in (ids, ids[:3])]
+    turns = TestClient(create_app(load_run(run.path, "cpu").use_draft(run)))
+    r = turns.post("/v1/completions", json={"prompt": ids})
+    assert r.status_code == 400 and "token-id prompts are served by a batching server" in r.json()["error"]["message"]
 
 
 def test_models_and_health(client: TestClient, run: Run) -> None:

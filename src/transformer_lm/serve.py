@@ -1,9 +1,10 @@
 """`tlm serve`: a loaded run behind an HTTP API that speaks OpenAI's completions protocol, so that the `openai`
 client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cpp's) can sample from it.
 
-    POST /v1/completions   continue a prompt (or a list of them): max_tokens, temperature, top_p, top_k, stop, n,
-                           seed, stream (server-sent events ending in `data: [DONE]`), stream_options.include_usage,
-                           echo, logprobs (not streamed; echo with max_tokens 0 scores a text)
+    POST /v1/completions   continue a prompt (text or token ids, or a list of them): max_tokens, temperature,
+                           top_p, top_k, stop, n, seed, stream (server-sent events ending in `data: [DONE]`),
+                           stream_options.include_usage, echo, logprobs (not streamed; with echo and max_tokens 0
+                           or 1, a text's score)
     GET  /v1/models        the one model served
     GET  /health           liveness, with the run, its checkpoint step and the batch's load
 
@@ -41,7 +42,7 @@ from .config import SampleConfig
 from .decode import DecodeStats
 from .errors import ConfigError, TLMError
 from .evaluate import token_logprobs
-from .generate import STREAM_CONTEXT, sample_prompt, text_pieces
+from .generate import STREAM_CONTEXT, check_prompt, sample_prompt, text_pieces
 from .model import Transformer
 from .tokenizers import Tokenizer
 
@@ -66,7 +67,8 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: str | None = None
-    prompt: str | list[str] = ""
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    """Text, or token ids of this run's tokenizer (as evaluation harnesses send them), one prompt or a list."""
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = None
     top_p: float | None = None
@@ -104,10 +106,11 @@ class CompletionRequest(BaseModel):
             changes["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return dataclasses.replace(defaults, **changes)
 
-    def prompts(self) -> list[str]:
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        if not prompts:
-            raise _BadRequest("prompt is an empty list; give a string or a list of strings", "prompt")
+    def prompts(self) -> list[str | list[int]]:
+        one = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
+        prompts = [self.prompt] if one else self.prompt
+        if not prompts or any(p == [] for p in prompts):
+            raise _BadRequest("prompt is an empty list; give a string or token ids, or a list of them", "prompt")
         return prompts
 
 
@@ -152,6 +155,16 @@ class _Turns:
 
 
 @dataclasses.dataclass
+class _Prompt:
+    """A request's prompt: its text, the ids a sample continues (generate.sample_prompt's, or the ids given), and
+    how many of the last of those are the prompt's own (not a BOS put before them)."""
+
+    text: str
+    ids: list[int]
+    own: int
+
+
+@dataclasses.dataclass
 class _Sample:
     index: int
     prompt: int
@@ -181,7 +194,7 @@ class Server:
         self.turns = _Turns()
         self.slots = threading.BoundedSemaphore(concurrency) if self.batcher is None else contextlib.nullcontext()
 
-    def samples(self, prompts: list[str], cfg: SampleConfig) -> Generator[_Sample, None, None]:
+    def samples(self, prompts: list[_Prompt], cfg: SampleConfig) -> Generator[_Sample, None, None]:
         """Each prompt's cfg.num_samples samples in OpenAI's order (index = prompt * n + sample), sample i seeded
         with seed + i (unseeded: at random): one sample per prompt draws what `tlm sample --seed` draws. Batched, all
         of them are queued at once and generate side by side; taking turns, one after another."""
@@ -190,28 +203,28 @@ class Server:
             for p, prompt in enumerate(prompts):
                 stats = DecodeStats()
                 for s, seed in enumerate(seeds):
-                    streams = self.run.stream_samples(prompt, dataclasses.replace(cfg, seed=seed, num_samples=1),
-                                                      stats)
+                    streams = self.run.stream_samples(prompt.text, dataclasses.replace(cfg, seed=seed,
+                                                                                       num_samples=1), stats)
                     yield _Sample(p * cfg.num_samples + s, p, self._in_turn(streams), stats)
             return
-        queued: list[tuple[int, str, list[int], Tokens, DecodeStats]] = []
+        queued: list[tuple[int, _Prompt, Tokens, DecodeStats]] = []
         try:
             for p, prompt in enumerate(prompts):
-                ids, keep = sample_prompt(self.run.tokenizer, prompt)
+                keep = len(prompt.ids) - prompt.own  # a BOS put first stays first through window shifts
                 for seed in seeds:
                     stats, gen = DecodeStats(), seeded_generator(seed, self.run.model)
-                    tokens = self.batcher.submit(ids, cfg.max_new_tokens, cfg.draw_temperature, cfg.top_k,
+                    tokens = self.batcher.submit(prompt.ids, cfg.max_new_tokens, cfg.draw_temperature, cfg.top_k,
                                                  cfg.top_p, gen, stats, self.run.tokenizer.vocab_size, keep,
                                                  self.run.tokenizer.stop_ids)
-                    queued.append((p, prompt, ids, tokens, stats))
-            for index, (p, prompt, ids, tokens, stats) in enumerate(queued):
+                    queued.append((p, prompt, tokens, stats))
+            for index, (p, prompt, tokens, stats) in enumerate(queued):
                 drawn: list[int] = []
-                yield _Sample(index, p, self._batched(prompt, ids, tokens, cfg, stats, drawn), stats, drawn)
+                yield _Sample(index, p, self._batched(prompt, tokens, cfg, stats, drawn), stats, drawn)
         finally:
             for *_, tokens, _ in queued:  # a client gone: its samples not yet read give their rows up too
                 tokens.close()
 
-    def _batched(self, prompt: str, ids: list[int], tokens: Tokens, cfg: SampleConfig, stats: DecodeStats,
+    def _batched(self, prompt: _Prompt, tokens: Tokens, cfg: SampleConfig, stats: DecodeStats,
                  drawn: list[int]) -> Iterator[str]:
         def recorded() -> Iterator[int]:
             for tok in tokens:
@@ -219,7 +232,7 @@ class Server:
                 yield tok
 
         with tokens:  # a sample ended by a stop string gives its row up now
-            yield from text_pieces(self.run.tokenizer, prompt, ids, recorded(), cfg.stop, stats)
+            yield from text_pieces(self.run.tokenizer, prompt.text, prompt.ids, recorded(), cfg.stop, stats)
 
     def _in_turn(self, streams: Iterator[Iterator[str]]) -> Iterator[str]:
         with self.turns.turn():
@@ -236,20 +249,30 @@ class Server:
             # collector closed an abandoned generation during another's forward, in the thread holding the turn.
             pieces.close()
 
-    def check(self, body: CompletionRequest) -> tuple[list[str], SampleConfig]:
+    def check(self, body: CompletionRequest) -> tuple[list[_Prompt], SampleConfig]:
         """The request's prompts and sampling settings, or _BadRequest before anything is generated."""
         if body.model is not None and body.model != self.name:
             raise _BadRequest(f"the model {body.model!r} is not served here; this server serves {self.name!r}",
                               "model", 404)
+        tokenizer = self.run.tokenizer
+        prompts = []
         try:
-            cfg, prompts = body.sample_config(self.defaults), body.prompts()
-            for prompt in prompts:
-                self.run.tokenizer.encode(prompt)  # text the tokenizer cannot encode is the client's error
-        except TLMError as e:
-            raise _BadRequest(" ".join(str(e).split())) from None
+            cfg = body.sample_config(self.defaults)
+            for given in body.prompts():
+                if isinstance(given, str):
+                    own = len(tokenizer.encode(given)) if given else 0  # text it cannot encode: the client's error
+                    prompts.append(_Prompt(given, sample_prompt(tokenizer, given)[0], own))
+                    continue
+                if self.batcher is None:
+                    raise _BadRequest("token-id prompts are served by a batching server (not with --draft or a "
+                                      "recurrent model); send the text", "prompt")
+                check_prompt(given, min(tokenizer.vocab_size, self.run.model.config.vocab_size))
+                prompts.append(_Prompt(tokenizer.decode(given), list(given), len(given)))
+        except (TLMError, ValueError) as e:
+            raise _BadRequest(" ".join(str(e).split()), "prompt" if isinstance(e, ValueError) else None) from None
         return prompts, cfg
 
-    def complete(self, prompts: list[str], cfg: SampleConfig, echo: bool = False,
+    def complete(self, prompts: list[_Prompt], cfg: SampleConfig, echo: bool = False,
                  logprobs: int | None = None) -> dict[str, Any]:
         head = _head()
         if logprobs is not None:
@@ -262,31 +285,31 @@ class Server:
                 usage.add(sample)
                 prompt = prompts[sample.prompt]
                 scored = None if logprobs is None else self._logprobs(prompt, text, logprobs, echo, sample.drawn)
-                choices.append({"text": prompt + text if echo else text, "index": sample.index, "logprobs": scored,
+                choices.append({"text": prompt.text + text if echo else text, "index": sample.index,
+                                "logprobs": scored,
                                 "finish_reason": sample.stats.finish_reason})
         return {**head, "model": self.name, "choices": choices, "usage": usage.as_dict()}
 
-    def _check_scorable(self, prompts: list[str], max_tokens: int) -> None:
+    def _check_scorable(self, prompts: list[_Prompt], max_tokens: int) -> None:
         """_BadRequest, before anything is generated, where a prompt and its completion could not be scored in one
         forward (logprobs)."""
         if not isinstance(self.run.model, Transformer):
             return  # a recurrent model has no window
         block = self.run.model.config.block_size
         for p, prompt in enumerate(prompts):
-            if len(sample_prompt(self.run.tokenizer, prompt)[0]) + max_tokens > block:
+            if len(prompt.ids) + max_tokens > block:
                 raise _BadRequest(f"with logprobs, prompt {p} and max_tokens must fit the context window of {block} "
                                   "tokens; give a shorter prompt or fewer max_tokens", "prompt")
 
-    def _logprobs(self, prompt: str, text: str, top: int, echo: bool,
+    def _logprobs(self, prompt: _Prompt, text: str, top: int, echo: bool,
                   drawn: list[int] | None) -> dict[str, list[Any]]:
         """OpenAI's logprobs of the completion `text` after `prompt` (and of the prompt's own tokens first, with
         echo; the first token of all has None unless a BOS precedes it): of the ids `drawn` for it (less a stop id,
         and any whose text a stop string cut off), or where those are not kept (a server taking turns) of `text`
         encoded as a continuation."""
         tokenizer = self.run.tokenizer
-        ids, _ = sample_prompt(tokenizer, prompt)
-        own = len(tokenizer.encode(prompt)) if prompt else 0  # the prompt's ids: the last of `ids`
-        start = len(ids) - own if echo else len(ids)
+        ids = prompt.ids
+        start = len(ids) - prompt.own if echo else len(ids)
         if drawn is None:
             new = tokenizer.encode_continuation(text) if text else []
         else:
@@ -297,7 +320,7 @@ class Server:
             scored = token_logprobs(self.run.model, ids + new, top, tokenizer.vocab_size)
         return _logprobs(tokenizer, ids + new, start, scored)
 
-    def events(self, prompts: list[str], cfg: SampleConfig, include_usage: bool,
+    def events(self, prompts: list[_Prompt], cfg: SampleConfig, include_usage: bool,
                echo: bool = False) -> Generator[str, None, None]:
         head = {**_head(), "model": self.name}
         usage = _Usage()
@@ -307,8 +330,8 @@ class Server:
 
         with self.slots, contextlib.closing(self.samples(prompts, cfg)) as samples:
             for sample in samples:
-                if echo and prompts[sample.prompt]:
-                    yield event([{"text": prompts[sample.prompt], "index": sample.index, "logprobs": None,
+                if echo and prompts[sample.prompt].text:
+                    yield event([{"text": prompts[sample.prompt].text, "index": sample.index, "logprobs": None,
                                   "finish_reason": None}])
                 with contextlib.closing(sample.pieces) as pieces:  # a client gone: the generation ends now
                     for piece in pieces:

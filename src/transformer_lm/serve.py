@@ -318,7 +318,7 @@ class Server:
                 new.pop()
         with self.turns.turn() if self.batcher is None else contextlib.nullcontext():  # beside the batch's thread
             scored = token_logprobs(self.run.model, ids + new, top, tokenizer.vocab_size)
-        return _logprobs(tokenizer, ids + new, start, scored)
+        return _openai_logprobs(tokenizer, ids + new, start, scored)
 
     def events(self, prompts: list[_Prompt], cfg: SampleConfig, include_usage: bool,
                echo: bool = False) -> Generator[str, None, None]:
@@ -364,8 +364,8 @@ class _Usage:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def _logprobs(tokenizer: Tokenizer, ids: list[int], start: int,
-              scored: list[tuple[float, list[tuple[int, float]]]]) -> dict[str, list[Any]]:
+def _openai_logprobs(tokenizer: Tokenizer, ids: list[int], start: int,
+                     scored: list[tuple[float, list[tuple[int, float]]]]) -> dict[str, list[Any]]:
     """OpenAI's logprobs object for ids[start:] (the completion's, or with echo the prompt's own and the
     completion's), `scored` holding token_logprobs of ids[1:]. Each token's text is what it adds after the ids
     before it (as streaming decodes), so that a SentencePiece token keeps its space; its offset is the length of the

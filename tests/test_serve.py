@@ -6,6 +6,7 @@ once for n samples, server-sent events ending in `data: [DONE]`, errors as {"err
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import socket
@@ -367,6 +368,24 @@ def test_scoring_a_prompt_gives_each_tokens_logprob_as_a_naive_loop_does(client:
     assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
     turns = TestClient(create_app(load_run(run.path, "cpu").use_draft(run)))  # a server taking turns scores alike
     assert complete(turns, prompt=PROMPT, echo=True, max_tokens=0, logprobs=3, n=2)["choices"] == out["choices"]
+
+
+def test_scoring_after_a_bos_gives_the_first_token_its_logprob(run: Run) -> None:
+    """A tokenizer with a BOS (Llama's, llama2.c's) puts it before the prompt: the prompt's first token is then
+    predicted, and the BOS itself is not among the tokens returned."""
+    class WithBos(type(run.tokenizer)):
+        bos_id = run.tokenizer.eot_id
+
+    tokenizer = copy.copy(run.tokenizer)
+    tokenizer.__class__ = WithBos
+    served = TestClient(create_app(Run(run.path, {}, run.model, tokenizer, 0)))
+    lp = complete(served, prompt=PROMPT, echo=True, max_tokens=0, logprobs=1)["choices"][0]["logprobs"]
+    ids = [tokenizer.bos_id, *run.tokenizer.encode(PROMPT)]
+    assert "".join(lp["tokens"]) == PROMPT and len(lp["tokens"]) == len(ids) - 1
+    with torch.no_grad():
+        ref = run.model(torch.tensor([ids])).logits[0, :-1, :tokenizer.vocab_size].log_softmax(-1)
+    assert lp["token_logprobs"] == pytest.approx(ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(),
+                                                 abs=1e-4)
 
 
 def test_a_completions_logprobs_follow_its_tokens_and_extend_the_prompts(client: TestClient, run: Run) -> None:

@@ -123,6 +123,22 @@ def test_close_ends_running_and_waiting_generations() -> None:
     assert batcher.thread is None and batcher.rows == [None]
 
 
+def test_a_driven_batch_runs_in_the_drivers_thread_until_closed() -> None:
+    """drive() (what `tlm serve` runs in its main thread): submit() starts no thread; the driver decodes bursts of
+    work as they come and returns at close()."""
+    model = random_model(tiny_config(pos_encoding="rope"), seed=2, std=0.5)
+    batcher = Batcher(model, rows=2)
+    driver = threading.Thread(target=batcher.drive)
+    driver.start()
+    for _ in range(2):  # the driver waits between them
+        streams = [batcher.submit(p, 12, temperature=0) for p in PROMPTS]
+        assert [list(s) for s in streams] == [list(generate(model, p, 12, temperature=0)) for p in PROMPTS]
+        assert batcher.thread is None
+    batcher.close()
+    driver.join(5)
+    assert not driver.is_alive() and batcher.driver is None
+
+
 def test_a_failing_step_reaches_its_readers_and_the_batcher_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
     model = random_model(tiny_config(), seed=5, std=0.5)
     batcher = Batcher(model, rows=2)

@@ -1,7 +1,7 @@
 """Continuous batching: concurrent generations that share every forward of the model, as vLLM and TGI serve requests.
 A decode step reads all the weights whatever the batch, so B rows take less than B one-row steps: on a GPU at small
 batch little more than one; on this project's 2-core CPU, whose small GEMMs are not bandwidth-bound, a GPT-2 step of
-8 rows took 2.9× one row's (w8a8: 1.6×), for 2.5× (3.1×) the tokens/s of taking turns (BENCHMARKS.md).
+8 rows took 2.9× one row's (w8a8: 1.6×), for 2.6× (3.7×) the tokens/s of taking turns (BENCHMARKS.md).
 
 Each generation holds a row of one RowKVCache, at a position of its own. A new one joins at the next step: its
 prompt is prefilled alone (into a cache of its own length, the plain causal attention), copied into a free row, and
@@ -199,7 +199,10 @@ class Batcher:
         self.waiting: collections.deque[_Generation] = collections.deque()
         self.filling: _Prefill | None = None
         self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)  # a driver waiting for work (drive())
         self.thread: threading.Thread | None = None
+        self.driver: threading.Thread | None = None
+        self.closed = False
 
     def submit(self, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, generator: torch.Generator | None = None,
@@ -220,10 +223,31 @@ class Batcher:
             return Tokens(gen)
         with self.lock:
             self.waiting.append(gen)
-            if self.thread is None:
+            if self.driver is not None:
+                self.wake.notify()
+            elif self.thread is None:
                 self.thread = threading.Thread(target=self._work, name="tlm-batcher", daemon=True)
                 self.thread.start()
         return Tokens(gen)
+
+    def drive(self) -> None:
+        """Run the batch in the calling thread, waiting for work between bursts, until close(); submit() then starts
+        no thread of its own. On a CPU the thread matters: OpenMP's parallel regions run fastest from the main
+        thread, whose worker threads spin between regions (the tiny model decoded 1040 tokens/s there and 750 from
+        any other thread, GPT-2 5-7 % faster; measured with two threads), so `tlm serve` drives the batch from its
+        main thread and answers HTTP from another."""
+        with self.lock:
+            self.driver = threading.current_thread()
+        try:
+            while True:
+                with self.lock:
+                    while not self.waiting and not self.closed:
+                        self.wake.wait()
+                    if self.closed:
+                        return
+                self._work()
+        finally:
+            self.driver = None
 
     def close(self, timeout: float = 10.0) -> None:
         """End every generation, running or waiting (their readers get no more ids), and wait up to `timeout` s for
@@ -232,7 +256,8 @@ class Batcher:
             ended = [*self.waiting, *(gen for gen in self.rows if gen is not None)]
             if self.filling is not None:
                 ended.append(self.filling.gen)
-            thread = self.thread
+            thread, self.closed = self.thread, True
+            self.wake.notify()
         for gen in ended:
             gen.cancelled = True
             gen.out.put(None)  # a reader waiting on its next id wakes up
@@ -251,7 +276,7 @@ class Batcher:
                     if not self._admit_or_end():
                         return
                     self._decode()
-                except BaseException as e:  # noqa: BLE001 - every reader of the batch gets it, re-raised
+                except Exception as e:  # noqa: BLE001 - every reader of the batch gets it, re-raised
                     for row, gen in enumerate(self.rows):
                         if gen is not None:
                             gen.out.put(e)
@@ -301,7 +326,7 @@ class Batcher:
                 return
             self.filling = None
             self._placed(self.rows.index(None), gen, fill.kv, len(ids), logits, fill.started)
-        except BaseException as e:  # noqa: BLE001 - its reader gets it, re-raised
+        except Exception as e:  # noqa: BLE001 - its reader gets it, re-raised
             gen.out.put(e)
             self.filling = None
             self.rows = [None if g is gen else g for g in self.rows]

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import socket
 import threading
 import time
@@ -495,7 +496,9 @@ however long they take)."""
 
 def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
           concurrency: int = 8, context: int | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
-    """Serve `run` with uvicorn until interrupted. With compile, the decode step for the shortest cache length
+    """Serve `run` with uvicorn until interrupted. A batching server runs the batch in this (the main) thread and
+    uvicorn in another (batching.Batcher.drive says why); Ctrl-C (or SIGTERM) gives the responses under way GRACE_S
+    seconds, a second one ends them at once. With compile, the decode step for the shortest cache length
     (generate.cache_len) is compiled here, before the first client waits on it; longer ones compile on first use."""
     import uvicorn
 
@@ -503,12 +506,38 @@ def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int =
     server: Server = app.state.server
     if server.defaults.compile:
         log.info("compiling the decode step before serving")
-        server.complete([""], dataclasses.replace(server.defaults, max_new_tokens=2, num_samples=1, stop=[]))
+        prompts, _ = server.check(CompletionRequest(prompt=""))
+        server.complete(prompts, dataclasses.replace(server.defaults, max_new_tokens=2, num_samples=1, stop=[]))
     base = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0', '::') else host}:{port}/v1"
     log.info("serving %s as model %r: POST %s/completions (openai.OpenAI(base_url=%r, api_key='unused'))",
              run.path, server.name, base, base)
+    http = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                         timeout_graceful_shutdown=GRACE_S))
+    if server.batcher is None:
+        http.run()
+        return
+    batcher = server.batcher
+
+    def serve_http() -> None:  # off the main thread, uvicorn leaves the signals to us
+        try:
+            http.run()
+        finally:
+            batcher.close()  # however uvicorn ends (a forced exit skips the lifespan's end), drive() returns
+
+    def stop(_signum: int, _frame: object) -> None:  # only flags: it may run in the middle of a batch step
+        if http.should_exit:
+            http.force_exit = True
+        else:
+            log.info("shutting down: the responses under way get %d s (Ctrl-C again to end them now)", GRACE_S)
+            http.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    web = threading.Thread(target=serve_http, name="tlm-http")
+    web.start()
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACE_S)
-    finally:  # a forced shutdown skips the lifespan's end: the batch's thread must not be inside a forward at exit
-        if server.batcher is not None:
-            server.batcher.close()
+        batcher.drive()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        batcher.close()
+        web.join()

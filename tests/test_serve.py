@@ -25,7 +25,7 @@ from transformer_lm.api import Run, load_run
 from transformer_lm.checkpoint import save_checkpoint
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, SampleConfig, dump_json
-from transformer_lm.errors import ConfigError
+from transformer_lm.errors import ConfigError, TLMError
 from transformer_lm.generate import generate
 from transformer_lm.tokenizers import BPETokenizer, ByteTokenizer, save_tokenizer
 
@@ -449,6 +449,16 @@ def test_a_batch_cache_too_large_for_memory_names_the_options(run: Run, monkeypa
     with pytest.raises(ConfigError, match=r"the batch's KV cache \(8 rows × 64 positions\) needs .*--concurrency.*"
                                           r"--context"):
         create_app(run, concurrency=8)
+
+
+def test_serve_that_cannot_listen_fails_instead_of_exiting_quietly(run: Run) -> None:
+    """An address taken between check_address and uvicorn's bind: uvicorn gives up in its thread, and serve() must
+    say so (it returned as after a clean shutdown, exit 0)."""
+    from transformer_lm.serve import serve
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(TLMError, match="did not start on 127.0.0.1"):
+            serve(run, SampleConfig(), port=taken.getsockname()[1], concurrency=1)
 
 
 @pytest.mark.parametrize("missing", ["uvicorn", "transformer_lm.serve"])  # the latter: as without fastapi

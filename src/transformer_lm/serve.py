@@ -521,6 +521,8 @@ def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int =
     def serve_http() -> None:  # off the main thread, uvicorn leaves the signals to us
         try:
             http.run()
+        except SystemExit:  # uvicorn's way out of a failed start, after logging why: serve() raises below
+            pass
         finally:
             batcher.close()  # however uvicorn ends (a forced exit skips the lifespan's end), drive() returns
 
@@ -541,3 +543,5 @@ def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int =
             signal.signal(sig, handler)
         batcher.close()
         web.join()
+    if not http.started:  # uvicorn said why (an address taken since check_address, say) and gave up
+        raise TLMError(f"the server did not start on {host}:{port}: see uvicorn's error above")

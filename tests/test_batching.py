@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -99,8 +100,12 @@ def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_others_run(monkeypatc
 def test_a_closed_generation_gives_its_row_to_the_next() -> None:
     model = random_model(tiny_config(), seed=3, std=0.5)
     batcher = Batcher(model, rows=1)
-    endless = batcher.submit([1, 2, 3], 10**9, temperature=1.0)
+    stats = DecodeStats()
+    endless = batcher.submit([1, 2, 3], 10**9, temperature=1.0, stats=stats)
     next(endless)
+    while endless._gen.produced < 10:  # the batch runs ahead of its reader
+        time.sleep(0.001)
+    assert stats.new_tokens == 1  # what was read counts, as generate() counts what it yields (a stop string's cut)
     waiting = batcher.submit(PROMPTS[1], 6, temperature=0)
     assert batcher.load() == {"rows": 1, "running": 1, "waiting": 1}
     endless.close()

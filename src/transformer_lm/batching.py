@@ -140,6 +140,7 @@ class Tokens(Iterator[int]):
         if isinstance(item, BaseException):
             self._gen.cancelled = True
             raise item
+        self._gen.stats.new_tokens += 1  # the ids read, as generate() counts the ids it yields: the batch may run ahead
         return item
 
     def close(self) -> None:
@@ -359,7 +360,7 @@ class Batcher:
         self.cache.place(row, kv, length, self.dirty[row])
         self.pos[row] = self.dirty[row] = length
         if not gen.produced:  # the first prefill (a window shift's is counted in the decode time, as generate does)
-            gen.stats.prompt_tokens, gen.stats.prefill_s, gen.stats.new_tokens = length, now(self.device) - started, 0
+            gen.stats.prompt_tokens, gen.stats.prefill_s = length, now(self.device) - started
             gen.started = time.perf_counter()
         self._draw(row, gen, logits)
 
@@ -393,7 +394,7 @@ class Batcher:
         tok = int(sample_next(logits, gen.temperature, gen.top_k, gen.top_p, gen.generator, gen.vocab_size))
         gen.ids.append(tok)
         gen.produced += 1
-        gen.stats.new_tokens, gen.stats.context = gen.produced, self.pos[row]
+        gen.stats.context = self.pos[row]
         gen.stats.decode_s = time.perf_counter() - gen.started
         gen.out.put(tok)
         if gen.produced == gen.max_new_tokens or tok in gen.stop_ids:

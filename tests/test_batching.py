@@ -1,8 +1,9 @@
 """Continuous batching (batching.py): every generation in the batch yields exactly what generate() yields for it
 alone (itself tested against a full recomputation and transformers' models), whenever it joins, for every position
-encoding, a sliding window, grouped-query heads and window shifts; seeded sampling draws generate()'s ids; a
-generation closed early gives its row to the next in line; a failing step reaches its readers and the batcher goes on.
-CPU, float32, no timing."""
+encoding, a sliding window, grouped-query heads and window shifts; seeded sampling draws generate()'s ids; a long
+prompt is prefilled in chunks between the others' steps; a generation closed early gives its row to the next in line;
+close() and drive() end and run the batch; a failing step reaches its readers and the batcher goes on. CPU, float32,
+no timing."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ import torch
 
 from transformer_lm.api import load_run
 from transformer_lm.batching import Batcher
+from transformer_lm.decode import DecodeStats
 
 
 def main() -> None:
@@ -39,14 +40,15 @@ def main() -> None:
             next(running)
         gaps, last = [], time.perf_counter()
         t0 = time.perf_counter()
-        newcomer = batcher.submit(long.tolist(), 2, temperature=0)
+        arrived = DecodeStats()  # its prompt_tokens are set once its prefill is done
+        batcher.submit(long.tolist(), 2, temperature=0, stats=arrived)
         first = None
         while first is None or len(gaps) < 5:
             next(running)
             now = time.perf_counter()
             gaps.append(now - last)
             last = now
-            if first is None and not newcomer._gen.out.empty():
+            if first is None and arrived.prompt_tokens:
                 first = now - t0
         batcher.close()
         gaps.sort()

@@ -157,12 +157,14 @@ class _Turns:
 
 @dataclasses.dataclass
 class _Prompt:
-    """A request's prompt: its text, the ids a sample continues (generate.sample_prompt's, or the ids given), and
-    how many of the last of those are the prompt's own (not a BOS put before them)."""
+    """A request's prompt: its text, the ids a sample continues (generate.sample_prompt's, or the ids given), how
+    many of the last of those are the prompt's own (not a BOS or the end-of-text an empty prompt starts from), and
+    how many of the first stay first through window shifts (sample_prompt's `keep`)."""
 
     text: str
     ids: list[int]
     own: int
+    keep: int = 0
 
 
 @dataclasses.dataclass
@@ -211,11 +213,10 @@ class Server:
         queued: list[tuple[int, _Prompt, Tokens, DecodeStats]] = []
         try:
             for p, prompt in enumerate(prompts):
-                keep = len(prompt.ids) - prompt.own  # a BOS put first stays first through window shifts
                 for seed in seeds:
                     stats, gen = DecodeStats(), seeded_generator(seed, self.run.model)
                     tokens = self.batcher.submit(prompt.ids, cfg.max_new_tokens, cfg.draw_temperature, cfg.top_k,
-                                                 cfg.top_p, gen, stats, self.run.tokenizer.vocab_size, keep,
+                                                 cfg.top_p, gen, stats, self.run.tokenizer.vocab_size, prompt.keep,
                                                  self.run.tokenizer.stop_ids)
                     queued.append((p, prompt, tokens, stats))
             for index, (p, prompt, tokens, stats) in enumerate(queued):
@@ -261,8 +262,8 @@ class Server:
             cfg = body.sample_config(self.defaults)
             for given in body.prompts():
                 if isinstance(given, str):
-                    own = len(tokenizer.encode(given)) if given else 0  # text it cannot encode: the client's error
-                    prompts.append(_Prompt(given, sample_prompt(tokenizer, given)[0], own))
+                    ids, keep = sample_prompt(tokenizer, given)  # text it cannot encode: the client's error
+                    prompts.append(_Prompt(given, ids, len(ids) - keep if given else 0, keep))
                     continue
                 if self.batcher is None:
                     raise _BadRequest("token-id prompts are served by a batching server (not with --draft or a "

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from .chat import encode_rendered, read_chat_template, render_chat
 from .checkpoint import checkpoint_step, is_sharded, latest_checkpoint, load_weights, write_weights
 from .config import ModelConfig, SampleConfig
 from .data import encode_sources, is_prepared, load_prepared, resolve_sources
 from .decode import DecodeStats
-from .errors import CheckpointError, ConfigError, DataError
+from .errors import ChatError, CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
 from .generate import compiles, stream_text
 from .model import Transformer, build_model
@@ -46,6 +47,9 @@ class Run:
     """A smaller model with the same tokenizer for speculative decoding (set with `use_draft`)."""
     draft_k: int = 4
     """Draft proposals per target forward."""
+    chat_template: str | None = None
+    """The Jinja chat template of a chat model (the run folder's chat_template.jinja, kept by `tlm convert`; chat.py),
+    None for a base model: a new one may be set here (chat.check_template checks it)."""
 
     def quantize(self, bits: int, group_size: int = 128, dynamic: bool = False) -> Run:
         """Swap the model's linear layers for int8 (the LM head too) or group-wise int4 (not the head) weight-only
@@ -89,17 +93,40 @@ class Run:
             compile = False
         return cfg if compile == cfg.compile else dataclasses.replace(cfg, compile=compile)
 
-    def stream_samples(self, prompt: str, cfg: SampleConfig,
-                       stats: DecodeStats | None = None) -> Iterator[Iterator[str]]:
+    def stream_samples(self, prompt: str, cfg: SampleConfig, stats: DecodeStats | None = None,
+                       prompt_ids: list[int] | None = None) -> Iterator[Iterator[str]]:
         """cfg.num_samples streams of text pieces, drawn one after another from one seeded generator. `stats` is
-        refilled with each sample's timings (prefill and decode tokens/s) as it is generated."""
+        refilled with each sample's timings (prefill and decode tokens/s) as it is generated. `prompt_ids` are the
+        prompt's own ids where they are not its plain encoding (generate.stream_text)."""
         if not isinstance(prompt, str):
             raise ConfigError(f"the prompt must be text (a str), got {type(prompt).__name__}; for token ids use "
                               "transformer_lm.generate.generate(run.model, ids, ...)")
         cfg = self.sample_config(cfg)  # warned once, not per sample
         gen = seeded_generator(cfg.seed, self.model)
         for _ in range(cfg.num_samples):
-            yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats)
+            yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats,
+                              prompt_ids)
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
+        """The text and ids of `messages` in the run's chat template, ending in the header of the assistant's turn
+        (chat.render_chat). ChatError for a run without a template, naming the fix."""
+        if self.chat_template is None:
+            raise ChatError(f"{self.path} has no chat template (a base model, trained to continue text): sample it "
+                            "with a text prompt, or give it one (tlm serve --chat_template FILE, "
+                            "Run.chat_template = ...)")
+        text = render_chat(self.chat_template, messages, self.tokenizer)
+        return text, encode_rendered(self.tokenizer, text)
+
+    def stream_chat(self, messages: list[dict[str, Any]], **sample: Any) -> Iterator[str]:
+        """Yield text pieces of the assistant's reply to `messages` (dicts of role and content) as they are
+        generated; it ends at the model's end-of-turn token (one of its stop ids). Keyword arguments are
+        SampleConfig fields."""
+        text, ids = self.chat_prompt(messages)
+        return next(self.stream_samples(text, SampleConfig(**{**sample, "num_samples": 1}), prompt_ids=ids))
+
+    def chat(self, messages: list[dict[str, Any]], **sample: Any) -> str:
+        """The assistant's reply to `messages` (see stream_chat)."""
+        return "".join(self.stream_chat(messages, **sample))
 
     def stream(self, prompt: str = "", **sample: Any) -> Iterator[str]:
         """Yield text pieces of one sample as they are generated; keyword arguments are SampleConfig fields."""
@@ -161,7 +188,7 @@ def load_run(path: str | Path, device: str = "auto") -> Run:
         model = build_model(model_config)
     load_weights(model, folder)
     model = model.to(resolve_device(device)).eval()
-    return Run(path, config, model, tokenizer, checkpoint_step(folder))
+    return Run(path, config, model, tokenizer, checkpoint_step(folder), chat_template=read_chat_template(path))
 
 
 def consolidate(path: str | Path) -> Path:

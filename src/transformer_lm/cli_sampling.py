@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jsonargparse import ArgumentParser, Namespace
@@ -10,7 +11,7 @@ from jsonargparse import ArgumentParser, Namespace
 from .batching import DEFAULT_CONTEXT, DEFAULT_PREFILL_CHUNK
 from .cli_args import config_from
 from .config import SampleConfig
-from .errors import ConfigError
+from .errors import ChatError, ConfigError
 
 if TYPE_CHECKING:
     from .api import Run
@@ -50,6 +51,18 @@ def load_for_sampling(a: Namespace, decode_layout: bool = True) -> Run:
     return run
 
 
+def read_template_file(path: str) -> str:
+    """A chat template file's text, checked to compile (ChatError naming the line, ConfigError for no such file)."""
+    from .chat import check_template
+
+    try:
+        return check_template(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the chat template {path} ({e}); give a Jinja template file") from None
+    except ChatError as e:
+        raise ChatError(f"{path}: {e}") from None
+
+
 def add_serve_parser(cmds: dict[str, ArgumentParser]) -> None:
     p = cmds["serve"] = sampling_parser("Serve a run over HTTP with OpenAI's completions API (POST "
                                         "/v1/completions); the sampling options are the defaults of requests.")
@@ -64,6 +77,9 @@ def add_serve_parser(cmds: dict[str, ArgumentParser]) -> None:
                    f"holds (default: the model's context window, at most {DEFAULT_CONTEXT}); a longer sample shifts "
                    "its window there, keeping the last half. Memory: concurrency × context positions of keys and "
                    "values.")
+    p.add_argument("--chat_template", type=str | None, default=None, help="A Jinja chat template file (the format "
+                   "of transformers' chat_template.jinja) for POST /v1/chat/completions, in place of the run's own "
+                   "(which `tlm convert` keeps from a chat model's folder).")
     p.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="Prompt tokens prefilled "
                    "per decode step while other samples generate: smaller keeps their tokens coming more evenly, "
                    "larger prefills faster.")
@@ -83,8 +99,11 @@ def cmd_serve(a: Namespace) -> None:
         raise ConfigError(f"--context must be at least 2 positions, got {a.context}")
     if a.prefill_chunk < 1:
         raise ConfigError(f"--prefill_chunk must be at least 1, got {a.prefill_chunk}")
+    template = read_template_file(a.chat_template) if a.chat_template else None
     check_address(a.host, a.port)
     run = load_for_sampling(a, decode_layout=False)
+    if template is not None:
+        run.chat_template = template
     if not batches(run):  # the decode layout speeds one row up and slows a few down (layout.py)
         run.use_decode_layout()
     serve(run, config_from(SampleConfig, a), a.host, a.port, a.name, a.concurrency, a.context, a.prefill_chunk)

@@ -43,3 +43,8 @@ class DistributedError(TLMError):
     """A multi-process run lost a rank: a collective failed because another process died, or timed out waiting for
     one that hangs. The process should end soon after (the CLI exits at once): freeing a gloo process group with a
     collective still queued to the lost peer can deadlock."""
+
+
+class ChatError(TLMError, ValueError):
+    """A chat template that does not compile, a run with none, or a conversation the template refuses (its own
+    message says why: roles that do not alternate, say)."""

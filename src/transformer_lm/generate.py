@@ -233,11 +233,17 @@ def sample_prompt(tokenizer: Tokenizer, prompt: str) -> tuple[list[int], int]:
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
                 generator: torch.Generator | None = None, draft: Transformer | None = None,
-                draft_k: int = 4, stats: DecodeStats | None = None) -> Iterator[str]:
+                draft_k: int = 4, stats: DecodeStats | None = None,
+                prompt_ids: list[int] | None = None) -> Iterator[str]:
     """Yield text pieces of one sample continuing `prompt` (text_pieces: up to cfg.stop or a stop id). With a
     `draft` model (same tokenizer), tokens come from speculative decoding with `draft_k` proposals per step: same
-    distribution. `stats` receives generate()'s timings (with a draft only the token counts) and the finish_reason."""
-    prompt_ids, keep = sample_prompt(tokenizer, prompt)
+    distribution. `stats` receives generate()'s timings (with a draft only the token counts) and the finish_reason.
+    `prompt_ids`, when given, are the prompt's ids as they are (a rendered chat's, or a client's), instead of
+    sample_prompt's encoding of `prompt` (its decoding); a leading BOS among them stays first through window shifts."""
+    if prompt_ids is None:
+        prompt_ids, keep = sample_prompt(tokenizer, prompt)
+    else:
+        prompt_ids, keep = list(prompt_ids), int(tokenizer.bos_id is not None and prompt_ids[:1] == [tokenizer.bos_id])
     temperature = cfg.draw_temperature
     stats = stats if stats is not None else DecodeStats()
     if draft is None:

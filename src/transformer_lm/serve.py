@@ -5,6 +5,10 @@ client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cp
                            top_p, top_k, stop, n, seed, stream (server-sent events ending in `data: [DONE]`),
                            stream_options.include_usage, echo, logprobs (not streamed; with echo and max_tokens 0
                            or 1, a text's score)
+    POST /v1/chat/completions
+                           a chat model's reply to `messages`, rendered in its chat template (chat.py; the run
+                           folder's, from `tlm convert`, or `--chat_template`): the same sampling fields,
+                           max_completion_tokens, logprobs + top_logprobs (not streamed), stream (`delta` events)
     GET  /v1/models        the one model served
     GET  /health           liveness, with the run, its checkpoint step and the batch's load
 
@@ -13,7 +17,7 @@ them, from any requests (a request's n samples too), share every decode step, ea
 wait in arrival order for a row. A model that cannot be batched so (a recurrent one; speculative decoding with a
 draft) runs up to `concurrency` requests that take turns on it one token at a time, each with its own KV cache
 (decode.lent_cache): a long generation delays a short one by a step per token instead of by its whole length.
-Base language models have no chat template, so there is no /v1/chat/completions.
+A base language model has no chat template: its /v1/chat/completions answers 400, saying so.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import anyio
 from fastapi import FastAPI
@@ -41,7 +45,7 @@ from .api import Run, seeded_generator
 from .batching import DEFAULT_PREFILL_CHUNK, Batcher, Tokens
 from .config import SampleConfig
 from .decode import DecodeStats
-from .errors import ConfigError, TLMError
+from .errors import ChatError, ConfigError, TLMError
 from .evaluate import token_logprobs
 from .generate import STREAM_CONTEXT, check_prompt, sample_prompt, text_pieces
 from .model import Transformer
@@ -56,20 +60,16 @@ class StreamOptions(BaseModel):
     """Send one more event before [DONE] with the token counts (its `choices` empty), as OpenAI does."""
 
 
-UNSUPPORTED = {"suffix": None, "best_of": 1, "presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None}
-"""OpenAI's completion fields this server has no implementation of, with the values that ask for nothing: a request
-that sets another value is refused by name rather than answered as if it had not asked."""
-
-
-class CompletionRequest(BaseModel):
-    """The body of POST /v1/completions: OpenAI's fields and `top_k`. Sampling fields left out take the server's
-    defaults (`tlm serve --temperature ... --num_samples` for n); unknown fields are refused, so a misspelt one
-    cannot go unnoticed."""
+class _SamplingRequest(BaseModel):
+    """The fields POST /v1/completions and /v1/chat/completions share: OpenAI's sampling fields and `top_k`.
+    Sampling fields left out take the server's defaults (`tlm serve --temperature ... --num_samples` for n); unknown
+    fields are refused, so a misspelt one cannot go unnoticed."""
 
     model_config = ConfigDict(extra="forbid")
+    unsupported: ClassVar[dict[str, Any]] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None}
+    """OpenAI's fields this server has no implementation of, with the values that ask for nothing: a request that
+    sets another value is refused by name rather than answered as if it had not asked."""
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]] = ""
-    """Text, or token ids of this run's tokenizer (as evaluation harnesses send them), one prompt or a list."""
     max_tokens: int | None = Field(None, ge=0)
     temperature: float | None = None
     top_p: float | None = None
@@ -80,25 +80,25 @@ class CompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    echo: bool = False
-    """Put the prompt before each completion's text."""
-    logprobs: int | None = Field(None, ge=0, le=20)
-    """Each token's log-probability and the `logprobs` likeliest tokens at its place, for the completion (and the
-    prompt with echo): with echo and max_tokens 0 or 1, how evaluation harnesses score a text."""
-    suffix: str | None = None
-    best_of: int | None = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
 
+    def scored(self) -> int | None:
+        """How many of the likeliest tokens each token's logprobs lists, or None when logprobs are not asked."""
+        return None
+
+    def new_tokens(self) -> int | None:
+        return self.max_tokens
+
     def sample_config(self, defaults: SampleConfig) -> SampleConfig:
         """The server's sampling defaults with this request's fields over them (checked by SampleConfig)."""
-        for field, neutral in UNSUPPORTED.items():
+        for field, neutral in self.unsupported.items():
             if getattr(self, field) not in (neutral, None):
                 raise _BadRequest(f"{field} is not supported by this server; leave it out", field)
-        if self.logprobs is not None and self.stream:
+        if self.scored() is not None and self.stream:
             raise _BadRequest("logprobs come with the whole response here: leave stream out", "stream")
-        given = {"max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+        given = {"max_new_tokens": self.new_tokens(), "temperature": self.temperature, "top_p": self.top_p,
                  "top_k": self.top_k, "seed": self.seed, "num_samples": self.n}
         changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if self.temperature is not None:
@@ -107,12 +107,79 @@ class CompletionRequest(BaseModel):
             changes["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return dataclasses.replace(defaults, **changes)
 
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingRequest):
+    """The body of POST /v1/completions."""
+
+    unsupported: ClassVar[dict[str, Any]] = {**_SamplingRequest.unsupported, "suffix": None, "best_of": 1}
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    """Text, or token ids of this run's tokenizer (as evaluation harnesses send them), one prompt or a list."""
+    echo: bool = False
+    """Put the prompt before each completion's text."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Each token's log-probability and the `logprobs` likeliest tokens at its place, for the completion (and the
+    prompt with echo): with echo and max_tokens 0 or 1, how evaluation harnesses score a text."""
+    suffix: str | None = None
+    best_of: int | None = 1
+
+    def scored(self) -> int | None:
+        return self.logprobs
+
     def prompts(self) -> list[str | list[int]]:
         one = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
         prompts = [self.prompt] if one else self.prompt
         if not prompts or any(p == [] for p in prompts):
             raise _BadRequest("prompt is an empty list; give a string or token ids, or a list of them", "prompt")
         return prompts
+
+
+class TextPart(BaseModel):
+    """A part of a message's content, as OpenAI's clients may send it: text only (a language model has no eyes)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        """The message as a chat template reads it: its content one string (text parts joined by newlines, as
+        vLLM joins them)."""
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": self.role, "content": content, **({"name": self.name} if self.name is not None else {})}
+
+
+class ChatRequest(_SamplingRequest):
+    """The body of POST /v1/chat/completions: the conversation, rendered in the run's chat template (chat.py)."""
+
+    unsupported: ClassVar[dict[str, Any]] = {**_SamplingRequest.unsupported, "tools": None, "tool_choice": None,
+                                             "functions": None, "function_call": None, "response_format": None}
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    """OpenAI's newer name of max_tokens (which it still takes): this one wins where both are given."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: Any = None
+
+    def new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def scored(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise _BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class _BadRequest(Exception):
@@ -207,7 +274,8 @@ class Server:
                 stats = DecodeStats()
                 for s, seed in enumerate(seeds):
                     streams = self.run.stream_samples(prompt.text, dataclasses.replace(cfg, seed=seed,
-                                                                                       num_samples=1), stats)
+                                                                                       num_samples=1), stats,
+                                                      prompt.ids)
                     yield _Sample(p * cfg.num_samples + s, p, self._in_turn(streams), stats)
             return
         queued: list[tuple[int, _Prompt, Tokens, DecodeStats]] = []
@@ -251,11 +319,28 @@ class Server:
             # collector closed an abandoned generation during another's forward, in the thread holding the turn.
             pieces.close()
 
-    def check(self, body: CompletionRequest) -> tuple[list[_Prompt], SampleConfig]:
-        """The request's prompts and sampling settings, or _BadRequest before anything is generated."""
+    def _check_model(self, body: _SamplingRequest) -> None:
         if body.model is not None and body.model != self.name:
             raise _BadRequest(f"the model {body.model!r} is not served here; this server serves {self.name!r}",
                               "model", 404)
+
+    def check_chat(self, body: ChatRequest) -> tuple[list[_Prompt], SampleConfig]:
+        """The chat's prompt (its messages in the run's chat template) and sampling settings, or _BadRequest before
+        anything is generated."""
+        self._check_model(body)
+        try:
+            cfg = body.sample_config(self.defaults)
+            text, ids = self.run.chat_prompt([m.as_dict() for m in body.messages])
+        except ChatError as e:
+            raise _BadRequest(" ".join(str(e).split()), "messages") from None
+        except TLMError as e:  # sampling settings SampleConfig refuses
+            raise _BadRequest(" ".join(str(e).split())) from None
+        bos = self.run.tokenizer.bos_id
+        return [_Prompt(text, ids, len(ids), int(bos is not None and ids[:1] == [bos]))], cfg
+
+    def check(self, body: CompletionRequest) -> tuple[list[_Prompt], SampleConfig]:
+        """The request's prompts and sampling settings, or _BadRequest before anything is generated."""
+        self._check_model(body)
         tokenizer = self.run.tokenizer
         prompts = []
         try:
@@ -265,9 +350,6 @@ class Server:
                     ids, keep = sample_prompt(tokenizer, given)  # text it cannot encode: the client's error
                     prompts.append(_Prompt(given, ids, len(ids) - keep if given else 0, keep))
                     continue
-                if self.batcher is None:
-                    raise _BadRequest("token-id prompts are served by a batching server (not with --draft or a "
-                                      "recurrent model); send the text", "prompt")
                 check_prompt(given, min(tokenizer.vocab_size, self.run.model.config.vocab_size))
                 prompts.append(_Prompt(tokenizer.decode(given), list(given), len(given)))
         except (TLMError, ValueError) as e:
@@ -275,8 +357,9 @@ class Server:
         return prompts, cfg
 
     def complete(self, prompts: list[_Prompt], cfg: SampleConfig, echo: bool = False,
-                 logprobs: int | None = None) -> dict[str, Any]:
-        head = _head()
+                 logprobs: int | None = None, chat: bool = False) -> dict[str, Any]:
+        """The whole response: a completion's (or with `chat` a chat completion's) choices and usage."""
+        head = _head(chat)
         if logprobs is not None:
             self._check_scorable(prompts, cfg.max_new_tokens)
         choices, usage = [], _Usage()
@@ -287,9 +370,14 @@ class Server:
                 usage.add(sample)
                 prompt = prompts[sample.prompt]
                 scored = None if logprobs is None else self._logprobs(prompt, text, logprobs, echo, sample.drawn)
-                choices.append({"text": prompt.text + text if echo else text, "index": sample.index,
-                                "logprobs": scored,
-                                "finish_reason": sample.stats.finish_reason})
+                finish = sample.stats.finish_reason
+                if chat:
+                    choices.append({"index": sample.index, "message": {"role": "assistant", "content": text},
+                                    "logprobs": None if scored is None else _chat_logprobs(scored),
+                                    "finish_reason": finish})
+                else:
+                    choices.append({"text": prompt.text + text if echo else text, "index": sample.index,
+                                    "logprobs": scored, "finish_reason": finish})
         return {**head, "model": self.name, "choices": choices, "usage": usage.as_dict()}
 
     def _check_scorable(self, prompts: list[_Prompt], max_tokens: int) -> None:
@@ -323,26 +411,33 @@ class Server:
         return _openai_logprobs(tokenizer, ids + new, start, scored)
 
     def events(self, prompts: list[_Prompt], cfg: SampleConfig, include_usage: bool,
-               echo: bool = False) -> Generator[str, None, None]:
-        head = {**_head(), "model": self.name}
+               echo: bool = False, chat: bool = False) -> Generator[str, None, None]:
+        """The response as server-sent events: each sample's text pieces as they come (chat: as `delta`s of the
+        assistant's message, the first naming its role), then its finish_reason, then (include_usage) the usage."""
+        head = {**_head(chat, stream=True), "model": self.name}
         usage = _Usage()
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             return f"data: {json.dumps({**head, 'choices': choices, **extra})}\n\n"
 
+        def choice(index: int, text: str | None, finish: str | None = None) -> dict[str, Any]:
+            if not chat:
+                return {"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}
+            delta = {} if text is None else {"content": text}
+            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
         with self.slots, contextlib.closing(self.samples(prompts, cfg)) as samples:
             for sample in samples:
-                if echo and prompts[sample.prompt].text:
-                    yield event([{"text": prompts[sample.prompt].text, "index": sample.index, "logprobs": None,
-                                  "finish_reason": None}])
+                if chat:
+                    yield event([{**choice(sample.index, ""), "delta": {"role": "assistant", "content": ""}}])
+                elif echo and prompts[sample.prompt].text:
+                    yield event([choice(sample.index, prompts[sample.prompt].text)])
                 with contextlib.closing(sample.pieces) as pieces:  # a client gone: the generation ends now
                     for piece in pieces:
                         if piece:
-                            yield event([{"text": piece, "index": sample.index, "logprobs": None,
-                                          "finish_reason": None}])
+                            yield event([choice(sample.index, piece)])
                 usage.add(sample)
-                yield event([{"text": "", "index": sample.index, "logprobs": None,
-                              "finish_reason": sample.stats.finish_reason}])
+                yield event([choice(sample.index, None, sample.stats.finish_reason)])
         if include_usage:
             yield event([], usage=usage.as_dict())
         yield "data: [DONE]\n\n"
@@ -395,8 +490,21 @@ def _openai_logprobs(tokenizer: Tokenizer, ids: list[int], start: int,
     return out
 
 
-def _head() -> dict[str, Any]:
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+def _chat_logprobs(scored: dict[str, list[Any]]) -> dict[str, list[dict[str, Any]]]:
+    """A completion's logprobs (_openai_logprobs) in the chat completions' shape: one entry per token, with its
+    UTF-8 bytes, and its top_logprobs a list of such entries."""
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+    return {"content": [{**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in top.items()]}
+                        for token, logprob, top in zip(scored["tokens"], scored["token_logprobs"],
+                                                       scored["top_logprobs"])]}
+
+
+def _head(chat: bool = False, stream: bool = False) -> dict[str, Any]:
+    kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
+            "created": int(time.time())}
 
 
 class _EventStream(StreamingResponse):
@@ -470,9 +578,15 @@ def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None 
     def completions(body: CompletionRequest) -> dict[str, Any] | StreamingResponse:
         prompts, cfg = server.check(body)
         if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return _EventStream(server.events(prompts, cfg, usage, body.echo))
+            return _EventStream(server.events(prompts, cfg, body.include_usage(), body.echo))
         return server.complete(prompts, cfg, body.echo, body.logprobs)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    def chat_completions(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
+        prompts, cfg = server.check_chat(body)
+        if body.stream:
+            return _EventStream(server.events(prompts, cfg, body.include_usage(), chat=True))
+        return server.complete(prompts, cfg, logprobs=body.scored(), chat=True)
 
     return app
 
@@ -510,8 +624,9 @@ def serve(run: Run, defaults: SampleConfig, host: str = "127.0.0.1", port: int =
         prompts, _ = server.check(CompletionRequest(prompt=""))
         server.complete(prompts, dataclasses.replace(server.defaults, max_new_tokens=2, num_samples=1, stop=[]))
     base = f"http://{'localhost' if host in ('127.0.0.1', '0.0.0.0', '::') else host}:{port}/v1"
-    log.info("serving %s as model %r: POST %s/completions (openai.OpenAI(base_url=%r, api_key='unused'))",
-             run.path, server.name, base, base)
+    log.info("serving %s as model %r: POST %s/completions%s (openai.OpenAI(base_url=%r, api_key='unused'))",
+             run.path, server.name, base, " and /chat/completions" if run.chat_template is not None else
+             " (no chat template: no /chat/completions)", base)
     http = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
                                          timeout_graceful_shutdown=GRACE_S))
     if server.batcher is None:

@@ -18,6 +18,7 @@ Tokenizers and the folder's other small files: hf_files.py.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,15 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..chat import CHAT_TEMPLATE_FILE, check_template, hf_chat_template
 from ..checkpoint import check_out, is_run_folder, save_checkpoint, save_tensors, staged_dir
 from ..config import ModelConfig, dump_json
-from ..errors import CheckpointError, ConversionError, TLMError
+from ..errors import ChatError, CheckpointError, ConversionError, TLMError
 from ..model import Transformer
 from ..tokenizers import Tokenizer, save_tokenizer
 from .hf_files import load_hf_tokenizer, model_config, read_json, special_ids, write_tokenizer
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -424,6 +428,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
         raise ConversionError(f"{src} is a tlm run folder, not a Hugging Face one: sample or evaluate it as it is, or "
                               "`tlm export` it")
     tokenizer = load_hf_tokenizer(src)
+    template = _chat_template(src)
     model, family = load_hf(src, _dtype(dtype))
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
@@ -433,8 +438,21 @@ def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwr
     with staged_dir(out, overwrite) as tmp:
         (tmp / "config.json").write_text(dump_json({"model": model.config.to_dict(), "source": source}))
         save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        if template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
         save_checkpoint(tmp, model, {"source": source}, 0)
     return out
+
+
+def _chat_template(src: Path) -> str | None:
+    """The folder's chat template (chat.hf_chat_template), or None, with a warning, for one that does not compile:
+    the model imports, as a base model."""
+    template = hf_chat_template(src)
+    try:
+        return None if template is None else check_template(template)
+    except ChatError as e:
+        log.warning("%s; imported without it (a base model: tlm serve --chat_template FILE gives it one)", e)
+        return None
 
 
 def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype: str | None = None,
@@ -460,7 +478,7 @@ def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype
         special = special_ids(loaded.tokenizer)
         if any(v is not None for v in special.values()):
             (tmp / "generation_config.json").write_text(json.dumps(special, indent=2))
-        write_tokenizer(loaded.tokenizer, tmp, config.block_size, family)
+        write_tokenizer(loaded.tokenizer, tmp, config.block_size, family, loaded.chat_template)
     return out
 
 

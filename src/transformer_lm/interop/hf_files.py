@@ -127,8 +127,10 @@ def _byte_tokenizer_json() -> str:
     return hf.to_str()
 
 
-def write_tokenizer(tok: Tokenizer, folder: Path, block_size: int, family: str) -> bool:
-    """tokenizer.json + tokenizer_config.json for AutoTokenizer; False (and a warning) when the kind has no HF form."""
+def write_tokenizer(tok: Tokenizer, folder: Path, block_size: int, family: str,
+                    chat_template: str | None = None) -> bool:
+    """tokenizer.json + tokenizer_config.json (with the chat template, if any) for AutoTokenizer; False (and a
+    warning) when the kind has no HF form."""
     if family == "qwen2" and tok.kind in ("bpe", "gpt2"):
         log.warning("transformers' AutoTokenizer gives model_type qwen2 Qwen2's own pre-tokenizer, which this %s "
                     "tokenizer does not use: load the export with PreTrainedTokenizerFast.from_pretrained", tok.kind)
@@ -149,5 +151,7 @@ def write_tokenizer(tok: Tokenizer, folder: Path, block_size: int, family: str) 
     bos = tok.bos_id
     if bos is not None:
         cfg["bos_token"] = tok.hf.id_to_token(bos)
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return True

@@ -1,0 +1,138 @@
+"""Chat templates: how a chat model's conversation (a list of {"role", "content"} messages) becomes the text it
+continues, rendered as transformers' `apply_chat_template` renders it, so that an imported instruction-tuned model
+(Qwen2.5-Instruct, Llama-3-Instruct, TinyLlama-Chat) sees exactly the prompt format it was tuned on.
+
+A template is Jinja code shipped with the model (tokenizer_config.json's `chat_template`, or a chat_template.jinja
+file); `tlm convert` keeps it as the run folder's chat_template.jinja, `tlm export` writes it back. It runs in Jinja's
+immutable sandbox with the globals templates on the Hub use (`raise_exception`, `strftime_now`, a `tojson` that keeps
+non-ASCII text), with `trim_blocks` and `lstrip_blocks` set as transformers sets them. The rendered text already
+holds the model's special tokens (a BOS, the turn markers): it is encoded with them matched and no post-processor,
+so that a BOS is not added twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ChatError
+from .tokenizers import Tokenizer
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+"""The run folder's chat template (and the file transformers >= 4.50 saves beside tokenizer_config.json)."""
+
+
+def hf_chat_template(folder: str | Path) -> str | None:
+    """The chat template of a Hugging Face model folder, found where transformers looks: chat_template.jinja, then
+    chat_template.json's "chat_template", then tokenizer_config.json's (a string, or a list of named templates, of
+    which the one named "default" is what apply_chat_template uses unasked). None when the folder has none."""
+    folder = Path(folder)
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            continue
+        try:
+            template = json.loads((folder / name).read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError) as e:
+            raise ChatError(f"{folder / name} is not a JSON object ({e}); fix or remove it") from None
+        if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def read_chat_template(run: str | Path) -> str | None:
+    """A run folder's chat template, or None when it has none (a base model: `tlm train`'s runs)."""
+    path = Path(run) / CHAT_TEMPLATE_FILE
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(source: str) -> Any:
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}`, which training templates put around the assistant's turns
+        (transformers reads it for its assistant-token masks): here the body as it is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.Scope(body).set_lineno(lineno)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:  # Jinja's own escapes HTML characters, which a prompt must not
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatError(f"the chat template does not parse (line {e.lineno}: {e.message}); fix it") from None
+
+
+def check_template(source: str) -> str:
+    """`source` when it is a chat template Jinja can compile, else ChatError naming the line."""
+    _compiled(source)
+    return source
+
+
+def _token(tokenizer: Tokenizer, i: int | None) -> str:
+    if i is None:
+        return ""
+    hf = getattr(tokenizer, "hf", None)
+    return hf.id_to_token(i) if hf is not None else tokenizer.decode([i])
+
+
+def _messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
+    """The conversation as plain dicts of the fields given (None-valued fields dropped, as transformers drops
+    them: templates test whether a field is there); a message's content a string."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ChatError("a chat is a non-empty list of messages, each {'role': ..., 'content': ...}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ChatError(f"message {i} is not {{'role': str, 'content': str}}: {m!r}")
+        out.append({k: v for k, v in m.items() if v is not None})
+    return out
+
+
+def render_chat(source: str, messages: Sequence[dict[str, Any]], tokenizer: Tokenizer,
+                add_generation_prompt: bool = True) -> str:
+    """The text of `messages` in the chat template `source`, ending (with add_generation_prompt) in the header of the
+    assistant's turn the model is to write. The template sees `bos_token` and `eos_token` (the tokenizer's). A
+    conversation the template refuses (raise_exception: roles that do not alternate, say) raises ChatError with the
+    template's message."""
+    import jinja2
+
+    template = _compiled(source)
+    try:
+        return template.render(messages=_messages(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=_token(tokenizer, tokenizer.bos_id),
+                               eos_token=_token(tokenizer, tokenizer.eot_id), tools=None, documents=None)
+    except jinja2.TemplateError as e:
+        raise ChatError(f"the chat template refused the conversation: {e}") from None
+
+
+def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
+    """The ids of a rendered chat: its special tokens matched, no post-processor (the template wrote the BOS), as
+    apply_chat_template(tokenize=True) encodes it."""
+    hf = getattr(tokenizer, "hf", None)
+    return hf.encode(text, add_special_tokens=False).ids if hf is not None else tokenizer.encode(text)

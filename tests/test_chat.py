@@ -336,3 +336,32 @@ def test_openais_client_chats(client, chat_run):
     pieces = [c.choices[0].delta.content or "" for c in api.chat.completions.create(
         model="chat", messages=CHATS[1], max_tokens=8, temperature=0, stream=True)]
     assert "".join(pieces) == reply
+
+
+def test_tlm_chat_keeps_the_conversation(chat_run, monkeypatch, capsys, tmp_path):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("def alpha(beta):\n\nx = [1, 2]\n"))
+    assert main(["chat", str(chat_run.path), "--system", "Be brief.", "--greedy", "true",
+                 "--max_new_tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def alpha(beta):"}]
+    first = chat_run.chat(chat, greedy=True, max_new_tokens=6)
+    chat += [{"role": "assistant", "content": first}, {"role": "user", "content": "x = [1, 2]"}]
+    assert out == f"{first}\n{chat_run.chat(chat, greedy=True, max_new_tokens=6)}\n"  # the blank line is no turn
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in chat_run.path.iterdir():
+        if f.name != CHAT_TEMPLATE_FILE:
+            (base / f.name).symlink_to(f)
+    assert main(["chat", str(base)]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    template = tmp_path / "t.jinja"
+    template.write_text(LLAMA3)
+    monkeypatch.setattr("sys.stdin", io.StringIO("alpha\n"))
+    assert main(["chat", str(base), "--chat_template", str(template), "--greedy", "true",
+                 "--max_new_tokens", "4"]) == 0
+    run = load_run(base, "cpu")
+    run.chat_template = LLAMA3
+    assert capsys.readouterr().out == run.chat([{"role": "user", "content": "alpha"}], greedy=True,
+                                               max_new_tokens=4) + "\n"

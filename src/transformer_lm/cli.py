@@ -28,7 +28,15 @@ from .cli_experiments import (
     cmd_plan,
     cmd_report,
 )
-from .cli_sampling import QUANTIZE_HELP, add_serve_parser, cmd_serve, load_for_sampling, sampling_parser
+from .cli_sampling import (
+    QUANTIZE_HELP,
+    add_chat_parser,
+    add_serve_parser,
+    cmd_chat,
+    cmd_serve,
+    load_for_sampling,
+    sampling_parser,
+)
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recipe, presets
 from .errors import ConfigError, DataError, TLMError
 
@@ -77,6 +85,7 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
                    "bandwidth utilization: bytes read per token × tokens/s ÷ measured copy bandwidth) to stderr. "
                    "N new tokens take N-1 decode forwards (the first is drawn from the prefill's logits).")
 
+    add_chat_parser(cmds)
     add_serve_parser(cmds)
 
     p = cmds["eval"] = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on text.")
@@ -477,7 +486,7 @@ def cmd_bench(a: Namespace) -> None:
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "info": cmd_info,
             "plan": cmd_plan, "attention": cmd_attention, "experiment": cmd_experiment, "report": cmd_report}
-COMMANDS.update(convert=cmd_convert, export=cmd_export, bench=cmd_bench, serve=cmd_serve)
+COMMANDS.update(convert=cmd_convert, export=cmd_export, bench=cmd_bench, serve=cmd_serve, chat=cmd_chat)
 COMMANDS.update(consolidate=cmd_consolidate, memory=cmd_memory)
 
 

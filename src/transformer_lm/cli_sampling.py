@@ -1,5 +1,5 @@
-"""The options of the `tlm` commands that sample from a run (`tlm sample`, `tlm serve`), how they load it, and
-`tlm serve` itself (serve.py behind uvicorn)."""
+"""The options of the `tlm` commands that sample from a run (`tlm sample`, `tlm chat`, `tlm serve`), how they load
+it, and `tlm chat` and `tlm serve` themselves (serve.py behind uvicorn)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,57 @@ def read_template_file(path: str) -> str:
         raise ChatError(f"{path}: {e}") from None
 
 
+CHAT_TEMPLATE_HELP = ("A Jinja chat template file (the format of transformers' chat_template.jinja), in place of the "
+                      "run's own (which `tlm convert` keeps from a chat model's folder).")
+
+
+def add_chat_parser(cmds: dict[str, ArgumentParser]) -> None:
+    p = cmds["chat"] = sampling_parser("Chat with a chat model (an imported instruction-tuned one, or any run given "
+                                       "--chat_template): each line read is your turn, the reply streams after it.")
+    p.add_argument("--system", type=str | None, default=None, help="A system message to start the conversation.")
+    p.add_argument("--chat_template", type=str | None, default=None, help=CHAT_TEMPLATE_HELP)
+
+
+def cmd_chat(a: Namespace) -> None:
+    """A conversation on the terminal (or over a pipe: each line of standard input one turn), kept whole: each
+    reply is generated from the whole conversation so far in the run's chat template, ending at its end-of-turn
+    token. Reply i is seeded with --seed + i, so a seeded conversation repeats."""
+    import dataclasses
+    import sys
+
+    template = read_template_file(a.chat_template) if a.chat_template else None
+    cfg = config_from(SampleConfig, a)
+    if cfg.num_samples != 1:
+        raise ConfigError("tlm chat writes one reply per turn; leave --num_samples out")
+    run = load_for_sampling(a)
+    if template is not None:
+        run.chat_template = template
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    run.chat_prompt([*messages, {"role": "user", "content": ""}])  # no template, or one refusing this: say so now
+    cfg = run.sample_config(cfg)
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"chatting with {run.path} (Ctrl-D to end)", file=sys.stderr)
+    for turn in range(sys.maxsize):
+        if tty:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        text, ids = run.chat_prompt(messages)
+        seed = None if cfg.seed is None else cfg.seed + turn
+        reply = []
+        for piece in next(run.stream_samples(text, dataclasses.replace(cfg, seed=seed), prompt_ids=ids)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
 def add_serve_parser(cmds: dict[str, ArgumentParser]) -> None:
     p = cmds["serve"] = sampling_parser("Serve a run over HTTP with OpenAI's completions API (POST "
                                         "/v1/completions); the sampling options are the defaults of requests.")
@@ -77,9 +128,8 @@ def add_serve_parser(cmds: dict[str, ArgumentParser]) -> None:
                    f"holds (default: the model's context window, at most {DEFAULT_CONTEXT}); a longer sample shifts "
                    "its window there, keeping the last half. Memory: concurrency × context positions of keys and "
                    "values.")
-    p.add_argument("--chat_template", type=str | None, default=None, help="A Jinja chat template file (the format "
-                   "of transformers' chat_template.jinja) for POST /v1/chat/completions, in place of the run's own "
-                   "(which `tlm convert` keeps from a chat model's folder).")
+    p.add_argument("--chat_template", type=str | None, default=None,
+                   help=f"For POST /v1/chat/completions: {CHAT_TEMPLATE_HELP[0].lower()}{CHAT_TEMPLATE_HELP[1:]}")
     p.add_argument("--prefill_chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="Prompt tokens prefilled "
                    "per decode step while other samples generate: smaller keeps their tokens coming more evenly, "
                    "larger prefills faster.")

@@ -361,7 +361,11 @@ def cmd_convert(a: Namespace) -> None:
         from .interop.hf import import_hf
 
         out = import_hf(a.src, a.out, a.dtype, a.overwrite)
-    print(f"{out}: imported {a.src}; try `tlm sample {out}`")
+    from .chat import read_chat_template
+
+    chat = read_chat_template(out) is not None
+    print(f"{out}: imported {a.src}" + (f" with its chat template; try `tlm chat {out}`" if chat else
+                                        f"; try `tlm sample {out}`"))
 
 
 def cmd_export(a: Namespace) -> None:

@@ -144,6 +144,9 @@ def parse(argv: list[str]) -> Namespace:
         defaults = _saved_settings(Path(ns.train.out))
         if named:
             defaults |= {f"model.{k}": v for k, v in preset(chosen).items()}
+    elif cmd == "train" and ns.train.train.init_from:  # a fine-tune: the run's model over the preset's, and
+        base = _saved_settings(Path(ns.train.train.init_from))  # --model.* over that (train checks what changed)
+        defaults |= {k: v for k, v in base.items() if k.startswith("model.")}
     if defaults or late:
         cmds[cmd].set_defaults(defaults)
         ns = parser.parse_args(argv)
@@ -207,12 +210,23 @@ def cmd_train(a: Namespace) -> int:
             check_resumable(a.out)  # before minutes of preparing data for a folder with nothing to resume
         if data_arg is None:  # continue on the data the run was started with
             data_arg, source = resumed_data(a.out)
-    data = training_data(data_arg, a.tokenizer, a.vocab_size, a.gpt2_dir)
+    tokenizer = a.tokenizer
+    if train_cfg.init_from:  # the run's own tokenizer, or on resume the fine-tune's copy of it
+        if a.tokenizer is not None and not a.resume:
+            raise ConfigError(f"--tokenizer {a.tokenizer}: a fine-tune tokenizes its data with the tokenizer of "
+                              f"train.init_from {train_cfg.init_from}; drop it")
+        from .api import read_run_config
+        from .tokenizers import load_tokenizer
+
+        if not a.resume:
+            read_run_config(train_cfg.init_from)  # not a run folder (a Hugging Face one: convert it first)
+        tokenizer = load_tokenizer(Path(a.out if a.resume else train_cfg.init_from) / "tokenizer.json")
+    data = training_data(data_arg, tokenizer, a.vocab_size, a.gpt2_dir)
     kind = data.tokenizer.kind
     extra = {"data": {"source": source, "tokenizer": kind, "prepared": str(data.path),
                       "vocab_size": a.vocab_size if kind == "bpe" else None,
                       "gpt2_dir": os.path.abspath(a.gpt2_dir) if kind == "gpt2" and a.gpt2_dir else None},
-             "preset": a.preset}
+             "preset": None if train_cfg.init_from else a.preset}
     res = train(model_cfg, train_cfg, data, a.out, resume=a.resume, overwrite=a.overwrite, extra_config=extra)
     if not res.is_main:  # under torchrun, rank 0 reports for all
         return 130 if res.interrupted else 0

@@ -319,6 +319,11 @@ class TrainConfig:
     """Write a metrics.jsonl line every this many steps (and at step 1 and the last step)."""
     seed: int = 1337
     """Seed for initialization, batch sampling and dropout."""
+    init_from: str | None = None
+    """Fine-tune: start from the weights of this run folder's latest checkpoint (a `tlm train` run, or a model `tlm
+    convert` imported) instead of a random initialization, with a fresh optimizer and schedule. The model config and
+    tokenizer are that run's (the data is tokenized with its tokenizer; on the command line its model fields become
+    the defaults, so only fields that change no weight, like dropout, may differ); a chat template comes along."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

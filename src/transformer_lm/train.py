@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .accounting import flops_per_token
+from .chat import CHAT_TEMPLATE_FILE, read_chat_template
 from .checkpoint import (
     atomic_write_text,
     begin_checkpoint,
@@ -70,7 +71,7 @@ from .parallel import (
 from .perf import mfu, peak_flops
 from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
-from .tokenizers import TOKENIZER_KINDS, build_tokenizer, load_tokenizer, save_tokenizer
+from .tokenizers import TOKENIZER_KINDS, Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -139,32 +140,39 @@ before \x1c-\x1f, where GPT-2's BPE split differently; 3: a file's later chunks 
 tokenizer's BOS or dummy-prefix space). A resumed run keeps the folder it recorded."""
 
 
-def training_data(data: str | Path | None, tokenizer: str | None = None, vocab_size: int | None = None,
+def training_data(data: str | Path | None, tokenizer: str | Tokenizer | None = None, vocab_size: int | None = None,
                   gpt2_dir: str | Path | None = None) -> PreparedData:
     """Data for `tlm train`: a folder made by `tlm prepare` is used as it is (a `tokenizer` other than the one it was
     prepared with is a ConfigError, not ignored); raw text (a file, folder or glob, or by default the Python standard
-    library's source) is prepared into the cache with `tokenizer` (default byte), keyed by the files' paths, sizes and
-    times (`_stamp`) and the tokenizer settings (GPT-2's files stamped too), so a second run starts at once."""
+    library's source) is prepared into the cache with `tokenizer` (a kind, default byte, or a Tokenizer itself: a
+    fine-tune's, that of the run it starts from), keyed by the files' paths, sizes and times (`_stamp`) and the
+    tokenizer settings (GPT-2's files stamped too), so a second run starts at once."""
+    given = tokenizer if isinstance(tokenizer, Tokenizer) else None
     if data is not None and is_prepared(data):
         prepared = load_prepared(data)
-        if tokenizer is not None and tokenizer != prepared.tokenizer.kind:
+        if given is not None and given.to_dict() != prepared.tokenizer.to_dict():
+            raise ConfigError(f"{data} was prepared with another tokenizer ({prepared.tokenizer.kind}) than the run "
+                              "being fine-tuned has; give the raw text, which is tokenized with the run's")
+        if given is None and tokenizer is not None and tokenizer != prepared.tokenizer.kind:
             raise ConfigError(f"{data} was prepared with the {prepared.tokenizer.kind} tokenizer; --tokenizer "
                               f"{tokenizer} applies to raw text only: drop it, or prepare the text again with "
                               f"`tlm prepare ... --tokenizer {tokenizer}`")
         return prepared
     tokenizer = "byte" if tokenizer is None else tokenizer
-    if tokenizer not in TOKENIZER_KINDS:  # before "preparing ... with the X tokenizer" is logged
+    if given is None and tokenizer not in TOKENIZER_KINDS:  # before "preparing ... with the X tokenizer" is logged
         build_tokenizer(tokenizer, [])
     sources = default_corpus() if data is None else resolve_sources(data)
     gpt2_files = [Path(gpt2_dir, name) for name in ("encoder.json", "vocab.bpe")] if tokenizer == "gpt2" and \
         gpt2_dir is not None else []
-    key = json.dumps({"version": CACHE_VERSION, "sources": [_stamp(p) for p in sources], "tokenizer": tokenizer,
+    named = tokenizer if given is None else hashlib.sha256(json.dumps(given.to_dict()).encode()).hexdigest()
+    key = json.dumps({"version": CACHE_VERSION, "sources": [_stamp(p) for p in sources], "tokenizer": named,
                       "vocab_size": vocab_size if tokenizer == "bpe" else None,
                       "gpt2_files": [_stamp(p) for p in gpt2_files if p.is_file()]})
     out = cache_dir() / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if not is_prepared(out):
-        log.info("preparing %d file(s) with the %s tokenizer into %s", len(sources), tokenizer, out)
-        tok = build_tokenizer(tokenizer, read_sources(sources), vocab_size, gpt2_dir)
+        kind = given.kind if given is not None else tokenizer
+        log.info("preparing %d file(s) with the %s tokenizer into %s", len(sources), kind, out)
+        tok = given or build_tokenizer(tokenizer, read_sources(sources), vocab_size, gpt2_dir)
         try:
             prepare(sources, out, tok)
         except RunExistsError:
@@ -172,6 +180,33 @@ def training_data(data: str | Path | None, tokenizer: str | None = None, vocab_s
                 raise
             log.info("%s was prepared meanwhile by another run on the same data; using it", out)
     return load_prepared(out)
+
+
+FREE_IN_FINE_TUNING = ("dropout", "block_size")
+"""The model fields a fine-tune may set otherwise than the run it starts from: every other one changes a weight's
+shape or what the weights compute (a rope_theta, a norm's eps)."""
+
+
+def _init_checkpoint(init_from: str, data: PreparedData, model_config: ModelConfig) -> Path:
+    """The checkpoint a fine-tune starts from, checked against what it is trained with: the data's tokenizer must
+    be the run's, and the model config the run's but for FREE_IN_FINE_TUNING (load_weights checks the shapes, as
+    a learned position table's, later)."""
+    from .api import read_run_config  # the API layer sits above the trainer
+
+    _, theirs = read_run_config(init_from)
+    folder = latest_checkpoint(Path(init_from))
+    if folder is None:
+        raise CheckpointError(f"train.init_from {init_from} has no checkpoint yet; train it first")
+    if load_tokenizer(Path(init_from) / "tokenizer.json").to_dict() != data.tokenizer.to_dict():
+        raise ConfigError(f"the data is tokenized otherwise than train.init_from {init_from}'s tokenizer; give raw "
+                          "text (tlm train tokenizes it with the run's own) or data prepared with it")
+    ours, base = model_config.to_dict(), theirs.to_dict()
+    changed = [f"{k} {base[k]!r} -> {ours[k]!r}" for k in base if k not in FREE_IN_FINE_TUNING and ours[k] != base[k]]
+    if changed:
+        raise ConfigError(f"a fine-tune keeps the model of train.init_from {init_from}; these fields differ: "
+                          f"{', '.join(changed)} (drop the --model.* that set them; only "
+                          f"{' and '.join(FREE_IN_FINE_TUNING)} may change)")
+    return folder
 
 
 def _stamp(path: Path) -> tuple[str, int, int, int]:
@@ -283,7 +318,9 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
 def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_dir: Path, resume: bool,
            overwrite: bool, progress: bool, extra_config: dict[str, Any] | None, stop_at: int | None,
            info: DistInfo, device: torch.device) -> TrainResult:
-    model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": data.tokenizer.vocab_size})
+    init = _init_checkpoint(cfg.init_from, data, model_config) if cfg.init_from else None
+    if init is None:  # a fine-tune keeps its model's table, which may be padded past the tokenizer's ids
+        model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": data.tokenizer.vocab_size})
     if info.is_main:
         warn_unused_fields(model_config)
     config = {"model": model_config.to_dict(), "train": json.loads(dump_json(cfg)), **(extra_config or {})}
@@ -306,6 +343,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     folder = latest_checkpoint(run_dir) if resuming else None
     if folder is not None and not is_sharded(folder):
         load_weights(model, folder)  # whole weights, before any sharding
+    elif folder is None and init is not None:
+        load_weights(model, init)  # a fine-tune's start (cast to the model's float32 parameters)
     forward = parallelize(model, info, cfg)  # FSDP2 shards `model` in place: the optimizer comes after
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -345,6 +384,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
         clear_out(run_dir)  # an old run replaced with --overwrite goes only now that the new one is set up
         atomic_write_text(run_dir / "config.json", dump_json(config))
         save_tokenizer(data.tokenizer, run_dir / "tokenizer.json")
+        template = read_chat_template(cfg.init_from) if cfg.init_from else None
+        if template is not None:  # a fine-tuned chat model chats as it did
+            atomic_write_text(run_dir / CHAT_TEMPLATE_FILE, template)
         atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=2))
 
     budget = Budget(cfg, tokens_per_step, step, tokens)

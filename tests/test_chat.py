@@ -365,3 +365,30 @@ def test_tlm_chat_keeps_the_conversation(chat_run, monkeypatch, capsys, tmp_path
     run.chat_template = LLAMA3
     assert capsys.readouterr().out == run.chat([{"role": "user", "content": "alpha"}], greedy=True,
                                                max_new_tokens=4) + "\n"
+
+
+def test_convert_downloads_a_hub_model_id(chat_folder, tmp_path, monkeypatch, capsys):
+    """`tlm convert ORG/NAME` fetches the repository's configs, weights, tokenizer and template through
+    huggingface_hub (replaced here: nothing is downloaded), then imports the folder as any other."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    asked = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kw):
+        asked.append((repo_id, allow_patterns))
+        if repo_id != "org/chat-model":
+            raise OSError(f"Repository Not Found for url: https://huggingface.co/api/models/{repo_id}")
+        return str(chat_folder[2])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert main(["convert", "org/chat-model", "--out", str(tmp_path / "run")]) == 0
+    assert asked == [("org/chat-model", ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])]
+    assert "with its chat template; try `tlm chat" in capsys.readouterr().out
+    assert load_run(tmp_path / "run", "cpu").chat_template == CHATML
+    assert main(["convert", "org/missing", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "downloading it from the Hugging Face Hub failed" in err and "Not Found" in err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "missing").mkdir()  # a folder here of that name is read, not downloaded
+    assert main(["convert", "org/missing", "--out", str(tmp_path / "other")]) == 2
+    assert "is not a Hugging Face model folder" in capsys.readouterr().err and len(asked) == 2

@@ -346,7 +346,8 @@ def _gib(n: int) -> str:
 def _add_interop_parsers(cmds: dict[str, ArgumentParser]) -> None:
     p = cmds["convert"] = ArgumentParser(exit_on_error=False, description="Import a model into a run folder: a "
                                          "Hugging Face folder (gpt2, llama, mistral, qwen2) or a llama2.c .bin file.")
-    p.add_argument("src", type=str, help="Hugging Face model folder (config.json, safetensors, tokenizer.json) or "
+    p.add_argument("src", type=str, help="Hugging Face model folder (config.json, safetensors, tokenizer.json), a "
+                   "Hugging Face Hub model id (ORG/NAME: downloaded, with pip install huggingface_hub), or a "
                    "llama2.c .bin checkpoint.")
     p.add_argument("--out", type=str, required=True, help="Run folder to write.")
     p.add_argument("--dtype", type=str | None, default=None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -419,11 +420,37 @@ def is_export(folder: Path) -> bool:
         return False
 
 
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+"""What import reads of a Hub repository: configs, weights (shards and index), tokenizer, chat template; not the
+PyTorch .bin, ONNX or GGUF copies many repositories also hold."""
+
+
+def hub_folder(src: str | Path) -> Path:
+    """`src` itself when it is a path here; else, when it looks like a Hub model id ("Qwen/Qwen2.5-0.5B-Instruct"),
+    the local folder of that repository's files, downloaded (HUB_FILES only) into the Hugging Face cache by
+    huggingface_hub, which reuses what it already has and reads HF_TOKEN for gated models."""
+    path = Path(src)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(src)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConversionError(f"{src} is not a folder here; to download it from the Hugging Face Hub, pip install "
+                              "huggingface_hub (or the project's extra: pip install -e '.[hub]')") from None
+    log.info("%s is not a folder here: downloading it from the Hugging Face Hub", src)
+    try:
+        return Path(snapshot_download(str(src), allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, no such repository, gated: huggingface_hub's own message says which
+        why = " ".join(str(e).split())[:300]
+        raise ConversionError(f"{src} is not a folder here, and downloading it from the Hugging Face Hub failed "
+                              f"({type(e).__name__}: {why}); give a local folder or a model id that exists") from None
+
+
 def import_hf(src: str | Path, out: str | Path, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Convert a Hugging Face model folder into a run folder (config.json, tokenizer.json, checkpoints/) that
-    load_run, `tlm sample` and `tlm eval` read. `dtype` (float32, bfloat16, float16) casts the weights; by default
-    they keep the dtype they are stored in."""
-    src, out = Path(src), Path(out)
+    """Convert a Hugging Face model folder (or a Hub model id: hub_folder) into a run folder (config.json,
+    tokenizer.json, checkpoints/) that load_run, `tlm sample` and `tlm eval` read. `dtype` (float32, bfloat16,
+    float16) casts the weights; by default they keep the dtype they are stored in."""
+    src, out = hub_folder(src), Path(out)
     if is_run_folder(src):
         raise ConversionError(f"{src} is a tlm run folder, not a Hugging Face one: sample or evaluate it as it is, or "
                               "`tlm export` it")

@@ -91,3 +91,23 @@ def edit_json(path: Path, **changes: object) -> None:
     d = json.loads(path.read_text())
     d.update(changes)
     path.write_text(json.dumps(d))
+
+
+CHAT_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                 "<|end_header_id|>", "<|eot_id|>"]
+
+
+def chat_rust_tokenizer():
+    """A small byte-level BPE (a Hugging Face `tokenizers` object) with the special tokens of ChatML and Llama 3's
+    chat format."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    rust = RustTokenizer(models.BPE())
+    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    rust.decoder = decoders.ByteLevel()
+    texts = ["def alpha(beta):\n    return beta * 2\n" * 20, "naïve größe ✓ x = [1, 2]\nuser assistant system\n" * 5]
+    rust.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=CHAT_SPECIALS,
+                                                        show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return rust

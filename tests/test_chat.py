@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import edit_json
+from conftest import chat_rust_tokenizer, edit_json
 from transformer_lm.api import load_run
 from transformer_lm.chat import CHAT_TEMPLATE_FILE, check_template, encode_rendered, hf_chat_template, render_chat
 from transformer_lm.cli import main
@@ -23,9 +23,6 @@ from transformer_lm.interop.hf import export_hf, import_hf
 from transformer_lm.tokenizers import HFFileTokenizer
 
 transformers = pytest.importorskip("transformers")
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
-            "<|end_header_id|>", "<|eot_id|>"]
 
 CHATML = (
     "{%- if messages[0]['role'] != 'system' %}"
@@ -68,26 +65,13 @@ CHATS = [
 ]
 
 
-def _rust_tokenizer():
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    rust = RustTokenizer(models.BPE())
-    rust.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    rust.decoder = decoders.ByteLevel()
-    texts = ["def alpha(beta):\n    return beta * 2\n" * 20, "naïve größe ✓ x = [1, 2]\nuser assistant system\n" * 5]
-    rust.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS, show_progress=False,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return rust
-
-
 @pytest.fixture(scope="module")
 def tokenizers():
     """Ours and transformers' views of one tokenizer, which puts a BOS before every text it encodes (as Llama's
     do): a rendered chat has the template's BOS, not a second one."""
     from tokenizers.processors import TemplateProcessing
 
-    rust = _rust_tokenizer()
+    rust = chat_rust_tokenizer()
     rust.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
         ("<|begin_of_text|>", rust.token_to_id("<|begin_of_text|>"))])
     ours = HFFileTokenizer(rust, eot="<|im_end|>", bos="<|begin_of_text|>")
@@ -145,7 +129,7 @@ def chat_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, objec
     """A tiny Qwen2 chat model saved with a ChatML template, <|im_end|> its end of turn (tokenizer_config's
     eos_token, as Qwen2.5-Instruct's): the LM head row of <|im_end|> is that of the 4th token greedy decoding draws
     after CHATS[0]'s prompt, scaled up, so that the reply to it ends there."""
-    rust = _rust_tokenizer()
+    rust = chat_rust_tokenizer()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=rust, eos_token="<|im_end|>", chat_template=CHATML)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     config = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,3 +136,181 @@ def test_an_imported_models_padded_table_and_chat_template_are_kept(tmp_path: Pa
     assert run.model.config.vocab_size == tokenizer.vocab_size + 12 and run.model.config.block_size == 8
     assert run.chat_template == (base / CHAT_TEMPLATE_FILE).read_text()
     assert isinstance(run.chat([{"role": "user", "content": "def "}], max_new_tokens=3, seed=0), str)
+
+
+# --- Supervised fine-tuning on conversations (.jsonl) --------------------------------------------------------------
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# the same format, its replies marked as transformers' return_assistant_tokens_mask reads them
+CHATML_MARKED = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}{% if m['role'] == 'assistant' %}"
+                 "{% generation %}{{ m['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
+                 "{% else %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def alpha(beta):"},
+     {"role": "assistant", "content": "return beta * 2"}, {"role": "user", "content": "naïve ✓"},
+     {"role": "assistant", "content": "größe"}],
+    [{"role": "user", "content": "x = [1, 2]"}, {"role": "assistant", "content": "alpha"}],
+]
+
+
+def _chat_tokenizer():
+    from conftest import chat_rust_tokenizer
+    from transformer_lm.tokenizers import HFFileTokenizer
+
+    return HFFileTokenizer(chat_rust_tokenizer(), eot="<|im_end|>")
+
+
+@pytest.mark.parametrize("chat", range(len(CONVERSATIONS)))
+def test_the_replies_are_the_tokens_transformers_marks_as_the_assistants(chat):
+    transformers = pytest.importorskip("transformers")
+    from transformer_lm.chat import chat_tokens, encode_rendered, render_chat
+
+    tok = _chat_tokenizer()
+    ids, mask = chat_tokens(CHATML, CONVERSATIONS[chat], tok)
+    assert ids == encode_rendered(tok, render_chat(CHATML, CONVERSATIONS[chat], tok, add_generation_prompt=False))
+    theirs = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token="<|im_end|>")
+    out = theirs.apply_chat_template(CONVERSATIONS[chat], chat_template=CHATML_MARKED, tokenize=True,
+                                     return_dict=True, return_assistant_tokens_mask=True)
+    assert list(out["input_ids"]) == ids and list(out["assistant_masks"]) == [int(m) for m in mask]
+    replies = "".join(m["content"] + "<|im_end|>\n" for m in CONVERSATIONS[chat] if m["role"] == "assistant")
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == replies
+
+
+def test_a_tokenizer_without_offsets_encodes_the_pieces():
+    from transformer_lm.chat import chat_tokens
+    from transformer_lm.tokenizers import ByteTokenizer
+
+    ids, mask = chat_tokens(CHATML, CONVERSATIONS[0], ByteTokenizer())
+    text = bytes(ids).decode()
+    assert bytes(i for i, m in zip(ids, mask) if m).decode() == "return beta * 2<|im_end|>\ngröße<|im_end|>\n"
+    assert text.endswith("<|im_start|>assistant\ngröße<|im_end|>\n") and len(mask) == len(ids)
+
+
+def test_a_template_that_rewrites_earlier_turns_cannot_be_split():
+    from transformer_lm.chat import chat_tokens
+    from transformer_lm.errors import ChatError
+
+    forgetful = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}"
+                 "{% endfor %}{% if add_generation_prompt %}>{% endif %}")
+    with pytest.raises(ChatError, match="renders the turns before message 2 otherwise"):
+        chat_tokens(forgetful, CONVERSATIONS[0], _chat_tokenizer())
+
+
+def _chats_file(path: Path, n: int = 24) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"alpha {i}"},
+                                             {"role": "assistant", "content": f"beta {i * 2}"}]}) + "\n\n")
+    return path
+
+
+@pytest.fixture
+def chat_base(tmp_path: Path) -> Path:
+    """A run with a ChatML tokenizer and template, random weights: what `tlm convert` makes of a chat model."""
+    tok = _chat_tokenizer()
+    config = ModelConfig(**{**SMALL, "block_size": 32}, vocab_size=tok.vocab_size, tie_embeddings=False)
+    base = tmp_path / "chat-base"
+    base.mkdir()
+    (base / "config.json").write_text(dump_json({"model": config.to_dict()}))
+    save_tokenizer(tok, base / "tokenizer.json")
+    (base / CHAT_TEMPLATE_FILE).write_text(CHATML)
+    save_checkpoint(base, random_model(config, std=0.1), {}, 0)
+    return base
+
+
+def test_supervised_fine_tuning_learns_only_the_replies(chat_base: Path, tmp_path: Path):
+    """The prepared conversations' targets are the replies alone; the first step's loss is the base model's mean
+    cross-entropy over those targets of its batch (F.cross_entropy on its logits); evaluation scores them alone."""
+    import torch.nn.functional as F
+
+    chats = _chats_file(tmp_path / "chats.jsonl")
+    run = load_run(chat_base, "cpu")
+    data = training_data(chats, run.tokenizer, chat_template=run.chat_template)
+    assert data.manifest["masked"] and data.manifest["val_conversations"] == 2 and data.chat_template == CHATML
+    learned = [int(i) for i, m in zip(data.train, data.train_mask) if m]
+    assert run.tokenizer.decode(learned) == "".join(f"beta {i * 2}<|im_end|>\n" for i in range(22))
+    cfg = _cfg(init_from=str(chat_base), max_iters=4, eval_interval=4)
+    train(run.model.config, cfg, data, tmp_path / "sft", progress=False)
+    x, y = BatchSampler(data.train, cfg.batch_size, 32, seed=cfg.seed, mask=data.train_mask).next()
+    with torch.no_grad():
+        logits = run.model.train()(x).logits
+    reference = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+    assert _first_loss(tmp_path / "sft") == pytest.approx(float(reference), rel=1e-5)
+    assert (y >= 0).any(dim=1).all()  # every row has a reply token to learn
+    sft = load_run(tmp_path / "sft", "cpu")
+    assert sft.chat_template == CHATML
+    val = [r for r in read_metrics(tmp_path / "sft" / "metrics.jsonl") if "val_loss" in r][-1]
+    ids = torch.tensor(np.asarray(data.val, dtype=np.int64))
+    targets = torch.where(torch.from_numpy(np.asarray(data.val_mask, dtype=bool)), ids, -1)
+    with torch.no_grad():  # the split in consecutive windows of the context, each predicting the next 32 tokens
+        logits = torch.cat([sft.model(ids[None, s : min(s + 32, len(ids) - 1)]).logits[0]
+                            for s in range(0, len(ids) - 1, 32)])
+    assert val["val_loss"] == pytest.approx(float(F.cross_entropy(logits, targets[1:], ignore_index=-1)), rel=1e-4)
+    assert val["val_tokens"] == int((targets[1:] >= 0).sum())
+    held_out = tmp_path / "held_out.jsonl"  # the val split's conversations: scored alike by tlm eval
+    held_out.write_text("".join([line + "\n" for line in chats.read_text().split("\n") if line.strip()][-2:]))
+    for scored in (sft.evaluate(held_out), sft.evaluate(data.path)):
+        assert scored.loss == pytest.approx(val["val_loss"], rel=1e-5) and scored.tokens == val["val_tokens"]
+
+
+def test_the_masked_sampler_resumes_exactly(chat_base: Path, tmp_path: Path):
+    run = load_run(chat_base, "cpu")
+    data = training_data(_chats_file(tmp_path / "chats.jsonl"), run.tokenizer, chat_template=CHATML)
+    sampler = BatchSampler(data.train, 6, 32, seed=3, mask=data.train_mask)
+    for _ in range(3):
+        sampler.next()
+    state = sampler.state_dict()
+    later = [sampler.next() for _ in range(2)]
+    again = BatchSampler(data.train, 6, 32, seed=0, mask=data.train_mask)
+    again.load_state_dict(state)
+    for (x, y), (x2, y2) in zip(later, [again.next() for _ in range(2)]):
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_the_cli_fine_tunes_on_conversations_with_the_runs_or_a_given_template(chat_base: Path, tmp_path: Path,
+                                                                             capsys):
+    chats = _chats_file(tmp_path / "chats.jsonl")
+    common = ["--train.max_iters", "2", "--train.batch_size", "2", "--train.eval_interval", "2",
+              "--train.eval_batches", "1"]
+    assert main(["train", str(chats), "--out", str(tmp_path / "sft"), "--train.init_from", str(chat_base),
+                 *common]) == 0
+    assert (tmp_path / "sft" / CHAT_TEMPLATE_FILE).read_text() == CHATML
+    assert main(["train", "--out", str(tmp_path / "sft"), "--resume", "true", "--train.max_iters", "3"]) == 0
+    own = tmp_path / "own.jinja"
+    own.write_text(CHATML.replace("<|im_start|>", "<|im_start|> "))
+    assert main(["train", str(chats), "--out", str(tmp_path / "sft2"), "--train.init_from", str(chat_base),
+                 "--chat_template", str(own), *common]) == 0
+    assert load_run(tmp_path / "sft2", "cpu").chat_template == own.read_text()
+    assert main(["train", str(chats), "--out", str(tmp_path / "byte"), "--chat_template", str(own),
+                 "--model.block_size", "64", *common]) == 0  # from scratch, byte-level
+    assert load_run(tmp_path / "byte", "cpu").tokenizer.kind == "byte"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("lines, args, message", [
+    (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'] * 3, [],
+     "holds conversations, which are rendered in a chat template"),
+    (['{"messages": [{"role": "user", "content": "a"}]}', "not json"], ["--chat_template", "T"],
+     "chats.jsonl:2 is not JSON"),
+    (['{"text": "a"}'], ["--chat_template", "T"], 'chats.jsonl:1 has no "messages" list'),
+    (['{"messages": [{"role": "assistant", "content": "b"}]}'] * 2, ["--chat_template", "T"],
+     "conversation 1: the conversation starts with the assistant's turn"),
+])
+def test_conversations_that_cannot_be_learned_are_refused(tmp_path: Path, capsys, lines, args, message):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(lines) + "\n")
+    (tmp_path / "T").write_text(CHATML)
+    args = [a if a != "T" else str(tmp_path / "T") for a in args]
+    assert main(["train", str(chats), "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_a_chat_template_for_text_is_refused(corpus_file: Path, tmp_path: Path, capsys):
+    (tmp_path / "T").write_text(CHATML)
+    assert main(["train", str(corpus_file), "--out", str(tmp_path / "run"), "--chat_template",
+                 str(tmp_path / "T")]) == 2
+    assert "a chat template applies to conversations" in capsys.readouterr().err

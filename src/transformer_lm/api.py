@@ -15,12 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .chat import encode_rendered, read_chat_template, render_chat
+from .chat import chat_tokens, encode_rendered, read_chat_template, render_chat
 from .checkpoint import checkpoint_step, is_sharded, latest_checkpoint, load_weights, write_weights
 from .config import ModelConfig, SampleConfig
-from .data import encode_sources, is_prepared, load_prepared, resolve_sources
+from .data import encode_sources, is_chat_file, is_prepared, load_prepared, read_chats, resolve_sources
 from .decode import DecodeStats
 from .errors import ChatError, CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
@@ -140,18 +141,38 @@ class Run:
 
     def evaluate(self, data: str | Path, batch_size: int = 8) -> EvalResult:
         """Loss, perplexity and bits per byte on a text file, folder or glob, tokenized as `tlm prepare` does (an
-        end-of-text between files), or on the val split of a folder `tlm prepare` wrote with this run's tokenizer."""
+        end-of-text between files), or on the val split of a folder `tlm prepare` wrote with this run's tokenizer.
+        Of conversations (a .jsonl file, or a folder data.prepare_chats wrote), the assistant's replies are scored,
+        in the context of the turns before them (rendered in the run's chat template)."""
+        if is_chat_file(data):
+            if self.chat_template is None:
+                raise ChatError(f"{data} holds conversations, and {self.path} has no chat template to render them in")
+            encoded = [chat_tokens(self.chat_template, chat, self.tokenizer) for chat in read_chats(Path(data))]
+            ids = np.array([i for chat_ids, _ in encoded for i in chat_ids], dtype=np.int64)
+            mask = np.array([m for _, chat_mask in encoded for m in chat_mask], dtype=np.uint8)
+            return self._evaluate_replies(ids, mask, batch_size)
         if is_prepared(data):
             prepared = load_prepared(data)
             if prepared.tokenizer.to_dict() != self.tokenizer.to_dict():
                 raise DataError(f"{data} was prepared with another tokenizer than {self.path}'s; evaluate on the "
                                 "text itself, or on data prepared for this run")
+            if prepared.val_mask is not None:
+                return self._evaluate_replies(prepared.val, prepared.val_mask, batch_size)
             bytes_per_token = predicted_bytes_per_token(self.tokenizer, prepared.val, prepared.manifest["val_bytes"])
             return evaluate_tokens(self.model, prepared.val, bytes_per_token, batch_size)
         ids, nbytes = encode_sources(resolve_sources(data), self.tokenizer)
         if len(ids) < 2:
             raise DataError(f"{data} holds fewer than 2 tokens; evaluate on a longer text")
         return evaluate_tokens(self.model, ids, predicted_bytes_per_token(self.tokenizer, ids, nbytes), batch_size)
+
+
+    def _evaluate_replies(self, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> EvalResult:
+        """evaluate_tokens scoring the tokens `mask` marks (a conversation's replies), bits per byte of their text."""
+        scored = np.asarray(ids[1:])[np.asarray(mask[1:], dtype=bool)]
+        if not len(scored):
+            raise DataError("the conversations hold no reply of the assistant's to score")
+        bytes_per_token = self.tokenizer.num_bytes(scored.tolist()) / len(scored)
+        return evaluate_tokens(self.model, ids, bytes_per_token, batch_size, mask=mask)
 
 
 def read_run_config(path: str | Path) -> tuple[dict[str, Any], ModelConfig]:

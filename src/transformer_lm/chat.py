@@ -136,3 +136,41 @@ def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
     apply_chat_template(tokenize=True) encodes it."""
     hf = getattr(tokenizer, "hf", None)
     return hf.encode(text, add_special_tokens=False).ids if hf is not None else tokenizer.encode(text)
+
+
+def chat_tokens(source: str, messages: Sequence[dict[str, Any]], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """A whole conversation's ids in the template `source`, and which of them are the assistant's: its replies with
+    the end-of-turn marks the template writes after them, what a supervised fine-tune learns (the rest is context).
+    A reply is the text the conversation up to it adds to the conversation before it with the generation prompt
+    (the assistant's header), which is how it is generated; a template that renders earlier turns otherwise once
+    more follow (one dropping past reasoning, say) cannot be split so and raises ChatError. The text is encoded whole
+    (encode_rendered) and a token is the assistant's where its characters overlap a reply's; a tokenizer without
+    offsets (byte, char: none merges across a boundary) encodes the pieces one by one."""
+    messages = _messages(messages)
+    if messages[0]["role"] == "assistant":
+        raise ChatError("the conversation starts with the assistant's turn: there is nothing it replies to")
+    text = render_chat(source, messages, tokenizer, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(source, messages[:i], tokenizer, add_generation_prompt=True)
+        upto = render_chat(source, messages[: i + 1], tokenizer, add_generation_prompt=False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise ChatError(f"the chat template renders the turns before message {i} otherwise once it follows, so "
+                            "the assistant's replies cannot be told from the rest; fine-tune with a template that "
+                            "renders each turn the same whatever comes after (--chat_template FILE)")
+        spans.append((len(before), len(upto)))
+    hf = getattr(tokenizer, "hf", None)
+    if hf is not None:
+        enc = hf.encode(text, add_special_tokens=False)
+        return enc.ids, [any(s < end and e > start for start, end in spans) for s, e in enc.offsets]
+    ids, mask, at = [], [], 0
+    for start, end in spans:
+        for piece, learned in ((text[at:start], False), (text[start:end], True)):
+            new = tokenizer.encode(piece) if piece else []
+            ids += new
+            mask += [learned] * len(new)
+        at = end
+    tail = tokenizer.encode(text[at:]) if text[at:] else []
+    return ids + tail, mask + [False] * len(tail)

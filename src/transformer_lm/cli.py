@@ -35,6 +35,7 @@ from .cli_sampling import (
     cmd_chat,
     cmd_serve,
     load_for_sampling,
+    read_template_file,
     sampling_parser,
 )
 from .config import ModelConfig, SampleConfig, TrainConfig, preset, preset_recipe, presets
@@ -66,7 +67,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     # SUPPRESS, not None: an absent positional's default would replace the `data:` of a --config file
     p.add_argument("data", type=str | None, nargs="?", default=argparse.SUPPRESS,
                    help="Text file, folder, glob, or a folder made by `tlm prepare` (default: this Python's standard "
-                        "library source).")
+                        "library source); or conversations, a .jsonl file of {\"messages\": [...]} lines, whose "
+                        "replies are learned (see --chat_template).")
     p.add_argument("--out", type=str, default="runs/default", help="Run folder for checkpoints, metrics and plots.")
     p.add_argument("--preset", type=str | None, default="tiny",
                    help="Model preset applied before --model.* overrides (a recipe preset, like shakespeare-speedrun, "
@@ -74,6 +76,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_class_arguments(ModelConfig, "model", instantiate=False)
     p.add_class_arguments(TrainConfig, "train", instantiate=False)
     add_tokenizer_args(p, prepared_too=True)
+    p.add_argument("--chat_template", type=str | None, default=None, help="Conversations (a .jsonl file): the Jinja "
+                   "chat template to render them in (default: that of --train.init_from's run); the run keeps it.")
     p.add_argument("--resume", type=bool, default=False, help="Continue the run in --out from its last checkpoint.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace a different run already in --out.")
 
@@ -91,7 +95,8 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p = cmds["eval"] = ArgumentParser(exit_on_error=False, description="Loss, perplexity and bits per byte on text.")
     p.add_argument("run", type=str, help="Run folder.")
     p.add_argument("--data", type=str, required=True, help="Text file, folder or glob to evaluate on (tokenized as "
-                   "`tlm prepare` does), or a folder `tlm prepare` wrote with the run's tokenizer (its val split).")
+                   "`tlm prepare` does), or a folder `tlm prepare` wrote with the run's tokenizer (its val split); "
+                   "of conversations (.jsonl, in the run's chat template), the assistant's replies are scored.")
     p.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass.")
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
@@ -188,6 +193,8 @@ def cmd_prepare(a: Namespace) -> None:
 
 
 def cmd_train(a: Namespace) -> int:
+    from .chat import read_chat_template
+    from .data import is_chat_file
     from .parallel import dist_from_env
     from .runtime import resolve_device
     from .train import check_resumable, check_settings, resumed_data, train, training_data
@@ -221,7 +228,10 @@ def cmd_train(a: Namespace) -> int:
         if not a.resume:
             read_run_config(train_cfg.init_from)  # not a run folder (a Hugging Face one: convert it first)
         tokenizer = load_tokenizer(Path(a.out if a.resume else train_cfg.init_from) / "tokenizer.json")
-    data = training_data(data_arg, tokenizer, a.vocab_size, a.gpt2_dir)
+    template = read_template_file(a.chat_template) if a.chat_template else None
+    if template is None and is_chat_file(data_arg) and (a.resume or train_cfg.init_from):
+        template = read_chat_template(a.out if a.resume else train_cfg.init_from)  # the run's, or the one it keeps
+    data = training_data(data_arg, tokenizer, a.vocab_size, a.gpt2_dir, template)
     kind = data.tokenizer.kind
     extra = {"data": {"source": source, "tokenizer": kind, "prepared": str(data.path),
                       "vocab_size": a.vocab_size if kind == "bpe" else None,

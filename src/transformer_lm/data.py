@@ -2,8 +2,10 @@
 
 `prepare` streams text files through a tokenizer in worker processes into nanoGPT's format: two flat arrays of
 raw token ids, `train.bin` and `val.bin` (read back with `np.memmap`), beside `tokenizer.json` and a
-`manifest.json` with the counts. `BatchSampler` draws random training windows from a position that a checkpoint
-saves and restores exactly; `iter_eval_batches` walks a split the same way every time, for evaluation.
+`manifest.json` with the counts. `prepare_chats` writes conversations (JSON Lines) in the same format, rendered in a
+chat template, with a mask per split of the tokens to learn (the assistant's replies). `BatchSampler` draws random
+training windows from a position that a checkpoint saves and restores exactly; `iter_eval_batches` walks a split the
+same way every time, for evaluation.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .chat import CHAT_TEMPLATE_FILE, chat_tokens, read_chat_template
 from .checkpoint import check_out, replace_dir
-from .errors import ConfigError, DataError, TLMError
+from .errors import ChatError, ConfigError, DataError, TLMError
 from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
 
+MAX_REDRAWS = 1000
+"""Windows a masked BatchSampler draws for one row before it gives up on finding a target in one."""
 CHUNK_CHARS = 1 << 20  # characters per tokenization task (~1 MiB of ASCII); tests shrink it to stress the cuts
 MANIFEST_FORMAT = 1
 _SNIFF_BYTES = 8192
@@ -396,6 +401,91 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
     return manifest
 
 
+def is_chat_file(path: str | os.PathLike | None) -> bool:
+    """Whether `path` names a file of conversations (JSON Lines, one {"messages": [...]} per line), which
+    prepare_chats reads, rather than text."""
+    return path is not None and str(path).endswith(".jsonl") and Path(path).is_file()
+
+
+def read_chats(path: Path) -> list[list[dict[str, Any]]]:
+    """The conversations of a JSON Lines file: each non-empty line an object with a "messages" list of {"role",
+    "content"} (OpenAI's fine-tuning format, and Hugging Face chat datasets' "messages" column)."""
+    chats = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the conversations in {path} ({e}); give a UTF-8 JSON Lines file") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"{path}:{n} is not JSON ({e}); each line must be one conversation") from None
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise DataError(f"{path}:{n} has no \"messages\" list; each line must be {{\"messages\": [{{\"role\": "
+                            f"..., \"content\": ...}}, ...]}}")
+        chats.append(row["messages"])
+    return chats
+
+
+def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Tokenizer, template: str,
+                  val_fraction: float = 0.1, overwrite: bool = False) -> dict[str, Any]:
+    """Conversations (read_chats) into `out_dir` for supervised fine-tuning: each one rendered in the chat template
+    `template` and encoded (chat.chat_tokens), back to back, into train.bin / val.bin as `prepare` writes them, with
+    train.mask.bin / val.mask.bin beside them (one byte per token: 1 where the token is the assistant's, which
+    training learns and evaluation scores; the rest is context only) and the template as chat_template.jinja. The
+    last val_fraction of the conversations (at least one) are the val split. Written atomically, as `prepare`."""
+    path, out_dir = Path(path), _out_folder(Path(out_dir))
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
+    check_out(out_dir, overwrite, [path], ours=is_prepared, what="prepared data")
+    chats = read_chats(path)
+    if len(chats) < 2:
+        raise DataError(f"{path} holds {len(chats)} conversation(s); a train and a val split need at least 2")
+    encoded = []
+    for n, chat in enumerate(chats):
+        try:
+            encoded.append(chat_tokens(template, chat, tokenizer))
+        except ChatError as e:
+            raise ChatError(f"{path}: conversation {n + 1}: {e}") from None
+    n_val = max(1, round(len(chats) * val_fraction))
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        counts = {}
+        for split, part in (("train", encoded[:-n_val]), ("val", encoded[-n_val:])):
+            ids = np.array([i for chat_ids, _ in part for i in chat_ids], dtype=dtype)
+            mask = np.array([m for _, chat_mask in part for m in chat_mask], dtype=np.uint8)
+            if not mask[1:].any():
+                raise DataError(f"the {split} split of {path} has no assistant turn to learn; add conversations with "
+                                "replies")
+            ids.tofile(tmp / f"{split}.bin")
+            mask.tofile(tmp / f"{split}.mask.bin")
+            counts[split] = (len(ids), tokenizer.num_bytes(ids.tolist()), int(mask.sum()), len(part))
+        save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        (tmp / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        manifest = {
+            "format": MANIFEST_FORMAT, "masked": True,
+            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}, "dtype": dtype.name,
+            **{f"{split}_{k}": c[i] for split, c in counts.items()
+               for i, k in enumerate(("tokens", "bytes", "learned_tokens", "conversations"))},
+            "val_fraction": val_fraction,
+            "sources": [{"path": str(path.resolve()), "bytes": path.stat().st_size}],
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        replace_dir(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("prepared %s: %d conversations, %d train / %d val tokens (%d / %d the assistant's)", out_dir, len(chats),
+             counts["train"][0], counts["val"][0], counts["train"][2], counts["val"][2])
+    return manifest
+
+
 def is_prepared(path: str | os.PathLike) -> bool:
     """A folder holding a manifest.json, which `prepare` writes last (whether it is intact: `load_prepared`)."""
     return (Path(path) / "manifest.json").is_file()
@@ -411,6 +501,11 @@ class PreparedData:
     tokenizer: Tokenizer
     path: Path
     """The prepared folder, recorded in a run's config so that --resume finds the same data."""
+    train_mask: np.memmap | None = None
+    """Conversations (prepare_chats): 1 where a token is the assistant's, to learn; None for text, all learned."""
+    val_mask: np.memmap | None = None
+    chat_template: str | None = None
+    """The chat template conversations were rendered in (a fine-tuned run keeps it)."""
 
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
@@ -438,25 +533,38 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
             raise DataError(f"{file} has {file.stat().st_size} bytes, but the manifest says {n} {dtype.name} tokens "
                             f"({n * dtype.itemsize} bytes); the folder is damaged: run prepare again")
         splits[split] = np.memmap(file, dtype=dtype, mode="r", shape=(n,))
+        if m.get("masked"):
+            file = path / f"{split}.mask.bin"
+            if not file.is_file() or file.stat().st_size != n:
+                raise DataError(f"{file} is missing or not one byte per token; the folder is damaged: prepare it "
+                                "again")
+            splits[f"{split}_mask"] = np.memmap(file, dtype=np.uint8, mode="r", shape=(n,))
     tokenizer = load_tokenizer(path / "tokenizer.json")
     if tokenizer.vocab_size != vocab_size:
         raise DataError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, the manifest {vocab_size}; "
                         "run prepare again")
-    return PreparedData(splits["train"], splits["val"], m, tokenizer, path.resolve())
+    return PreparedData(splits["train"], splits["val"], m, tokenizer, path.resolve(), splits.get("train_mask"),
+                        splits.get("val_mask"), read_chat_template(path) if m.get("masked") else None)
 
 
-def _windows(tokens: np.ndarray, starts: Sequence[int], length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x = tokens[s : s + length], y = the same shifted by one, for each start: int64 (len(starts), length)."""
+def _windows(tokens: np.ndarray, starts: Sequence[int], length: int,
+             mask: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = tokens[s : s + length], y = the same shifted by one, for each start: int64 (len(starts), length). With a
+    `mask`, a target it marks 0 is -1 (the loss's no-target: model.head_loss)."""
     rows = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in starts])
     rows = torch.from_numpy(rows)  # (B, T + 1)
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    if mask is not None:
+        learned = torch.from_numpy(np.stack([np.asarray(mask[s + 1 : s + length + 1]) for s in starts]))
+        y = torch.where(learned.bool(), y, -1)  # a new tensor: a one-row y may share rows' memory with x
+    return x, y
 
 
 def check_ids(x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> None:
     """Raise DataError when a window holds an id the model has no embedding for: a prepared .bin that was edited,
     truncated into another dtype or made by another tokenizer (otherwise an IndexError, or on a GPU a device-side
     assert, deep in the embedding lookup). Cheap: one reduction over a batch already in host memory."""
-    top = max(int(x.max()), int(y.max()))
+    top = max(int(x.max()), int(y.max()))  # (a target of -1 is none: never above)
     if top >= vocab_size:
         raise DataError(f"the data holds token id {top}, but the model has embeddings for {vocab_size} ids only; "
                         "the prepared data is corrupt or from another tokenizer: prepare it again")
@@ -471,10 +579,12 @@ class BatchSampler:
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, vocab_size: int | None = None):
+                 world_size: int = 1, vocab_size: int | None = None, mask: np.ndarray | None = None):
         """`rank` of `world_size` keeps rows [rank·b, (rank+1)·b) of each global batch of `batch_size` rows, with
         b = batch_size / world_size: every rank draws the same starts, so the shards together are the global batch.
-        With `vocab_size`, each batch is checked to hold only ids below it (check_ids)."""
+        With `vocab_size`, each batch is checked to hold only ids below it (check_ids). With a `mask`
+        (conversations: PreparedData.train_mask), targets it marks 0 are none (-1), and a window with no target
+        left is drawn again (from the same generator: resumes exactly), so that no row or batch is all context."""
         if batch_size < 1 or block_size < 1:
             raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if len(tokens) < block_size + 1:
@@ -486,13 +596,26 @@ class BatchSampler:
         self.shard = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
-        self.vocab_size = vocab_size
+        self.vocab_size, self.mask = vocab_size, mask
+
+    def _start(self) -> int:
+        """A window start; with a mask, one whose window holds a target (after at most MAX_REDRAWS tries)."""
+        for _ in range(MAX_REDRAWS):
+            start = int(torch.randint(len(self.tokens) - self.block_size, (1,), generator=self.generator))
+            if self.mask is None or self.mask[start + 1 : start + self.block_size + 1].any():
+                return start
+        raise DataError(f"{MAX_REDRAWS} training windows in a row held none of the assistant's tokens; the "
+                        "conversations are mostly context: use a longer block_size, or conversations with longer "
+                        "replies")
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), both int64 of shape (batch_size / world_size, block_size)."""
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+        if self.mask is None:
+            starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
+        else:  # every rank draws every row's start, so that the generators stay in step
+            starts = torch.tensor([self._start() for _ in range(self.batch_size)])
         self.batches_drawn += 1
-        x, y = _windows(self.tokens, starts[self.shard].tolist(), self.block_size)
+        x, y = _windows(self.tokens, starts[self.shard].tolist(), self.block_size, self.mask)
         if self.vocab_size is not None:
             check_ids(x, y, self.vocab_size)
         return x, y
@@ -505,13 +628,14 @@ class BatchSampler:
         self.batches_drawn = int(state["batches_drawn"])
 
 
-def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
-                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int | None = None,
+                      mask: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every window of a split once, in order: the same batches on every call.
 
     Windows start at 0, block_size, 2 * block_size, ... so the targets y are exactly tokens[1:], each once.
     Full windows come batch_size at a time (the last batch may have fewer rows); a shorter tail window comes
-    last as a (1, r) batch, so weight each batch's mean loss by y.numel(). Stops after `max_batches` if given.
+    last as a (1, r) batch, so weight each batch's mean loss by its targets' count (y.numel(), or with a `mask`,
+    whose 0s are no target (-1), (y >= 0).sum()). Stops after `max_batches` if given.
     """
     if batch_size < 1 or block_size < 1:
         raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
@@ -523,4 +647,4 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int,
     if tail:
         batches.append(([n_full * block_size], tail))
     for rows, length in itertools.islice(batches, max_batches):
-        yield _windows(tokens, rows, length)
+        yield _windows(tokens, rows, length, mask)

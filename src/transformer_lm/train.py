@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -44,10 +45,12 @@ from .data import (
     BatchSampler,
     PreparedData,
     default_corpus,
+    is_chat_file,
     is_prepared,
     iter_eval_batches,
     load_prepared,
     prepare,
+    prepare_chats,
     read_sources,
     resolve_sources,
 )
@@ -71,7 +74,7 @@ from .parallel import (
 from .perf import mfu, peak_flops
 from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
-from .tokenizers import TOKENIZER_KINDS, Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
+from .tokenizers import TOKENIZER_KINDS, ByteTokenizer, Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -141,13 +144,20 @@ tokenizer's BOS or dummy-prefix space). A resumed run keeps the folder it record
 
 
 def training_data(data: str | Path | None, tokenizer: str | Tokenizer | None = None, vocab_size: int | None = None,
-                  gpt2_dir: str | Path | None = None) -> PreparedData:
+                  gpt2_dir: str | Path | None = None, chat_template: str | None = None) -> PreparedData:
     """Data for `tlm train`: a folder made by `tlm prepare` is used as it is (a `tokenizer` other than the one it was
     prepared with is a ConfigError, not ignored); raw text (a file, folder or glob, or by default the Python standard
     library's source) is prepared into the cache with `tokenizer` (a kind, default byte, or a Tokenizer itself: a
     fine-tune's, that of the run it starts from), keyed by the files' paths, sizes and times (`_stamp`) and the
-    tokenizer settings (GPT-2's files stamped too), so a second run starts at once."""
+    tokenizer settings (GPT-2's files stamped too), so a second run starts at once. A .jsonl file of conversations
+    is prepared by data.prepare_chats, rendered in `chat_template` (a supervised fine-tune's data: see there)."""
     given = tokenizer if isinstance(tokenizer, Tokenizer) else None
+    if is_chat_file(data):
+        return _chat_data(Path(data), given, tokenizer, chat_template)
+    if chat_template is not None:
+        what = data or "the default corpus"
+        raise ConfigError(f"a chat template applies to conversations (a .jsonl file), and {what} is text; drop it, "
+                          "or give conversations")
     if data is not None and is_prepared(data):
         prepared = load_prepared(data)
         if given is not None and given.to_dict() != prepared.tokenizer.to_dict():
@@ -207,6 +217,30 @@ def _init_checkpoint(init_from: str, data: PreparedData, model_config: ModelConf
                           f"{', '.join(changed)} (drop the --model.* that set them; only "
                           f"{' and '.join(FREE_IN_FINE_TUNING)} may change)")
     return folder
+
+
+def _chat_data(path: Path, given: Tokenizer | None, kind: str | Tokenizer | None,
+               chat_template: str | None) -> PreparedData:
+    """Conversations prepared into the cache (prepare_chats), keyed by the file, the tokenizer and the template."""
+    if chat_template is None:
+        raise ConfigError(f"{path} holds conversations, which are rendered in a chat template: fine-tune a run "
+                          "that has one (--train.init_from), or give one (--chat_template FILE)")
+    if given is None:
+        if kind not in (None, "byte"):  # the others are built from text, and these are conversations
+            raise ConfigError(f"conversations are tokenized with a fine-tuned run's tokenizer (--train.init_from) "
+                              f"or the byte one; --tokenizer {kind} would be trained on them first: drop it")
+        given = ByteTokenizer()
+    key = json.dumps({"version": CACHE_VERSION, "chats": _stamp(path), "template": chat_template,
+                      "tokenizer": hashlib.sha256(json.dumps(given.to_dict()).encode()).hexdigest()})
+    out = cache_dir() / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if not is_prepared(out):
+        log.info("preparing the conversations of %s with the %s tokenizer into %s", path, given.kind, out)
+        try:
+            prepare_chats(path, out, given, chat_template)
+        except RunExistsError:
+            if not is_prepared(out):
+                raise
+    return load_prepared(out)
 
 
 def _stamp(path: Path) -> tuple[str, int, int, int]:
@@ -349,7 +383,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
-                           world_size=info.world_size, vocab_size=model_config.vocab_size)
+                           world_size=info.world_size, vocab_size=model_config.vocab_size, mask=data.train_mask)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
     flops_per_step = flops_per_token(model_config)["train"] * tokens_per_step / info.world_size  # per device
     step, elapsed, tokens = 0, 0.0, 0
@@ -384,8 +418,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
         clear_out(run_dir)  # an old run replaced with --overwrite goes only now that the new one is set up
         atomic_write_text(run_dir / "config.json", dump_json(config))
         save_tokenizer(data.tokenizer, run_dir / "tokenizer.json")
-        template = read_chat_template(cfg.init_from) if cfg.init_from else None
-        if template is not None:  # a fine-tuned chat model chats as it did
+        template = data.chat_template or (read_chat_template(cfg.init_from) if cfg.init_from else None)
+        if template is not None:  # a fine-tuned chat model chats as it did, or as its conversations were written
             atomic_write_text(run_dir / CHAT_TEMPLATE_FILE, template)
         atomic_write_text(run_dir / "env.json", json.dumps(environment(), indent=2))
 
@@ -411,7 +445,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict()}, step)
 
     def evaluate() -> EvalResult:  # every rank runs the same evaluation (FSDP2 needs all ranks for a forward)
-        result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, eval_batches, ctx)
+        result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, eval_batches, ctx, data.val_mask)
         if info.is_main:
             _append_metrics(metrics_path, {"step": step, "tokens": tokens, "elapsed": round(elapsed, 3),
                                            **{f"val_{k}": v for k, v in result.to_dict().items()}})
@@ -521,6 +555,9 @@ def _eval_bytes_per_token(data: PreparedData, batch_size: int, block_size: int, 
     the whole split, else that of the tokens it covers (the split's start), whose ratio may be another (an ASCII
     start, multibyte text later)."""
     n = sum(y.numel() for _, y in iter_eval_batches(data.val, batch_size, block_size, max_batches))
+    if data.val_mask is not None:  # conversations: the bytes of the assistant's tokens scored
+        scored = data.val[1 : n + 1][np.asarray(data.val_mask[1 : n + 1], dtype=bool)]
+        return data.tokenizer.num_bytes(scored.tolist()) / max(1, len(scored))
     if n >= len(data.val) - 1:
         return predicted_bytes_per_token(data.tokenizer, data.val, data.manifest["val_bytes"])
     return data.tokenizer.num_bytes(data.val[1 : n + 1].tolist()) / n

@@ -15,7 +15,7 @@ import torch
 from conftest import make_corpus, random_model
 from transformer_lm.api import load_run, read_run_config
 from transformer_lm.chat import CHAT_TEMPLATE_FILE
-from transformer_lm.checkpoint import save_checkpoint
+from transformer_lm.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig, dump_json
 from transformer_lm.data import BatchSampler
@@ -314,3 +314,109 @@ def test_a_chat_template_for_text_is_refused(corpus_file: Path, tmp_path: Path, 
     assert main(["train", str(corpus_file), "--out", str(tmp_path / "run"), "--chat_template",
                  str(tmp_path / "T")]) == 2
     assert "a chat template applies to conversations" in capsys.readouterr().err
+
+
+# --- LoRA ------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_lora_layer_is_its_base_plus_the_scaled_low_rank_update(bias):
+    from torch import nn
+
+    from transformer_lm.lora import LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(12, 20, bias=bias)
+    layer = LoRALinear(base, rank=3, alpha=6.0)
+    x = torch.randn(4, 5, 12)
+    assert torch.equal(layer(x), base(x))  # B starts at zero: the model itself
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    expected = x @ (base.weight + 2.0 * layer.lora_b @ layer.lora_a).T + (base.bias if bias else 0)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert torch.allclose(layer.merged_weight(), base.weight + 2.0 * layer.lora_b @ layer.lora_a)
+    assert not base.weight.requires_grad and layer.lora_a.requires_grad and layer.lora_b.requires_grad
+
+
+@pytest.mark.parametrize("extra", [{}, {"mlp": "swiglu", "n_kv_head": 1, "bias": False}])
+def test_add_lora_trains_only_the_adapters_of_every_block_linear(extra):
+    from torch import nn
+
+    from transformer_lm.lora import LoRALinear, add_lora, lora_params
+    from transformer_lm.model import Transformer
+
+    config = ModelConfig(**SMALL, **extra)
+    model = Transformer(config).init_weights(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trained = add_lora(model, rank=4, alpha=8.0)
+    wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == config.n_layer * (5 if extra else 4)  # qkv, proj, up, (gate,) down
+    assert trained == lora_params(config, 4) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert type(model.lm_head) is nn.Linear
+    from transformer_lm.lora import merged_state_dict
+
+    merged = merged_state_dict(model)  # zero updates: exactly the model it wraps
+    assert merged.keys() == before.keys() and all(torch.equal(merged[k], before[k]) for k in before)
+
+
+def _lora(**kw) -> TrainConfig:
+    return _cfg(**{"lora_rank": 4, "lora_alpha": 8.0, "lr": 1e-2, **kw})
+
+
+def test_a_lora_fine_tune_saves_merged_weights_and_leaves_the_base_frozen(base: Path, tmp_path: Path):
+    other = tmp_path / "other.txt"
+    other.write_text(make_corpus(seed=5))
+    _, model_cfg = read_run_config(base)
+    data = training_data(other, load_run(base, "cpu").tokenizer)
+    cfg = _lora(init_from=str(base))
+    train(model_cfg, cfg, data, tmp_path / "lora", progress=False)
+    base_model = load_run(base, "cpu").model
+    assert _first_loss(tmp_path / "lora") == pytest.approx(_loss_on_first_batch(base_model, data, cfg, 16), rel=1e-5)
+    tuned = load_run(tmp_path / "lora", "cpu").model  # a plain model of the merged weights
+    state = load_state(latest_checkpoint(tmp_path / "lora"))
+    a, b = state["lora"]["blocks.0.attn.qkv.lora_a"], state["lora"]["blocks.0.attn.qkv.lora_b"]
+    assert a.shape == (4, 32) and b.abs().sum() > 0  # trained
+    delta = tuned.blocks[0].attn.qkv.weight - base_model.blocks[0].attn.qkv.weight
+    assert torch.allclose(delta, 2.0 * b @ a, atol=1e-6)  # merged: W + (alpha / r) B A, W as it was
+    assert torch.equal(tuned.tok_emb.weight, base_model.tok_emb.weight)  # not adapted
+    assert torch.equal(tuned.blocks[1].norm1.weight, base_model.blocks[1].norm1.weight)
+    assert len(state["optimizer"]["state"]) == 2 * 4 * model_cfg.n_layer  # moments of the adapters alone
+
+
+def test_a_lora_fine_tune_resumes_exactly(base: Path, tmp_path: Path):
+    other = tmp_path / "other.txt"
+    other.write_text(make_corpus(seed=5))
+    _, model_cfg = read_run_config(base)
+    data = training_data(other, load_run(base, "cpu").tokenizer)
+    cfg = _lora(init_from=str(base), max_iters=8, eval_interval=4, lora_dropout=0.1)
+    full = train(model_cfg, cfg, data, tmp_path / "full", progress=False)
+    half = train(model_cfg, cfg, data, tmp_path / "half", progress=False, stop_at=6)
+    assert half.interrupted
+    resumed = train(model_cfg, cfg, data, tmp_path / "half", resume=True, progress=False)
+    curve = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "half" / "metrics.jsonl") if "loss" in r}
+    assert curve == {r["step"]: r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if "loss" in r}
+    assert resumed.val.loss == full.val.loss
+    with pytest.raises(CheckpointError, match="LoRA adapters .* do not fit"):
+        train(model_cfg, _lora(init_from=str(base), max_iters=12, lora_rank=2), data, tmp_path / "half",
+              resume=True, progress=False)
+
+
+def test_lora_settings_it_cannot_take_are_refused(base: Path):
+    with pytest.raises(ConfigError, match="give the run to fine-tune, --train.init_from"):
+        TrainConfig(lora_rank=4)
+    with pytest.raises(ConfigError, match="adapters train with adamw"):
+        TrainConfig(lora_rank=4, init_from=str(base), optimizer="muon")
+    with pytest.raises(ConfigError, match="lora_rank must be >= 0"):
+        TrainConfig(lora_rank=-1)
+
+
+def test_the_memory_plan_counts_gradients_and_moments_of_the_adapters_only():
+    from transformer_lm.experiments.memory import plan_memory
+    from transformer_lm.lora import lora_params
+
+    config = ModelConfig.from_preset("gpt2")
+    whole, lora = plan_memory(config, 1), plan_memory(config, 1, trained=lora_params(config, 8))
+    n = lora_params(config, 8)
+    assert n == 12 * 8 * ((768 + 2304) + (768 + 768) + 2 * (768 + 3072))  # 1,179,648
+    assert lora.optimizer == 8 * n and lora.gradients == 4 * n and lora.weights == whole.weights + 4 * n
+    assert lora.peak < whole.peak - 6 * 124_000_000  # the peak (the step's) lost most of 12 bytes a weight

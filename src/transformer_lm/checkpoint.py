@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError, RunExistsError
+from .lora import merged_state_dict
 
 POINTER = "latest"
 SHARDS = "shards"
@@ -248,8 +249,9 @@ def commit_checkpoint(run_dir: Path, tmp: Path, step: int, state: dict[str, Any]
 
 
 def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as saved: a tied LM head is stored once, under tok_emb.weight."""
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    """The state dict as saved: a tied LM head is stored once, under tok_emb.weight; LoRA's adapters merged into
+    the weights they adapt (lora.merged_state_dict)."""
+    tensors = {k: v.detach().contiguous() for k, v in merged_state_dict(model).items()}
     if model.config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
     return tensors

@@ -324,6 +324,13 @@ class TrainConfig:
     convert` imported) instead of a random initialization, with a fresh optimizer and schedule. The model config and
     tokenizer are that run's (the data is tokenized with its tokenizer; on the command line its model fields become
     the defaults, so only fields that change no weight, like dropout, may differ); a chat template comes along."""
+    lora_rank: int = 0
+    """Fine-tune with LoRA adapters of this rank on every linear layer of the blocks (lora.py), the model's own
+    weights frozen: gradients and optimizer state for the adapters only. 0: train every weight. Needs init_from."""
+    lora_alpha: float = 16.0
+    """LoRA's scale numerator: the update is (lora_alpha / lora_rank) B A."""
+    lora_dropout: float = 0.0
+    """Dropout on the input of LoRA's update."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -348,6 +355,14 @@ class TrainConfig:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1")
         if self.max_iters is None and self.max_tokens is None and self.max_time is None:
             raise ConfigError("the run has no end: set train.max_iters, train.max_tokens or train.max_time")
+        if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"train.lora_rank must be >= 0 (0: no LoRA) and train.lora_dropout in [0, 1), got "
+                              f"{self.lora_rank} and {self.lora_dropout}")
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("train.lora_rank adapts a trained model: give the run to fine-tune, --train.init_from "
+                              "RUN (or drop lora_rank to train from scratch)")
+        if self.lora_rank and self.optimizer != "adamw":
+            raise ConfigError("LoRA's adapters train with adamw; drop --train.optimizer muon (or lora_rank)")
         for name in ("max_iters", "max_tokens", "max_time"):
             v = getattr(self, name)
             if v is not None and v <= 0:

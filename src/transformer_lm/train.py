@@ -56,6 +56,7 @@ from .data import (
 )
 from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
+from .lora import adapters, add_lora, load_adapters, lora_params
 from .model import build_model
 from .optim import config_hyperparameters, fused_adamw, lr_at, make_optimizer, set_lr
 from .parallel import (
@@ -256,6 +257,9 @@ def check_settings(model_config: ModelConfig, cfg: TrainConfig) -> None:
     if cfg.activation_checkpointing and model_config.arch != "transformer":
         raise ConfigError(f"train.activation_checkpointing recomputes Transformer blocks; an {model_config.arch} "
                           "model has none: drop the option")
+    if cfg.lora_rank and model_config.arch != "transformer":
+        raise ConfigError(f"train.lora_rank adapts the linear layers of Transformer blocks; fine-tune an "
+                          f"{model_config.arch} model whole (drop lora_rank)")
 
 
 def check_resumable(run_dir: str | Path) -> None:
@@ -352,8 +356,10 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
 def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_dir: Path, resume: bool,
            overwrite: bool, progress: bool, extra_config: dict[str, Any] | None, stop_at: int | None,
            info: DistInfo, device: torch.device) -> TrainResult:
-    init = _init_checkpoint(cfg.init_from, data, model_config) if cfg.init_from else None
-    if init is None:  # a fine-tune keeps its model's table, which may be padded past the tokenizer's ids
+    # the base a fine-tune starts from (LoRA's also when it resumes: its checkpoints hold the adapters, not the base)
+    init = _init_checkpoint(cfg.init_from, data, model_config) if cfg.init_from and (not resume or cfg.lora_rank) \
+        else None
+    if not cfg.init_from:  # a fine-tune keeps its model's table, which may be padded past the tokenizer's ids
         model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": data.tokenizer.vocab_size})
     if info.is_main:
         warn_unused_fields(model_config)
@@ -368,6 +374,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
                           "models with --train.parallel ddp")
     if sharded and cfg.optimizer == "muon":
         raise ConfigError("train.optimizer=muon needs whole weight matrices; use --train.parallel ddp with muon")
+    if sharded and cfg.lora_rank:
+        raise ConfigError("LoRA fine-tunes run under --train.parallel ddp (its frozen weights are not sharded)")
     check_memory(model_config, cfg, info, device, amp_dtype)
     # for MFU: a datasheet figure, or a matmul timed now; of float32 for a CPU LSTM, whose recurrence runs in it
     # under any autocast (against this CPU's bf16 peak, a bf16 run's MFU read 475 %)
@@ -375,7 +383,13 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(device).init_weights(cfg.seed)
     folder = latest_checkpoint(run_dir) if resuming else None
-    if folder is not None and not is_sharded(folder):
+    if cfg.lora_rank:  # the base's weights, frozen, under new adapters (a resumed run's are loaded below)
+        load_weights(model, init)
+        trained = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        if info.is_main:
+            log.info("LoRA rank %d: training %s of %s parameters", cfg.lora_rank, f"{trained:,}",
+                     f"{sum(p.numel() for p in model.parameters()):,}")
+    elif folder is not None and not is_sharded(folder):
         load_weights(model, folder)  # whole weights, before any sharding
     elif folder is None and init is not None:
         load_weights(model, init)  # a fine-tune's start (cast to the model's float32 parameters)
@@ -391,11 +405,13 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
 
     if folder is not None:
         state = load_state(folder)
-        missing = sorted({"step", "sampler", "scaler", "rng", *(() if is_sharded(folder) else ("optimizer",))}
-                         - set(state))
+        missing = sorted({"step", "sampler", "scaler", "rng", *(() if is_sharded(folder) else ("optimizer",)),
+                          *(("lora",) if cfg.lora_rank else ())} - set(state))
         if missing:
             raise CheckpointError(f"training state {folder / 'state.pt'} lacks {missing}: not a checkpoint tlm "
                                   "train wrote, or a damaged one; resume from an intact copy of the run folder")
+        if cfg.lora_rank:
+            load_adapters(model, state["lora"])
         with config_hyperparameters(optimizer):
             if is_sharded(folder):  # weights and optimizer resharded to this run's layout, whatever the saving one's
                 load_shards(folder, model, optimizer)
@@ -441,8 +457,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             if tmp is not None:
                 save_shards(tmp, model, optimizer)
                 on_main(commit_checkpoint, info, run_dir, tmp, step, state)
-        elif info.is_main:
-            save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict()}, step)
+        elif info.is_main:  # (LoRA: the weights merged, the adapters in the state)
+            lora = {"lora": adapters(model)} if cfg.lora_rank else {}
+            save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict(), **lora}, step)
 
     def evaluate() -> EvalResult:  # every rank runs the same evaluation (FSDP2 needs all ranks for a forward)
         result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, eval_batches, ctx, data.val_mask)
@@ -528,7 +545,8 @@ def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, de
     plan = plan_memory(model_config, cfg.batch_size // info.world_size, world_size=info.world_size,
                        parallel="fsdp" if sharded else "ddp", dtype=str(amp_dtype).removeprefix("torch."),
                        activation_checkpointing=cfg.activation_checkpointing,
-                       fused_optimizer=fused_adamw(device) and not sharded)
+                       fused_optimizer=fused_adamw(device) and not sharded,
+                       trained=lora_params(model_config, cfg.lora_rank) if cfg.lora_rank else None)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled and device.type == "cpu" else 1
     who = f"{local} processes of " if local > 1 else ""
     check_fits(plan.peak * local, device, f"training {who}{cfg.batch_size // info.world_size} sequences of "

@@ -376,3 +376,14 @@ def test_convert_downloads_a_hub_model_id(chat_folder, tmp_path, monkeypatch, ca
     (tmp_path / "org" / "missing").mkdir()  # a folder here of that name is read, not downloaded
     assert main(["convert", "org/missing", "--out", str(tmp_path / "other")]) == 2
     assert "is not a Hugging Face model folder" in capsys.readouterr().err and len(asked) == 2
+
+
+def test_a_turn_taking_server_chats_alike(chat_run):
+    """With --draft (speculative decoding: requests take turns on the model), a chat gets the same greedy reply."""
+    from fastapi.testclient import TestClient
+
+    from transformer_lm.serve import create_app
+
+    turns = TestClient(create_app(load_run(chat_run.path, "cpu").use_draft(chat_run)))
+    out = _chat(turns, messages=CHATS[1], max_tokens=8, temperature=0)["choices"][0]
+    assert out["message"]["content"] == chat_run.chat(CHATS[1], greedy=True, max_new_tokens=8)

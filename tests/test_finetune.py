@@ -420,3 +420,15 @@ def test_the_memory_plan_counts_gradients_and_moments_of_the_adapters_only():
     assert n == 12 * 8 * ((768 + 2304) + (768 + 768) + 2 * (768 + 3072))  # 1,179,648
     assert lora.optimizer == 8 * n and lora.gradients == 4 * n and lora.weights == whole.weights + 4 * n
     assert lora.peak < whole.peak - 6 * 124_000_000  # the peak (the step's) lost most of 12 bytes a weight
+
+
+def test_tlm_memory_plans_a_lora_fine_tune(capsys):
+    from transformer_lm.experiments.memory import plan_memory
+    from transformer_lm.lora import lora_params
+
+    assert main(["memory", "--preset", "gpt2", "--lora_rank", "8", "--json", "true"]) == 0
+    plans = json.loads(capsys.readouterr().out)["plans"]
+    config = ModelConfig.from_preset("gpt2")
+    assert list(plans) == ["DDP+LoRA", "DDP+LoRA+AC"]
+    expected = plan_memory(config, 1, world_size=8, trained=lora_params(config, 8)).to_dict()
+    assert plans["DDP+LoRA"] == expected and plans["DDP+LoRA"]["optimizer"] == 8 * lora_params(config, 8)

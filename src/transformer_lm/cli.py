@@ -425,6 +425,8 @@ def _add_scaling_parsers(cmds: dict[str, ArgumentParser]) -> None:
     p.add_argument("--dtype", type=Literal["bfloat16", "float16", "float32"], default="bfloat16",
                    help="Autocast precision (train.dtype; parameters, gradients and AdamW state stay fp32).")
     p.add_argument("--gpu_gb", type=float, default=80.0, help="Memory of one device, GB, for the fits row.")
+    p.add_argument("--lora_rank", type=int, default=0, help="Plan a LoRA fine-tune of this rank (train.lora_rank; "
+                   "DDP only): gradients and AdamW state of the adapters alone.")
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
 
 
@@ -442,9 +444,18 @@ def cmd_memory(a: Namespace) -> None:
     if not a.gpu_gb > 0:
         raise ConfigError(f"--gpu_gb must be > 0, got {a.gpu_gb}")
     cfg = ModelConfig(**a.model.as_dict())
-    plans = {f"{par.upper()}{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size, par,
-                                                                 a.dtype, ac)
-             for par in ("ddp", "fsdp") for ac in (False, True)}
+    if a.lora_rank < 0:
+        raise ConfigError(f"--lora_rank must be >= 0 (0: every weight trained), got {a.lora_rank}")
+    if a.lora_rank:  # LoRA trains under DDP only (train.py): its columns are DDP's
+        from .lora import lora_params
+
+        trained = lora_params(cfg, a.lora_rank)
+        plans = {f"DDP+LoRA{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size, "ddp",
+                                                                a.dtype, ac, trained=trained) for ac in (False, True)}
+    else:
+        plans = {f"{par.upper()}{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size,
+                                                                     par, a.dtype, ac)
+                 for par in ("ddp", "fsdp") for ac in (False, True)}
     if a.json:
         print(json.dumps({"preset": a.preset, "config": cfg.to_dict(), "gpu_gb": a.gpu_gb,
                           "plans": {k: v.to_dict() for k, v in plans.items()}}, indent=2))
@@ -458,11 +469,12 @@ def cmd_memory(a: Namespace) -> None:
     rows = [("weights (fp32)", "weights"), ("gradients (fp32)", "gradients"), ("AdamW state", "optimizer"),
             ("autocast weight copies", "autocast_copies"), ("activations", "activations"),
             ("logits transient", "logits_transient"), ("one block's activations", "block_activations")]
-    print(f"{'':<24}" + "".join(f"{k:>11}" for k in plans))
+    w = max(11, 2 + max(len(k) for k in plans))
+    print(f"{'':<24}" + "".join(f"{k:>{w}}" for k in plans))
     for label, key in rows:
-        print(f"{label:<24}" + "".join(f"{getattr(v, key) / size:>11,.2f}" for v in plans.values()))
-    print(f"{'peak':<24}" + "".join(f"{v.peak / size:>11,.2f}" for v in plans.values()))
-    print(f"{f'fits {a.gpu_gb:g} GB':<24}" + "".join(f"{'yes' if v.peak <= a.gpu_gb * 1e9 else 'no':>11}"
+        print(f"{label:<24}" + "".join(f"{getattr(v, key) / size:>{w},.2f}" for v in plans.values()))
+    print(f"{'peak':<24}" + "".join(f"{v.peak / size:>{w},.2f}" for v in plans.values()))
+    print(f"{f'fits {a.gpu_gb:g} GB':<24}" + "".join(f"{'yes' if v.peak <= a.gpu_gb * 1e9 else 'no':>{w}}"
                                                    for v in plans.values()))
 
 

@@ -430,5 +430,39 @@ def test_tlm_memory_plans_a_lora_fine_tune(capsys):
     plans = json.loads(capsys.readouterr().out)["plans"]
     config = ModelConfig.from_preset("gpt2")
     assert list(plans) == ["DDP+LoRA", "DDP+LoRA+AC"]
-    expected = plan_memory(config, 1, world_size=8, trained=lora_params(config, 8)).to_dict()
+    expected = plan_memory(config, 1, world_size=8, trained=lora_params(config, 8), half_base=True).to_dict()
     assert plans["DDP+LoRA"] == expected and plans["DDP+LoRA"]["optimizer"] == 8 * lora_params(config, 8)
+
+
+def test_under_autocast_the_frozen_base_is_held_in_its_precision(base: Path, tmp_path: Path):
+    """bf16 autocast (a CPU here, a GPU's default): the adapted layers' frozen weights are bfloat16 (no fp32 copy,
+    no autocast copy), the checkpoint's merged weights float32 of that base plus the update; resumed exactly."""
+    from transformer_lm.experiments.memory import matmul_weights, plan_memory
+    from transformer_lm.lora import LoRALinear, add_lora, hold_base_in, lora_params
+    from transformer_lm.model import Transformer
+
+    _, model_cfg = read_run_config(base)
+    model = Transformer(model_cfg)
+    add_lora(model, 4, 8.0)
+    hold_base_in(model, torch.bfloat16)
+    held = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert all(m.base.weight.dtype == torch.bfloat16 and m.lora_a.dtype == torch.float32 for m in held)
+    assert model.tok_emb.weight.dtype == torch.float32 and model.norm.weight.dtype == torch.float32
+    other = tmp_path / "other.txt"
+    other.write_text(make_corpus(seed=5))
+    data = training_data(other, load_run(base, "cpu").tokenizer)
+    cfg = _lora(init_from=str(base), max_iters=8, eval_interval=4, dtype="bfloat16")
+    full = train(model_cfg, cfg, data, tmp_path / "full", progress=False)
+    train(model_cfg, cfg, data, tmp_path / "half", progress=False, stop_at=6)
+    resumed = train(model_cfg, cfg, data, tmp_path / "half", resume=True, progress=False)
+    assert resumed.val.loss == full.val.loss
+    state = load_state(latest_checkpoint(tmp_path / "full"))
+    a, b = state["lora"]["blocks.0.ffn.up.lora_a"], state["lora"]["blocks.0.ffn.up.lora_b"]
+    tuned, base_up = load_run(tmp_path / "full", "cpu").model.blocks[0].ffn.up.weight, \
+        load_run(base, "cpu").model.blocks[0].ffn.up.weight
+    assert torch.allclose(tuned, base_up.bfloat16().float() + 2.0 * b @ a, atol=1e-6)
+    config = ModelConfig.from_preset("gpt2")
+    whole = plan_memory(config, 1, trained=lora_params(config, 8))
+    half = plan_memory(config, 1, trained=lora_params(config, 8), half_base=True)
+    blocks = matmul_weights(config) - config.vocab_size * config.n_embd
+    assert whole.weights - half.weights == 2 * blocks and half.autocast_copies == 2 * config.vocab_size * 768

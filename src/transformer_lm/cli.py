@@ -450,8 +450,10 @@ def cmd_memory(a: Namespace) -> None:
         from .lora import lora_params
 
         trained = lora_params(cfg, a.lora_rank)
+        half = a.dtype != "float32"  # the frozen weights held in the autocast precision (lora.hold_base_in)
         plans = {f"DDP+LoRA{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size, "ddp",
-                                                                a.dtype, ac, trained=trained) for ac in (False, True)}
+                                                                a.dtype, ac, trained=trained, half_base=half)
+                 for ac in (False, True)}
     else:
         plans = {f"{par.upper()}{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size,
                                                                      par, a.dtype, ac)
@@ -466,7 +468,9 @@ def cmd_memory(a: Namespace) -> None:
     print(f"{a.preset or 'model config'}: {n:,} parameters; {a.batch_size} × {a.seq_len or cfg.block_size} tokens per "
           f"device and micro-step, {a.dtype} autocast, {a.world_size} devices; {unit} per device "
           f"(1 {unit} = 10{'⁹' if unit == 'GB' else '⁶'} bytes)")
-    rows = [("weights (fp32)", "weights"), ("gradients (fp32)", "gradients"), ("AdamW state", "optimizer"),
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[a.dtype]
+    rows = [(f"weights (base {short})" if a.lora_rank else "weights (fp32)", "weights"),
+            ("gradients (fp32)", "gradients"), ("AdamW state", "optimizer"),
             ("autocast weight copies", "autocast_copies"), ("activations", "activations"),
             ("logits transient", "logits_transient"), ("one block's activations", "block_activations")]
     w = max(11, 2 + max(len(k) for k in plans))

@@ -5,9 +5,10 @@ gradients and optimizer state shrink from the model's size to the adapters' (a f
 which is what lets a large model be fine-tuned where its full training state would not fit.
 
 A module swap of a finished model, as quantize.py's are: `add_lora` wraps the blocks' nn.Linear layers, the model's
-own code is untouched. A checkpoint stores the merged weights W + (alpha / r) B A (every reader of a run folder
-loads them as any other model's) and, in its training state, the adapters, which a resumed run puts back on its
-base model's weights (train.init_from) to continue exactly.
+own code is untouched; under autocast the frozen weights are held in its precision (`hold_base_in`). A checkpoint
+stores the merged weights W + (alpha / r) B A in float32 (every reader of a run folder loads them as any other
+model's) and, in its training state, the adapters, which a resumed run puts back on its base model's weights
+(train.init_from) to continue exactly.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class LoRALinear(nn.Module):
         return self.base(x) + update * self.scale
 
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A, in W's dtype."""
-        return (self.base.weight.float() + self.scale * (self.lora_b @ self.lora_a)).to(self.base.weight.dtype)
+        """W + (alpha / r) B A, in float32 (the update is small beside W: in bfloat16 much of it would round away)."""
+        return self.base.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> int:
@@ -59,8 +60,14 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) ->
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+def hold_base_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the frozen weights of the adapted layers in `dtype`, the autocast precision (bfloat16, float16), in
+    place: a weight that is never updated needs no float32 master copy, and autocast then has no copy of it to
+    make, so the bulk of a LoRA fine-tune's memory halves again (QLoRA's recipes hold the base so, or lower).
+    The adapters, the embeddings, norms and LM head stay float32."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.base.to(dtype)
 
 
 def adapters(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ from .data import (
 )
 from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
-from .lora import adapters, add_lora, load_adapters, lora_params
+from .lora import adapters, add_lora, hold_base_in, load_adapters, lora_params
 from .model import build_model
 from .optim import config_hyperparameters, fused_adamw, lr_at, make_optimizer, set_lr
 from .parallel import (
@@ -386,6 +386,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     if cfg.lora_rank:  # the base's weights, frozen, under new adapters (a resumed run's are loaded below)
         load_weights(model, init)
         trained = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        if amp_dtype != torch.float32:
+            hold_base_in(model, amp_dtype)
         if info.is_main:
             log.info("LoRA rank %d: training %s of %s parameters", cfg.lora_rank, f"{trained:,}",
                      f"{sum(p.numel() for p in model.parameters()):,}")
@@ -546,7 +548,8 @@ def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, de
                        parallel="fsdp" if sharded else "ddp", dtype=str(amp_dtype).removeprefix("torch."),
                        activation_checkpointing=cfg.activation_checkpointing,
                        fused_optimizer=fused_adamw(device) and not sharded,
-                       trained=lora_params(model_config, cfg.lora_rank) if cfg.lora_rank else None)
+                       trained=lora_params(model_config, cfg.lora_rank) if cfg.lora_rank else None,
+                       half_base=bool(cfg.lora_rank) and amp_dtype != torch.float32)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled and device.type == "cpu" else 1
     who = f"{local} processes of " if local > 1 else ""
     check_fits(plan.peak * local, device, f"training {who}{cfg.batch_size // info.world_size} sequences of "

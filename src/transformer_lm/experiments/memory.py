@@ -122,12 +122,13 @@ def block_activations(c: ModelConfig, b: int, s: int, compute: int) -> int:
 
 def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, world_size: int = 1,
                 parallel: Parallel = "ddp", dtype: str = "bfloat16", activation_checkpointing: bool = False,
-                fused_optimizer: bool = True, trained: int | None = None) -> MemoryPlan:
+                fused_optimizer: bool = True, trained: int | None = None, half_base: bool = False) -> MemoryPlan:
     """Memory per device of training `c` with `batch_size` sequences of `seq_len` tokens (default block_size) per
     device and micro-step, on `world_size` devices under `parallel`, autocast to `dtype` (float32: none).
     `fused_optimizer`: the fused AdamW step of CUDA (False: the foreach step used on CPU, with one temporary).
     `trained`: the parameters trained, where not all are (LoRA's adapters, beside frozen weights: lora.py), which
-    alone have gradients and optimizer state."""
+    alone have gradients and optimizer state; `half_base`: the frozen weights of the blocks' matmuls held in the
+    autocast precision (lora.hold_base_in), which then makes no copies of them."""
     if c.arch != "transformer":
         raise ConfigError(f"the memory planner models Transformer blocks; got arch {c.arch}")
     if dtype not in DTYPE_BYTES:
@@ -150,11 +151,14 @@ def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, wor
     weights = 4 * local + ((2 if mixed else 4) * in_flight if sharded else 0)
     if trained is not None:  # a LoRA fine-tune (DDP only): the frozen weights plus the adapters
         weights += 4 * trained
+    if half_base:
+        weights -= (4 - compute) * (matmul_weights(c) - c.vocab_size * c.n_embd)  # the blocks', not the head's
     learned = local if trained is None else trained
     gradients = 4 * learned + (4 * per_block if sharded else 0)
     optimizer = 8 * learned
     step_temp = 0 if fused_optimizer else 4 * learned
-    autocast = 2 * matmul_weights(c) if compute != 4 and not mixed else 0
+    copied = c.vocab_size * c.n_embd if half_base else matmul_weights(c)  # the blocks' already in that precision
+    autocast = 2 * copied if compute != 4 and not mixed else 0
     block = block_activations(c, b, s, compute)
     outside = b * s * 8 + b * s * c.n_embd * (4 + compute) + b * s * 4 * (2 if c.norm == "layernorm" else 1)
     kept = b * s * c.n_embd * 4 if activation_checkpointing else block  # per block: its fp32 input, or everything

@@ -461,6 +461,9 @@ def test_under_autocast_the_frozen_base_is_held_in_its_precision(base: Path, tmp
     tuned, base_up = load_run(tmp_path / "full", "cpu").model.blocks[0].ffn.up.weight, \
         load_run(base, "cpu").model.blocks[0].ffn.up.weight
     assert torch.allclose(tuned, base_up.bfloat16().float() + 2.0 * b @ a, atol=1e-6)
+    loaded = load_run(tmp_path / "full", "cpu")  # a plain float32 model (a bfloat16 bias made its forward fail)
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert isinstance(loaded.generate("def ", max_new_tokens=4, seed=0), str)
     config = ModelConfig.from_preset("gpt2")
     whole = plan_memory(config, 1, trained=lora_params(config, 8))
     half = plan_memory(config, 1, trained=lora_params(config, 8), half_base=True)

@@ -98,8 +98,8 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state.pop(f"{name}.lora_b")
             state.pop(f"{name}.base.weight")
             state[f"{name}.weight"] = module.merged_weight().detach()
-            if module.base.bias is not None:
-                state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
+            if module.base.bias is not None:  # float32 as the merged weight, held in half or not
+                state[f"{name}.bias"] = state.pop(f"{name}.base.bias").float()
     return state
 
 

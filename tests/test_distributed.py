@@ -97,6 +97,31 @@ def test_ddp_matches_single_process(data: PreparedData, reference: Path, tmp_pat
     assert all(torch.allclose(opt[k]["exp_avg_sq"], ref_opt[k]["exp_avg_sq"], atol=TOL) for k in ref_opt)
 
 
+def test_ddp_lora_fine_tune_on_conversations_matches_single_process(tmp_path: Path):
+    """The newer training paths under DDP: LoRA (frozen weights, adapters synchronised) on conversations (the
+    masked sampler: every rank draws every row, then keeps its share) follow the single-process curve."""
+    corpus = tmp_path / "base.txt"
+    corpus.write_text(make_corpus())
+    base = tmp_path / "base"
+    assert main(["train", str(corpus), "--out", str(base), *ARGS, "--train.max_iters=10"]) == 0
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"alpha {i}"},
+                                                      {"role": "assistant", "content": f"beta {i * 3}"}]}) + "\n"
+                             for i in range(20)))
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>\n{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    args = [chats, "--train.init_from", base, "--chat_template", template, "--train.lora_rank=4", "--train.lr=1e-2",
+            *[a for a in ARGS if not a.startswith("--model.")]]
+    assert main(["train", *map(str, args), "--out", str(tmp_path / "one")]) == 0
+    proc = torchrun(*args, "--out", tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert sorted(got) == list(range(1, 21))
+    assert all(abs(got[s] - ref[s]) <= TOL for s in ref), [(s, got[s] - ref[s]) for s in ref]
+    assert abs(curve(tmp_path / "two", "val_loss")[20] - curve(tmp_path / "one", "val_loss")[20]) <= TOL
+
+
 def test_fsdp_resumes_a_single_process_checkpoint(data: PreparedData, reference: Path, tmp_path: Path):
     """Checkpoints do not depend on the world size: a run paused single-process continues under FSDP2 (each rank
     keeps its shard of the whole optimizer state) on the same loss curve."""

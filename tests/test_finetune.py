@@ -469,3 +469,18 @@ def test_under_autocast_the_frozen_base_is_held_in_its_precision(base: Path, tmp
     half = plan_memory(config, 1, trained=lora_params(config, 8), half_base=True)
     blocks = matmul_weights(config) - config.vocab_size * config.n_embd
     assert whole.weights - half.weights == 2 * blocks and half.autocast_copies == 2 * config.vocab_size * 768
+
+
+def test_accumulated_micro_batches_of_conversations_weigh_every_reply_token_alike(chat_base: Path, tmp_path: Path):
+    """Micro-batches of conversations hold unequal numbers of targets: a step of 2 × 4 rows must equal one of 8 (the
+    same rows: a masked sampler draws them one by one), as when each micro-batch's mean was simply averaged it did
+    not (transformers' gradient-accumulation loss bug of 2024)."""
+    run = load_run(chat_base, "cpu")
+    data = training_data(_chats_file(tmp_path / "chats.jsonl"), run.tokenizer, chat_template=CHATML)
+    one = train(run.model.config, _cfg(init_from=str(chat_base), batch_size=8, max_iters=3, eval_interval=3), data,
+                tmp_path / "one", progress=False)
+    two = train(run.model.config, _cfg(init_from=str(chat_base), batch_size=4, grad_accum=2, max_iters=3,
+                                       eval_interval=3), data, tmp_path / "two", progress=False)
+    a, b = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("one", "two"))
+    assert [r["loss"] for r in a if "loss" in r] == pytest.approx([r["loss"] for r in b if "loss" in r], abs=1e-5)
+    assert one.val.loss == pytest.approx(two.val.loss, abs=1e-5)

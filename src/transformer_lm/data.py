@@ -615,6 +615,10 @@ class BatchSampler:
         else:  # every rank draws every row's start, so that the generators stay in step
             starts = torch.tensor([self._start() for _ in range(self.batch_size)])
         self.batches_drawn += 1
+        # the global batch's targets, which every rank can count (it drew every start): a step's losses are weighted
+        # by them, so that each target counts alike however the rows or micro-batches split them (train.py)
+        self.targets = self.batch_size * self.block_size if self.mask is None else \
+            sum(int(self.mask[s + 1 : s + self.block_size + 1].sum()) for s in starts.tolist())
         x, y = _windows(self.tokens, starts[self.shard].tolist(), self.block_size, self.mask)
         if self.vocab_size is not None:
             check_ids(x, y, self.vocab_size)

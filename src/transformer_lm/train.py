@@ -482,13 +482,18 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             lr = lr_at(step, budget.progress_after(step, elapsed), cfg)
             set_lr(optimizer, lr)
             loss_sum = 0.0
-            for micro in range(cfg.grad_accum):
-                x, y = sampler.next()
+            batches = [(*sampler.next(), sampler.targets) for _ in range(cfg.grad_accum)]
+            targets = sum(n for *_, n in batches)  # of the whole step, all ranks (the same count on each)
+            for micro, (x, y, _) in enumerate(batches):
+                # each micro-batch's mean loss weighted by its share of the step's targets (times the ranks, which
+                # DDP averages over): every target of the step counts alike, also where masked ones (conversations'
+                # context) leave the rows and micro-batches unequal; 1 / grad_accum when every token is a target
+                weight = int((y >= 0).sum()) * info.world_size / targets
                 with gradient_sync(forward, micro == cfg.grad_accum - 1):  # reduce gradients once per step
                     with ctx:
                         loss = forward(x.to(device), y.to(device)).loss
-                    scaler.scale(loss / cfg.grad_accum).backward()
-                loss_sum += loss.item()
+                    scaler.scale(loss * weight).backward()
+                loss_sum += loss.item() * weight
             scaler.unscale_(optimizer)
             grad_norm = clip_grad_norm(model, cfg.grad_clip or float("inf"))
             scaler.step(optimizer)
@@ -497,7 +502,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             step += 1
             tokens += tokens_per_step
             # ranks agree on the loss (global mean), the clock (so time budgets end together) and Ctrl-C
-            train_loss, dt, stop = mean_over_ranks([loss_sum / cfg.grad_accum, time.perf_counter() - t0,
+            train_loss, dt, stop = mean_over_ranks([loss_sum, time.perf_counter() - t0,
                                                     float(sigint["stop"])], info)
             stop = stop > 0
             _check_finite(train_loss, None if scaler.is_enabled() else float(grad_norm), step, lr)

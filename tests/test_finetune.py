@@ -484,3 +484,37 @@ def test_accumulated_micro_batches_of_conversations_weigh_every_reply_token_alik
     a, b = (read_metrics(tmp_path / r / "metrics.jsonl") for r in ("one", "two"))
     assert [r["loss"] for r in a if "loss" in r] == pytest.approx([r["loss"] for r in b if "loss" in r], abs=1e-5)
     assert one.val.loss == pytest.approx(two.val.loss, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", [{}, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+                                       "n_kv_head": 1, "tie_embeddings": False}], ids=["gpt2", "llama"])
+def test_lora_adapters_export_for_peft_on_the_bases_export(arch, tmp_path: Path, capsys):
+    """`tlm export RUN --adapters true`: PEFT's PeftModel, given the base's Hugging Face export and these adapters,
+    computes the logits of our merged fine-tune (our fused qkv adapter as Llama's q/k/v ones)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from conftest import write_run
+    from transformer_lm.interop.hf import export_hf
+
+    config = ModelConfig(**{**SMALL, **arch})
+    base = write_run(tmp_path / "base", config)
+    save_checkpoint(base, random_model(config, std=0.1), {}, 1)
+    other = tmp_path / "other.txt"
+    other.write_text(make_corpus(seed=5))
+    data = training_data(other, load_run(base, "cpu").tokenizer)
+    train(config, _lora(init_from=str(base), max_iters=4, eval_interval=4, lr=3e-2), data, tmp_path / "lora",
+          progress=False)
+    export_hf(base, tmp_path / "hf-base")
+    assert main(["export", str(tmp_path / "lora"), "--out", str(tmp_path / "adapter"), "--adapters", "true"]) == 0
+    assert "PeftModel.from_pretrained" in capsys.readouterr().out
+    hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base"),
+                                        tmp_path / "adapter").eval()
+    ids = torch.from_numpy(data.val[:16].astype(np.int64))[None]
+    ours = load_run(tmp_path / "lora", "cpu").model
+    with torch.no_grad():
+        want, got = ours(ids).logits, hf(ids).logits
+        plain = load_run(base, "cpu").model(ids).logits
+    assert (want - plain).abs().max() > 1e-3  # the adapters changed something
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert main(["export", str(base), "--out", str(tmp_path / "nope"), "--adapters", "true"]) == 2
+    assert "is not a LoRA fine-tune" in capsys.readouterr().err

@@ -374,6 +374,9 @@ def _add_interop_parsers(cmds: dict[str, ArgumentParser]) -> None:
                    help="gpt2, llama, mistral or qwen2 (default: the one the architecture matches).")
     p.add_argument("--dtype", type=str | None, default=None,
                    help="float32, bfloat16 or float16 (default: the checkpoint's dtype).")
+    p.add_argument("--adapters", type=bool, default=False, help="A LoRA fine-tune (train.lora_rank): write only its "
+                   "adapters, as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) for the "
+                   "export of its base run.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace an export of ours in --out.")
 
 
@@ -394,8 +397,12 @@ def cmd_convert(a: Namespace) -> None:
 
 
 def cmd_export(a: Namespace) -> None:
-    from .interop.hf import export_hf
+    from .interop.hf import export_adapters, export_hf
 
+    if a.adapters:
+        out = export_adapters(a.run, a.out, a.family, a.overwrite)
+        print(f"{out}: the LoRA adapters of {a.run} for peft's PeftModel.from_pretrained, on the export of its base")
+        return
     out = export_hf(a.run, a.out, a.family, a.dtype, a.overwrite)
     print(f"{out}: exported {a.run} for transformers' from_pretrained")
 

@@ -518,3 +518,43 @@ def test_lora_adapters_export_for_peft_on_the_bases_export(arch, tmp_path: Path,
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     assert main(["export", str(base), "--out", str(tmp_path / "nope"), "--adapters", "true"]) == 2
     assert "is not a LoRA fine-tune" in capsys.readouterr().err
+    # and back: the adapter merged onto the base is our merged fine-tune
+    assert main(["convert", str(tmp_path / "adapter"), "--base", str(base), "--out", str(tmp_path / "back")]) == 0
+    back = load_run(tmp_path / "back", "cpu").model.state_dict()
+    assert all(torch.allclose(v, back[k], atol=1e-6) for k, v in ours.state_dict().items())
+    assert main(["convert", str(tmp_path / "adapter"), "--out", str(tmp_path / "no-base")]) == 2
+    assert "is a PEFT adapter, not a model: give the run of the model it adapts, --base RUN" in capsys.readouterr().err
+
+
+def test_a_peft_adapter_merges_as_peft_merges_it(tmp_path: Path, capsys):
+    """An adapter PEFT made (q_proj and v_proj only, rsLoRA's scale), merged by `tlm convert --base`:
+    the logits of PeftModel.merge_and_unload()'s model; adapters tlm cannot merge are refused by name."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from conftest import write_run
+    from transformer_lm.interop.hf import export_hf
+
+    config = ModelConfig(**{**SMALL, "pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
+                            "n_kv_head": 1, "tie_embeddings": False})
+    base = write_run(tmp_path / "base", config)
+    save_checkpoint(base, random_model(config, std=0.1), {}, 1)
+    export_hf(base, tmp_path / "hf-base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base")
+    lora = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   use_rslora=True))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    lora.save_pretrained(tmp_path / "adapter")
+    assert main(["convert", str(tmp_path / "adapter"), "--base", str(base), "--out", str(tmp_path / "merged")]) == 0
+    ids = torch.arange(16)[None] % config.vocab_size
+    with torch.no_grad():
+        want = lora.merge_and_unload()(ids).logits
+        got = load_run(tmp_path / "merged", "cpu").model(ids).logits
+        plain = load_run(base, "cpu").model(ids).logits
+    assert (want - plain).abs().max() > 1e-2 and torch.allclose(got, want, atol=1e-4)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    assert main(["convert", str(tmp_path / "adapter"), "--base", str(base), "--out", str(tmp_path / "dora")]) == 2
+    assert "uses use_dora, which tlm does not merge" in capsys.readouterr().err

@@ -364,6 +364,8 @@ def _add_interop_parsers(cmds: dict[str, ArgumentParser]) -> None:
                    help="Cast Hugging Face weights to float32, bfloat16 or float16 (default: keep their dtype).")
     p.add_argument("--tokenizer", type=str | None, default=None,
                    help="llama2.c only: tokenizer.bin or tokenizer.model (default: the one beside the .bin).")
+    p.add_argument("--base", type=str | None, default=None, help="SRC is a PEFT LoRA adapter (a folder or Hub id): "
+                   "the run of the model it adapts, which --out gets with the adapter merged into its weights.")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace a run tlm wrote in --out.")
 
     p = cmds["export"] = ArgumentParser(exit_on_error=False, description="Export a run's latest checkpoint as a "
@@ -381,6 +383,15 @@ def _add_interop_parsers(cmds: dict[str, ArgumentParser]) -> None:
 
 
 def cmd_convert(a: Namespace) -> None:
+    from .interop.peft import import_adapters, is_adapter_folder
+
+    if a.base is not None:
+        out = import_adapters(a.src, a.base, a.out, a.overwrite)
+        print(f"{out}: {a.base} with the LoRA adapter {a.src} merged; try `tlm sample {out}`")
+        return
+    if is_adapter_folder(a.src):
+        raise ConfigError(f"{a.src} is a PEFT adapter, not a model: give the run of the model it adapts, --base RUN "
+                          "(tlm convert that model first)")
     if Path(a.src).is_file() and a.src.endswith(".bin"):
         from .interop.llama2c import import_llama2c
 
@@ -397,7 +408,8 @@ def cmd_convert(a: Namespace) -> None:
 
 
 def cmd_export(a: Namespace) -> None:
-    from .interop.hf import export_adapters, export_hf
+    from .interop.hf import export_hf
+    from .interop.peft import export_adapters
 
     if a.adapters:
         out = export_adapters(a.run, a.out, a.family, a.overwrite)

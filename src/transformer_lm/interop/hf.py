@@ -509,63 +509,6 @@ def export_hf(run: str | Path, out: str | Path, family: str | None = None, dtype
     return out
 
 
-PEFT_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
-                "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-"""The HF modules PEFT adapts where lora.py adapts a block's linear layers (our fused qkv is Llama's q/k/v)."""
-
-
-def is_adapter_export(folder: Path) -> bool:
-    """Whether `folder` holds an adapter export of ours (EXPORT_METADATA in its adapter_model.safetensors)."""
-    try:
-        with safe_open(folder / "adapter_model.safetensors", "pt") as f:
-            return (f.metadata() or {}).get("exported_by") == EXPORT_METADATA["exported_by"]
-    except (OSError, SafetensorError):
-        return False
-
-
-def export_adapters(run: str | Path, out: str | Path, family: str | None = None, overwrite: bool = False) -> Path:
-    """Write the LoRA adapters of a run fine-tuned with train.lora_rank as a PEFT adapter folder
-    (adapter_config.json + adapter_model.safetensors) that `peft.PeftModel.from_pretrained` puts on the Hugging Face
-    export of the base run (`tlm export BASE`), and that vLLM and TGI serve beside it. Our fused qkv adapter is
-    Llama's three, each with the same A and its rows of B (B A's rows are q's, k's and v's updates); GPT-2's Conv1D
-    layers take A and B as they are (fan_in_fan_out)."""
-    from ..api import read_run_config
-    from ..checkpoint import latest_checkpoint, load_state
-
-    run, out = Path(run), Path(out)
-    config, c = read_run_config(run)
-    train = config.get("train") or {}
-    folder = latest_checkpoint(run)
-    if not train.get("lora_rank") or folder is None:
-        raise ConversionError(f"{run} is not a LoRA fine-tune with a checkpoint (train.lora_rank); export the whole "
-                              f"model instead: tlm export {run} --out DIR")
-    state = load_state(folder)
-    if "lora" not in state:
-        raise CheckpointError(f"{folder / 'state.pt'} holds no LoRA adapters: a damaged checkpoint")
-    family = family or infer_family(c)
-    check_representable(c, family)  # what the base's export needs: the adapters fit it alone
-    rows, keys = _qkv_sizes(c), PEFT_TARGETS["gpt2" if family == "gpt2" else "llama"]
-    tensors = {}
-    for hf_key, ours, transform in expand_keys(family, c.n_layer):
-        layer = ours.removesuffix(".weight")
-        if f"{layer}.lora_a" not in state["lora"] or not hf_key.endswith(".weight"):
-            continue
-        a, b = state["lora"][f"{layer}.lora_a"], state["lora"][f"{layer}.lora_b"]
-        if transform in rows:
-            b = b[slice(*rows[transform])]
-        module = f"base_model.model.{hf_key.removesuffix('.weight')}"
-        tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a.clone(), b.clone()  # q, k, v: one A
-    adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": train["lora_rank"],
-                      "lora_alpha": train.get("lora_alpha", 16.0), "lora_dropout": train.get("lora_dropout", 0.0),
-                      "target_modules": keys, "bias": "none", "fan_in_fan_out": family == "gpt2",
-                      "base_model_name_or_path": str(train.get("init_from")), "inference_mode": True}
-    check_out(out, overwrite, [run], ours=is_adapter_export, what="an adapter export")
-    with staged_dir(out, overwrite) as tmp:
-        save_tensors(tensors, tmp / "adapter_model.safetensors", metadata=EXPORT_METADATA)
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-    return out
-
-
 def _dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None

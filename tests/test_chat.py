@@ -325,14 +325,18 @@ def test_openais_client_chats(client, chat_run):
 def test_tlm_chat_keeps_the_conversation(chat_run, monkeypatch, capsys, tmp_path):
     import io
 
-    monkeypatch.setattr("sys.stdin", io.StringIO("def alpha(beta):\n\nx = [1, 2]\n"))
-    assert main(["chat", str(chat_run.path), "--system", "Be brief.", "--greedy", "true",
+    monkeypatch.setattr("sys.stdin", io.StringIO("def alpha(beta):\n\nx = [1, 2]\n/reset\nx = [1, 2]\n"))
+    assert main(["chat", str(chat_run.path), "--system", "Be brief.", "--temperature", "0.8", "--seed", "5",
                  "--max_new_tokens", "6"]) == 0
     out = capsys.readouterr().out
-    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def alpha(beta):"}]
-    first = chat_run.chat(chat, greedy=True, max_new_tokens=6)
+    system = [{"role": "system", "content": "Be brief."}]
+    chat = [*system, {"role": "user", "content": "def alpha(beta):"}]
+    first = chat_run.chat(chat, temperature=0.8, seed=5, max_new_tokens=6)
     chat += [{"role": "assistant", "content": first}, {"role": "user", "content": "x = [1, 2]"}]
-    assert out == f"{first}\n{chat_run.chat(chat, greedy=True, max_new_tokens=6)}\n"  # the blank line is no turn
+    second = chat_run.chat(chat, temperature=0.8, seed=6, max_new_tokens=6)  # the blank line is no turn
+    third = chat_run.chat([*system, {"role": "user", "content": "x = [1, 2]"}], temperature=0.8, seed=7,
+                          max_new_tokens=6)  # after /reset: the conversation from its system message
+    assert out == f"{first}\n{second}\n{third}\n"
     base = tmp_path / "base"
     base.mkdir()
     for f in chat_run.path.iterdir():

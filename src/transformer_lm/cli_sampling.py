@@ -69,7 +69,8 @@ CHAT_TEMPLATE_HELP = ("A Jinja chat template file (the format of transformers' c
 
 def add_chat_parser(cmds: dict[str, ArgumentParser]) -> None:
     p = cmds["chat"] = sampling_parser("Chat with a chat model (an imported instruction-tuned one, or any run given "
-                                       "--chat_template): each line read is your turn, the reply streams after it.")
+                                       "--chat_template): each line read is your turn, the reply streams after it; "
+                                       "a line /reset starts over.")
     p.add_argument("--system", type=str | None, default=None, help="A system message to start the conversation.")
     p.add_argument("--chat_template", type=str | None, default=None, help=CHAT_TEMPLATE_HELP)
 
@@ -77,7 +78,8 @@ def add_chat_parser(cmds: dict[str, ArgumentParser]) -> None:
 def cmd_chat(a: Namespace) -> None:
     """A conversation on the terminal (or over a pipe: each line of standard input one turn), kept whole: each
     reply is generated from the whole conversation so far in the run's chat template, ending at its end-of-turn
-    token. Reply i is seeded with --seed + i, so a seeded conversation repeats."""
+    token. Reply i is seeded with --seed + i, so a seeded conversation repeats. A line "/reset" starts the
+    conversation over (from the system message)."""
     import dataclasses
     import sys
 
@@ -88,19 +90,23 @@ def cmd_chat(a: Namespace) -> None:
     run = load_for_sampling(a)
     if template is not None:
         run.chat_template = template
-    messages = [{"role": "system", "content": a.system}] if a.system else []
-    run.chat_prompt([*messages, {"role": "user", "content": ""}])  # no template, or one refusing this: say so now
+    start = [{"role": "system", "content": a.system}] if a.system else []
+    run.chat_prompt([*start, {"role": "user", "content": ""}])  # no template, or one refusing this: say so now
     cfg = run.sample_config(cfg)
     tty = sys.stdin.isatty()
     if tty:
-        print(f"chatting with {run.path} (Ctrl-D to end)", file=sys.stderr)
-    for turn in range(sys.maxsize):
+        print(f"chatting with {run.path} (/reset starts over, Ctrl-D ends)", file=sys.stderr)
+    messages, turn = list(start), 0
+    while True:
         if tty:
             print("> ", end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
         if not line:
             break
         if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            messages = list(start)
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
         text, ids = run.chat_prompt(messages)
@@ -112,6 +118,7 @@ def cmd_chat(a: Namespace) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
+        turn += 1
 
 
 def add_serve_parser(cmds: dict[str, ArgumentParser]) -> None:

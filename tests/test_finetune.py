@@ -558,3 +558,29 @@ def test_a_peft_adapter_merges_as_peft_merges_it(tmp_path: Path, capsys):
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
     assert main(["convert", str(tmp_path / "adapter"), "--base", str(base), "--out", str(tmp_path / "dora")]) == 2
     assert "uses use_dora, which tlm does not merge" in capsys.readouterr().err
+
+
+def test_tlm_prepare_makes_a_fine_tunes_data_with_the_runs_tokenizer(chat_base: Path, tmp_path: Path, capsys):
+    """Prepared once (as torchrun's ranks want it), conversations or text, with the tokenizer (and template) of the
+    run to fine-tune: `tlm train FOLDER --train.init_from RUN` takes it, and the run keeps the template."""
+    chats = _chats_file(tmp_path / "chats.jsonl")
+    assert main(["prepare", str(chats), "--out", str(tmp_path / "chat-data"), "--tokenizer_from", str(chat_base)]) == 0
+    assert "22 + 2 conversations" in capsys.readouterr().out
+    run = load_run(chat_base, "cpu")
+    direct = training_data(chats, run.tokenizer, chat_template=CHATML)
+    from transformer_lm.data import load_prepared
+
+    prepared = load_prepared(tmp_path / "chat-data")
+    assert np.array_equal(prepared.train, direct.train) and np.array_equal(prepared.train_mask, direct.train_mask)
+    common = ["--train.max_iters", "2", "--train.batch_size", "2", "--train.eval_interval", "2",
+              "--train.eval_batches", "1"]
+    assert main(["train", str(tmp_path / "chat-data"), "--train.init_from", str(chat_base), "--out",
+                 str(tmp_path / "sft"), *common]) == 0
+    assert load_run(tmp_path / "sft", "cpu").chat_template == CHATML
+    text = tmp_path / "text.txt"
+    text.write_text(make_corpus(seed=3))
+    assert main(["prepare", str(text), "--out", str(tmp_path / "text-data"), "--tokenizer_from", str(chat_base)]) == 0
+    assert main(["train", str(tmp_path / "text-data"), "--train.init_from", str(chat_base), "--out",
+                 str(tmp_path / "ft"), *common]) == 0
+    assert main(["prepare", str(chats), "--out", str(tmp_path / "x"), "--tokenizer", "char"]) == 2
+    assert "holds conversations: give the chat template" in capsys.readouterr().err

@@ -59,6 +59,10 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("--val_fraction", type=float, default=0.1, help="Fraction of the text held out for validation.")
     p.add_argument("--workers", type=int | None, default=None,
                    help="Tokenizer processes (default: all cores); never more than one per 2^20 characters of text.")
+    p.add_argument("--tokenizer_from", type=str | None, default=None, help="A run folder whose tokenizer to use "
+                   "(a fine-tune's data: that of --train.init_from's run), instead of --tokenizer.")
+    p.add_argument("--chat_template", type=str | None, default=None, help="Conversations (one .jsonl file): the chat "
+                   "template to render them in (default: --tokenizer_from's run's).")
     p.add_argument("--overwrite", type=bool, default=False, help="Replace the prepared data already in --out.")
 
     p = cmds["train"] = ArgumentParser(exit_on_error=False, description="Train a model (default data: the Python "
@@ -182,11 +186,35 @@ def _saved_settings(run: Path) -> dict[str, Any]:
 
 
 def cmd_prepare(a: Namespace) -> None:
-    from .data import prepare, read_sources, resolve_sources
-    from .tokenizers import build_tokenizer
+    from .chat import read_chat_template
+    from .data import is_chat_file, prepare, prepare_chats, read_sources, resolve_sources
+    from .tokenizers import ByteTokenizer, build_tokenizer, load_tokenizer
 
+    given = None
+    if a.tokenizer_from is not None:
+        from .api import read_run_config
+
+        read_run_config(a.tokenizer_from)  # not a run folder: said so (a Hugging Face one: convert it first)
+        given = load_tokenizer(Path(a.tokenizer_from) / "tokenizer.json")
+    if len(a.sources) == 1 and is_chat_file(a.sources[0]):
+        template = read_template_file(a.chat_template) if a.chat_template else \
+            read_chat_template(a.tokenizer_from) if a.tokenizer_from else None
+        if template is None:
+            raise ConfigError(f"{a.sources[0]} holds conversations: give the chat template to render them in "
+                              "(--chat_template FILE, or --tokenizer_from a run that has one)")
+        if given is None and a.tokenizer != "byte":
+            raise ConfigError("conversations are tokenized with a run's tokenizer (--tokenizer_from RUN) or the byte "
+                              f"one; --tokenizer {a.tokenizer} would be trained on them first")
+        tok = given or ByteTokenizer()
+        m = prepare_chats(a.sources[0], a.out, tok, template, a.val_fraction, a.overwrite)
+        print(f"{a.out}: {m['train_conversations']:,} + {m['val_conversations']:,} conversations, "
+              f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['train_learned_tokens']:,} + "
+              f"{m['val_learned_tokens']:,} of them the assistant's), {tok.kind} tokenizer")
+        return
+    if a.chat_template is not None:
+        raise ConfigError("--chat_template applies to conversations (one .jsonl file); drop it for text")
     sources = resolve_sources(a.sources)
-    tok = build_tokenizer(a.tokenizer, read_sources(sources), a.vocab_size, a.gpt2_dir)
+    tok = given or build_tokenizer(a.tokenizer, read_sources(sources), a.vocab_size, a.gpt2_dir)
     m = prepare(sources, Path(a.out), tok, a.val_fraction, a.workers, a.overwrite)
     print(f"{a.out}: {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['dtype']}), "
           f"{tok.kind} tokenizer with {tok.vocab_size:,} ids")

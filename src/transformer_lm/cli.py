@@ -383,7 +383,8 @@ def _gib(n: int) -> str:
 
 def _add_interop_parsers(cmds: dict[str, ArgumentParser]) -> None:
     p = cmds["convert"] = ArgumentParser(exit_on_error=False, description="Import a model into a run folder: a "
-                                         "Hugging Face folder (gpt2, llama, mistral, qwen2) or a llama2.c .bin file.")
+                                         "Hugging Face folder (gpt2, llama, mistral, qwen2) or a llama2.c .bin file; "
+                                         "or merge a PEFT LoRA adapter onto a run (--base).")
     p.add_argument("src", type=str, help="Hugging Face model folder (config.json, safetensors, tokenizer.json), a "
                    "Hugging Face Hub model id (ORG/NAME: downloaded, with pip install huggingface_hub), or a "
                    "llama2.c .bin checkpoint.")

@@ -462,8 +462,11 @@ def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
             if not mask[1:].any():
                 raise DataError(f"the {split} split of {path} has no assistant turn to learn; add conversations with "
                                 "replies")
-            ids.tofile(tmp / f"{split}.bin")
-            mask.tofile(tmp / f"{split}.mask.bin")
+            for name, array in ((f"{split}.bin", ids), (f"{split}.mask.bin", mask)):
+                with open(tmp / name, "wb") as f:  # on disk before the manifest names them, as prepare's
+                    f.write(array.tobytes())
+                    f.flush()
+                    os.fsync(f.fileno())
             counts[split] = (len(ids), tokenizer.num_bytes(ids.tolist()), int(mask.sum()), len(part))
         save_tokenizer(tokenizer, tmp / "tokenizer.json")
         (tmp / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
@@ -476,7 +479,10 @@ def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
             "sources": [{"path": str(path.resolve()), "bytes": path.stat().st_size}],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
         replace_dir(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -389,16 +389,21 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
             "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in sources],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        replace_dir(tmp, out_dir, overwrite)
+        _commit(tmp, out_dir, manifest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("prepared %s: %d train / %d val tokens", out_dir, tokens["train"], tokens["val"])
     return manifest
+
+
+def _commit(tmp: Path, out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
+    """Write the manifest last, on disk, and put the prepared folder in place (replace_dir)."""
+    with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    replace_dir(tmp, out_dir, overwrite)
 
 
 def is_chat_file(path: str | os.PathLike | None) -> bool:
@@ -479,11 +484,7 @@ def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
             "sources": [{"path": str(path.resolve()), "bytes": path.stat().st_size}],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        replace_dir(tmp, out_dir, overwrite)
+        _commit(tmp, out_dir, manifest, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

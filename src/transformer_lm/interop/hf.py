@@ -411,10 +411,10 @@ EXPORT_METADATA = {"format": "pt", "exported_by": "transformer-lm"}
 folder it may replace from a Hugging Face model's (config.json and model.safetensors, but not ours to delete)."""
 
 
-def is_export(folder: Path) -> bool:
-    """Whether `folder` holds an export of ours (EXPORT_METADATA in its model.safetensors header)."""
+def is_export(folder: Path, weights: str = "model.safetensors") -> bool:
+    """Whether `folder` holds an export of ours (EXPORT_METADATA in the header of its `weights` file)."""
     try:
-        with safe_open(folder / "model.safetensors", "pt") as f:
+        with safe_open(folder / weights, "pt") as f:
             return (f.metadata() or {}).get("exported_by") == EXPORT_METADATA["exported_by"]
     except (OSError, SafetensorError):
         return False

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..chat import CHAT_TEMPLATE_FILE
@@ -25,7 +25,7 @@ from ..checkpoint import check_out, latest_checkpoint, load_state, save_checkpoi
 from ..config import dump_json
 from ..errors import CheckpointError, ConversionError
 from ..tokenizers import save_tokenizer
-from .hf import EXPORT_METADATA, _qkv_sizes, check_representable, expand_keys, hub_folder, infer_family
+from .hf import EXPORT_METADATA, _qkv_sizes, check_representable, expand_keys, hub_folder, infer_family, is_export
 
 PEFT_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
                 "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -34,11 +34,7 @@ PEFT_TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
 
 def is_adapter_export(folder: Path) -> bool:
     """Whether `folder` holds an adapter export of ours (EXPORT_METADATA in its adapter_model.safetensors)."""
-    try:
-        with safe_open(folder / "adapter_model.safetensors", "pt") as f:
-            return (f.metadata() or {}).get("exported_by") == EXPORT_METADATA["exported_by"]
-    except (OSError, SafetensorError):
-        return False
+    return is_export(folder, "adapter_model.safetensors")
 
 
 def export_adapters(run: str | Path, out: str | Path, family: str | None = None, overwrite: bool = False) -> Path:

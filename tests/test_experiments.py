@@ -17,7 +17,8 @@ from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import ConfigError, DataError
 from transformer_lm.experiments import attention as attn
 from transformer_lm.experiments import planner
-from transformer_lm.train import train, training_data
+from transformer_lm.train import train
+from transformer_lm.train_data import training_data
 
 # GPT-3 175B (Brown et al. 2020, Table 2.1): 96 layers, d_model 12288, 96 heads, context 2048, GPT-2 vocabulary.
 GPT3_175B = ModelConfig(vocab_size=50257, block_size=2048, n_layer=96, n_head=96, n_embd=12288)

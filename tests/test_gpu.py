@@ -14,7 +14,8 @@ from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.generate import generate
 from transformer_lm.loss import linear_cross_entropy
 from transformer_lm.model import Transformer
-from transformer_lm.train import read_metrics, train, training_data
+from transformer_lm.train import read_metrics, train
+from transformer_lm.train_data import training_data
 
 pytestmark = pytest.mark.gpu
 

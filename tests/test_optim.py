@@ -14,7 +14,8 @@ from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import CheckpointError, ConfigError
 from transformer_lm.model import Transformer
 from transformer_lm.optim import BatchedMuon, MuonAdamW, config_hyperparameters, lr_at, make_optimizer
-from transformer_lm.train import Budget, read_metrics, train, training_data
+from transformer_lm.train import Budget, read_metrics, train
+from transformer_lm.train_data import training_data
 
 SMALL = dict(block_size=32, n_layer=2, n_head=2, n_embd=32)
 needs_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")

@@ -13,7 +13,8 @@ from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import ConfigError
 from transformer_lm.model import Transformer, build_model
 from transformer_lm.parallel import DistInfo, parallelize
-from transformer_lm.train import read_metrics, train, training_data
+from transformer_lm.train import read_metrics, train
+from transformer_lm.train_data import training_data
 
 MODEL = dict(vocab_size=64, n_layer=3, n_head=2, n_embd=32, block_size=16)
 

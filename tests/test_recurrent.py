@@ -23,7 +23,8 @@ from transformer_lm.model import Transformer, build_model
 from transformer_lm.quantize import quantize
 from transformer_lm.recurrent import RecurrentLM
 from transformer_lm.speculative import speculative_generate
-from transformer_lm.train import train, training_data
+from transformer_lm.train import train
+from transformer_lm.train_data import training_data
 
 VARIANTS = [("lstm", True), ("lstm", False), ("rnn", True), ("rnn", False)]
 
@@ -239,7 +240,7 @@ def test_activation_checkpointing_of_a_recurrent_model_is_refused_before_the_dat
     def prepare(*args, **kwargs):
         raise AssertionError("the data was prepared first")
 
-    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "training_data", prepare)
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train_data"), "training_data", prepare)
     code, out, err = tlm(capsys, "train", corpus_file, "--out", tmp_path / "run", "--tokenizer", "char",
                          "--model.arch", "rnn", "--train.activation_checkpointing", "true")
     assert code == 2 and err.count("\n") == 1, err

@@ -18,7 +18,8 @@ from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.experiments import report
 from transformer_lm.experiments.plotting import figure, save_png
 from transformer_lm.model import Transformer
-from transformer_lm.train import train, training_data
+from transformer_lm.train import train
+from transformer_lm.train_data import training_data
 
 
 @pytest.fixture(scope="module")

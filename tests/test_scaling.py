@@ -191,7 +191,7 @@ def test_a_sweep_that_cannot_run_is_refused_before_its_data_is_prepared(tmp_path
     """An unavailable --device and another sweep's --out were refused only after the corpus was tokenized (12 s for
     the default stdlib corpus here, far longer for a large one)."""
     prepared = []
-    monkeypatch.setattr(importlib.import_module("transformer_lm.train"), "training_data",
+    monkeypatch.setattr(importlib.import_module("transformer_lm.train_data"), "training_data",
                         lambda *a, **kw: prepared.append(a))
     out = tmp_path / "sweep"
     out.mkdir()

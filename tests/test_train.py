@@ -22,7 +22,8 @@ from transformer_lm.config import ModelConfig, TrainConfig
 from transformer_lm.errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
 from transformer_lm.model import Transformer
 from transformer_lm.optim import lr_at
-from transformer_lm.train import Budget, _eval_bytes_per_token, plot_losses, read_metrics, train, training_data
+from transformer_lm.train import Budget, _eval_bytes_per_token, plot_losses, read_metrics, train
+from transformer_lm.train_data import training_data
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
 
@@ -180,12 +181,12 @@ def test_raw_text_is_prepared_once_and_again_after_any_edit(tmp_path: Path):
 
 def test_a_cache_entry_of_an_older_preparation_is_not_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Entries prepared before a change to how text becomes ids (session 14's chunk cut) were trained on as they
-    were: the key carries train.CACHE_VERSION, so an entry written under another version is prepared again."""
+    were: the key carries train_data.CACHE_VERSION, so an entry written under another version is prepared again."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("abcdefgh" * 100)
     old = training_data(corpus, "char")
-    train_module = sys.modules["transformer_lm.train"]  # the package's `train` is the function
-    monkeypatch.setattr(train_module, "CACHE_VERSION", train_module.CACHE_VERSION + 1)
+    data_module = sys.modules["transformer_lm.train_data"]
+    monkeypatch.setattr(data_module, "CACHE_VERSION", data_module.CACHE_VERSION + 1)
     new = training_data(corpus, "char")
     assert new.path != old.path and old.path.is_dir()  # the old entry is left for the runs that recorded it
     assert new.train.tolist() == old.train.tolist()

@@ -11,7 +11,8 @@ from .data import load_prepared, prepare
 from .errors import CheckpointError, ConfigError, DataError, DivergenceError, RunExistsError, TLMError, TokenizerError
 from .model import KVCache, Transformer
 from .tokenizers import build_tokenizer, load_tokenizer
-from .train import train, training_data
+from .train import train
+from .train_data import training_data
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DivergenceError", "KVCache", "ModelConfig", "Run", "RunExistsError",

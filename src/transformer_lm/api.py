@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .chat import chat_tokens, encode_rendered, read_chat_template, render_chat
+from .chat import encode_rendered, read_chat_template, render_chat
+from .chat_data import encode_chats, is_chat_file, joined
 from .checkpoint import checkpoint_step, is_sharded, latest_checkpoint, load_weights, write_weights
 from .config import ModelConfig, SampleConfig
-from .data import encode_sources, is_chat_file, is_prepared, load_prepared, read_chats, resolve_sources
+from .data import encode_sources, is_prepared, load_prepared, resolve_sources
 from .decode import DecodeStats
 from .errors import ChatError, CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
@@ -142,14 +143,12 @@ class Run:
     def evaluate(self, data: str | Path, batch_size: int = 8) -> EvalResult:
         """Loss, perplexity and bits per byte on a text file, folder or glob, tokenized as `tlm prepare` does (an
         end-of-text between files), or on the val split of a folder `tlm prepare` wrote with this run's tokenizer.
-        Of conversations (a .jsonl file, or a folder data.prepare_chats wrote), the assistant's replies are scored,
+        Of conversations (a .jsonl file, or a folder chat_data.prepare_chats wrote), the assistant's replies are scored,
         in the context of the turns before them (rendered in the run's chat template)."""
         if is_chat_file(data):
             if self.chat_template is None:
                 raise ChatError(f"{data} holds conversations, and {self.path} has no chat template to render them in")
-            encoded = [chat_tokens(self.chat_template, chat, self.tokenizer) for chat in read_chats(Path(data))]
-            ids = np.array([i for chat_ids, _ in encoded for i in chat_ids], dtype=np.int64)
-            mask = np.array([m for _, chat_mask in encoded for m in chat_mask], dtype=np.uint8)
+            ids, mask = joined(encode_chats(Path(data), self.chat_template, self.tokenizer), np.dtype(np.int64))
             return self._evaluate_replies(ids, mask, batch_size)
         if is_prepared(data):
             prepared = load_prepared(data)

@@ -187,8 +187,9 @@ def _saved_settings(run: Path) -> dict[str, Any]:
 
 def cmd_prepare(a: Namespace) -> None:
     from .chat import read_chat_template
-    from .data import is_chat_file, prepare, prepare_chats, read_sources, resolve_sources
-    from .tokenizers import ByteTokenizer, build_tokenizer, load_tokenizer
+    from .chat_data import chat_tokenizer, is_chat_file, prepare_chats
+    from .data import prepare, read_sources, resolve_sources
+    from .tokenizers import build_tokenizer, load_tokenizer
 
     given = None
     if a.tokenizer_from is not None:
@@ -202,10 +203,7 @@ def cmd_prepare(a: Namespace) -> None:
         if template is None:
             raise ConfigError(f"{a.sources[0]} holds conversations: give the chat template to render them in "
                               "(--chat_template FILE, or --tokenizer_from a run that has one)")
-        if given is None and a.tokenizer != "byte":
-            raise ConfigError("conversations are tokenized with a run's tokenizer (--tokenizer_from RUN) or the byte "
-                              f"one; --tokenizer {a.tokenizer} would be trained on them first")
-        tok = given or ByteTokenizer()
+        tok = chat_tokenizer(given, a.tokenizer)
         m = prepare_chats(a.sources[0], a.out, tok, template, a.val_fraction, a.overwrite)
         print(f"{a.out}: {m['train_conversations']:,} + {m['val_conversations']:,} conversations, "
               f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['train_learned_tokens']:,} + "
@@ -222,10 +220,11 @@ def cmd_prepare(a: Namespace) -> None:
 
 def cmd_train(a: Namespace) -> int:
     from .chat import read_chat_template
-    from .data import is_chat_file
+    from .chat_data import is_chat_file
     from .parallel import dist_from_env
     from .runtime import resolve_device
-    from .train import check_resumable, check_settings, resumed_data, train, training_data
+    from .train import check_resumable, check_settings, train
+    from .train_data import resumed_data, training_data
 
     for key in ("model", "train"):  # a --config file may set a section to null or a list
         if not isinstance(a.get(key), Namespace):

@@ -208,7 +208,7 @@ def _scaling_parser() -> ArgumentParser:
 def cmd_scaling(a: Namespace) -> None:
     from .experiments.scaling import ScalingConfig, check_sweep, render_summary, run_scaling
     from .runtime import resolve_device
-    from .train import training_data
+    from .train_data import training_data
 
     cfg = config_from(ScalingConfig, a)
     resolve_device(cfg.device)  # an unavailable device and another sweep's --out: before the data is prepared

@@ -2,8 +2,8 @@
 
 `prepare` streams text files through a tokenizer in worker processes into nanoGPT's format: two flat arrays of
 raw token ids, `train.bin` and `val.bin` (read back with `np.memmap`), beside `tokenizer.json` and a
-`manifest.json` with the counts. `prepare_chats` writes conversations (JSON Lines) in the same format, rendered in a
-chat template, with a mask per split of the tokens to learn (the assistant's replies). `BatchSampler` draws random
+`manifest.json` with the counts (chat_data.py writes conversations in the same format, with a mask per split of the
+tokens to learn, which `load_prepared` reads and the batches apply). `BatchSampler` draws random
 training windows from a position that a checkpoint saves and restores exactly; `iter_eval_batches` walks a split the
 same way every time, for evaluation.
 """
@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .chat import CHAT_TEMPLATE_FILE, chat_tokens, read_chat_template
+from .chat import read_chat_template
 from .checkpoint import check_out, replace_dir
-from .errors import ChatError, ConfigError, DataError, TLMError
+from .errors import ConfigError, DataError, TLMError
 from .tokenizers import Tokenizer, load_tokenizer, save_tokenizer, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -306,7 +306,7 @@ def count_chars(path: Path) -> int:
         raise DataError(f"cannot read data file {path} ({e.strerror}); check the path and its permissions") from None
 
 
-def _out_folder(out_dir: Path) -> Path:
+def out_folder(out_dir: Path) -> Path:
     """`out_dir` resolved, as `prepare` replaces it whole by renames: a symlink's target is replaced, not the link
     (which became a plain folder on the link's disk, the old data left behind a hidden link); never the working
     directory or a folder above it (`--out .` had no name to put the hidden folder beside)."""
@@ -338,7 +338,7 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}; leave it unset to use every CPU")
-    out_dir = _out_folder(Path(out_dir))
+    out_dir = out_folder(Path(out_dir))
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir} exists and is not a folder; choose a new or empty output folder")
     if isinstance(sources, (str, os.PathLike)):  # one path was read as a list of one-letter file names
@@ -389,7 +389,8 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
             "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in sources],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _commit(tmp, out_dir, manifest, overwrite)
+        write_manifest(tmp, manifest)
+        replace_dir(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -397,100 +398,12 @@ def prepare(sources: str | os.PathLike | Sequence[str | os.PathLike], out_dir: s
     return manifest
 
 
-def _commit(tmp: Path, out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> None:
-    """Write the manifest last, on disk, and put the prepared folder in place (replace_dir)."""
-    with open(tmp / "manifest.json", "w", encoding="utf-8") as f:
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """The manifest, on disk: written last, it marks the folder complete (is_prepared)."""
+    with open(folder / "manifest.json", "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-    replace_dir(tmp, out_dir, overwrite)
-
-
-def is_chat_file(path: str | os.PathLike | None) -> bool:
-    """Whether `path` names a file of conversations (JSON Lines, one {"messages": [...]} per line), which
-    prepare_chats reads, rather than text."""
-    return path is not None and str(path).endswith(".jsonl") and Path(path).is_file()
-
-
-def read_chats(path: Path) -> list[list[dict[str, Any]]]:
-    """The conversations of a JSON Lines file: each non-empty line an object with a "messages" list of {"role",
-    "content"} (OpenAI's fine-tuning format, and Hugging Face chat datasets' "messages" column)."""
-    chats = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read the conversations in {path} ({e}); give a UTF-8 JSON Lines file") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"{path}:{n} is not JSON ({e}); each line must be one conversation") from None
-        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-            raise DataError(f"{path}:{n} has no \"messages\" list; each line must be {{\"messages\": [{{\"role\": "
-                            f"..., \"content\": ...}}, ...]}}")
-        chats.append(row["messages"])
-    return chats
-
-
-def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Tokenizer, template: str,
-                  val_fraction: float = 0.1, overwrite: bool = False) -> dict[str, Any]:
-    """Conversations (read_chats) into `out_dir` for supervised fine-tuning: each one rendered in the chat template
-    `template` and encoded (chat.chat_tokens), back to back, into train.bin / val.bin as `prepare` writes them, with
-    train.mask.bin / val.mask.bin beside them (one byte per token: 1 where the token is the assistant's, which
-    training learns and evaluation scores; the rest is context only) and the template as chat_template.jinja. The
-    last val_fraction of the conversations (at least one) are the val split. Written atomically, as `prepare`."""
-    path, out_dir = Path(path), _out_folder(Path(out_dir))
-    if not 0 < val_fraction < 1:
-        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
-    check_out(out_dir, overwrite, [path], ours=is_prepared, what="prepared data")
-    chats = read_chats(path)
-    if len(chats) < 2:
-        raise DataError(f"{path} holds {len(chats)} conversation(s); a train and a val split need at least 2")
-    encoded = []
-    for n, chat in enumerate(chats):
-        try:
-            encoded.append(chat_tokens(template, chat, tokenizer))
-        except ChatError as e:
-            raise ChatError(f"{path}: conversation {n + 1}: {e}") from None
-    n_val = max(1, round(len(chats) * val_fraction))
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
-        counts = {}
-        for split, part in (("train", encoded[:-n_val]), ("val", encoded[-n_val:])):
-            ids = np.array([i for chat_ids, _ in part for i in chat_ids], dtype=dtype)
-            mask = np.array([m for _, chat_mask in part for m in chat_mask], dtype=np.uint8)
-            if not mask[1:].any():
-                raise DataError(f"the {split} split of {path} has no assistant turn to learn; add conversations with "
-                                "replies")
-            for name, array in ((f"{split}.bin", ids), (f"{split}.mask.bin", mask)):
-                with open(tmp / name, "wb") as f:  # on disk before the manifest names them, as prepare's
-                    f.write(array.tobytes())
-                    f.flush()
-                    os.fsync(f.fileno())
-            counts[split] = (len(ids), tokenizer.num_bytes(ids.tolist()), int(mask.sum()), len(part))
-        save_tokenizer(tokenizer, tmp / "tokenizer.json")
-        (tmp / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
-        manifest = {
-            "format": MANIFEST_FORMAT, "masked": True,
-            "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}, "dtype": dtype.name,
-            **{f"{split}_{k}": c[i] for split, c in counts.items()
-               for i, k in enumerate(("tokens", "bytes", "learned_tokens", "conversations"))},
-            "val_fraction": val_fraction,
-            "sources": [{"path": str(path.resolve()), "bytes": path.stat().st_size}],
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        _commit(tmp, out_dir, manifest, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("prepared %s: %d conversations, %d train / %d val tokens (%d / %d the assistant's)", out_dir, len(chats),
-             counts["train"][0], counts["val"][0], counts["train"][2], counts["val"][2])
-    return manifest
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -509,7 +422,7 @@ class PreparedData:
     path: Path
     """The prepared folder, recorded in a run's config so that --resume finds the same data."""
     train_mask: np.memmap | None = None
-    """Conversations (prepare_chats): 1 where a token is the assistant's, to learn; None for text, all learned."""
+    """Conversations (chat_data.prepare_chats): 1 where a token is the assistant's, to learn; None for text."""
     val_mask: np.memmap | None = None
     chat_template: str | None = None
     """The chat template conversations were rendered in (a fine-tuned run keeps it)."""

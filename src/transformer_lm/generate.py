@@ -228,7 +228,13 @@ def sample_prompt(tokenizer: Tokenizer, prompt: str) -> tuple[list[int], int]:
         prompt_ids = [tokenizer.bos_id, *prompt_ids]
     if not prompt_ids:
         prompt_ids = [tokenizer.eot_id if tokenizer.eot_id is not None else 0]
-    return prompt_ids, int(tokenizer.bos_id is not None and prompt_ids[0] == tokenizer.bos_id)
+    return prompt_ids, bos_kept(tokenizer, prompt_ids)
+
+
+def bos_kept(tokenizer: Tokenizer, ids: list[int]) -> int:
+    """generate()'s `keep` for a prompt of `ids`: 1 when it starts with the tokenizer's BOS, which stays first
+    through window shifts, else 0."""
+    return int(tokenizer.bos_id is not None and ids[:1] == [tokenizer.bos_id])
 
 
 def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: SampleConfig,
@@ -243,7 +249,7 @@ def stream_text(model: Transformer, tokenizer: Tokenizer, prompt: str, cfg: Samp
     if prompt_ids is None:
         prompt_ids, keep = sample_prompt(tokenizer, prompt)
     else:
-        prompt_ids, keep = list(prompt_ids), int(tokenizer.bos_id is not None and prompt_ids[:1] == [tokenizer.bos_id])
+        prompt_ids, keep = list(prompt_ids), bos_kept(tokenizer, prompt_ids)
     temperature = cfg.draw_temperature
     stats = stats if stats is not None else DecodeStats()
     if draft is None:

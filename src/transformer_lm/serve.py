@@ -33,13 +33,12 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import anyio
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from .api import Run, seeded_generator
 from .batching import DEFAULT_PREFILL_CHUNK, Batcher, Tokens
@@ -47,145 +46,12 @@ from .config import SampleConfig
 from .decode import DecodeStats
 from .errors import ChatError, ConfigError, TLMError
 from .evaluate import token_logprobs
-from .generate import STREAM_CONTEXT, check_prompt, sample_prompt, text_pieces
+from .generate import STREAM_CONTEXT, bos_kept, check_prompt, sample_prompt, text_pieces
 from .model import Transformer
+from .serve_requests import BadRequest, ChatRequest, CompletionRequest, SamplingRequest
 from .tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
-    """Send one more event before [DONE] with the token counts (its `choices` empty), as OpenAI does."""
-
-
-class _SamplingRequest(BaseModel):
-    """The fields POST /v1/completions and /v1/chat/completions share: OpenAI's sampling fields and `top_k`.
-    Sampling fields left out take the server's defaults (`tlm serve --temperature ... --num_samples` for n); unknown
-    fields are refused, so a misspelt one cannot go unnoticed."""
-
-    model_config = ConfigDict(extra="forbid")
-    unsupported: ClassVar[dict[str, Any]] = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None}
-    """OpenAI's fields this server has no implementation of, with the values that ask for nothing: a request that
-    sets another value is refused by name rather than answered as if it had not asked."""
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=0)
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1, le=128)
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-
-    def scored(self) -> int | None:
-        """How many of the likeliest tokens each token's logprobs lists, or None when logprobs are not asked."""
-        return None
-
-    def new_tokens(self) -> int | None:
-        return self.max_tokens
-
-    def sample_config(self, defaults: SampleConfig) -> SampleConfig:
-        """The server's sampling defaults with this request's fields over them (checked by SampleConfig)."""
-        for field, neutral in self.unsupported.items():
-            if getattr(self, field) not in (neutral, None):
-                raise _BadRequest(f"{field} is not supported by this server; leave it out", field)
-        if self.scored() is not None and self.stream:
-            raise _BadRequest("logprobs come with the whole response here: leave stream out", "stream")
-        given = {"max_new_tokens": self.new_tokens(), "temperature": self.temperature, "top_p": self.top_p,
-                 "top_k": self.top_k, "seed": self.seed, "num_samples": self.n}
-        changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-        if self.temperature is not None:
-            changes["greedy"] = False  # a request's temperature wins over the server's --greedy (0 is greedy too)
-        if self.stop is not None:
-            changes["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return dataclasses.replace(defaults, **changes)
-
-    def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
-
-
-class CompletionRequest(_SamplingRequest):
-    """The body of POST /v1/completions."""
-
-    unsupported: ClassVar[dict[str, Any]] = {**_SamplingRequest.unsupported, "suffix": None, "best_of": 1}
-    prompt: str | list[str] | list[int] | list[list[int]] = ""
-    """Text, or token ids of this run's tokenizer (as evaluation harnesses send them), one prompt or a list."""
-    echo: bool = False
-    """Put the prompt before each completion's text."""
-    logprobs: int | None = Field(None, ge=0, le=20)
-    """Each token's log-probability and the `logprobs` likeliest tokens at its place, for the completion (and the
-    prompt with echo): with echo and max_tokens 0 or 1, how evaluation harnesses score a text."""
-    suffix: str | None = None
-    best_of: int | None = 1
-
-    def scored(self) -> int | None:
-        return self.logprobs
-
-    def prompts(self) -> list[str | list[int]]:
-        one = isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int))
-        prompts = [self.prompt] if one else self.prompt
-        if not prompts or any(p == [] for p in prompts):
-            raise _BadRequest("prompt is an empty list; give a string or token ids, or a list of them", "prompt")
-        return prompts
-
-
-class TextPart(BaseModel):
-    """A part of a message's content, as OpenAI's clients may send it: text only (a language model has no eyes)."""
-
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: str
-    content: str | list[TextPart]
-    name: str | None = None
-
-    def as_dict(self) -> dict[str, str]:
-        """The message as a chat template reads it: its content one string (text parts joined by newlines, as
-        vLLM joins them)."""
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        return {"role": self.role, "content": content, **({"name": self.name} if self.name is not None else {})}
-
-
-class ChatRequest(_SamplingRequest):
-    """The body of POST /v1/chat/completions: the conversation, rendered in the run's chat template (chat.py)."""
-
-    unsupported: ClassVar[dict[str, Any]] = {**_SamplingRequest.unsupported, "tools": None, "tool_choice": None,
-                                             "functions": None, "function_call": None, "response_format": None}
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=0)
-    """OpenAI's newer name of max_tokens (which it still takes): this one wins where both are given."""
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    response_format: Any = None
-
-    def new_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    def scored(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise _BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class _BadRequest(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400) -> None:
-        super().__init__(message)
-        self.param, self.status = param, status
 
 
 def _error(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
@@ -319,27 +185,26 @@ class Server:
             # collector closed an abandoned generation during another's forward, in the thread holding the turn.
             pieces.close()
 
-    def _check_model(self, body: _SamplingRequest) -> None:
+    def _check_model(self, body: SamplingRequest) -> None:
         if body.model is not None and body.model != self.name:
-            raise _BadRequest(f"the model {body.model!r} is not served here; this server serves {self.name!r}",
+            raise BadRequest(f"the model {body.model!r} is not served here; this server serves {self.name!r}",
                               "model", 404)
 
     def check_chat(self, body: ChatRequest) -> tuple[list[_Prompt], SampleConfig]:
-        """The chat's prompt (its messages in the run's chat template) and sampling settings, or _BadRequest before
+        """The chat's prompt (its messages in the run's chat template) and sampling settings, or BadRequest before
         anything is generated."""
         self._check_model(body)
         try:
             cfg = body.sample_config(self.defaults)
             text, ids = self.run.chat_prompt([m.as_dict() for m in body.messages])
         except ChatError as e:
-            raise _BadRequest(" ".join(str(e).split()), "messages") from None
+            raise BadRequest(" ".join(str(e).split()), "messages") from None
         except TLMError as e:  # sampling settings SampleConfig refuses
-            raise _BadRequest(" ".join(str(e).split())) from None
-        bos = self.run.tokenizer.bos_id
-        return [_Prompt(text, ids, len(ids), int(bos is not None and ids[:1] == [bos]))], cfg
+            raise BadRequest(" ".join(str(e).split())) from None
+        return [_Prompt(text, ids, len(ids), bos_kept(self.run.tokenizer, ids))], cfg
 
     def check(self, body: CompletionRequest) -> tuple[list[_Prompt], SampleConfig]:
-        """The request's prompts and sampling settings, or _BadRequest before anything is generated."""
+        """The request's prompts and sampling settings, or BadRequest before anything is generated."""
         self._check_model(body)
         tokenizer = self.run.tokenizer
         prompts = []
@@ -353,7 +218,7 @@ class Server:
                 check_prompt(given, min(tokenizer.vocab_size, self.run.model.config.vocab_size))
                 prompts.append(_Prompt(tokenizer.decode(given), list(given), len(given)))
         except (TLMError, ValueError) as e:
-            raise _BadRequest(" ".join(str(e).split()), "prompt" if isinstance(e, ValueError) else None) from None
+            raise BadRequest(" ".join(str(e).split()), "prompt" if isinstance(e, ValueError) else None) from None
         return prompts, cfg
 
     def complete(self, prompts: list[_Prompt], cfg: SampleConfig, echo: bool = False,
@@ -381,14 +246,14 @@ class Server:
         return {**head, "model": self.name, "choices": choices, "usage": usage.as_dict()}
 
     def _check_scorable(self, prompts: list[_Prompt], max_tokens: int) -> None:
-        """_BadRequest, before anything is generated, where a prompt and its completion could not be scored in one
+        """BadRequest, before anything is generated, where a prompt and its completion could not be scored in one
         forward (logprobs)."""
         if not isinstance(self.run.model, Transformer):
             return  # a recurrent model has no window
         block = self.run.model.config.block_size
         for p, prompt in enumerate(prompts):
             if len(prompt.ids) + max_tokens > block:
-                raise _BadRequest(f"with logprobs, prompt {p} and max_tokens must fit the context window of {block} "
+                raise BadRequest(f"with logprobs, prompt {p} and max_tokens must fit the context window of {block} "
                                   "tokens; give a shorter prompt or fewer max_tokens", "prompt")
 
     def _logprobs(self, prompt: _Prompt, text: str, top: int, echo: bool,
@@ -558,8 +423,8 @@ def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None 
         where = ".".join(str(p) for p in first["loc"][1:])
         return _error(f"{where}: {first['msg']}", where)
 
-    @app.exception_handler(_BadRequest)
-    async def bad_request(_request: Any, exc: _BadRequest) -> JSONResponse:
+    @app.exception_handler(BadRequest)
+    async def bad_request(_request: Any, exc: BadRequest) -> JSONResponse:
         return _error(str(exc), exc.param, exc.status)
 
     @app.get("/health")

@@ -7,8 +7,6 @@ revision), metrics.jsonl (one JSON object per logged step or evaluation), loss.p
 
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import logging
 import math
@@ -44,17 +42,9 @@ from .config import ModelConfig, TrainConfig, dump_json
 from .data import (
     BatchSampler,
     PreparedData,
-    default_corpus,
-    is_chat_file,
-    is_prepared,
     iter_eval_batches,
-    load_prepared,
-    prepare,
-    prepare_chats,
-    read_sources,
-    resolve_sources,
 )
-from .errors import CheckpointError, ConfigError, DivergenceError, RunExistsError
+from .errors import CheckpointError, ConfigError, DivergenceError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
 from .lora import adapters, add_lora, hold_base_in, load_adapters, lora_params
 from .model import build_model
@@ -75,7 +65,7 @@ from .parallel import (
 from .perf import mfu, peak_flops
 from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
-from .tokenizers import TOKENIZER_KINDS, ByteTokenizer, Tokenizer, build_tokenizer, load_tokenizer, save_tokenizer
+from .tokenizers import load_tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -132,67 +122,6 @@ class Budget:
             (self.max_time is not None and elapsed >= self.max_time)
 
 
-def cache_dir() -> Path:
-    """Where raw text given to `tlm train` is prepared once and reused: $TLM_CACHE_DIR or ~/.cache/transformer-lm."""
-    return Path(os.environ.get("TLM_CACHE_DIR") or Path.home() / ".cache" / "transformer-lm")
-
-
-CACHE_VERSION = 3
-"""Part of the raw-text cache's key: raised whenever the same text and tokenizer settings would now give other ids,
-so that a cache entry prepared by an older version is prepared again, not trained on (2: a chunk is no longer cut
-before \x1c-\x1f, where GPT-2's BPE split differently; 3: a file's later chunks no longer start with a Llama-family
-tokenizer's BOS or dummy-prefix space). A resumed run keeps the folder it recorded."""
-
-
-def training_data(data: str | Path | None, tokenizer: str | Tokenizer | None = None, vocab_size: int | None = None,
-                  gpt2_dir: str | Path | None = None, chat_template: str | None = None) -> PreparedData:
-    """Data for `tlm train`: a folder made by `tlm prepare` is used as it is (a `tokenizer` other than the one it was
-    prepared with is a ConfigError, not ignored); raw text (a file, folder or glob, or by default the Python standard
-    library's source) is prepared into the cache with `tokenizer` (a kind, default byte, or a Tokenizer itself: a
-    fine-tune's, that of the run it starts from), keyed by the files' paths, sizes and times (`_stamp`) and the
-    tokenizer settings (GPT-2's files stamped too), so a second run starts at once. A .jsonl file of conversations
-    is prepared by data.prepare_chats, rendered in `chat_template` (a supervised fine-tune's data: see there)."""
-    given = tokenizer if isinstance(tokenizer, Tokenizer) else None
-    if is_chat_file(data):
-        return _chat_data(Path(data), given, tokenizer, chat_template)
-    if chat_template is not None:
-        what = data or "the default corpus"
-        raise ConfigError(f"a chat template applies to conversations (a .jsonl file), and {what} is text; drop it, "
-                          "or give conversations")
-    if data is not None and is_prepared(data):
-        prepared = load_prepared(data)
-        if given is not None and given.to_dict() != prepared.tokenizer.to_dict():
-            raise ConfigError(f"{data} was prepared with another tokenizer ({prepared.tokenizer.kind}) than the run "
-                              "being fine-tuned has; give the raw text, which is tokenized with the run's")
-        if given is None and tokenizer is not None and tokenizer != prepared.tokenizer.kind:
-            raise ConfigError(f"{data} was prepared with the {prepared.tokenizer.kind} tokenizer; --tokenizer "
-                              f"{tokenizer} applies to raw text only: drop it, or prepare the text again with "
-                              f"`tlm prepare ... --tokenizer {tokenizer}`")
-        return prepared
-    tokenizer = "byte" if tokenizer is None else tokenizer
-    if given is None and tokenizer not in TOKENIZER_KINDS:  # before "preparing ... with the X tokenizer" is logged
-        build_tokenizer(tokenizer, [])
-    sources = default_corpus() if data is None else resolve_sources(data)
-    gpt2_files = [Path(gpt2_dir, name) for name in ("encoder.json", "vocab.bpe")] if tokenizer == "gpt2" and \
-        gpt2_dir is not None else []
-    named = tokenizer if given is None else hashlib.sha256(json.dumps(given.to_dict()).encode()).hexdigest()
-    key = json.dumps({"version": CACHE_VERSION, "sources": [_stamp(p) for p in sources], "tokenizer": named,
-                      "vocab_size": vocab_size if tokenizer == "bpe" else None,
-                      "gpt2_files": [_stamp(p) for p in gpt2_files if p.is_file()]})
-    out = cache_dir() / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if not is_prepared(out):
-        kind = given.kind if given is not None else tokenizer
-        log.info("preparing %d file(s) with the %s tokenizer into %s", len(sources), kind, out)
-        tok = given or build_tokenizer(tokenizer, read_sources(sources), vocab_size, gpt2_dir)
-        try:
-            prepare(sources, out, tok)
-        except RunExistsError:
-            if not is_prepared(out):
-                raise
-            log.info("%s was prepared meanwhile by another run on the same data; using it", out)
-    return load_prepared(out)
-
-
 FREE_IN_FINE_TUNING = ("dropout", "block_size")
 """The model fields a fine-tune may set otherwise than the run it starts from: every other one changes a weight's
 shape or what the weights compute (a rope_theta, a norm's eps)."""
@@ -220,37 +149,6 @@ def _init_checkpoint(init_from: str, data: PreparedData, model_config: ModelConf
     return folder
 
 
-def _chat_data(path: Path, given: Tokenizer | None, kind: str | Tokenizer | None,
-               chat_template: str | None) -> PreparedData:
-    """Conversations prepared into the cache (prepare_chats), keyed by the file, the tokenizer and the template."""
-    if chat_template is None:
-        raise ConfigError(f"{path} holds conversations, which are rendered in a chat template: fine-tune a run "
-                          "that has one (--train.init_from), or give one (--chat_template FILE)")
-    if given is None:
-        if kind not in (None, "byte"):  # the others are built from text, and these are conversations
-            raise ConfigError(f"conversations are tokenized with a fine-tuned run's tokenizer (--train.init_from) "
-                              f"or the byte one; --tokenizer {kind} would be trained on them first: drop it")
-        given = ByteTokenizer()
-    key = json.dumps({"version": CACHE_VERSION, "chats": _stamp(path), "template": chat_template,
-                      "tokenizer": hashlib.sha256(json.dumps(given.to_dict()).encode()).hexdigest()})
-    out = cache_dir() / "prepared" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if not is_prepared(out):
-        log.info("preparing the conversations of %s with the %s tokenizer into %s", path, given.kind, out)
-        try:
-            prepare_chats(path, out, given, chat_template)
-        except RunExistsError:
-            if not is_prepared(out):
-                raise
-    return load_prepared(out)
-
-
-def _stamp(path: Path) -> tuple[str, int, int, int]:
-    """A file's identity for the cache: its path, size, and modification and change times (the change time moves
-    on every write, also where a copy keeps the size and modification time, as `cp -p` and `rsync -a` do)."""
-    st = path.stat()
-    return str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
 def check_settings(model_config: ModelConfig, cfg: TrainConfig) -> None:
     """Refuse training settings the model cannot take, before any data is prepared: activation checkpointing of a
     recurrent model, which has no blocks to recompute, was refused only once the corpus had been tokenized."""
@@ -266,26 +164,6 @@ def check_resumable(run_dir: str | Path) -> None:
     """Raise CheckpointError unless `run_dir` holds a checkpoint to resume from."""
     if latest_checkpoint(Path(run_dir)) is None:
         raise CheckpointError(f"--resume given but {run_dir} has no checkpoint; drop --resume to start a new run")
-
-
-def resumed_data(run_dir: str | Path) -> tuple[str | None, str]:
-    """(what to pass to training_data, the source to record) for resuming a run on the data it was trained on, from
-    its config.json: its prepared folder while that exists, else the source it was prepared from (the cache of raw
-    text may have been emptied), None for the embedded corpus. CheckpointError when neither is left."""
-    try:
-        data = json.loads((Path(run_dir) / "config.json").read_text())["data"]
-        prepared, source = data["prepared"], data["source"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{run_dir}/config.json does not say what data the run was trained on; pass it: tlm "
-                              f"train DATA --out {run_dir} --resume true") from None
-    if is_prepared(prepared):
-        return prepared, source
-    if source == "python-stdlib":
-        return None, source
-    if glob.glob(source):  # a file, folder or glob that still names text: prepared again, the same way
-        return source, source
-    raise CheckpointError(f"the data {run_dir} was trained on is gone (neither {prepared} nor {source} exists); "
-                          f"pass it: tlm train DATA --out {run_dir} --resume true")
 
 
 def prepare_run_dir(run_dir: Path, config: dict[str, Any], data: PreparedData, resume: bool, overwrite: bool) -> bool:

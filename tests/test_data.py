@@ -20,6 +20,7 @@ from transformer_lm import data
 from transformer_lm.cli import main
 from transformer_lm.data import (
     BatchSampler,
+    conversation_chunks,
     default_corpus,
     is_prepared,
     iter_eval_batches,
@@ -327,6 +328,43 @@ def test_eval_batches_cover_the_split_once(n: int) -> None:
     assert len(again) == len(batches)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again, strict=True))
     assert len(list(iter_eval_batches(tokens, 3, 8, max_batches=1))) == 1
+
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 30), min_size=1, max_size=12), st.integers(1, 9))
+def test_conversation_windows_cover_each_target_once_inside_its_conversation(lengths: list[int], block: int) -> None:
+    """Every token from 1 on is predicted by exactly one window, which begins at its conversation's first token or
+    a whole number of windows after it, never predicts past the conversation's end (its next one's first token)
+    and predicts at most `block` tokens."""
+    starts = np.cumsum([0, *lengths[:-1]])
+    n = sum(lengths)
+    assume(n >= 2)
+    begin, end = conversation_chunks(starts, n, block)
+    owner = np.searchsorted(starts, np.arange(n), side="right") - 1  # the conversation each token is in
+    covering = [[i for i, (b, e) in enumerate(zip(begin, end)) if b < t <= e] for t in range(1, n)]
+    assert all(len(c) == 1 for c in covering)
+    for b, e in zip(begin, end):
+        c = owner[b]
+        assert (b - starts[c]) % block == 0 and 0 < e - b <= block
+        assert e <= (starts[c + 1] if c + 1 < len(starts) else n - 1)
+
+
+def test_masked_eval_batches_score_each_conversation_from_its_start() -> None:
+    """Of conversations, rows are right-padded windows that begin where a conversation does; the targets are the
+    mask's tokens, each once, and padding is no target."""
+    tokens = np.arange(100, 130, dtype=np.uint16)
+    mask = np.arange(30) % 3 == 0  # every third token learned
+    starts = np.array([0, 4, 15, 16])
+    batches = list(iter_eval_batches(tokens, 2, 8, mask=mask, starts=starts))
+    rows = [(x[r], y[r]) for x, y in batches for r in range(len(x))]
+    assert [int(x[0]) - 100 for x, _ in rows] == [0, 4, 12, 15, 16, 24]  # 11 tokens: windows from 4 and 12
+    assert sorted(int(t) for _, y in rows for t in y if t >= 0) == [100 + t for t in range(1, 30) if t % 3 == 0]
+    for x, y in rows:
+        width = int((x > 0).sum())
+        assert torch.equal(x[:width], torch.arange(int(x[0]), int(x[0]) + width)) and (y[width:] == -1).all()
+    sampler = BatchSampler(tokens, 400, 8, seed=0, mask=mask, starts=starts)
+    assert {int(r[0]) - 100 for r in sampler.next()[0]} == {0, 4, 12, 15, 16, 21}  # 24 ends past the last window
 
 
 def test_source_errors(tmp_path: Path) -> None:

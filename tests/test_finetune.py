@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_corpus, random_model
 from transformer_lm.api import load_run, read_run_config
-from transformer_lm.chat import CHAT_TEMPLATE_FILE
+from transformer_lm.chat import CHAT_TEMPLATE_FILE, chat_tokens
 from transformer_lm.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig, dump_json
@@ -167,7 +167,7 @@ def _chat_tokenizer():
 @pytest.mark.parametrize("chat", range(len(CONVERSATIONS)))
 def test_the_replies_are_the_tokens_transformers_marks_as_the_assistants(chat):
     transformers = pytest.importorskip("transformers")
-    from transformer_lm.chat import chat_tokens, encode_rendered, render_chat
+    from transformer_lm.chat import encode_rendered, render_chat
 
     tok = _chat_tokenizer()
     ids, mask = chat_tokens(CHATML, CONVERSATIONS[chat], tok)
@@ -181,7 +181,6 @@ def test_the_replies_are_the_tokens_transformers_marks_as_the_assistants(chat):
 
 
 def test_a_tokenizer_without_offsets_encodes_the_pieces():
-    from transformer_lm.chat import chat_tokens
     from transformer_lm.tokenizers import ByteTokenizer
 
     ids, mask = chat_tokens(CHATML, CONVERSATIONS[0], ByteTokenizer())
@@ -191,7 +190,6 @@ def test_a_tokenizer_without_offsets_encodes_the_pieces():
 
 
 def test_a_template_that_rewrites_earlier_turns_cannot_be_split():
-    from transformer_lm.chat import chat_tokens
     from transformer_lm.errors import ChatError
 
     forgetful = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}{{ m['content'] }}{% endif %}"
@@ -235,22 +233,33 @@ def test_supervised_fine_tuning_learns_only_the_replies(chat_base: Path, tmp_pat
     assert run.tokenizer.decode(learned) == "".join(f"beta {i * 2}<|im_end|>\n" for i in range(22))
     cfg = _cfg(init_from=str(chat_base), max_iters=4, eval_interval=4)
     train(run.model.config, cfg, data, tmp_path / "sft", progress=False)
-    x, y = BatchSampler(data.train, cfg.batch_size, 32, seed=cfg.seed, mask=data.train_mask).next()
+    x, y = BatchSampler(data.train, cfg.batch_size, 32, seed=cfg.seed, mask=data.train_mask,
+                        starts=data.train_starts).next()
     with torch.no_grad():
         logits = run.model.train()(x).logits
     reference = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
     assert _first_loss(tmp_path / "sft") == pytest.approx(float(reference), rel=1e-5)
     assert (y >= 0).any(dim=1).all()  # every row has a reply token to learn
+    ids = torch.tensor(np.asarray(data.train, dtype=np.int64))  # every row begins where a conversation does
+    lengths = [len(chat_tokens(CHATML, json.loads(line)["messages"], run.tokenizer)[0])
+               for line in chats.read_text().splitlines() if line][:22]
+    assert list(data.train_starts) == np.cumsum([0, *lengths[:-1]]).tolist()
+    begins = {int(s) for s in data.train_starts if s <= len(ids) - 33} | {len(ids) - 33}  # the last full window
+    assert all(any(torch.equal(row, ids[b : b + 32]) for b in begins) for row in x)
     sft = load_run(tmp_path / "sft", "cpu")
     assert sft.chat_template == CHATML
     val = [r for r in read_metrics(tmp_path / "sft" / "metrics.jsonl") if "val_loss" in r][-1]
     ids = torch.tensor(np.asarray(data.val, dtype=np.int64))
     targets = torch.where(torch.from_numpy(np.asarray(data.val_mask, dtype=bool)), ids, -1)
-    with torch.no_grad():  # the split in consecutive windows of the context, each predicting the next 32 tokens
-        logits = torch.cat([sft.model(ids[None, s : min(s + 32, len(ids) - 1)]).logits[0]
-                            for s in range(0, len(ids) - 1, 32)])
-    assert val["val_loss"] == pytest.approx(float(F.cross_entropy(logits, targets[1:], ignore_index=-1)), rel=1e-4)
+    bounds = [*map(int, data.val_starts), len(ids)]
+    losses = []
+    with torch.no_grad():  # each conversation on its own, in windows of the context from its first token
+        for a, b in zip(bounds, bounds[1:]):
+            losses += [F.cross_entropy(sft.model(ids[None, s : min(s + 32, b - 1)]).logits[0],
+                                       targets[s + 1 : min(s + 33, b)], ignore_index=-1, reduction="sum")
+                       for s in range(a, b - 1, 32)]
     assert val["val_tokens"] == int((targets[1:] >= 0).sum())
+    assert val["val_loss"] == pytest.approx(float(sum(losses)) / val["val_tokens"], rel=1e-4)
     held_out = tmp_path / "held_out.jsonl"  # the val split's conversations: scored alike by tlm eval
     held_out.write_text("".join([line + "\n" for line in chats.read_text().split("\n") if line.strip()][-2:]))
     for scored in (sft.evaluate(held_out), sft.evaluate(data.path)):
@@ -260,15 +269,36 @@ def test_supervised_fine_tuning_learns_only_the_replies(chat_base: Path, tmp_pat
 def test_the_masked_sampler_resumes_exactly(chat_base: Path, tmp_path: Path):
     run = load_run(chat_base, "cpu")
     data = training_data(_chats_file(tmp_path / "chats.jsonl"), run.tokenizer, chat_template=CHATML)
-    sampler = BatchSampler(data.train, 6, 32, seed=3, mask=data.train_mask)
+    sampler = BatchSampler(data.train, 6, 32, seed=3, mask=data.train_mask, starts=data.train_starts)
     for _ in range(3):
         sampler.next()
     state = sampler.state_dict()
     later = [sampler.next() for _ in range(2)]
-    again = BatchSampler(data.train, 6, 32, seed=0, mask=data.train_mask)
+    again = BatchSampler(data.train, 6, 32, seed=0, mask=data.train_mask, starts=data.train_starts)
     again.load_state_dict(state)
     for (x, y), (x2, y2) in zip(later, [again.next() for _ in range(2)]):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+
+def test_prepared_conversations_without_their_starts_are_refused(chat_base: Path, tmp_path: Path):
+    """A folder prepared before starts.bin was written, or with a damaged one, is refused in one line."""
+    from transformer_lm.data import load_prepared
+    from transformer_lm.errors import DataError
+
+    run = load_run(chat_base, "cpu")
+    folder = training_data(_chats_file(tmp_path / "chats.jsonl"), run.tokenizer, chat_template=CHATML).path
+    starts = folder / "train.starts.bin"
+    good = starts.read_bytes()
+    starts.write_bytes(good[8:] + good[:8])  # the offsets no longer ascend from 0
+    with pytest.raises(DataError, match="not ascending from 0"):
+        load_prepared(folder)
+    starts.write_bytes(good[:-8])
+    with pytest.raises(DataError, match="one int64 offset per conversation"):
+        load_prepared(folder)
+    starts.unlink()
+    with pytest.raises(DataError, match="prepare the conversations again"):
+        load_prepared(folder)
 
 
 def test_the_cli_fine_tunes_on_conversations_with_the_runs_or_a_given_template(chat_base: Path, tmp_path: Path,

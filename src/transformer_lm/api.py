@@ -148,15 +148,16 @@ class Run:
         if is_chat_file(data):
             if self.chat_template is None:
                 raise ChatError(f"{data} holds conversations, and {self.path} has no chat template to render them in")
-            ids, mask = joined(encode_chats(Path(data), self.chat_template, self.tokenizer), np.dtype(np.int64))
-            return self._evaluate_replies(ids, mask, batch_size)
+            ids, mask, starts = joined(encode_chats(Path(data), self.chat_template, self.tokenizer),
+                                       np.dtype(np.int64))
+            return self._evaluate_replies(ids, mask, starts, batch_size)
         if is_prepared(data):
             prepared = load_prepared(data)
             if prepared.tokenizer.to_dict() != self.tokenizer.to_dict():
                 raise DataError(f"{data} was prepared with another tokenizer than {self.path}'s; evaluate on the "
                                 "text itself, or on data prepared for this run")
             if prepared.val_mask is not None:
-                return self._evaluate_replies(prepared.val, prepared.val_mask, batch_size)
+                return self._evaluate_replies(prepared.val, prepared.val_mask, prepared.val_starts, batch_size)
             bytes_per_token = predicted_bytes_per_token(self.tokenizer, prepared.val, prepared.manifest["val_bytes"])
             return evaluate_tokens(self.model, prepared.val, bytes_per_token, batch_size)
         ids, nbytes = encode_sources(resolve_sources(data), self.tokenizer)
@@ -165,13 +166,14 @@ class Run:
         return evaluate_tokens(self.model, ids, predicted_bytes_per_token(self.tokenizer, ids, nbytes), batch_size)
 
 
-    def _evaluate_replies(self, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> EvalResult:
-        """evaluate_tokens scoring the tokens `mask` marks (a conversation's replies), bits per byte of their text."""
+    def _evaluate_replies(self, ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, batch_size: int) -> EvalResult:
+        """evaluate_tokens scoring the tokens `mask` marks (the conversations' replies: each conversation, which
+        `starts` locate, on its own), bits per byte of their text."""
         scored = np.asarray(ids[1:])[np.asarray(mask[1:], dtype=bool)]
         if not len(scored):
             raise DataError("the conversations hold no reply of the assistant's to score")
         bytes_per_token = self.tokenizer.num_bytes(scored.tolist()) / len(scored)
-        return evaluate_tokens(self.model, ids, bytes_per_token, batch_size, mask=mask)
+        return evaluate_tokens(self.model, ids, bytes_per_token, batch_size, mask=mask, starts=starts)
 
 
 def read_run_config(path: str | Path) -> tuple[dict[str, Any], ModelConfig]:

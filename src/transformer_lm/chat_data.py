@@ -72,18 +72,22 @@ def encode_chats(path: Path, template: str, tokenizer: Tokenizer) -> list[tuple[
     return encoded
 
 
-def joined(encoded: list[tuple[list[int], list[bool]]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Conversations back to back: their ids (of `dtype`) and their mask (uint8, 1 where the assistant's)."""
+def joined(encoded: list[tuple[list[int], list[bool]]],
+           dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Conversations back to back: their ids (of `dtype`), their mask (uint8, 1 where the assistant's) and where
+    each begins (int64 offsets, the first 0)."""
     ids = np.array([i for chat_ids, _ in encoded for i in chat_ids], dtype=dtype)
     mask = np.array([m for _, chat_mask in encoded for m in chat_mask], dtype=np.uint8)
-    return ids, mask
+    starts = np.cumsum([0] + [len(chat_ids) for chat_ids, _ in encoded[:-1]], dtype=np.int64)
+    return ids, mask, starts
 
 
 def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Tokenizer, template: str,
                   val_fraction: float = 0.1, overwrite: bool = False) -> dict[str, Any]:
     """Conversations into `out_dir` for supervised fine-tuning: rendered and encoded (encode_chats) back to back into
     train.bin / val.bin as data.prepare writes them, with train.mask.bin / val.mask.bin beside them (one byte per
-    token: 1 where the assistant's, which training learns and evaluation scores) and the template as
+    token: 1 where the assistant's, which training learns and evaluation scores), train.starts.bin /
+    val.starts.bin (where each conversation begins: int64 offsets, windows begin there) and the template as
     chat_template.jinja. The last val_fraction of the conversations (at least one) are the val split. Written
     atomically, the manifest last, as data.prepare writes."""
     path, out_dir = Path(path), out_folder(Path(out_dir))
@@ -98,11 +102,11 @@ def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
     counts = {}
     with staged_dir(out_dir, overwrite) as tmp:
         for split, part in (("train", encoded[:-n_val]), ("val", encoded[-n_val:])):
-            ids, mask = joined(part, dtype)
+            ids, mask, starts = joined(part, dtype)
             if not mask[1:].any():
                 raise DataError(f"the {split} split of {path} has no assistant turn to learn; add conversations with "
                                 "replies")
-            for name, array in ((f"{split}.bin", ids), (f"{split}.mask.bin", mask)):
+            for name, array in ((f"{split}.bin", ids), (f"{split}.mask.bin", mask), (f"{split}.starts.bin", starts)):
                 with open(tmp / name, "wb") as f:  # on disk before the manifest names them
                     f.write(array.tobytes())
                     f.flush()

@@ -3,9 +3,9 @@
 `prepare` streams text files through a tokenizer in worker processes into nanoGPT's format: two flat arrays of
 raw token ids, `train.bin` and `val.bin` (read back with `np.memmap`), beside `tokenizer.json` and a
 `manifest.json` with the counts (chat_data.py writes conversations in the same format, with a mask per split of the
-tokens to learn, which `load_prepared` reads and the batches apply). `BatchSampler` draws random
-training windows from a position that a checkpoint saves and restores exactly; `iter_eval_batches` walks a split the
-same way every time, for evaluation.
+tokens to learn and where each conversation starts, which `load_prepared` reads and the batches apply: windows begin
+where conversations do). `BatchSampler` draws random training windows from a position that a checkpoint saves and
+restores exactly; `iter_eval_batches` walks a split the same way every time, for evaluation.
 """
 
 from __future__ import annotations
@@ -424,6 +424,9 @@ class PreparedData:
     train_mask: np.memmap | None = None
     """Conversations (chat_data.prepare_chats): 1 where a token is the assistant's, to learn; None for text."""
     val_mask: np.memmap | None = None
+    train_starts: np.memmap | None = None
+    """Conversations: where each begins (int64 offsets, the first 0), for windows that begin where they do."""
+    val_starts: np.memmap | None = None
     chat_template: str | None = None
     """The chat template conversations were rendered in (a fine-tuned run keeps it)."""
 
@@ -459,12 +462,43 @@ def load_prepared(path: str | os.PathLike) -> PreparedData:
                 raise DataError(f"{file} is missing or not one byte per token; the folder is damaged: prepare it "
                                 "again")
             splits[f"{split}_mask"] = np.memmap(file, dtype=np.uint8, mode="r", shape=(n,))
+            splits[f"{split}_starts"] = _conversation_starts(path / f"{split}.starts.bin", m, split)
     tokenizer = load_tokenizer(path / "tokenizer.json")
     if tokenizer.vocab_size != vocab_size:
         raise DataError(f"{path}/tokenizer.json has {tokenizer.vocab_size} tokens, the manifest {vocab_size}; "
                         "run prepare again")
     return PreparedData(splits["train"], splits["val"], m, tokenizer, path.resolve(), splits.get("train_mask"),
-                        splits.get("val_mask"), read_chat_template(path) if m.get("masked") else None)
+                        splits.get("val_mask"), splits.get("train_starts"), splits.get("val_starts"),
+                        read_chat_template(path) if m.get("masked") else None)
+
+
+def _conversation_starts(file: Path, manifest: dict[str, Any], split: str) -> np.memmap:
+    """A masked split's {split}.starts.bin: one int64 offset per conversation, ascending from 0 within the split."""
+    if not file.is_file():
+        raise DataError(f"{file} is missing: the folder was prepared by an earlier version, which did not record "
+                        "where each conversation starts; prepare the conversations again")
+    n, count = manifest[f"{split}_tokens"], manifest.get(f"{split}_conversations")
+    if type(count) is not int or count < 1 or file.stat().st_size != 8 * count:
+        raise DataError(f"{file} is not one int64 offset per conversation of the manifest; the folder is damaged: "
+                        "prepare it again")
+    starts = np.memmap(file, dtype=np.int64, mode="r", shape=(count,))
+    if starts[0] != 0 or starts[-1] >= n or (count > 1 and not (np.diff(starts) > 0).all()):
+        raise DataError(f"{file} holds offsets that are not ascending from 0 within the split's {n} tokens; the "
+                        "folder is damaged: prepare it again")
+    return starts
+
+
+def conversation_chunks(starts: np.ndarray, n_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(begin, end) of the windows that cover conversations laid back to back (`starts`: where each begins), in
+    order: each conversation's from its first token, and one longer than a window continued every block_size tokens.
+    Window [b, e) predicts the tokens b+1 .. e, at most block_size of them and none past its conversation's end (its
+    last predicts the next one's first token, context), so together they predict every token from 1 on once."""
+    bounds = np.append(np.asarray(starts, dtype=np.int64), n_tokens - 1)
+    counts = -(-np.diff(bounds) // block_size)  # windows per conversation (the last, of one token, may have none)
+    first = np.repeat(bounds[:-1], counts)
+    nth = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    begin = first + nth * block_size
+    return begin, np.minimum(begin + block_size, np.repeat(bounds[1:], counts))
 
 
 def _windows(tokens: np.ndarray, starts: Sequence[int], length: int,
@@ -477,6 +511,21 @@ def _windows(tokens: np.ndarray, starts: Sequence[int], length: int,
     if mask is not None:
         learned = torch.from_numpy(np.stack([np.asarray(mask[s + 1 : s + length + 1]) for s in starts]))
         y = torch.where(learned.bool(), y, -1)  # a new tensor: a one-row y may share rows' memory with x
+    return x, y
+
+
+def _padded(tokens: np.ndarray, begin: Sequence[int], end: Sequence[int],
+            mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows [b, e) of different lengths as one batch, right-padded: x = tokens[b : e] then id 0, y = the targets
+    `mask` marks among tokens[b + 1 : e + 1], else -1 (none, padding included). Padding after a row's tokens
+    changes nothing before it in a causal model."""
+    width = int(max(e - b for b, e in zip(begin, end)))
+    x = torch.zeros(len(begin), width, dtype=torch.int64)
+    y = torch.full((len(begin), width), -1, dtype=torch.int64)
+    for row, (b, e) in enumerate(zip(begin, end)):
+        x[row, : e - b] = torch.from_numpy(np.asarray(tokens[b:e], dtype=np.int64))
+        targets = torch.from_numpy(np.asarray(tokens[b + 1 : e + 1], dtype=np.int64))
+        y[row, : e - b] = torch.where(torch.from_numpy(np.asarray(mask[b + 1 : e + 1], dtype=bool)), targets, -1)
     return x, y
 
 
@@ -494,17 +543,23 @@ class BatchSampler:
     """Random training windows whose sequence resumes exactly from a checkpoint.
 
     Each row is a window of block_size + 1 tokens at a start uniform in [0, len(tokens) - block_size - 1], as
-    x = window[:-1] and y = window[1:]. Starts come from a torch.Generator owned by the sampler, so its state
-    (with the count of batches drawn) is all `state_dict` needs for the next batches to match a run never stopped.
+    x = window[:-1] and y = window[1:]; of conversations, at a start drawn uniformly from those of
+    conversation_chunks, so that a reply is learned in the context of the turns before it, from the position 0 a
+    chat starts at, as it is generated (the window runs on into the conversations after it: packed, no padding).
+    Starts come from a torch.Generator owned by the sampler, so its state (with the count of batches drawn) is all
+    `state_dict` needs for the next batches to match a run never stopped.
     """
 
     def __init__(self, tokens: np.ndarray, batch_size: int, block_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, vocab_size: int | None = None, mask: np.ndarray | None = None):
+                 world_size: int = 1, vocab_size: int | None = None, mask: np.ndarray | None = None,
+                 starts: np.ndarray | None = None):
         """`rank` of `world_size` keeps rows [rank·b, (rank+1)·b) of each global batch of `batch_size` rows, with
         b = batch_size / world_size: every rank draws the same starts, so the shards together are the global batch.
         With `vocab_size`, each batch is checked to hold only ids below it (check_ids). With a `mask`
         (conversations: PreparedData.train_mask), targets it marks 0 are none (-1), and a window with no target
-        left is drawn again (from the same generator: resumes exactly), so that no row or batch is all context."""
+        left is drawn again (from the same generator: resumes exactly), so that no row or batch is all context;
+        with their `starts` (PreparedData.train_starts), windows begin where conversations do (the last ones at the
+        last full window's start)."""
         if batch_size < 1 or block_size < 1:
             raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
         if len(tokens) < block_size + 1:
@@ -517,11 +572,16 @@ class BatchSampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
         self.vocab_size, self.mask = vocab_size, mask
+        self.anchors = None if starts is None else np.minimum(
+            conversation_chunks(starts, len(tokens), block_size)[0], len(tokens) - block_size - 1)
 
     def _start(self) -> int:
         """A window start; with a mask, one whose window holds a target (after at most MAX_REDRAWS tries)."""
         for _ in range(MAX_REDRAWS):
-            start = int(torch.randint(len(self.tokens) - self.block_size, (1,), generator=self.generator))
+            if self.anchors is None:
+                start = int(torch.randint(len(self.tokens) - self.block_size, (1,), generator=self.generator))
+            else:
+                start = int(self.anchors[int(torch.randint(len(self.anchors), (1,), generator=self.generator))])
             if self.mask is None or self.mask[start + 1 : start + self.block_size + 1].any():
                 return start
         raise DataError(f"{MAX_REDRAWS} training windows in a row held none of the assistant's tokens; the "
@@ -530,7 +590,7 @@ class BatchSampler:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), both int64 of shape (batch_size / world_size, block_size)."""
-        if self.mask is None:
+        if self.mask is None and self.anchors is None:
             starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.generator)
         else:  # every rank draws every row's start, so that the generators stay in step
             starts = torch.tensor([self._start() for _ in range(self.batch_size)])
@@ -553,18 +613,26 @@ class BatchSampler:
 
 
 def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_batches: int | None = None,
-                      mask: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      mask: np.ndarray | None = None,
+                      starts: np.ndarray | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every window of a split once, in order: the same batches on every call.
 
     Windows start at 0, block_size, 2 * block_size, ... so the targets y are exactly tokens[1:], each once.
     Full windows come batch_size at a time (the last batch may have fewer rows); a shorter tail window comes
     last as a (1, r) batch, so weight each batch's mean loss by its targets' count (y.numel(), or with a `mask`,
-    whose 0s are no target (-1), (y >= 0).sum()). Stops after `max_batches` if given.
+    whose 0s are no target (-1), (y >= 0).sum()). Stops after `max_batches` if given. Of conversations (a `mask`
+    and their `starts`), the windows are conversation_chunks', right-padded to a batch's longest (_padded): each
+    conversation is scored on its own from its first token, as a chat is generated.
     """
     if batch_size < 1 or block_size < 1:
         raise ConfigError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
     if len(tokens) < 2:
         raise DataError(f"the split has {len(tokens)} token(s); evaluation needs at least 2: add more text")
+    if starts is not None:
+        begin, end = conversation_chunks(starts, len(tokens), block_size)
+        for i in range(0, len(begin), batch_size)[:max_batches]:
+            yield _padded(tokens, begin[i : i + batch_size], end[i : i + batch_size], mask)
+        return
     n_full, tail = divmod(len(tokens) - 1, block_size)
     starts = range(0, n_full * block_size, block_size)
     batches = [(starts[i : i + batch_size], block_size) for i in range(0, n_full, batch_size)]

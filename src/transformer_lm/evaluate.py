@@ -54,16 +54,18 @@ def predicted_bytes_per_token(tokenizer: Tokenizer, tokens: np.ndarray, num_byte
 @torch.no_grad()
 def evaluate_tokens(model: Transformer | RecurrentLM, tokens: np.ndarray, bytes_per_token: float, batch_size: int = 8,
                     max_batches: int | None = None, autocast: torch.autocast | nullcontext | None = None,
-                    mask: np.ndarray | None = None) -> EvalResult:
+                    mask: np.ndarray | None = None, starts: np.ndarray | None = None) -> EvalResult:
     """Deterministic pass over `tokens` in consecutive windows of the model's context; every predicted token is
     weighted equally. `bytes_per_token` converts the loss to bits per byte. With a `mask` (conversations), only the
-    tokens it marks are scored (the assistant's), the others being context."""
+    tokens it marks are scored (the assistant's), the others being context; with their `starts`, each conversation
+    on its own (data.iter_eval_batches)."""
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device
     total, count = 0.0, 0
     try:
-        for x, y in iter_eval_batches(tokens, batch_size, model.config.block_size, max_batches, mask):
+        for x, y in iter_eval_batches(tokens, batch_size, model.config.block_size, max_batches, mask,
+                                     starts):
             check_ids(x, y, model.config.vocab_size)
             scored = int((y >= 0).sum())
             if not scored:  # all context: a mean over no targets is NaN

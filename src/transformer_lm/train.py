@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -277,7 +276,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
-                           world_size=info.world_size, vocab_size=model_config.vocab_size, mask=data.train_mask)
+                           world_size=info.world_size, vocab_size=model_config.vocab_size, mask=data.train_mask,
+                           starts=data.train_starts)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
     flops_per_step = flops_per_token(model_config)["train"] * tokens_per_step / info.world_size  # per device
     step, elapsed, tokens = 0, 0.0, 0
@@ -342,7 +342,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict(), **lora}, step)
 
     def evaluate() -> EvalResult:  # every rank runs the same evaluation (FSDP2 needs all ranks for a forward)
-        result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, eval_batches, ctx, data.val_mask)
+        result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, eval_batches, ctx, data.val_mask,
+                                 data.val_starts)
         if info.is_main:
             _append_metrics(metrics_path, {"step": step, "tokens": tokens, "elapsed": round(elapsed, 3),
                                            **{f"val_{k}": v for k, v in result.to_dict().items()}})
@@ -458,10 +459,11 @@ def _eval_bytes_per_token(data: PreparedData, batch_size: int, block_size: int, 
     """UTF-8 bytes per token predicted by an evaluation, for its bits per byte: the split's own ratio when it covers
     the whole split, else that of the tokens it covers (the split's start), whose ratio may be another (an ASCII
     start, multibyte text later)."""
-    n = sum(y.numel() for _, y in iter_eval_batches(data.val, batch_size, block_size, max_batches))
     if data.val_mask is not None:  # conversations: the bytes of the assistant's tokens scored
-        scored = data.val[1 : n + 1][np.asarray(data.val_mask[1 : n + 1], dtype=bool)]
-        return data.tokenizer.num_bytes(scored.tolist()) / max(1, len(scored))
+        scored = [y[y >= 0] for _, y in iter_eval_batches(data.val, batch_size, block_size, max_batches,
+                                                           data.val_mask, data.val_starts)]
+        return data.tokenizer.num_bytes(torch.cat(scored).tolist()) / max(1, sum(map(len, scored)))
+    n = sum(y.numel() for _, y in iter_eval_batches(data.val, batch_size, block_size, max_batches))
     if n >= len(data.val) - 1:
         return predicted_bytes_per_token(data.tokenizer, data.val, data.manifest["val_bytes"])
     return data.tokenizer.num_bytes(data.val[1 : n + 1].tolist()) / n

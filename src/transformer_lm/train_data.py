@@ -98,7 +98,8 @@ def _chat_data(path: Path, given: Tokenizer | None, kind: str | None, chat_templ
         raise ConfigError(f"{path} holds conversations, which are rendered in a chat template: fine-tune a run "
                           "that has one (--train.init_from), or give one (--chat_template FILE)")
     tok = chat_tokenizer(given, kind)
-    key = {"chats": _stamp(path), "template": chat_template, "tokenizer": _identity(tok)}
+    key = {"chats": _stamp(path), "template": chat_template, "tokenizer": _identity(tok),
+           "layout": 2}  # 2: with where each conversation starts (train.starts.bin)
     return _cached(key, f"the conversations of {path} with the {tok.kind} tokenizer",
                    lambda out: prepare_chats(path, out, tok, chat_template))
 

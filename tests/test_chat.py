@@ -278,12 +278,16 @@ def test_chat_logprobs_are_the_completions_scores_of_the_reply(client, chat_run)
 
 
 @pytest.mark.parametrize("body, param, message", [
-    ({"tools": [{"type": "function"}]}, "tools", "tools is not supported"),
+    ({"tools": [{"type": "function"}]}, None, None),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "never shows it tools"),
+    ({"functions": [{"name": "f"}]}, "functions", "functions is not supported"),
     ({"top_logprobs": 2}, "top_logprobs", "needs logprobs"),
     ({"logprobs": True, "stream": True}, "stream", "leave stream out"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, None, None),
     ({"messages": []}, "messages", None),
-    ({"messages": [{"role": "user", "content": "a", "tool_calls": []}]}, None, None),
+    ({"messages": [{"role": "user", "content": "a", "tool_call": []}]}, None, None),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "[1]"}}]}]},
+     "messages", "not a JSON object's text"),
 ])
 def test_chat_requests_it_cannot_answer_are_refused(client, body, param, message):
     r = client.post("/v1/chat/completions", json={"messages": CHATS[0], **body})

@@ -109,26 +109,30 @@ class Run:
             yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats,
                               prompt_ids)
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[str, list[int]]:
+    def chat_prompt(self, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> tuple[str, list[int]]:
         """The text and ids of `messages` in the run's chat template, ending in the header of the assistant's turn
-        (chat.render_chat). ChatError for a run without a template, naming the fix."""
+        (chat.render_chat, which shows the template `tools`). ChatError for a run without a template, naming the
+        fix."""
         if self.chat_template is None:
             raise ChatError(f"{self.path} has no chat template (a base model, trained to continue text): sample it "
                             "with a text prompt, or give it one (tlm serve --chat_template FILE, "
                             "Run.chat_template = ...)")
-        text = render_chat(self.chat_template, messages, self.tokenizer)
+        text = render_chat(self.chat_template, messages, self.tokenizer, tools=tools)
         return text, encode_rendered(self.tokenizer, text)
 
-    def stream_chat(self, messages: list[dict[str, Any]], **sample: Any) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    **sample: Any) -> Iterator[str]:
         """Yield text pieces of the assistant's reply to `messages` (dicts of role and content) as they are
-        generated; it ends at the model's end-of-turn token (one of its stop ids). Keyword arguments are
-        SampleConfig fields."""
-        text, ids = self.chat_prompt(messages)
+        generated; it ends at the model's end-of-turn token (one of its stop ids). With `tools` (chat_prompt), a
+        reply may be tool calls, which tool_calls.parse_tool_calls reads. Keyword arguments are SampleConfig
+        fields."""
+        text, ids = self.chat_prompt(messages, tools)
         return next(self.stream_samples(text, SampleConfig(**{**sample, "num_samples": 1}), prompt_ids=ids))
 
-    def chat(self, messages: list[dict[str, Any]], **sample: Any) -> str:
+    def chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None, **sample: Any) -> str:
         """The assistant's reply to `messages` (see stream_chat)."""
-        return "".join(self.stream_chat(messages, **sample))
+        return "".join(self.stream_chat(messages, tools, **sample))
 
     def stream(self, prompt: str = "", **sample: Any) -> Iterator[str]:
         """Yield text pieces of one sample as they are generated; keyword arguments are SampleConfig fields."""

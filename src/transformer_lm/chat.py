@@ -103,21 +103,25 @@ def _token(tokenizer: Tokenizer, i: int | None) -> str:
 
 def _messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     """The conversation as plain dicts of the fields given (None-valued fields dropped, as transformers drops
-    them: templates test whether a field is there); a message's content a string."""
+    them: templates test whether a field is there); a message's content a string, which one that calls tools
+    (tool_calls: [{"function": {"name", "arguments"}}, ...]) may leave out."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise ChatError("a chat is a non-empty list of messages, each {'role': ..., 'content': ...}")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                isinstance(m.get("content"), str) or (m.get("content") is None and m.get("tool_calls"))):
             raise ChatError(f"message {i} is not {{'role': str, 'content': str}}: {m!r}")
         out.append({k: v for k, v in m.items() if v is not None})
     return out
 
 
 def render_chat(source: str, messages: Sequence[dict[str, Any]], tokenizer: Tokenizer,
-                add_generation_prompt: bool = True) -> str:
+                add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
     """The text of `messages` in the chat template `source`, ending (with add_generation_prompt) in the header of the
-    assistant's turn the model is to write. The template sees `bos_token` and `eos_token` (the tokenizer's). A
+    assistant's turn the model is to write. The template sees `bos_token` and `eos_token` (the tokenizer's), and
+    `tools`, the JSON schemas of the functions the model may call (OpenAI's [{"type": "function", "function":
+    {...}}, ...], as apply_chat_template(tools=...) passes them: tool_calls.py reads the calls back). A
     conversation the template refuses (raise_exception: roles that do not alternate, say) raises ChatError with the
     template's message."""
     import jinja2
@@ -126,7 +130,7 @@ def render_chat(source: str, messages: Sequence[dict[str, Any]], tokenizer: Toke
     try:
         return template.render(messages=_messages(messages), add_generation_prompt=add_generation_prompt,
                                bos_token=_token(tokenizer, tokenizer.bos_id),
-                               eos_token=_token(tokenizer, tokenizer.eot_id), tools=None, documents=None)
+                               eos_token=_token(tokenizer, tokenizer.eot_id), tools=tools, documents=None)
     except jinja2.TemplateError as e:
         raise ChatError(f"the chat template refused the conversation: {e}") from None
 

@@ -8,7 +8,9 @@ client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cp
     POST /v1/chat/completions
                            a chat model's reply to `messages`, rendered in its chat template (chat.py; the run
                            folder's, from `tlm convert`, or `--chat_template`): the same sampling fields,
-                           max_completion_tokens, logprobs + top_logprobs (not streamed), stream (`delta` events)
+                           max_completion_tokens, logprobs + top_logprobs (not streamed), stream (`delta` events),
+                           tools + tool_choice "auto"/"none" + parallel_tool_calls: the tools shown the model by
+                           its template, its calls read back from its reply (tool_calls.py) as `tool_calls`
     GET  /v1/models        the one model served
     GET  /health           liveness, with the run, its checkpoint step and the batch's load
 
@@ -33,7 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 from fastapi import FastAPI
@@ -50,8 +52,17 @@ from .generate import STREAM_CONTEXT, bos_kept, check_prompt, sample_prompt, tex
 from .model import Transformer
 from .serve_requests import BadRequest, ChatRequest, CompletionRequest, SamplingRequest
 from .tokenizers import Tokenizer
+from .tool_calls import ToolCallStream, openai_tool_calls, parse_tool_calls, tool_call_style
 
 log = logging.getLogger(__name__)
+
+
+class _Tools(NamedTuple):
+    """A chat request's tools: the format the model writes calls in (tool_calls.py), and whether it may make more
+    than one a reply (OpenAI's parallel_tool_calls)."""
+
+    style: str
+    parallel: bool
 
 
 def _error(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
@@ -190,18 +201,26 @@ class Server:
             raise BadRequest(f"the model {body.model!r} is not served here; this server serves {self.name!r}",
                               "model", 404)
 
-    def check_chat(self, body: ChatRequest) -> tuple[list[_Prompt], SampleConfig]:
-        """The chat's prompt (its messages in the run's chat template) and sampling settings, or BadRequest before
-        anything is generated."""
+    def check_chat(self, body: ChatRequest) -> tuple[list[_Prompt], SampleConfig, _Tools | None]:
+        """The chat's prompt (its messages, and the tools it may call, in the run's chat template), sampling settings
+        and how to read tool calls back (None without tools), or BadRequest before anything is generated."""
         self._check_model(body)
+        schemas, tools = body.tool_schemas(), None
+        if schemas is not None:
+            style = tool_call_style(self.run.chat_template)
+            if style is None:
+                raise BadRequest("the model's chat template never shows it tools (it was not tuned to call them); "
+                                 "leave tools out, or serve it with a template that renders them (--chat_template)",
+                                 "tools")
+            tools = _Tools(style, body.parallel_tool_calls is not False)
         try:
             cfg = body.sample_config(self.defaults)
-            text, ids = self.run.chat_prompt([m.as_dict() for m in body.messages])
+            text, ids = self.run.chat_prompt([m.as_dict() for m in body.messages], schemas)
         except ChatError as e:
             raise BadRequest(" ".join(str(e).split()), "messages") from None
         except TLMError as e:  # sampling settings SampleConfig refuses
             raise BadRequest(" ".join(str(e).split())) from None
-        return [_Prompt(text, ids, len(ids), bos_kept(self.run.tokenizer, ids))], cfg
+        return [_Prompt(text, ids, len(ids), bos_kept(self.run.tokenizer, ids))], cfg, tools
 
     def check(self, body: CompletionRequest) -> tuple[list[_Prompt], SampleConfig]:
         """The request's prompts and sampling settings, or BadRequest before anything is generated."""
@@ -222,8 +241,9 @@ class Server:
         return prompts, cfg
 
     def complete(self, prompts: list[_Prompt], cfg: SampleConfig, echo: bool = False,
-                 logprobs: int | None = None, chat: bool = False) -> dict[str, Any]:
-        """The whole response: a completion's (or with `chat` a chat completion's) choices and usage."""
+                 logprobs: int | None = None, chat: bool = False, tools: _Tools | None = None) -> dict[str, Any]:
+        """The whole response: a completion's (or with `chat` a chat completion's) choices and usage; with `tools`,
+        a reply that calls them has its calls as tool_calls, finish_reason "tool_calls"."""
         head = _head(chat)
         if logprobs is not None:
             self._check_scorable(prompts, cfg.max_new_tokens)
@@ -237,7 +257,13 @@ class Server:
                 scored = None if logprobs is None else self._logprobs(prompt, text, logprobs, echo, sample.drawn)
                 finish = sample.stats.finish_reason
                 if chat:
-                    choices.append({"index": sample.index, "message": {"role": "assistant", "content": text},
+                    message: dict[str, Any] = {"role": "assistant", "content": text}
+                    content, calls = (None, []) if tools is None else parse_tool_calls(text, tools.style)
+                    if calls:
+                        message = {**message, "content": content,
+                                   "tool_calls": openai_tool_calls(calls, tools.parallel)}
+                        finish = "tool_calls"
+                    choices.append({"index": sample.index, "message": message,
                                     "logprobs": None if scored is None else _chat_logprobs(scored),
                                     "finish_reason": finish})
                 else:
@@ -276,9 +302,11 @@ class Server:
         return _openai_logprobs(tokenizer, ids + new, start, scored)
 
     def events(self, prompts: list[_Prompt], cfg: SampleConfig, include_usage: bool,
-               echo: bool = False, chat: bool = False) -> Generator[str, None, None]:
+               echo: bool = False, chat: bool = False, tools: _Tools | None = None) -> Generator[str, None, None]:
         """The response as server-sent events: each sample's text pieces as they come (chat: as `delta`s of the
-        assistant's message, the first naming its role), then its finish_reason, then (include_usage) the usage."""
+        assistant's message, the first naming its role), then its finish_reason, then (include_usage) the usage.
+        With `tools`, text that may begin a tool call is held back (tool_calls.ToolCallStream) and the calls come
+        whole, in one delta, before finish_reason "tool_calls"."""
         head = {**_head(chat, stream=True), "model": self.name}
         usage = _Usage()
 
@@ -297,12 +325,23 @@ class Server:
                     yield event([{**choice(sample.index, ""), "delta": {"role": "assistant", "content": ""}}])
                 elif echo and prompts[sample.prompt].text:
                     yield event([choice(sample.index, prompts[sample.prompt].text)])
+                split = None if tools is None else ToolCallStream(tools.style)
                 with contextlib.closing(sample.pieces) as pieces:  # a client gone: the generation ends now
                     for piece in pieces:
-                        if piece:
+                        if piece := piece if split is None else split.feed(piece):
                             yield event([choice(sample.index, piece)])
                 usage.add(sample)
-                yield event([choice(sample.index, None, sample.stats.finish_reason)])
+                finish = sample.stats.finish_reason
+                if split is not None:
+                    rest, calls = split.finish()
+                    if rest:
+                        yield event([choice(sample.index, rest)])
+                    if calls:
+                        deltas = [{"index": i, **call} for i, call in enumerate(openai_tool_calls(calls,
+                                                                                                  tools.parallel))]
+                        yield event([{**choice(sample.index, None), "delta": {"tool_calls": deltas}}])
+                        finish = "tool_calls"
+                yield event([choice(sample.index, None, finish)])
         if include_usage:
             yield event([], usage=usage.as_dict())
         yield "data: [DONE]\n\n"
@@ -448,10 +487,10 @@ def create_app(run: Run, defaults: SampleConfig | None = None, name: str | None 
 
     @app.post("/v1/chat/completions", response_model=None)
     def chat_completions(body: ChatRequest) -> dict[str, Any] | StreamingResponse:
-        prompts, cfg = server.check_chat(body)
+        prompts, cfg, tools = server.check_chat(body)
         if body.stream:
-            return _EventStream(server.events(prompts, cfg, body.include_usage(), chat=True))
-        return server.complete(prompts, cfg, logprobs=body.scored(), chat=True)
+            return _EventStream(server.events(prompts, cfg, body.include_usage(), chat=True, tools=tools))
+        return server.complete(prompts, cfg, logprobs=body.scored(), chat=True, tools=tools)
 
     return app
 

@@ -4,6 +4,7 @@ pydantic; a field left out takes the server's default, an unknown one is refused
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -109,37 +110,104 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str
+    """A JSON object's text, as OpenAI writes it."""
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made, sent back in the conversation with the tool's result after it."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """The arguments' JSON schema."""
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: str
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    """The assistant's calls (its content may then be None)."""
+    tool_call_id: str | None = None
+    """A tool's result (role "tool"): the call it answers."""
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, Any]:
         """The message as a chat template reads it: its content one string (text parts joined by newlines, as
-        vLLM joins them)."""
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        return {"role": self.role, "content": content, **({"name": self.name} if self.name is not None else {})}
+        vLLM joins them), and its tool calls' arguments parsed (templates write them with `tojson`, as
+        transformers documents them: a dict, where OpenAI sends JSON text)."""
+        content = self.content if self.content is None or isinstance(self.content, str) else \
+            "\n".join(p.text for p in self.content)
+        message: dict[str, Any] = {"role": self.role, "content": content, "name": self.name,
+                                   "tool_call_id": self.tool_call_id}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": _arguments(c.function)}} for c in self.tool_calls]
+        return {k: v for k, v in message.items() if v is not None}
+
+
+def _arguments(call: FunctionCall) -> dict[str, Any]:
+    try:
+        args = json.loads(call.arguments)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        raise BadRequest(f"the arguments of a call of {call.name!r} are not a JSON object's text: "
+                         f"{call.arguments!r}", "messages")
+    return args
 
 
 class ChatRequest(SamplingRequest):
     """The body of POST /v1/chat/completions: the conversation, rendered in the run's chat template (chat.py)."""
 
-    unsupported: ClassVar[dict[str, Any]] = {**SamplingRequest.unsupported, "tools": None, "tool_choice": None,
-                                             "functions": None, "function_call": None, "response_format": None}
+    unsupported: ClassVar[dict[str, Any]] = {**SamplingRequest.unsupported, "functions": None,
+                                             "function_call": None, "response_format": None}
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=0)
     """OpenAI's newer name of max_tokens (which it still takes): this one wins where both are given."""
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = None
+    """Functions the model may call, shown it by the chat template; its calls come back parsed (tool_calls.py)."""
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    """False: at most one call a reply (the first, where the model writes more)."""
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: Any = None
 
     def new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def tool_schemas(self) -> list[dict[str, Any]] | None:
+        """The tools to show the model: none with tool_choice "none". Forcing a call ("required", or a function
+        named) would take constrained decoding, which this server does not do: refused by name."""
+        if self.tool_choice not in (None, "auto", "none"):
+            raise BadRequest(f"tool_choice {self.tool_choice!r} would force a call, which this server cannot (it "
+                             "has no constrained decoding); use \"auto\" (the model decides) or \"none\"",
+                             "tool_choice")
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
 
     def scored(self) -> int | None:
         if self.top_logprobs is not None and not self.logprobs:

@@ -18,6 +18,7 @@ from conftest import chat_rust_tokenizer, edit_json
 from transformer_lm.api import load_run
 from transformer_lm.chat import CHAT_TEMPLATE_FILE, check_template, encode_rendered, hf_chat_template, render_chat
 from transformer_lm.cli import main
+from transformer_lm.config import SampleConfig
 from transformer_lm.errors import ChatError
 from transformer_lm.interop.hf import export_hf, import_hf
 from transformer_lm.tokenizers import HFFileTokenizer
@@ -97,6 +98,26 @@ def test_rendering_and_ids_equal_transformers_apply_chat_template(tokenizers, te
                                               add_generation_prompt=add_generation_prompt)
     assert encode_rendered(ours, text) == _their_ids(theirs, messages, template, add_generation_prompt)
     assert "<|im_start|>" not in text or theirs.convert_tokens_to_ids("<|im_start|>") in encode_rendered(ours, text)
+
+
+
+@pytest.mark.parametrize("template", [CHATML, LLAMA3], ids=["chatml", "llama3"])
+def test_a_begun_reply_is_left_open_as_transformers_leaves_it(tokenizers, template):
+    """continue_final_message: the text ends inside the last message (Llama 3's template trims it: so does the
+    text), as apply_chat_template(continue_final_message=True) ends it. A template that writes the message twice
+    (TOOLISH: as JSON, then as text) cannot be continued (transformers leaves its mark in the first copy)."""
+    ours, theirs = tokenizers
+    for begun in ("return beta", "return beta "):
+        messages = [*CHATS[1][:2], {"role": "assistant", "content": begun}]
+        text = render_chat(template, messages, ours, add_generation_prompt=False, continue_final_message=True)
+        assert text == theirs.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  continue_final_message=True)
+        assert text.rstrip().endswith("return beta")
+    with pytest.raises(ChatError, match="not both"):
+        render_chat(template, messages, ours, add_generation_prompt=True, continue_final_message=True)
+    for other in ("{{ messages | length }}", TOOLISH):
+        with pytest.raises(ChatError, match="cannot be continued"):
+            render_chat(other, messages, ours, add_generation_prompt=False, continue_final_message=True)
 
 
 def test_a_refused_conversation_and_a_broken_template_are_one_line_errors(tokenizers):
@@ -236,6 +257,12 @@ def test_chat_completion_is_the_libraries_reply(client, chat_run):
     longer = _chat(client, messages=CHATS[1], max_completion_tokens=5, max_tokens=50, temperature=0)["choices"][0]
     assert longer["message"]["content"] == chat_run.chat(CHATS[1], greedy=True, max_new_tokens=5)
     assert longer["finish_reason"] == "length"
+    begun = [*CHATS[0], {"role": "assistant", "content": "return"}]  # the reply goes on from the text given
+    went_on = _chat(client, messages=begun, continue_final_message=True, max_tokens=6, temperature=0)
+    text, ids = chat_run.chat_prompt(begun, continue_final_message=True)
+    assert text.endswith("<|im_start|>assistant\nreturn") and went_on["usage"]["prompt_tokens"] == len(ids)
+    expected = next(chat_run.stream_samples(text, SampleConfig(greedy=True, max_new_tokens=6), prompt_ids=ids))
+    assert went_on["choices"][0]["message"]["content"] == "".join(expected)
     parts = [{"role": "user", "content": [{"type": "text", "text": "def alpha"}, {"type": "text", "text": "(beta):"}]}]
     assert _chat(client, messages=parts, max_tokens=6, temperature=0)["choices"][0]["message"]["content"] == \
         chat_run.chat([{"role": "user", "content": "def alpha\n(beta):"}], greedy=True, max_new_tokens=6)

@@ -109,16 +109,17 @@ class Run:
             yield stream_text(self.model, self.tokenizer, prompt, cfg, gen, self.draft, self.draft_k, stats,
                               prompt_ids)
 
-    def chat_prompt(self, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> tuple[str, list[int]]:
-        """The text and ids of `messages` in the run's chat template, ending in the header of the assistant's turn
-        (chat.render_chat, which shows the template `tools`). ChatError for a run without a template, naming the
-        fix."""
+    def chat_prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    continue_final_message: bool = False) -> tuple[str, list[int]]:
+        """The text and ids of `messages` in the run's chat template, ending in the header of the assistant's turn,
+        or with `continue_final_message` in the last message's text, for the model to go on with (chat.render_chat,
+        which also shows the template `tools`). ChatError for a run without a template, naming the fix."""
         if self.chat_template is None:
             raise ChatError(f"{self.path} has no chat template (a base model, trained to continue text): sample it "
                             "with a text prompt, or give it one (tlm serve --chat_template FILE, "
                             "Run.chat_template = ...)")
-        text = render_chat(self.chat_template, messages, self.tokenizer, tools=tools)
+        text = render_chat(self.chat_template, messages, self.tokenizer, not continue_final_message, tools,
+                           continue_final_message)
         return text, encode_rendered(self.tokenizer, text)
 
     def stream_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,

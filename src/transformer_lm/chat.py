@@ -22,6 +22,10 @@ from typing import Any
 from .errors import ChatError
 from .tokenizers import Tokenizer
 
+_OPEN_END = "TLM_CONTINUE_FINAL_MESSAGE "
+"""Put after the message a chat is to continue, to find where the template wrote its end (with the space a
+template that trims would take: transformers' way)."""
+
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 """The run folder's chat template (and the file transformers >= 4.50 saves beside tokenizer_config.json)."""
 
@@ -117,22 +121,39 @@ def _messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def render_chat(source: str, messages: Sequence[dict[str, Any]], tokenizer: Tokenizer,
-                add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None) -> str:
+                add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None,
+                continue_final_message: bool = False) -> str:
     """The text of `messages` in the chat template `source`, ending (with add_generation_prompt) in the header of the
-    assistant's turn the model is to write. The template sees `bos_token` and `eos_token` (the tokenizer's), and
-    `tools`, the JSON schemas of the functions the model may call (OpenAI's [{"type": "function", "function":
-    {...}}, ...], as apply_chat_template(tools=...) passes them: tool_calls.py reads the calls back). A
-    conversation the template refuses (raise_exception: roles that do not alternate, say) raises ChatError with the
-    template's message."""
+    assistant's turn the model is to write, or with `continue_final_message` in the last message's own text, left
+    open for the model to go on with (a reply begun for it: `{"role": "assistant", "content": "{"}`), as
+    apply_chat_template(continue_final_message=True) ends it. The template sees `bos_token` and `eos_token` (the
+    tokenizer's), and `tools`, the JSON schemas of the functions the model may call (OpenAI's [{"type":
+    "function", "function": {...}}, ...], as apply_chat_template(tools=...) passes them: tool_calls.py reads the
+    calls back). A conversation the template refuses (raise_exception: roles that do not alternate, say) raises
+    ChatError with the template's message."""
     import jinja2
 
-    template = _compiled(source)
+    messages = _messages(messages)
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ChatError("a chat either continues its last message or opens the assistant's next turn, not both")
+        if "content" not in messages[-1]:
+            raise ChatError("the last message has no content to continue")
+        messages[-1] = {**messages[-1], "content": messages[-1]["content"] + _OPEN_END}
     try:
-        return template.render(messages=_messages(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=_token(tokenizer, tokenizer.bos_id),
-                               eos_token=_token(tokenizer, tokenizer.eot_id), tools=tools, documents=None)
+        text = _compiled(source).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=_token(tokenizer, tokenizer.bos_id),
+                                        eos_token=_token(tokenizer, tokenizer.eot_id), tools=tools, documents=None)
     except jinja2.TemplateError as e:
         raise ChatError(f"the chat template refused the conversation: {e}") from None
+    if not continue_final_message:
+        return text
+    at = text.rfind(_OPEN_END.strip())
+    if at < 0 or text.count(_OPEN_END.strip()) > 1:  # more than once: its earlier copies would hold the mark
+        raise ChatError("the chat template does not write the last message once and as it is given, so it cannot "
+                        "be continued; leave continue_final_message out")
+    # where the template trimmed the message's end (Llama 3's `| trim`), the text it continues is trimmed too
+    return text[:at] if text.startswith(_OPEN_END, at) else text[:at].rstrip()
 
 
 def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -10,7 +10,8 @@ client, curl, or any tool made for an OpenAI-compatible server (vLLM's, llama.cp
                            folder's, from `tlm convert`, or `--chat_template`): the same sampling fields,
                            max_completion_tokens, logprobs + top_logprobs (not streamed), stream (`delta` events),
                            tools + tool_choice "auto"/"none" + parallel_tool_calls: the tools shown the model by
-                           its template, its calls read back from its reply (tool_calls.py) as `tool_calls`
+                           its template, its calls read back from its reply (tool_calls.py) as `tool_calls`;
+                           continue_final_message (vLLM's): go on from the last message's text
     GET  /v1/models        the one model served
     GET  /health           liveness, with the run, its checkpoint step and the batch's load
 
@@ -215,7 +216,8 @@ class Server:
             tools = _Tools(style, body.parallel_tool_calls is not False)
         try:
             cfg = body.sample_config(self.defaults)
-            text, ids = self.run.chat_prompt([m.as_dict() for m in body.messages], schemas)
+            text, ids = self.run.chat_prompt([m.as_dict() for m in body.messages], schemas,
+                                             body.continue_final_message)
         except ChatError as e:
             raise BadRequest(" ".join(str(e).split()), "messages") from None
         except TLMError as e:  # sampling settings SampleConfig refuses

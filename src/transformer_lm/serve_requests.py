@@ -191,6 +191,9 @@ class ChatRequest(SamplingRequest):
     tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     """False: at most one call a reply (the first, where the model writes more)."""
+    continue_final_message: bool = False
+    """vLLM's: the reply goes on from the last message's text (an assistant's reply begun for the model), instead
+    of opening a new turn; the response holds what the model adds."""
     functions: list[Any] | None = None
     function_call: Any = None
     response_format: Any = None

@@ -323,12 +323,14 @@ def test_the_cli_fine_tunes_on_conversations_with_the_runs_or_a_given_template(c
 
 @pytest.mark.parametrize("lines, args, message", [
     (['{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'] * 3, [],
-     "holds conversations, which are rendered in a chat template"),
+     "chats.jsonl:1: it holds a conversation, which is rendered in a chat template"),
     (['{"messages": [{"role": "user", "content": "a"}]}', "not json"], ["--chat_template", "T"],
      "chats.jsonl:2 is not JSON"),
-    (['{"text": "a"}'], ["--chat_template", "T"], 'chats.jsonl:1 has no "messages" list'),
+    (['{"txt": "a"}'], ["--chat_template", "T"], "chats.jsonl:1: it is none of the formats an example may take"),
+    (['["a"]'], [], "chats.jsonl:1 is not a JSON object"),
+    (['{"conversations": [{"from": "bot", "value": "b"}]}'], [], "chats.jsonl:1: a turn is not {\"from\": one of"),
     (['{"messages": [{"role": "assistant", "content": "b"}]}'] * 2, ["--chat_template", "T"],
-     "conversation 1: the conversation starts with the assistant's turn"),
+     "chats.jsonl:1: the conversation starts with the assistant's turn"),
 ])
 def test_conversations_that_cannot_be_learned_are_refused(tmp_path: Path, capsys, lines, args, message):
     chats = tmp_path / "chats.jsonl"
@@ -596,7 +598,7 @@ def test_tlm_prepare_makes_a_fine_tunes_data_with_the_runs_tokenizer(chat_base: 
     run to fine-tune: `tlm train FOLDER --train.init_from RUN` takes it, and the run keeps the template."""
     chats = _chats_file(tmp_path / "chats.jsonl")
     assert main(["prepare", str(chats), "--out", str(tmp_path / "chat-data"), "--tokenizer_from", str(chat_base)]) == 0
-    assert "22 + 2 conversations" in capsys.readouterr().out
+    assert "22 + 2 examples" in capsys.readouterr().out
     run = load_run(chat_base, "cpu")
     direct = training_data(chats, run.tokenizer, chat_template=CHATML)
     from transformer_lm.data import load_prepared
@@ -614,4 +616,7 @@ def test_tlm_prepare_makes_a_fine_tunes_data_with_the_runs_tokenizer(chat_base: 
     assert main(["train", str(tmp_path / "text-data"), "--train.init_from", str(chat_base), "--out",
                  str(tmp_path / "ft"), *common]) == 0
     assert main(["prepare", str(chats), "--out", str(tmp_path / "x"), "--tokenizer", "char"]) == 2
-    assert "holds conversations: give the chat template" in capsys.readouterr().err
+    assert "--tokenizer char would be trained on them first" in capsys.readouterr().err
+    assert main(["prepare", str(chats), "--out", str(tmp_path / "x")]) == 2
+    assert "chats.jsonl:1: it holds a conversation, which is rendered in a chat template" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -148,11 +148,10 @@ class Run:
     def evaluate(self, data: str | Path, batch_size: int = 8) -> EvalResult:
         """Loss, perplexity and bits per byte on a text file, folder or glob, tokenized as `tlm prepare` does (an
         end-of-text between files), or on the val split of a folder `tlm prepare` wrote with this run's tokenizer.
-        Of conversations (a .jsonl file, or a folder chat_data.prepare_chats wrote), the assistant's replies are scored,
-        in the context of the turns before them (rendered in the run's chat template)."""
+        Of fine-tuning examples (a .jsonl file, or a folder chat_data.prepare_chats wrote), the tokens a fine-tune
+        learns are scored (conversations' replies, rendered in the run's chat template, in the context of the turns
+        before them; completions after their prompts)."""
         if is_chat_file(data):
-            if self.chat_template is None:
-                raise ChatError(f"{data} holds conversations, and {self.path} has no chat template to render them in")
             ids, mask, starts = joined(encode_chats(Path(data), self.chat_template, self.tokenizer),
                                        np.dtype(np.int64))
             return self._evaluate_replies(ids, mask, starts, batch_size)

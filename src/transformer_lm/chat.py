@@ -163,9 +163,11 @@ def encode_rendered(tokenizer: Tokenizer, text: str) -> list[int]:
     return hf.encode(text, add_special_tokens=False).ids if hf is not None else tokenizer.encode(text)
 
 
-def chat_tokens(source: str, messages: Sequence[dict[str, Any]], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+def chat_tokens(source: str, messages: Sequence[dict[str, Any]], tokenizer: Tokenizer,
+                learn_from: int = 0) -> tuple[list[int], list[bool]]:
     """A whole conversation's ids in the template `source`, and which of them are the assistant's: its replies with
-    the end-of-turn marks the template writes after them, what a supervised fine-tune learns (the rest is context).
+    the end-of-turn marks the template writes after them (those from message `learn_from` on: the completion of a
+    prompt-completion pair), what a supervised fine-tune learns (the rest is context).
     A reply is the text the conversation up to it adds to the conversation before it with the generation prompt
     (the assistant's header), which is how it is generated; a template that renders earlier turns otherwise once
     more follow (one dropping past reasoning, say) cannot be split so and raises ChatError. The text is encoded whole
@@ -177,7 +179,7 @@ def chat_tokens(source: str, messages: Sequence[dict[str, Any]], tokenizer: Toke
     text = render_chat(source, messages, tokenizer, add_generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or i < learn_from:
             continue
         before = render_chat(source, messages[:i], tokenizer, add_generation_prompt=True)
         upto = render_chat(source, messages[: i + 1], tokenizer, add_generation_prompt=False)

@@ -1,6 +1,13 @@
-"""Conversations as training and evaluation data: a JSON Lines file of {"messages": [...]} (OpenAI's fine-tuning
-format, Hugging Face chat datasets' "messages" column) rendered in a chat template (chat.chat_tokens) into the
-prepared-data format of data.py, with a mask of the tokens to learn, the assistant's replies: the rest is context.
+"""Supervised fine-tuning data: a JSON Lines file of examples encoded into the prepared-data format of data.py, with
+a mask of the tokens to learn (the rest is context) and where each example starts. A line is one of the formats
+fine-tuning datasets ship in (TRL's dataset types, by their columns):
+- {"messages": [{"role", "content"}, ...]}: a conversation (OpenAI's fine-tuning format, Hugging Face chat
+  datasets), rendered in a chat template (chat.chat_tokens); the assistant's replies are learned;
+- {"conversations": [{"from", "value"}, ...]}: the same in ShareGPT's form (from human, gpt, system, tool);
+- {"prompt": ..., "completion": ...}: two texts, the completion learned (with an end-of-text after it) and the
+  prompt its context, no template (a base model learns to complete); or two lists of messages, a conversation of
+  which the completion's replies are learned;
+- {"text": ...}: a document learned whole.
 """
 
 from __future__ import annotations
@@ -39,36 +46,93 @@ def chat_tokenizer(given: Tokenizer | None, kind: str | None) -> Tokenizer:
     return ByteTokenizer()
 
 
-def read_chats(path: Path) -> list[list[dict[str, Any]]]:
-    """The conversations of a JSON Lines file: each non-empty line an object with a "messages" list of {"role",
-    "content"}."""
-    chats = []
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system", "tool": "tool", "observation": "tool"}
+"""ShareGPT's speakers ("from") as chat templates' roles."""
+
+_FORMATS = ('{"messages": [{"role": ..., "content": ...}, ...]}, {"conversations": [{"from": ..., "value": ...}, '
+            '...]}, {"prompt": ..., "completion": ...} or {"text": ...}')
+
+
+def read_examples(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The examples of a JSON Lines file, each non-empty line's (number, object); DataError naming the first line
+    that is no JSON object."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read the conversations in {path} ({e}); give a UTF-8 JSON Lines file") from None
+        raise DataError(f"cannot read the examples in {path} ({e}); give a UTF-8 JSON Lines file") from None
+    rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as e:
-            raise DataError(f"{path}:{n} is not JSON ({e}); each line must be one conversation") from None
-        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-            raise DataError(f"{path}:{n} has no \"messages\" list; each line must be {{\"messages\": [{{\"role\": "
-                            f"..., \"content\": ...}}, ...]}}")
-        chats.append(row["messages"])
-    return chats
+            raise DataError(f"{path}:{n} is not JSON ({e}); each line must be one example: {_FORMATS}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{n} is not a JSON object; each line must be one example: {_FORMATS}")
+        rows.append((n, row))
+    return rows
 
 
-def encode_chats(path: Path, template: str, tokenizer: Tokenizer) -> list[tuple[list[int], list[bool]]]:
-    """Each conversation of `path` as chat.chat_tokens encodes it: (ids, which are the assistant's)."""
-    encoded = []
-    for n, chat in enumerate(read_chats(path), 1):
+def _sharegpt(turns: list[Any]) -> list[dict[str, Any]]:
+    """ShareGPT's turns as messages."""
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
+            raise DataError(f"a turn is not {{\"from\": one of {sorted(SHAREGPT_ROLES)}, \"value\": ...}}: {turn!r}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
+    return messages
+
+
+def _plain(tokenizer: Tokenizer, context: str, learned: str) -> tuple[list[int], list[bool]]:
+    """`context` then `learned` (and an end-of-text, which is learned too), encoded apart as a sample's prompt and
+    continuation are (generate.sample_prompt: with the BOS a Llama-family model expects first). The first token is
+    never learned: nothing of its example comes before it (packed, it would be learned from the one before)."""
+    head = tokenizer.encode(context) if context else []
+    if tokenizer.bos_id is not None and head[:1] != [tokenizer.bos_id]:
+        head = [tokenizer.bos_id, *head]
+    tail = (tokenizer.encode_continuation(learned) if head else tokenizer.encode(learned)) + \
+        ([tokenizer.eot_id] if tokenizer.eot_id is not None else [])
+    return head + tail, [False] * max(1, len(head)) + [True] * (len(tail) - (not head))
+
+
+def encode_example(row: dict[str, Any], template: str | None, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """One example (see the module docstring) as (ids, which are learned). A conversation without a `template` to
+    render it in is a ConfigError naming the fix."""
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return _plain(tokenizer, row["prompt"], row["completion"])
+    if isinstance(row.get("text"), str):
+        if not row["text"]:
+            raise DataError("its text is empty")
+        return _plain(tokenizer, "", row["text"])
+    learn_from = 0
+    if isinstance(row.get("messages"), list):
+        messages = row["messages"]
+    elif isinstance(row.get("conversations"), list):
+        messages = _sharegpt(row["conversations"])
+    elif isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
+        messages, learn_from = row["prompt"] + row["completion"], len(row["prompt"])
+    else:
+        raise DataError(f"it is none of the formats an example may take: {_FORMATS}")
+    if template is None:
+        raise ConfigError("it holds a conversation, which is rendered in a chat template, and there is none: use a "
+                          "run that has one (tlm train --train.init_from RUN, tlm prepare --tokenizer_from RUN), or "
+                          "give one (--chat_template FILE)")
+    return chat_tokens(template, messages, tokenizer, learn_from)
+
+
+def encode_chats(path: Path, template: str | None, tokenizer: Tokenizer) -> list[tuple[list[int], list[bool]]]:
+    """Each example of `path` as encode_example encodes it: (ids, which are learned)."""
+    encoded, rows = [], read_examples(path)
+    for n, row in rows:
         try:
-            encoded.append(chat_tokens(template, chat, tokenizer))
-        except ChatError as e:
-            raise ChatError(f"{path}: conversation {n}: {e}") from None
+            encoded.append(encode_example(row, template, tokenizer))
+        except (ChatError, ConfigError, DataError) as e:
+            raise type(e)(f"{path}:{n}: {e}") from None
+    if tokenizer.eot_id is None and any(isinstance(row.get("completion", row.get("text")), str) for _, row in rows):
+        log.warning("the %s tokenizer has no end-of-text token: completions are learned without an end mark, so "
+                    "samples of the model end at max_new_tokens or a stop string", tokenizer.kind)
     return encoded
 
 
@@ -82,21 +146,21 @@ def joined(encoded: list[tuple[list[int], list[bool]]],
     return ids, mask, starts
 
 
-def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Tokenizer, template: str,
+def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Tokenizer, template: str | None,
                   val_fraction: float = 0.1, overwrite: bool = False) -> dict[str, Any]:
-    """Conversations into `out_dir` for supervised fine-tuning: rendered and encoded (encode_chats) back to back into
-    train.bin / val.bin as data.prepare writes them, with train.mask.bin / val.mask.bin beside them (one byte per
-    token: 1 where the assistant's, which training learns and evaluation scores), train.starts.bin /
-    val.starts.bin (where each conversation begins: int64 offsets, windows begin there) and the template as
-    chat_template.jinja. The last val_fraction of the conversations (at least one) are the val split. Written
-    atomically, the manifest last, as data.prepare writes."""
+    """Fine-tuning examples (conversations, prompt-completion pairs, documents) into `out_dir`: encoded (encode_chats)
+    back to back into train.bin / val.bin as data.prepare writes them, with train.mask.bin / val.mask.bin beside
+    them (one byte per token: 1 where learned, which training learns and evaluation scores), train.starts.bin /
+    val.starts.bin (where each example begins: int64 offsets, windows begin there) and the template conversations
+    were rendered in as chat_template.jinja. The last val_fraction of the examples (at least one) are the val split
+    (the manifest counts them as conversations). Written atomically, the manifest last, as data.prepare writes."""
     path, out_dir = Path(path), out_folder(Path(out_dir))
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
     check_out(out_dir, overwrite, [path], ours=is_prepared, what="prepared data")
     encoded = encode_chats(path, template, tokenizer)
     if len(encoded) < 2:
-        raise DataError(f"{path} holds {len(encoded)} conversation(s); a train and a val split need at least 2")
+        raise DataError(f"{path} holds {len(encoded)} example(s); a train and a val split need at least 2")
     n_val = max(1, round(len(encoded) * val_fraction))
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     counts = {}
@@ -104,8 +168,8 @@ def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
         for split, part in (("train", encoded[:-n_val]), ("val", encoded[-n_val:])):
             ids, mask, starts = joined(part, dtype)
             if not mask[1:].any():
-                raise DataError(f"the {split} split of {path} has no assistant turn to learn; add conversations with "
-                                "replies")
+                raise DataError(f"the {split} split of {path} has nothing to learn (no assistant turn, completion "
+                                "or text); add examples with replies")
             for name, array in ((f"{split}.bin", ids), (f"{split}.mask.bin", mask), (f"{split}.starts.bin", starts)):
                 with open(tmp / name, "wb") as f:  # on disk before the manifest names them
                     f.write(array.tobytes())
@@ -113,7 +177,8 @@ def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
                     os.fsync(f.fileno())
             counts[split] = (len(ids), tokenizer.num_bytes(ids.tolist()), int(mask.sum()), len(part))
         save_tokenizer(tokenizer, tmp / "tokenizer.json")
-        (tmp / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        if template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
         manifest = {
             "format": MANIFEST_FORMAT, "masked": True,
             "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}, "dtype": dtype.name,
@@ -124,6 +189,6 @@ def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_manifest(tmp, manifest)
-    log.info("prepared %s: %d conversations, %d train / %d val tokens (%d / %d the assistant's)", out_dir,
+    log.info("prepared %s: %d examples, %d train / %d val tokens (%d / %d of them learned)", out_dir,
              len(encoded), counts["train"][0], counts["val"][0], counts["train"][2], counts["val"][2])
     return manifest

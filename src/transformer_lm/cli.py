@@ -201,14 +201,11 @@ def cmd_prepare(a: Namespace) -> None:
     if len(a.sources) == 1 and is_chat_file(a.sources[0]):
         template = read_template_file(a.chat_template) if a.chat_template else \
             read_chat_template(a.tokenizer_from) if a.tokenizer_from else None
-        if template is None:
-            raise ConfigError(f"{a.sources[0]} holds conversations: give the chat template to render them in "
-                              "(--chat_template FILE, or --tokenizer_from a run that has one)")
         tok = chat_tokenizer(given, a.tokenizer)
         m = prepare_chats(a.sources[0], a.out, tok, template, a.val_fraction, a.overwrite)
-        print(f"{a.out}: {m['train_conversations']:,} + {m['val_conversations']:,} conversations, "
+        print(f"{a.out}: {m['train_conversations']:,} + {m['val_conversations']:,} examples, "
               f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['train_learned_tokens']:,} + "
-              f"{m['val_learned_tokens']:,} of them the assistant's), {tok.kind} tokenizer")
+              f"{m['val_learned_tokens']:,} of them learned), {tok.kind} tokenizer")
         return
     if a.chat_template is not None:
         raise ConfigError("--chat_template applies to conversations (one .jsonl file); drop it for text")

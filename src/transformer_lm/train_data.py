@@ -93,10 +93,8 @@ def _identity(tokenizer: Tokenizer) -> str:
 
 
 def _chat_data(path: Path, given: Tokenizer | None, kind: str | None, chat_template: str | None) -> PreparedData:
-    """Conversations prepared into the cache (chat_data.prepare_chats), keyed by the file, tokenizer and template."""
-    if chat_template is None:
-        raise ConfigError(f"{path} holds conversations, which are rendered in a chat template: fine-tune a run "
-                          "that has one (--train.init_from), or give one (--chat_template FILE)")
+    """Fine-tuning examples prepared into the cache (chat_data.prepare_chats), keyed by the file, tokenizer and
+    template (None: a conversation among them is refused)."""
     tok = chat_tokenizer(given, kind)
     key = {"chats": _stamp(path), "template": chat_template, "tokenizer": _identity(tok),
            "layout": 2}  # 2: with where each conversation starts (train.starts.bin)

@@ -1,0 +1,107 @@
+"""Fine-tuning examples in the formats datasets ship (chat_data.py): ShareGPT's conversations as the same messages,
+prompt-completion pairs encoded as TRL tokenizes them (the prompt with its BOS, the completion apart, an end of
+sequence after it: only the completion learned), conversational pairs learning the completion's replies only,
+documents learned whole; a base model without a chat template fine-tuned on pairs, and evaluated on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import chat_rust_tokenizer, random_model
+from transformer_lm.api import load_run
+from transformer_lm.chat import chat_tokens
+from transformer_lm.chat_data import encode_chats, encode_example
+from transformer_lm.checkpoint import save_checkpoint
+from transformer_lm.cli import main
+from transformer_lm.config import ModelConfig, dump_json
+from transformer_lm.tokenizers import ByteTokenizer, HFFileTokenizer, save_tokenizer
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def alpha(beta):"},
+            {"role": "assistant", "content": "return beta * 2"}, {"role": "user", "content": "naïve ✓"},
+            {"role": "assistant", "content": "größe"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> HFFileTokenizer:
+    """ChatML's specials, and a BOS its post-processor puts first (as Llama's tokenizers do)."""
+    from tokenizers.processors import TemplateProcessing
+
+    rust = chat_rust_tokenizer()
+    rust.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[
+        ("<|begin_of_text|>", rust.token_to_id("<|begin_of_text|>"))])
+    return HFFileTokenizer(rust, eot="<|im_end|>", bos="<|begin_of_text|>")
+
+
+def test_sharegpt_conversations_are_the_same_messages(tokenizer):
+    sharegpt = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}.get(m["role"], m["role"]),
+                                   "value": m["content"]} for m in MESSAGES]}
+    assert encode_example(sharegpt, CHATML, tokenizer) == chat_tokens(CHATML, MESSAGES, tokenizer)
+
+
+def test_a_pair_is_tokenized_as_trl_tokenizes_it(tokenizer):
+    """prompt_ids = tokenizer(prompt) (its BOS first), completion_ids = tokenizer(completion, no special tokens),
+    then the end of sequence; the completion and its end are learned."""
+    rust = tokenizer.hf
+    prompt, completion = "def alpha(beta):\n", "    return beta * 2\n"
+    ids, mask = encode_example({"prompt": prompt, "completion": completion}, None, tokenizer)
+    head = rust.encode(prompt).ids
+    tail = rust.encode(completion, add_special_tokens=False).ids + [rust.token_to_id("<|im_end|>")]
+    assert head[0] == rust.token_to_id("<|begin_of_text|>")
+    assert ids == head + tail and mask == [False] * len(head) + [True] * len(tail)
+    text_ids, text_mask = encode_example({"text": completion}, None, tokenizer)
+    assert text_ids == rust.encode(completion).ids + tail[-1:] and text_mask == [False] + [True] * (len(text_ids) - 1)
+
+
+def test_a_conversational_pair_learns_its_completions_replies_only(tokenizer):
+    """A few-shot prompt's own assistant turn is context; the completion's reply is learned."""
+    ids, mask = encode_example({"prompt": MESSAGES[:4], "completion": MESSAGES[4:]}, CHATML, tokenizer)
+    whole, whole_mask = chat_tokens(CHATML, MESSAGES, tokenizer)
+    assert ids == whole
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "größe<|im_end|>\n"
+    assert sum(mask) < sum(whole_mask) and all(w for m, w in zip(mask, whole_mask) if m)
+
+
+def test_a_base_model_without_a_template_fine_tunes_on_pairs(tmp_path: Path, caplog):
+    """Pairs and documents need no chat template: `tlm train pairs.jsonl --train.init_from BASE` learns the
+    completions (its first loss is the base's cross-entropy on their targets alone), the run has no template, and
+    `tlm eval` scores the completions as the run's evaluation does. Byte tokenizer: no end mark, said once."""
+    tok = ByteTokenizer()
+    config = ModelConfig(vocab_size=256, block_size=48, n_layer=1, n_head=2, n_embd=32, tie_embeddings=False)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(dump_json({"model": config.to_dict()}))
+    save_tokenizer(tok, base / "tokenizer.json")
+    save_checkpoint(base, random_model(config, std=0.1), {}, 0)
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Q: {i} + {i}?\nA:", "completion": f" {2 * i}\n"} for i in range(30)] + \
+        [{"text": "Q: and so on.\n"}]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "ft"
+    assert main(["train", str(pairs), "--train.init_from", str(base), "--out", str(out), "--train.max_iters", "2",
+                 "--train.batch_size", "4", "--train.eval_interval", "2", "--train.eval_batches", "4",
+                 "--train.warmup_iters", "1"]) == 0
+    assert "no end-of-text token" in caplog.text
+    run = load_run(out, "cpu")
+    assert run.chat_template is None
+    encoded = encode_chats(pairs, None, tok)
+    assert [bytes(i for i, m in zip(*e) if m).decode() for e in encoded[:2]] == [" 0\n", " 2\n"]
+    val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
+    scored = run.evaluate(pairs)  # every example, each on its own: a reference computed here
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in encoded:
+            x, y = torch.tensor(ids[:-1])[None], torch.tensor(ids[1:])
+            y = torch.where(torch.tensor(mask[1:]), y, -1)
+            total += float(F.cross_entropy(run.model(x).logits[0], y, ignore_index=-1, reduction="sum"))
+            count += int((y >= 0).sum())
+    assert scored.tokens == count and scored.loss == pytest.approx(total / count, rel=1e-5)
+    held_out = sum(sum(m[1:]) for _, m in encoded[-3:])  # the val split: the last 10 % of the examples
+    assert val["val_tokens"] == held_out and np.isfinite(val["val_loss"])

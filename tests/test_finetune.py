@@ -463,7 +463,7 @@ def test_tlm_memory_plans_a_lora_fine_tune(capsys):
     plans = json.loads(capsys.readouterr().out)["plans"]
     config = ModelConfig.from_preset("gpt2")
     assert list(plans) == ["DDP+LoRA", "DDP+LoRA+AC"]
-    expected = plan_memory(config, 1, world_size=8, trained=lora_params(config, 8), half_base=True).to_dict()
+    expected = plan_memory(config, 1, world_size=8, trained=lora_params(config, 8), base_bytes=2).to_dict()
     assert plans["DDP+LoRA"] == expected and plans["DDP+LoRA"]["optimizer"] == 8 * lora_params(config, 8)
 
 
@@ -499,7 +499,7 @@ def test_under_autocast_the_frozen_base_is_held_in_its_precision(base: Path, tmp
     assert isinstance(loaded.generate("def ", max_new_tokens=4, seed=0), str)
     config = ModelConfig.from_preset("gpt2")
     whole = plan_memory(config, 1, trained=lora_params(config, 8))
-    half = plan_memory(config, 1, trained=lora_params(config, 8), half_base=True)
+    half = plan_memory(config, 1, trained=lora_params(config, 8), base_bytes=2)
     blocks = matmul_weights(config) - config.vocab_size * config.n_embd
     assert whole.weights - half.weights == 2 * blocks and half.autocast_copies == 2 * config.vocab_size * 768
 

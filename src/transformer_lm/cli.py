@@ -401,6 +401,8 @@ def _add_scaling_parsers(cmds: dict[str, ArgumentParser]) -> None:
     p.add_argument("--gpu_gb", type=float, default=80.0, help="Memory of one device, GB, for the fits row.")
     p.add_argument("--lora_rank", type=int, default=0, help="Plan a LoRA fine-tune of this rank (train.lora_rank; "
                    "DDP only): gradients and AdamW state of the adapters alone.")
+    p.add_argument("--lora_quantize", type=str | None, default=None, help="QLoRA: the frozen weights held as int8, "
+                   "int4 or int4:GROUP_SIZE (train.lora_quantize).")
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
 
 
@@ -420,14 +422,18 @@ def cmd_memory(a: Namespace) -> None:
     cfg = ModelConfig(**a.model.as_dict())
     if a.lora_rank < 0:
         raise ConfigError(f"--lora_rank must be >= 0 (0: every weight trained), got {a.lora_rank}")
+    if a.lora_quantize is not None:
+        TrainConfig(init_from=".", lora_rank=a.lora_rank, lora_quantize=a.lora_quantize)  # its one-line error
     if a.lora_rank:  # LoRA trains under DDP only (train.py): its columns are DDP's
-        from .lora import lora_params
+        import torch
+
+        from .lora import base_bytes, lora_params
 
         trained = lora_params(cfg, a.lora_rank)
-        half = a.dtype != "float32"  # the frozen weights held in the autocast precision (lora.hold_base_in)
-        plans = {f"DDP+LoRA{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size, "ddp",
-                                                                a.dtype, ac, trained=trained, half_base=half)
-                 for ac in (False, True)}
+        held = base_bytes(cfg, a.lora_quantize, getattr(torch, a.dtype))  # (lora.hold_base_in, quantize_base)
+        plans = {f"DDP+{'Q' if a.lora_quantize else ''}LoRA{'+AC' if ac else ''}": plan_memory(
+            cfg, a.batch_size, a.seq_len, a.world_size, "ddp", a.dtype, ac, trained=trained, base_bytes=held)
+            for ac in (False, True)}
     else:
         plans = {f"{par.upper()}{'+AC' if ac else ''}": plan_memory(cfg, a.batch_size, a.seq_len, a.world_size,
                                                                      par, a.dtype, ac)
@@ -443,7 +449,8 @@ def cmd_memory(a: Namespace) -> None:
           f"device and micro-step, {a.dtype} autocast, {a.world_size} devices; {unit} per device "
           f"(1 {unit} = 10{'⁹' if unit == 'GB' else '⁶'} bytes)")
     short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[a.dtype]
-    rows = [(f"weights (base {short})" if a.lora_rank else "weights (fp32)", "weights"),
+    base = a.lora_quantize or short
+    rows = [(f"weights (base {base})" if a.lora_rank else "weights (fp32)", "weights"),
             ("gradients (fp32)", "gradients"), ("AdamW state", "optimizer"),
             ("autocast weight copies", "autocast_copies"), ("activations", "activations"),
             ("logits transient", "logits_transient"), ("one block's activations", "block_activations")]

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -331,6 +332,10 @@ class TrainConfig:
     """LoRA's scale numerator: the update is (lora_alpha / lora_rank) B A."""
     lora_dropout: float = 0.0
     """Dropout on the input of LoRA's update."""
+    lora_quantize: str | None = None
+    """QLoRA: hold the frozen weights of the blocks quantized, int8 or int4 (groups of 128 inputs; int4:GROUP for
+    another size), as `tlm sample --quantize` quantizes them: a quarter or an eighth of their float32 memory. The
+    checkpoints hold the dequantized weights merged with the adapters. None: the weights stay float."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -361,6 +366,10 @@ class TrainConfig:
         if self.lora_rank and not self.init_from:
             raise ConfigError("train.lora_rank adapts a trained model: give the run to fine-tune, --train.init_from "
                               "RUN (or drop lora_rank to train from scratch)")
+        if self.lora_quantize is not None and (not self.lora_rank or not re.fullmatch(r"int8|int4(:\d+)?",
+                                                                                     self.lora_quantize)):
+            raise ConfigError(f"train.lora_quantize holds LoRA's frozen weights as int8, int4 or int4:GROUP_SIZE "
+                              f"(with train.lora_rank > 0), got {self.lora_quantize!r} with lora_rank {self.lora_rank}")
         if self.lora_rank and self.optimizer != "adamw":
             raise ConfigError("LoRA's adapters train with adamw; drop --train.optimizer muon (or lora_rank)")
         for name in ("max_iters", "max_tokens", "max_time"):

@@ -9,6 +9,12 @@ own code is untouched; under autocast the frozen weights are held in its precisi
 stores the merged weights W + (alpha / r) B A in float32 (every reader of a run folder loads them as any other
 model's) and, in its training state, the adapters, which a resumed run puts back on its base model's weights
 (train.init_from) to continue exactly.
+
+QLoRA (Dettmers et al., 2023): the frozen weights may be held quantized instead (`quantize_base`: quantize.py's
+int8, or int4 in groups), a quarter or an eighth of their float32 size, the adapters staying float32. Their product
+is taken through `_FrozenQuantized`, which recomputes the float weight for the backward pass rather than having
+autograd keep every layer's until then. The merged weights a checkpoint stores are then the dequantized base plus
+the update: the model the adapters were trained on.
 """
 
 from __future__ import annotations
@@ -21,16 +27,34 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import CheckpointError
+from .quantize import Int4Linear, Int8Linear, parse_quantize, quantize
 
 TARGETS = ("qkv", "proj", "up", "gate", "down")
 """The linear layers LoRA adapts: all of a block's (attention's Q/K/V and output projections, the feed-forward
 network's), as PEFT's "all-linear" does; not the embeddings or the LM head."""
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trained low-rank update (see the module docstring)."""
+class _FrozenQuantized(torch.autograd.Function):
+    """x Wᵀ + b of a quantized layer whose weights are not trained. Autograd would keep the float weight the layer
+    widens or dequantizes for its product until the backward pass (x's gradient needs it): the whole model in
+    float again, layer by layer. This backward dequantizes the weight anew instead, so only its bits are held."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor,
+                layer: Int8Linear | Int4Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return layer(x)  # (a Function's forward records no graph: nothing of the product is saved)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ ctx.layer.dequantize().to(grad.dtype), None
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear (or a quantized one: QLoRA) plus a trained low-rank update (see the module docstring)."""
+
+    def __init__(self, base: nn.Linear | Int8Linear | Int4Linear, rank: int, alpha: float,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.base = base.requires_grad_(False)
         device = base.weight.device
@@ -42,22 +66,43 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
-        return self.base(x) + update * self.scale
+        base = self.base(x) if isinstance(self.base, nn.Linear) else _FrozenQuantized.apply(x, self.base)
+        return base + update * self.scale
 
     def merged_weight(self) -> torch.Tensor:
-        """W + (alpha / r) B A, in float32 (the update is small beside W: in bfloat16 much of it would round away)."""
-        return self.base.weight.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
+        """W + (alpha / r) B A, in float32 (the update is small beside W: in bfloat16 much of it would round away);
+        of a quantized base, its weight dequantized."""
+        w = self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantize()
+        return w.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
 
 
 def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> int:
-    """Freeze every parameter of `model` and wrap the TARGETS linear layers of its blocks in LoRALinear, in place
-    (A drawn from torch's global generator: seed it first). Returns the number of trained parameters."""
+    """Freeze every parameter of `model` and wrap the TARGETS linear layers of its blocks (float, or quantized by
+    quantize_base) in LoRALinear, in place (A drawn from torch's global generator: seed it first). Returns the
+    number of trained parameters."""
     model.requires_grad_(False)
     swaps = [(parent, name, child) for parent in model.blocks.modules() for name, child in parent.named_children()
-             if name in TARGETS and type(child) is nn.Linear]
+             if name in TARGETS and type(child) in (nn.Linear, Int8Linear, Int4Linear)]
     for parent, name, child in swaps:
         setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def quantize_base(model: nn.Module, bits: int, group_size: int = 128) -> None:
+    """Quantize the linear layers of `model`'s blocks in place (quantize.py: int8, or int4 in groups of
+    `group_size` inputs), before add_lora wraps them: QLoRA's frozen base. The embeddings and LM head stay float."""
+    quantize(model, bits, group_size, head=False)
+
+
+def base_bytes(config: ModelConfig, quantized: str | None, amp_dtype: torch.dtype) -> float | None:
+    """Bytes per weight a LoRA fine-tune holds the frozen weights of the blocks in (plan_memory's base_bytes):
+    quantized (train.lora_quantize), in the autocast precision (hold_base_in), or None: float32."""
+    from .experiments.memory import quantized_bytes
+
+    if quantized is not None:
+        spec = parse_quantize(quantized)
+        return quantized_bytes(config, int(spec["bits"]), int(spec["group_size"]))
+    return None if amp_dtype == torch.float32 else torch.finfo(amp_dtype).bits / 8
 
 
 def hold_base_in(model: nn.Module, dtype: torch.dtype) -> None:
@@ -66,7 +111,7 @@ def hold_base_in(model: nn.Module, dtype: torch.dtype) -> None:
     make, so the bulk of a LoRA fine-tune's memory halves again (QLoRA's recipes hold the base so, or lower).
     The adapters, the embeddings, norms and LM head stay float32."""
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LoRALinear) and isinstance(module.base, nn.Linear):
             module.base.to(dtype)
 
 
@@ -94,12 +139,12 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
-            state.pop(f"{name}.lora_a")
-            state.pop(f"{name}.lora_b")
-            state.pop(f"{name}.base.weight")
+            bias = state.pop(f"{name}.base.bias", None)
+            for key in [k for k in state if k.startswith(f"{name}.")]:  # the adapters, the base's weight (or levels)
+                del state[key]
             state[f"{name}.weight"] = module.merged_weight().detach()
-            if module.base.bias is not None:  # float32 as the merged weight, held in half or not
-                state[f"{name}.bias"] = state.pop(f"{name}.base.bias").float()
+            if bias is not None:  # float32 as the merged weight, held in half or not
+                state[f"{name}.bias"] = bias.float()
     return state
 
 

@@ -45,7 +45,7 @@ from .data import (
 )
 from .errors import CheckpointError, ConfigError, DivergenceError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
-from .lora import adapters, add_lora, hold_base_in, load_adapters, lora_params
+from .lora import adapters, add_lora, base_bytes, hold_base_in, load_adapters, lora_params, quantize_base
 from .model import build_model
 from .optim import config_hyperparameters, fused_adamw, lr_at, make_optimizer, set_lr
 from .parallel import (
@@ -62,6 +62,7 @@ from .parallel import (
     parallelize,
 )
 from .perf import mfu, peak_flops
+from .quantize import parse_quantize
 from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
 from .tokenizers import load_tokenizer, save_tokenizer
@@ -258,10 +259,16 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     # under any autocast (against this CPU's bf16 peak, a bf16 run's MFU read 475 %)
     peak = peak_flops(device, torch.float32 if runs_in_float32(model_config, device) else amp_dtype)
     torch.manual_seed(cfg.seed)
-    model = build_model(model_config).to(device).init_weights(cfg.seed)
+    # QLoRA's float base is staged in host memory, quantized there, and only then moved to the device
+    staged = torch.device("cpu") if cfg.lora_quantize is not None else device
+    model = build_model(model_config).to(staged).init_weights(cfg.seed)
     folder = latest_checkpoint(run_dir) if resuming else None
     if cfg.lora_rank:  # the base's weights, frozen, under new adapters (a resumed run's are loaded below)
         load_weights(model, init)
+        if cfg.lora_quantize is not None:  # QLoRA: the same levels on every (re)start, so resuming stays exact
+            spec = parse_quantize(cfg.lora_quantize)
+            quantize_base(model, spec["bits"], spec["group_size"])
+            model.to(device)
         trained = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
         if amp_dtype != torch.float32:
             hold_base_in(model, amp_dtype)
@@ -433,7 +440,7 @@ def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, de
                        activation_checkpointing=cfg.activation_checkpointing,
                        fused_optimizer=fused_adamw(device) and not sharded,
                        trained=lora_params(model_config, cfg.lora_rank) if cfg.lora_rank else None,
-                       half_base=bool(cfg.lora_rank) and amp_dtype != torch.float32)
+                       base_bytes=base_bytes(model_config, cfg.lora_quantize, amp_dtype) if cfg.lora_rank else None)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled and device.type == "cpu" else 1
     who = f"{local} processes of " if local > 1 else ""
     check_fits(plan.peak * local, device, f"training {who}{cfg.batch_size // info.world_size} sequences of "

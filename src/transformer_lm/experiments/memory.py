@@ -98,6 +98,12 @@ def block_params(c: ModelConfig) -> int:
     return count_params(c).per_layer
 
 
+def quantized_bytes(c: ModelConfig, bits: int, group_size: int = 128) -> float:
+    """Bytes per weight of the blocks' matmuls quantized as quantize.py stores them: int8 with a float32 scale per
+    output row, int4 with a float32 scale and zero point per group of inputs."""
+    return 1 + 4 / c.n_embd if bits == 8 else 0.5 + 8 / group_size
+
+
 def matmul_weights(c: ModelConfig) -> int:
     """Elements of the weights that go through matmuls (what autocast casts): Q/K/V, output projection, FFN, head."""
     qkv_out = (c.n_head + 2 * c.kv_heads) * c.head_dim
@@ -122,13 +128,16 @@ def block_activations(c: ModelConfig, b: int, s: int, compute: int) -> int:
 
 def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, world_size: int = 1,
                 parallel: Parallel = "ddp", dtype: str = "bfloat16", activation_checkpointing: bool = False,
-                fused_optimizer: bool = True, trained: int | None = None, half_base: bool = False) -> MemoryPlan:
+                fused_optimizer: bool = True, trained: int | None = None,
+                base_bytes: float | None = None) -> MemoryPlan:
     """Memory per device of training `c` with `batch_size` sequences of `seq_len` tokens (default block_size) per
     device and micro-step, on `world_size` devices under `parallel`, autocast to `dtype` (float32: none).
     `fused_optimizer`: the fused AdamW step of CUDA (False: the foreach step used on CPU, with one temporary).
     `trained`: the parameters trained, where not all are (LoRA's adapters, beside frozen weights: lora.py), which
-    alone have gradients and optimizer state; `half_base`: the frozen weights of the blocks' matmuls held in the
-    autocast precision (lora.hold_base_in), which then makes no copies of them."""
+    alone have gradients and optimizer state; `base_bytes`: the bytes per weight the frozen weights of the blocks'
+    matmuls are held in (None: float32, copied by autocast), the autocast precision's (lora.hold_base_in), which
+    then makes no copies of them, or a quantized base's (QLoRA: quantized_bytes), each layer's weight then
+    dequantized for its product alone."""
     if c.arch != "transformer":
         raise ConfigError(f"the memory planner models Transformer blocks; got arch {c.arch}")
     if dtype not in DTYPE_BYTES:
@@ -151,14 +160,16 @@ def plan_memory(c: ModelConfig, batch_size: int, seq_len: int | None = None, wor
     weights = 4 * local + ((2 if mixed else 4) * in_flight if sharded else 0)
     if trained is not None:  # a LoRA fine-tune (DDP only): the frozen weights plus the adapters
         weights += 4 * trained
-    if half_base:
-        weights -= (4 - compute) * (matmul_weights(c) - c.vocab_size * c.n_embd)  # the blocks', not the head's
+    if base_bytes is not None:
+        weights -= round((4 - base_bytes) * (matmul_weights(c) - c.vocab_size * c.n_embd))  # the blocks', not the head
     learned = local if trained is None else trained
     gradients = 4 * learned + (4 * per_block if sharded else 0)
     optimizer = 8 * learned
     step_temp = 0 if fused_optimizer else 4 * learned
-    copied = c.vocab_size * c.n_embd if half_base else matmul_weights(c)  # the blocks' already in that precision
+    copied = c.vocab_size * c.n_embd if base_bytes is not None else matmul_weights(c)  # the blocks' are not copied
     autocast = 2 * copied if compute != 4 and not mixed else 0
+    if base_bytes is not None and base_bytes < 2:  # quantized: each layer's weight dequantized (float32), then cast
+        autocast += (4 + compute) * c.n_embd * max(c.ffn_dim, (c.n_head + 2 * c.kv_heads) * c.head_dim)
     block = block_activations(c, b, s, compute)
     outside = b * s * 8 + b * s * c.n_embd * (4 + compute) + b * s * 4 * (2 if c.norm == "layernorm" else 1)
     kept = b * s * c.n_embd * 4 if activation_checkpointing else block  # per block: its fp32 input, or everything

@@ -97,9 +97,11 @@ def test_ddp_matches_single_process(data: PreparedData, reference: Path, tmp_pat
     assert all(torch.allclose(opt[k]["exp_avg_sq"], ref_opt[k]["exp_avg_sq"], atol=TOL) for k in ref_opt)
 
 
-def test_ddp_lora_fine_tune_on_conversations_matches_single_process(tmp_path: Path):
-    """The newer training paths under DDP: LoRA (frozen weights, adapters synchronised) on conversations (the
-    masked sampler: every rank draws every row, then keeps its share) follow the single-process curve."""
+@pytest.mark.parametrize("quantized", [[], ["--train.lora_quantize=int8"]], ids=["lora", "qlora"])
+def test_ddp_lora_fine_tune_on_conversations_matches_single_process(tmp_path: Path, quantized: list[str]):
+    """The newer training paths under DDP: LoRA (frozen weights, adapters synchronised; QLoRA's quantized too, each
+    rank quantizing alike) on conversations (the masked sampler: every rank draws every row, then keeps its share)
+    follow the single-process curve."""
     corpus = tmp_path / "base.txt"
     corpus.write_text(make_corpus())
     base = tmp_path / "base"
@@ -112,7 +114,7 @@ def test_ddp_lora_fine_tune_on_conversations_matches_single_process(tmp_path: Pa
     template.write_text("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>\n{% endfor %}"
                         "{% if add_generation_prompt %}<assistant>{% endif %}")
     args = [chats, "--train.init_from", base, "--chat_template", template, "--train.lora_rank=4", "--train.lr=1e-2",
-            *[a for a in ARGS if not a.startswith("--model.")]]
+            *quantized, *[a for a in ARGS if not a.startswith("--model.")]]
     assert main(["train", *map(str, args), "--out", str(tmp_path / "one")]) == 0
     proc = torchrun(*args, "--out", tmp_path / "two")
     assert proc.returncode == 0, proc.stderr[-3000:]

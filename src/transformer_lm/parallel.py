@@ -213,9 +213,11 @@ def parallelize(model: nn.Module, info: DistInfo, cfg: TrainConfig) -> nn.Module
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
-    # gradients as views of the all-reduce buckets: one copy of the gradients instead of two
+    # gradients as views of the all-reduce buckets: one copy of the gradients instead of two; no buffer broadcast
+    # before each forward: a model's buffers are the same on every rank (QLoRA's quantized weights, quantized alike
+    # from the same base: broadcast, gigabytes a step), and none is a running statistic
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 @contextlib.contextmanager

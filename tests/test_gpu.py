@@ -38,16 +38,18 @@ def test_autocast_training_on_gpu(dtype: str, compile: bool, corpus_file: Path, 
     assert run.model.tok_emb.weight.is_cuda and isinstance(run.generate("def ", max_new_tokens=10, seed=0), str)
 
 
-def test_lora_fine_tuning_in_bf16_on_gpu(corpus_file: Path, tmp_path: Path):
-    """A LoRA fine-tune on CUDA under bf16 autocast (the frozen base held in bf16, lora.hold_base_in) learns, and
-    its merged checkpoint loads as a plain model."""
+@pytest.mark.parametrize("quantized", [None, "int4:32"], ids=["lora", "qlora"])
+def test_lora_fine_tuning_in_bf16_on_gpu(corpus_file: Path, tmp_path: Path, quantized: str | None):
+    """A LoRA fine-tune on CUDA under bf16 autocast (the frozen base held in bf16, lora.hold_base_in; or QLoRA's,
+    quantized in host memory and moved over) learns, and its merged checkpoint loads as a plain model."""
     data = training_data(corpus_file, "byte")
     base = TrainConfig(batch_size=16, max_iters=40, eval_interval=40, eval_batches=2, lr=3e-3, warmup_iters=5,
                        device="cuda")
     model = ModelConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)
     train(model, base, data, tmp_path / "base", progress=False)
     cfg = TrainConfig(batch_size=16, max_iters=40, eval_interval=40, eval_batches=2, log_interval=1, lr=1e-2,
-                      warmup_iters=5, device="cuda", dtype="bfloat16", init_from=str(tmp_path / "base"), lora_rank=8)
+                      warmup_iters=5, device="cuda", dtype="bfloat16", init_from=str(tmp_path / "base"), lora_rank=8,
+                      lora_quantize=quantized)
     train(model, cfg, data, tmp_path / "lora", progress=False)
     curve = [r["loss"] for r in read_metrics(tmp_path / "lora" / "metrics.jsonl") if "loss" in r]
     assert curve[-1] < curve[0]

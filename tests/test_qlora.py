@@ -65,6 +65,27 @@ def test_an_adapted_quantized_layer_is_its_dequantized_float_layer(quantized):
     assert torch.allclose(ours.merged_weight(), theirs.merged_weight())
 
 
+
+def test_under_bf16_autocast_the_backward_runs_in_bf16_and_agrees():
+    """The backward's product in the forward's autocast precision: x's gradient within bf16's rounding of the
+    float layer's under the same autocast, and float32 as x is."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 96)
+    q = Int8Linear(linear)
+    reference = nn.Linear(64, 96)
+    with torch.no_grad():
+        reference.weight.copy_(q.dequantize())
+        reference.bias.copy_(linear.bias)
+    grads = []
+    for layer in (LoRALinear(q, 4, 8.0), LoRALinear(reference, 4, 8.0)):
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", torch.bfloat16):
+            layer(x).float().square().sum().backward()
+        grads.append(x.grad)
+    assert grads[0].dtype == torch.float32
+    assert torch.allclose(grads[0], grads[1], rtol=2e-2, atol=2e-2 * float(grads[1].abs().max()))
+
+
 @pytest.fixture
 def base(tmp_path: Path) -> Path:
     corpus = tmp_path / "base.txt"

@@ -138,8 +138,8 @@ def encode_chats(path: Path, template: str | None, tokenizer: Tokenizer) -> list
 
 def joined(encoded: list[tuple[list[int], list[bool]]],
            dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Conversations back to back: their ids (of `dtype`), their mask (uint8, 1 where the assistant's) and where
-    each begins (int64 offsets, the first 0)."""
+    """Examples back to back: their ids (of `dtype`), their mask (uint8, 1 where learned) and where each begins
+    (int64 offsets, the first 0)."""
     ids = np.array([i for chat_ids, _ in encoded for i in chat_ids], dtype=dtype)
     mask = np.array([m for _, chat_mask in encoded for m in chat_mask], dtype=np.uint8)
     starts = np.cumsum([0] + [len(chat_ids) for chat_ids, _ in encoded[:-1]], dtype=np.int64)

@@ -584,9 +584,8 @@ class BatchSampler:
                 start = int(self.anchors[int(torch.randint(len(self.anchors), (1,), generator=self.generator))])
             if self.mask is None or self.mask[start + 1 : start + self.block_size + 1].any():
                 return start
-        raise DataError(f"{MAX_REDRAWS} training windows in a row held none of the assistant's tokens; the "
-                        "conversations are mostly context: use a longer block_size, or conversations with longer "
-                        "replies")
+        raise DataError(f"{MAX_REDRAWS} training windows in a row held no token to learn (a reply, a completion); "
+                        "the examples are mostly context: use a longer block_size, or examples with longer replies")
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y), both int64 of shape (batch_size / world_size, block_size)."""

@@ -37,17 +37,21 @@ network's), as PEFT's "all-linear" does; not the embeddings or the LM head."""
 class _FrozenQuantized(torch.autograd.Function):
     """x Wᵀ + b of a quantized layer whose weights are not trained. Autograd would keep the float weight the layer
     widens or dequantizes for its product until the backward pass (x's gradient needs it): the whole model in
-    float again, layer by layer. This backward dequantizes the weight anew instead, so only its bits are held."""
+    float again, layer by layer. This backward dequantizes the weight anew instead, so only its bits are held, and
+    takes its product in the forward's autocast precision (bf16 on a GPU's tensor cores, as the forward's)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor,
                 layer: Int8Linear | Int4Linear) -> torch.Tensor:
-        ctx.layer = layer
+        dev = x.device.type
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        ctx.compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         return layer(x)  # (a Function's forward records no graph: nothing of the product is saved)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ ctx.layer.dequantize().to(grad.dtype), None
+        w = ctx.layer.dequantize().to(ctx.compute)
+        return (grad.to(ctx.compute) @ w).to(ctx.x_dtype), None
 
 
 class LoRALinear(nn.Module):

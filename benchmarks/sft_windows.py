@@ -1,5 +1,6 @@
-"""Supervised fine-tuning's training windows: begun where conversations begin (what `tlm train chats.jsonl` does)
-against begun anywhere (uniform random starts, as on text), the same model, data, seed and steps, in one run.
+"""Supervised fine-tuning's training windows: begun where conversations begin, the ones packed after kept apart
+(what `tlm train chats.jsonl` does), against begun anywhere and not kept apart (uniform random starts, as on text),
+the same model, data, seed and steps, in one run.
 
     python benchmarks/sft_windows.py                              # ~2 min on 2 CPU cores
     python benchmarks/sft_windows.py --pos_encoding learned --steps 600 --block 96
@@ -9,8 +10,9 @@ capitals ("u: kqzfbw" -> "a: KQZFBW"), in a two-line chat template, byte tokeniz
 conversation trains its reply without (all of) the word it copies: noise the aligned windows do not have. Both arms
 are a fresh `tiny`-shaped model (4 layers, 128 wide, RoPE by default) trained from the same initialisation on the
 same prepared data (1,800 conversations, 200 held out) with the same schedule; they differ only in BatchSampler's
-`starts`. Reported: the held-out replies' loss (each conversation scored on its own from its first token, as `tlm
-eval` scores them) and the share of held-out words answered exactly by greedy decoding (Run.chat), for each arm.
+`starts` (which also give the packed conversations their own positions and attention: BatchSampler.layout).
+Reported: the held-out replies' loss (each conversation scored on its own from its first token, as `tlm eval`
+scores them) and the share of held-out words answered exactly by greedy decoding (Run.chat), for each arm.
 """
 
 from __future__ import annotations

@@ -365,6 +365,14 @@ def test_masked_eval_batches_score_each_conversation_from_its_start() -> None:
         assert torch.equal(x[:width], torch.arange(int(x[0]), int(x[0]) + width)) and (y[width:] == -1).all()
     sampler = BatchSampler(tokens, 400, 8, seed=0, mask=mask, starts=starts)
     assert {int(r[0]) - 100 for r in sampler.next()[0]} == {0, 4, 12, 15, 16, 21}  # 24 ends past the last window
+    sampler = BatchSampler(tokens, 4, 8, seed=0, mask=mask, starts=starts)
+    assert (sampler.next()[0][:, 0] - 100).tolist() == [12, 15, 21, 0]
+    # each token's place in its example (from the window's start where the example began before it), and which
+    # example of the window it is of: 12-14 end the one from 4, 15 is one alone, 16 begins the last
+    assert sampler.layout["positions"].tolist() == [[0, 1, 2, 0, 0, 1, 2, 3], [0, 0, 1, 2, 3, 4, 5, 6],
+                                                    [0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert sampler.layout["segments"].tolist() == [[0, 0, 0, 1, 2, 2, 2, 2], [0, 1, 1, 1, 1, 1, 1, 1],
+                                                   [0, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]]
 
 
 def test_source_errors(tmp_path: Path) -> None:

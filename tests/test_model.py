@@ -168,6 +168,30 @@ def test_future_tokens_never_change_past_logits(pos_encoding):
             assert (logits[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-2
 
 
+
+@pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
+def test_packed_examples_are_computed_as_each_alone(pos_encoding):
+    """A row packing examples, with `segments` and `positions` restarting at each (as BatchSampler lays them out),
+    gives every example the logits it has run alone from position 0, and the same through the explicit attention
+    path (return_attentions), which also shows no weight across examples."""
+    config = tiny_config(pos_encoding=pos_encoding, n_kv_head=2, block_size=16)
+    model = random_model(config, seed=2)
+    idx = random_ids(config, 2, 16, seed=2)
+    bounds = [[0, 5, 6, 16], [0, 11, 16]]  # row 0: examples of 5, 1 and 10 tokens; row 1: 11 and 5
+    segments = torch.tensor([[i for i, (a, b) in enumerate(zip(r, r[1:])) for _ in range(a, b)] for r in bounds])
+    positions = torch.tensor([[t - a for a, b in zip(r, r[1:]) for t in range(a, b)] for r in bounds])
+    with torch.no_grad():
+        packed = model(idx, positions=positions, segments=segments, return_attentions=True)
+        fast = model(idx, positions=positions, segments=segments).logits
+        for row, r in enumerate(bounds):
+            for a, b in zip(r, r[1:]):
+                alone = model(idx[row : row + 1, a:b]).logits[0]
+                torch.testing.assert_close(fast[row, a:b], alone, atol=1e-5, rtol=0)
+                torch.testing.assert_close(packed.logits[row, a:b], alone, atol=1e-5, rtol=0)
+    across = segments[:, None, :, None] != segments[:, None, None, :]  # (B, 1, T, T)
+    assert all(float(w.masked_select(across.expand_as(w)).abs().max()) == 0.0 for w in packed.attentions)
+    assert not torch.allclose(fast, model(idx).logits)  # not vacuous: unpacked, the later examples differ
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Grouped-query attention is multi-head attention with repeated K/V heads
 

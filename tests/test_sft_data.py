@@ -20,7 +20,9 @@ from transformer_lm.chat_data import encode_chats, encode_example
 from transformer_lm.checkpoint import save_checkpoint
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, dump_json
+from transformer_lm.data import BatchSampler
 from transformer_lm.tokenizers import ByteTokenizer, HFFileTokenizer, save_tokenizer
+from transformer_lm.train_data import training_data
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
@@ -89,6 +91,21 @@ def test_a_base_model_without_a_template_fine_tunes_on_pairs(tmp_path: Path, cap
                  "--train.batch_size", "4", "--train.eval_interval", "2", "--train.eval_batches", "4",
                  "--train.warmup_iters", "1"]) == 0
     assert "no end-of-text token" in caplog.text
+    data = training_data(pairs, tok, chat_template=None)  # what the run trained on (the cache's)
+    sampler = BatchSampler(data.train, 4, 48, seed=1337, mask=data.train_mask, starts=data.train_starts)
+    x, y = sampler.next()
+    segments, base_model = sampler.layout["segments"], load_run(base, "cpu").model.train()
+    total, count = 0.0, 0
+    with torch.no_grad():  # the first step's loss: every packed example computed alone, from position 0
+        for row in range(len(x)):
+            for seg in segments[row].unique():
+                at = (segments[row] == seg).nonzero().flatten()
+                piece = base_model(x[row : row + 1, at[0] : at[-1] + 1]).logits[0]
+                total += float(F.cross_entropy(piece, y[row, at[0] : at[-1] + 1], ignore_index=-1, reduction="sum"))
+                count += int((y[row, at[0] : at[-1] + 1] >= 0).sum())
+    first = next(json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line).get("step") == 1)
+    assert first == pytest.approx(total / count, rel=1e-5) and len(segments[0].unique()) > 1
     run = load_run(out, "cpu")
     assert run.chat_template is None
     encoded = encode_chats(pairs, None, tok)

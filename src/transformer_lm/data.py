@@ -529,6 +529,16 @@ def _padded(tokens: np.ndarray, begin: Sequence[int], end: Sequence[int],
     return x, y
 
 
+def _packed_layout(example_starts: np.ndarray, window_starts: np.ndarray, length: int) -> dict[str, torch.Tensor]:
+    """Of windows [w, w + length) over examples laid back to back: each token's position in its example (counted
+    from the window's start where the example began before it) and which example it is of (numbered from the
+    window's first), int64 (len(window_starts), length): model.Transformer's `positions` and `segments`."""
+    index = window_starts[:, None] + np.arange(length)
+    example = np.searchsorted(example_starts, index, side="right") - 1
+    first = np.maximum(np.asarray(example_starts)[example], window_starts[:, None])
+    return {"positions": torch.from_numpy(index - first), "segments": torch.from_numpy(example - example[:, :1])}
+
+
 def check_ids(x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> None:
     """Raise DataError when a window holds an id the model has no embedding for: a prepared .bin that was edited,
     truncated into another dtype or made by another tokenizer (otherwise an IndexError, or on a GPU a device-side
@@ -546,7 +556,9 @@ class BatchSampler:
     x = window[:-1] and y = window[1:]; of conversations, at a start drawn uniformly from those of
     conversation_chunks, so that a reply is learned in the context of the turns before it, from the position 0 a
     chat starts at, as it is generated (the window runs on into the conversations after it: packed, no padding).
-    Starts come from a torch.Generator owned by the sampler, so its state (with the count of batches drawn) is all
+    The examples a window packs are kept apart by `layout` (the Transformer's `positions` and `segments` of the
+    batch just drawn): each is computed as alone, from position 0, as it is evaluated and generated. Starts come
+    from a torch.Generator owned by the sampler, so its state (with the count of batches drawn) is all
     `state_dict` needs for the next batches to match a run never stopped.
     """
 
@@ -571,9 +583,10 @@ class BatchSampler:
         self.shard = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.batches_drawn = 0
-        self.vocab_size, self.mask = vocab_size, mask
+        self.vocab_size, self.mask, self.starts = vocab_size, mask, starts
         self.anchors = None if starts is None else np.minimum(
             conversation_chunks(starts, len(tokens), block_size)[0], len(tokens) - block_size - 1)
+        self.layout: dict[str, torch.Tensor] = {}
 
     def _start(self) -> int:
         """A window start; with a mask, one whose window holds a target (after at most MAX_REDRAWS tries)."""
@@ -601,6 +614,8 @@ class BatchSampler:
         x, y = _windows(self.tokens, starts[self.shard].tolist(), self.block_size, self.mask)
         if self.vocab_size is not None:
             check_ids(x, y, self.vocab_size)
+        if self.starts is not None:
+            self.layout = _packed_layout(self.starts, starts[self.shard].numpy(), self.block_size)
         return x, y
 
     def state_dict(self) -> dict[str, Any]:

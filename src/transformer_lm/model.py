@@ -112,10 +112,11 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 
 def attention_mask(T: int, S: int, start: int, window: int | None, device: torch.device,
-                   key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                   key_mask: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> torch.Tensor:
     """(T, S) bool, True where query t (at absolute position start+t) may attend to key s: s <= start+t, and with a
     sliding window also s > start+t-window (the last `window` keys, itself included). With `key_mask` (B, ≥S), False
-    at padding, -> (B, 1, T, S): padding is hidden from every query but itself (so no row is empty, no NaN)."""
+    at padding, -> (B, 1, T, S): padding is hidden from every query but itself (so no row is empty, no NaN). With
+    `segments` (B, T = S, no cache), -> (B, 1, T, T): a query sees only keys of its own segment (packed examples)."""
     q = start + torch.arange(T, device=device)[:, None]  # start: an int, or a 0-d tensor (static cache)
     s = torch.arange(S, device=device)[None, :]
     allowed = s <= q
@@ -123,6 +124,8 @@ def attention_mask(T: int, S: int, start: int, window: int | None, device: torch
         allowed &= s > q - window
     if key_mask is not None:
         allowed = allowed & (key_mask[:, None, None, :S] | (s == q))
+    if segments is not None:
+        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
     return allowed
 
 
@@ -140,8 +143,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-                return_weights: bool, key_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_weights: bool, key_mask: torch.Tensor | None = None, last_only: bool = False,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> the attention output (B, T, C), or with `last_only` that of the last query only (B, 1, C): keys and
         values still come from, and go into the cache at, every position."""
         B, T, C = x.shape
@@ -165,8 +168,9 @@ class CausalSelfAttention(nn.Module):
         window = self.config.sliding_window
         windowed = window is not None and S > window
         mask = None
-        if (cache is not None and cache.static) or windowed or (start > 0 and T > 1) or key_mask is not None:
-            mask = attention_mask(T, S, start, window, x.device, key_mask)
+        if (cache is not None and cache.static) or windowed or (start > 0 and T > 1) or key_mask is not None or \
+                segments is not None:
+            mask = attention_mask(T, S, start, window, x.device, key_mask, segments)
         causal = mask is None and T > 1
         if last_only:  # the last query sees every key written so far: its row of the mask, or no mask at all
             q, T, causal = q[:, :, -1:], 1, False
@@ -175,7 +179,7 @@ class CausalSelfAttention(nn.Module):
         weights = None
         if return_weights:  # explicit path: softmax(QKᵀ/√d)·V, keeping the weights for inspection
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.hd)  # (B, nh, T, S)
-            allowed = attention_mask(T, S, start, window, x.device, key_mask)
+            allowed = attention_mask(T, S, start, window, x.device, key_mask, segments)
             weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
             y = self.attn_dropout(weights) @ v  # (B, nh, T, hd)
         else:
@@ -225,10 +229,10 @@ class Block(nn.Module):
         self.ffn = FeedForward(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-                return_weights: bool, key_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                return_weights: bool, key_mask: torch.Tensor | None = None, last_only: bool = False,
+                segments: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (B, T, C), or with `last_only` the last position's output only (B, 1, C)."""
-        a, weights = self.attn(self.norm1(x), rope, cache, return_weights, key_mask, last_only)
+        a, weights = self.attn(self.norm1(x), rope, cache, return_weights, key_mask, last_only, segments)
         x = (x[:, -1:] if last_only else x) + a
         return x + self.ffn(self.norm2(x)), weights
 
@@ -323,12 +327,14 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, cache: KVCache | None = None,
                 last_only: bool = False, return_attentions: bool = False, positions: torch.Tensor | None = None,
-                key_mask: torch.Tensor | None = None) -> LMOutput:
+                key_mask: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> LMOutput:
         """idx (B, T) token ids. `cache` continues from cache.pos; `last_only` computes logits of the last position
         only (all that sampling needs: the head is the largest matmul for big vocabularies), and the last block's
         output there only (the cache still gets every position's keys and values). For left-padded
         batches: `positions` (B, T) per-row positions (default: cache.pos + 0..T-1 for all rows) and `key_mask`
-        (B, cache.pos + T or more) bool, False at padding slots."""
+        (B, cache.pos + T or more) bool, False at padding slots. For examples packed into rows (training on them,
+        data.BatchSampler's layout): `segments` (B, T), equal within an example, hides each from the others, and
+        `positions` restart at each, so that every example is computed as it would be alone."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         limit = min(cache.max_len, self.config.block_size) if cache is not None else self.config.block_size
@@ -355,7 +361,7 @@ class Transformer(nn.Module):
             # keys and values it caches: attention, projection and feed-forward run on the last row alone (as
             # llama.cpp does; a 1024-token GPT-2 prefill does ~6 % less work).
             last = last_only and i == len(self.blocks) - 1 and not return_attentions
-            x, w = block(x, rope, cache, return_attentions, key_mask, last)
+            x, w = block(x, rope, cache, return_attentions, key_mask, last, segments)
             if attentions is not None:
                 attentions.append(w)
         if cache is not None:

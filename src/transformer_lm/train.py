@@ -285,6 +285,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
                            world_size=info.world_size, vocab_size=model_config.vocab_size, mask=data.train_mask,
                            starts=data.train_starts)
+    # examples packed into a Transformer's windows are kept apart (data.BatchSampler.layout); a recurrent model's
+    # state runs on through them, as through text
+    packed = data.train_starts is not None and model_config.arch == "transformer"
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
     flops_per_step = flops_per_token(model_config)["train"] * tokens_per_step / info.world_size  # per device
     step, elapsed, tokens = 0, 0.0, 0
@@ -368,16 +371,17 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             lr = lr_at(step, budget.progress_after(step, elapsed), cfg)
             set_lr(optimizer, lr)
             loss_sum = 0.0
-            batches = [(*sampler.next(), sampler.targets) for _ in range(cfg.grad_accum)]
-            targets = sum(n for *_, n in batches)  # of the whole step, all ranks (the same count on each)
-            for micro, (x, y, _) in enumerate(batches):
+            batches = [(*sampler.next(), sampler.targets, sampler.layout if packed else {})
+                       for _ in range(cfg.grad_accum)]
+            targets = sum(n for _, _, n, _ in batches)  # of the whole step, all ranks (the same count on each)
+            for micro, (x, y, _, layout) in enumerate(batches):
                 # each micro-batch's mean loss weighted by its share of the step's targets (times the ranks, which
                 # DDP averages over): every target of the step counts alike, also where masked ones (conversations'
                 # context) leave the rows and micro-batches unequal; 1 / grad_accum when every token is a target
                 weight = int((y >= 0).sum()) * info.world_size / targets
                 with gradient_sync(forward, micro == cfg.grad_accum - 1):  # reduce gradients once per step
                     with ctx:
-                        loss = forward(x.to(device), y.to(device)).loss
+                        loss = forward(x.to(device), y.to(device), **{k: v.to(device) for k, v in layout.items()}).loss
                     scaler.scale(loss * weight).backward()
                 loss_sum += loss.item() * weight
             scaler.unscale_(optimizer)

@@ -90,7 +90,7 @@ def test_a_base_model_without_a_template_fine_tunes_on_pairs(tmp_path: Path, cap
     assert main(["train", str(pairs), "--train.init_from", str(base), "--out", str(out), "--train.max_iters", "2",
                  "--train.batch_size", "4", "--train.eval_interval", "2", "--train.eval_batches", "4",
                  "--train.warmup_iters", "1"]) == 0
-    assert "no end-of-text token" in caplog.text
+    assert "no end-of-text token" in caplog.text and "training examples are longer" not in caplog.text
     data = training_data(pairs, tok, chat_template=None)  # what the run trained on (the cache's)
     sampler = BatchSampler(data.train, 4, 48, seed=1337, mask=data.train_mask, starts=data.train_starts)
     x, y = sampler.next()
@@ -120,5 +120,10 @@ def test_a_base_model_without_a_template_fine_tunes_on_pairs(tmp_path: Path, cap
             total += float(F.cross_entropy(run.model(x).logits[0], y, ignore_index=-1, reduction="sum"))
             count += int((y >= 0).sum())
     assert scored.tokens == count and scored.loss == pytest.approx(total / count, rel=1e-5)
+    long = tmp_path / "long.jsonl"  # an example longer than the window: said, with how to keep it whole
+    long.write_text("".join(json.dumps(r) + "\n" for r in [{"text": "x" * 80}, *rows[:20]]))
+    assert main(["train", str(long), "--train.init_from", str(base), "--out", str(tmp_path / "long"),
+                 "--train.max_iters", "1", "--train.eval_interval", "1", "--train.eval_batches", "1"]) == 0
+    assert "1 of 19 training examples are longer than the 48-token window (the longest: 80 tokens)" in caplog.text
     held_out = sum(sum(m[1:]) for _, m in encoded[-3:])  # the val split: the last 10 % of the examples
     assert val["val_tokens"] == held_out and np.isfinite(val["val_loss"])

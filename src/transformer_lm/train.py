@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -288,6 +289,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     # examples packed into a Transformer's windows are kept apart (data.BatchSampler.layout); a recurrent model's
     # state runs on through them, as through text
     packed = data.train_starts is not None and model_config.arch == "transformer"
+    if data.train_starts is not None and info.is_main:
+        _warn_long_examples(data.train_starts, len(data.train), model_config.block_size)
     tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
     flops_per_step = flops_per_token(model_config)["train"] * tokens_per_step / info.world_size  # per device
     step, elapsed, tokens = 0, 0.0, 0
@@ -451,6 +454,17 @@ def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, de
                f"{model_config.block_size} tokens at a time (the memory plan of `tlm memory`)",
                "lower --train.batch_size (--train.grad_accum keeps the tokens per step) or set "
                "--train.activation_checkpointing true")
+
+
+def _warn_long_examples(starts: np.ndarray, n_tokens: int, block_size: int) -> None:
+    """Say how many fine-tuning examples do not fit the context window: past its first window, each goes on in
+    windows that begin inside it, without the turns before (as `tlm eval` scores it)."""
+    lengths = np.diff(np.append(np.asarray(starts), n_tokens))
+    long = int((lengths > block_size + 1).sum())
+    if long:
+        log.warning("%d of %d training examples are longer than the %d-token window (the longest: %d tokens): "
+                    "their later parts are learned without the context before them; a longer --model.block_size "
+                    "keeps them whole", long, len(lengths), block_size, int(lengths.max()))
 
 
 def _check_finite(loss: float, grad_norm: float | None, step: int, lr: float) -> None:

@@ -6,6 +6,7 @@ embedding table and chat template included); what cannot be fine-tuned so is ref
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -310,6 +311,14 @@ def test_the_cli_fine_tunes_on_conversations_with_the_runs_or_a_given_template(c
                  *common]) == 0
     assert (tmp_path / "sft" / CHAT_TEMPLATE_FILE).read_text() == CHATML
     assert main(["train", "--out", str(tmp_path / "sft"), "--resume", "true", "--train.max_iters", "3"]) == 0
+    config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    old = tmp_path / "old-prepared"  # the folder an earlier version prepared (no starts): from the source again
+    shutil.copytree(config["data"]["prepared"], old)
+    (old / "train.starts.bin").unlink()
+    (tmp_path / "sft" / "config.json").write_text(json.dumps({**config, "data": {**config["data"],
+                                                                                 "prepared": str(old)}}))
+    assert main(["train", "--out", str(tmp_path / "sft"), "--resume", "true", "--train.max_iters", "4"]) == 0
+    assert [r["step"] for r in read_metrics(tmp_path / "sft" / "metrics.jsonl") if "loss" in r][-2:] == [3, 4]
     own = tmp_path / "own.jinja"
     own.write_text(CHATML.replace("<|im_start|>", "<|im_start|> "))
     assert main(["train", str(chats), "--out", str(tmp_path / "sft2"), "--train.init_from", str(chat_base),

@@ -112,14 +112,16 @@ def _stamp(path: Path) -> tuple[str, int, int, int]:
 def resumed_data(run_dir: str | Path) -> tuple[str | None, str]:
     """(what to pass to training_data, the source to record) for resuming a run on the data it was trained on, from
     its config.json: its prepared folder while that exists, else the source it was prepared from (the cache of raw
-    text may have been emptied), None for the embedded corpus. CheckpointError when neither is left."""
+    text may have been emptied, or hold examples prepared by an earlier version, without where each starts), None
+    for the embedded corpus. CheckpointError when neither is left."""
     try:
         data = json.loads((Path(run_dir) / "config.json").read_text())["data"]
         prepared, source = data["prepared"], data["source"]
     except (OSError, ValueError, KeyError, TypeError):
         raise CheckpointError(f"{run_dir}/config.json does not say what data the run was trained on; pass it: tlm "
                               f"train DATA --out {run_dir} --resume true") from None
-    if is_prepared(prepared):
+    stale = Path(prepared, "train.mask.bin").is_file() and not Path(prepared, "train.starts.bin").is_file()
+    if is_prepared(prepared) and not stale:
         return prepared, source
     if source == "python-stdlib":
         return None, source

@@ -389,6 +389,9 @@ def test_add_lora_trains_only_the_adapters_of_every_block_linear(extra):
     config = ModelConfig(**SMALL, **extra)
     model = Transformer(config).init_weights(0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    qkv_out = (config.n_head + 2 * config.kv_heads) * config.head_dim  # r × (in + out) for each qkv and down
+    assert add_lora(Transformer(config), rank=4, alpha=8.0, targets=["qkv", "down"]) == lora_params(
+        config, 4, ["qkv", "down"]) == config.n_layer * 4 * (config.n_embd + qkv_out + config.ffn_dim + config.n_embd)
     trained = add_lora(model, rank=4, alpha=8.0)
     wrapped = [m for m in model.modules() if isinstance(m, LoRALinear)]
     assert len(wrapped) == config.n_layer * (5 if extra else 4)  # qkv, proj, up, (gate,) down
@@ -528,11 +531,19 @@ def test_accumulated_micro_batches_of_conversations_weigh_every_reply_token_alik
     assert one.val.loss == pytest.approx(two.val.loss, abs=1e-5)
 
 
-@pytest.mark.parametrize("arch", [{}, {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False,
-                                       "n_kv_head": 1, "tie_embeddings": False}], ids=["gpt2", "llama"])
-def test_lora_adapters_export_for_peft_on_the_bases_export(arch, tmp_path: Path, capsys):
+LLAMA_ARCH = {"pos_encoding": "rope", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "n_kv_head": 1,
+              "tie_embeddings": False}
+
+
+@pytest.mark.parametrize("arch, targets, modules", [
+    ({}, None, ["c_attn", "c_proj", "c_fc"]), (LLAMA_ARCH, None, None),
+    ({}, ["proj"], ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]),  # not the MLP's c_proj
+    (LLAMA_ARCH, ["qkv", "down"], ["q_proj", "k_proj", "v_proj", "down_proj"])],
+    ids=["gpt2", "llama", "gpt2-attention-proj", "llama-qkv-down"])
+def test_lora_adapters_export_for_peft_on_the_bases_export(arch, targets, modules, tmp_path: Path, capsys):
     """`tlm export RUN --adapters true`: PEFT's PeftModel, given the base's Hugging Face export and these adapters,
-    computes the logits of our merged fine-tune (our fused qkv adapter as Llama's q/k/v ones)."""
+    computes the logits of our merged fine-tune (our fused qkv adapter as Llama's q/k/v ones), also of adapters on
+    some layers only (train.lora_targets), whose target_modules name those alone."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from conftest import write_run
@@ -544,10 +555,13 @@ def test_lora_adapters_export_for_peft_on_the_bases_export(arch, tmp_path: Path,
     other = tmp_path / "other.txt"
     other.write_text(make_corpus(seed=5))
     data = training_data(other, load_run(base, "cpu").tokenizer)
-    train(config, _lora(init_from=str(base), max_iters=4, eval_interval=4, lr=3e-2), data, tmp_path / "lora",
-          progress=False)
+    chosen = {} if targets is None else {"lora_targets": targets}
+    train(config, _lora(init_from=str(base), max_iters=4, eval_interval=4, lr=3e-2, **chosen), data,
+          tmp_path / "lora", progress=False)
     export_hf(base, tmp_path / "hf-base")
     assert main(["export", str(tmp_path / "lora"), "--out", str(tmp_path / "adapter"), "--adapters", "true"]) == 0
+    if modules is not None:
+        assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"] == modules
     assert "PeftModel.from_pretrained" in capsys.readouterr().out
     hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base"),
                                         tmp_path / "adapter").eval()

@@ -332,6 +332,10 @@ class TrainConfig:
     """LoRA's scale numerator: the update is (lora_alpha / lora_rank) B A."""
     lora_dropout: float = 0.0
     """Dropout on the input of LoRA's update."""
+    lora_targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "up", "gate", "down"])
+    """The linear layers of each block LoRA adapts: qkv (attention's fused Q/K/V projection), proj (its output
+    projection), up, gate (SwiGLU's) and down (the feed-forward network's); all by default, as PEFT's
+    "all-linear"."""
     lora_quantize: str | None = None
     """QLoRA: hold the frozen weights of the blocks quantized, int8 or int4 (groups of 128 inputs; int4:GROUP for
     another size), as `tlm sample --quantize` quantizes them: a quarter or an eighth of their float32 memory. The
@@ -366,6 +370,10 @@ class TrainConfig:
         if self.lora_rank and not self.init_from:
             raise ConfigError("train.lora_rank adapts a trained model: give the run to fine-tune, --train.init_from "
                               "RUN (or drop lora_rank to train from scratch)")
+        unknown = sorted(set(self.lora_targets) - {"qkv", "proj", "up", "gate", "down"})
+        if unknown or not self.lora_targets:
+            raise ConfigError(f"train.lora_targets names the layers LoRA adapts, some of qkv, proj, up, gate, down; "
+                              f"got {self.lora_targets}")
         if self.lora_quantize is not None and (not self.lora_rank or not re.fullmatch(r"int8|int4(:\d+)?",
                                                                                      self.lora_quantize)):
             raise ConfigError(f"train.lora_quantize holds LoRA's frozen weights as int8, int4 or int4:GROUP_SIZE "

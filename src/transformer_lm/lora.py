@@ -20,6 +20,7 @@ the update: the model the adapters were trained on.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,13 +81,14 @@ class LoRALinear(nn.Module):
         return w.float() + self.scale * (self.lora_b.float() @ self.lora_a.float())
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> int:
-    """Freeze every parameter of `model` and wrap the TARGETS linear layers of its blocks (float, or quantized by
-    quantize_base) in LoRALinear, in place (A drawn from torch's global generator: seed it first). Returns the
-    number of trained parameters."""
+def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
+             targets: Sequence[str] = TARGETS) -> int:
+    """Freeze every parameter of `model` and wrap the `targets` linear layers of its blocks (of TARGETS; float, or
+    quantized by quantize_base) in LoRALinear, in place (A drawn from torch's global generator: seed it first).
+    Returns the number of trained parameters."""
     model.requires_grad_(False)
     swaps = [(parent, name, child) for parent in model.blocks.modules() for name, child in parent.named_children()
-             if name in TARGETS and type(child) in (nn.Linear, Int8Linear, Int4Linear)]
+             if name in targets and type(child) in (nn.Linear, Int8Linear, Int4Linear)]
     for parent, name, child in swaps:
         setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -152,9 +154,10 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def lora_params(config: ModelConfig, rank: int) -> int:
+def lora_params(config: ModelConfig, rank: int, targets: Sequence[str] = TARGETS) -> int:
     """Parameters of the adapters add_lora puts on a model of `config`: r × (in + out) per adapted layer."""
     qkv_out = (config.n_head + 2 * config.kv_heads) * config.head_dim
-    shapes = [(config.n_embd, qkv_out), (config.n_embd, config.n_embd), (config.n_embd, config.ffn_dim),
-              (config.ffn_dim, config.n_embd)] + ([(config.n_embd, config.ffn_dim)] if config.mlp == "swiglu" else [])
-    return config.n_layer * rank * sum(i + o for i, o in shapes)
+    shapes = {"qkv": (config.n_embd, qkv_out), "proj": (config.n_embd, config.n_embd),
+              "up": (config.n_embd, config.ffn_dim), "down": (config.ffn_dim, config.n_embd),
+              "gate": (config.n_embd, config.ffn_dim) if config.mlp == "swiglu" else (0, 0)}
+    return config.n_layer * rank * sum(i + o for name, (i, o) in shapes.items() if name in targets)

@@ -270,7 +270,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             spec = parse_quantize(cfg.lora_quantize)
             quantize_base(model, spec["bits"], spec["group_size"])
             model.to(device)
-        trained = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout)
+        trained = add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
         if amp_dtype != torch.float32:
             hold_base_in(model, amp_dtype)
         if info.is_main:
@@ -446,7 +446,7 @@ def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, de
                        parallel="fsdp" if sharded else "ddp", dtype=str(amp_dtype).removeprefix("torch."),
                        activation_checkpointing=cfg.activation_checkpointing,
                        fused_optimizer=fused_adamw(device) and not sharded,
-                       trained=lora_params(model_config, cfg.lora_rank) if cfg.lora_rank else None,
+                       trained=lora_params(model_config, cfg.lora_rank, cfg.lora_targets) if cfg.lora_rank else None,
                        base_bytes=base_bytes(model_config, cfg.lora_quantize, amp_dtype) if cfg.lora_rank else None)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled and device.type == "cpu" else 1
     who = f"{local} processes of " if local > 1 else ""

@@ -67,7 +67,7 @@ def export_adapters(run: str | Path, out: str | Path, family: str | None = None,
         tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a.clone(), b.clone()  # q, k, v: one A
     adapter_config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": train["lora_rank"],
                       "lora_alpha": train.get("lora_alpha", 16.0), "lora_dropout": train.get("lora_dropout", 0.0),
-                      "target_modules": PEFT_TARGETS["gpt2" if family == "gpt2" else "llama"], "bias": "none",
+                      "target_modules": _target_modules(family, c.n_layer, tensors), "bias": "none",
                       "fan_in_fan_out": family == "gpt2", "base_model_name_or_path": str(train.get("init_from")),
                       "inference_mode": True}
     check_out(out, overwrite, [run], ours=is_adapter_export, what="an adapter export")
@@ -75,6 +75,19 @@ def export_adapters(run: str | Path, out: str | Path, family: str | None = None,
         save_tensors(tensors, tmp / "adapter_model.safetensors", metadata=EXPORT_METADATA)
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
     return out
+
+
+def _target_modules(family: str, n_layer: int, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """PEFT's target_modules for the adapted modules: their names' last parts (["c_attn", "c_proj", "c_fc"]) where
+    every module so named is adapted, else the adapted modules' whole names (GPT-2 names both attention's output
+    projection and the MLP's c_proj: train.lora_targets may have adapted one alone)."""
+    adapted = {k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in tensors
+               if k.endswith(".lora_A.weight")}
+    named = [m for m in PEFT_TARGETS["gpt2" if family == "gpt2" else "llama"]
+             if any(a.endswith(f".{m}") for a in adapted)]
+    every = {key.removesuffix(".weight") for key, _, _ in expand_keys(family, n_layer)
+             if any(key.endswith(f".{m}.weight") for m in named)}
+    return named if every <= adapted else sorted(adapted)
 
 
 def is_adapter_folder(folder: str | Path) -> bool:

@@ -127,3 +127,33 @@ def test_a_base_model_without_a_template_fine_tunes_on_pairs(tmp_path: Path, cap
     assert "1 of 19 training examples are longer than the 48-token window (the longest: 80 tokens)" in caplog.text
     held_out = sum(sum(m[1:]) for _, m in encoded[-3:])  # the val split: the last 10 % of the examples
     assert val["val_tokens"] == held_out and np.isfinite(val["val_loss"])
+
+
+def test_neftune_noise_is_uniform_of_its_bound_in_training_only_and_resumes_exactly(tmp_path: Path):
+    """train.neftune_alpha: the token embedding's output moves by at most alpha / sqrt(T · C) (and nearly that
+    much), only in training mode; a run with it resumes exactly (the noise comes from the checkpointed generator)."""
+    from transformer_lm.config import TrainConfig
+    from transformer_lm.model import Transformer
+    from transformer_lm.train import _noisy_embeddings, train
+
+    config = ModelConfig(vocab_size=256, block_size=48, n_layer=1, n_head=2, n_embd=32)
+    model = Transformer(config).init_weights(0)
+    ids = torch.randint(256, (3, 40))
+    clean = model.tok_emb(ids).detach()
+    _noisy_embeddings(model, 5.0)
+    bound = 5.0 / (40 * 32) ** 0.5
+    noise = model.train().tok_emb(ids).detach() - clean
+    assert float(noise.abs().max()) <= bound + 1e-6 and float(noise.abs().max()) > 0.95 * bound
+    assert float(noise.abs().mean()) == pytest.approx(bound / 2, rel=0.05)  # uniform on [-bound, bound]
+    assert torch.equal(model.eval().tok_emb(ids), clean)
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n"}) + "\n" for i in range(40)))
+    data = training_data(text, ByteTokenizer(), chat_template=None)
+    cfg = TrainConfig(batch_size=4, max_iters=6, eval_interval=3, eval_batches=2, warmup_iters=1, lr=3e-3,
+                      neftune_alpha=5.0)
+    full = train(config, cfg, data, tmp_path / "full", progress=False)
+    train(config, cfg, data, tmp_path / "half", progress=False, stop_at=3)
+    assert train(config, cfg, data, tmp_path / "half", resume=True, progress=False).val.loss == full.val.loss
+    plain = train(config, TrainConfig(**{**cfg.__dict__, "neftune_alpha": 0.0}), data, tmp_path / "plain",
+                  progress=False)
+    assert plain.val.loss != full.val.loss

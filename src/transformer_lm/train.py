@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .accounting import flops_per_token
@@ -280,6 +281,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
         load_weights(model, folder)  # whole weights, before any sharding
     elif folder is None and init is not None:
         load_weights(model, init)  # a fine-tune's start (cast to the model's float32 parameters)
+    if cfg.neftune_alpha:
+        _noisy_embeddings(model, cfg.neftune_alpha)
     forward = parallelize(model, info, cfg)  # FSDP2 shards `model` in place: the optimizer comes after
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -454,6 +457,19 @@ def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, de
                f"{model_config.block_size} tokens at a time (the memory plan of `tlm memory`)",
                "lower --train.batch_size (--train.grad_accum keeps the tokens per step) or set "
                "--train.activation_checkpointing true")
+
+
+def _noisy_embeddings(model: nn.Module, alpha: float) -> None:
+    """NEFTune (train.neftune_alpha): a forward hook on the token embedding that, in training mode, adds uniform noise
+    of magnitude alpha / sqrt(T · C) to its (B, T, C) output. Drawn from torch's generator, which checkpoints save,
+    so a resumed run draws the same noise."""
+    def add_noise(module: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor | None:
+        if not module.training:
+            return None
+        bound = alpha / math.sqrt(out.size(-2) * out.size(-1))
+        return out + torch.empty_like(out).uniform_(-bound, bound)
+
+    model.tok_emb.register_forward_hook(add_noise)
 
 
 def _warn_long_examples(starts: np.ndarray, n_tokens: int, block_size: int) -> None:

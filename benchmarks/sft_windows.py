@@ -55,7 +55,7 @@ def main() -> None:
         tmp = Path(tmp)
         chats = conversations(2000, args.seed)
         (tmp / "chats.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
-        prepare_chats(tmp / "chats.jsonl", tmp / "data", ByteTokenizer(), TEMPLATE, val_fraction=0.1)
+        prepare_chats([tmp / "chats.jsonl"], tmp / "data", ByteTokenizer(), TEMPLATE, val_fraction=0.1)
         data = load_prepared(tmp / "data")
         model = ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=args.block,
                             vocab_size=data.tokenizer.vocab_size, pos_encoding=args.pos_encoding)

@@ -108,7 +108,7 @@ def test_a_base_model_without_a_template_fine_tunes_on_pairs(tmp_path: Path, cap
     assert first == pytest.approx(total / count, rel=1e-5) and len(segments[0].unique()) > 1
     run = load_run(out, "cpu")
     assert run.chat_template is None
-    encoded = encode_chats(pairs, None, tok)
+    encoded = encode_chats([pairs], None, tok)
     assert [bytes(i for i, m in zip(*e) if m).decode() for e in encoded[:2]] == [" 0\n", " 2\n"]
     val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
     scored = run.evaluate(pairs)  # every example, each on its own: a reference computed here
@@ -157,3 +157,28 @@ def test_neftune_noise_is_uniform_of_its_bound_in_training_only_and_resumes_exac
     plain = train(config, TrainConfig(**{**cfg.__dict__, "neftune_alpha": 0.0}), data, tmp_path / "plain",
                   progress=False)
     assert plain.val.loss != full.val.loss
+
+
+def test_a_datasets_shards_are_its_examples_one_after_another(tmp_path: Path, capsys):
+    """A folder, glob or list of .jsonl files is one set of examples, in order: the same prepared arrays as the
+    files joined into one; a folder that also holds text is text."""
+    from transformer_lm.chat_data import example_files
+    from transformer_lm.data import load_prepared
+
+    rows = [json.dumps({"prompt": f"{i} + {i} =", "completion": f" {2 * i}"}) + "\n" for i in range(30)]
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text("".join(rows))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(3):
+        (shards / f"train-{k:05d}-of-00003.jsonl").write_text("".join(rows[10 * k : 10 * k + 10]))
+    reference = training_data(whole, ByteTokenizer())
+    for given in (shards, str(shards / "*.jsonl"), sorted(shards.iterdir())):
+        data = training_data(given, ByteTokenizer())
+        for split in ("train", "val", "train_mask", "val_mask", "train_starts", "val_starts"):
+            assert np.array_equal(getattr(data, split), getattr(reference, split)), (given, split)
+    assert main(["prepare", *map(str, sorted(shards.iterdir())), "--out", str(tmp_path / "prepared")]) == 0
+    assert "27 + 3 examples" in capsys.readouterr().out
+    assert np.array_equal(load_prepared(tmp_path / "prepared").train_starts, reference.train_starts)
+    (shards / "README.txt").write_text("a dataset card\n")
+    assert example_files(shards) is None and example_files(tmp_path / "nothing.jsonl") is None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .chat import encode_rendered, read_chat_template, render_chat
-from .chat_data import encode_chats, is_chat_file, joined
+from .chat_data import encode_chats, example_files, joined
 from .checkpoint import checkpoint_step, is_sharded, latest_checkpoint, load_weights, write_weights
 from .config import ModelConfig, SampleConfig
 from .data import encode_sources, is_prepared, load_prepared, resolve_sources
@@ -151,8 +151,8 @@ class Run:
         Of fine-tuning examples (a .jsonl file, or a folder chat_data.prepare_chats wrote), the tokens a fine-tune
         learns are scored (conversations' replies, rendered in the run's chat template, in the context of the turns
         before them; completions after their prompts)."""
-        if is_chat_file(data):
-            ids, mask, starts = joined(encode_chats(Path(data), self.chat_template, self.tokenizer),
+        if (files := example_files(data)) is not None:
+            ids, mask, starts = joined(encode_chats(files, self.chat_template, self.tokenizer),
                                        np.dtype(np.int64))
             return self._evaluate_replies(ids, mask, starts, batch_size)
         if is_prepared(data):

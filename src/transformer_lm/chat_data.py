@@ -1,6 +1,6 @@
-"""Supervised fine-tuning data: a JSON Lines file of examples encoded into the prepared-data format of data.py, with
-a mask of the tokens to learn (the rest is context) and where each example starts. A line is one of the formats
-fine-tuning datasets ship in (TRL's dataset types, by their columns):
+"""Supervised fine-tuning data: JSON Lines files of examples (one, or a dataset's shards) encoded into the
+prepared-data format of data.py, with a mask of the tokens to learn (the rest is context) and where each example
+starts. A line is one of the formats fine-tuning datasets ship in (TRL's dataset types, by their columns):
 - {"messages": [{"role", "content"}, ...]}: a conversation (OpenAI's fine-tuning format, Hugging Face chat
   datasets), rendered in a chat template (chat.chat_tokens); the assistant's replies are learned;
 - {"conversations": [{"from", "value"}, ...]}: the same in ShareGPT's form (from human, gpt, system, tool);
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,16 +24,29 @@ import numpy as np
 
 from .chat import CHAT_TEMPLATE_FILE, chat_tokens
 from .checkpoint import check_out, staged_dir
-from .data import MANIFEST_FORMAT, is_prepared, out_folder, write_manifest
+from .data import MANIFEST_FORMAT, is_prepared, out_folder, resolve_sources, write_manifest
 from .errors import ChatError, ConfigError, DataError
 from .tokenizers import ByteTokenizer, Tokenizer, save_tokenizer
 
 log = logging.getLogger(__name__)
 
 
-def is_chat_file(path: str | os.PathLike | None) -> bool:
-    """Whether `path` names a file of conversations (a .jsonl file), rather than text."""
-    return path is not None and str(path).endswith(".jsonl") and Path(path).is_file()
+def example_files(data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path] | None:
+    """The .jsonl files of fine-tuning examples `data` names (a file, or a folder, glob or list that resolves to
+    such files only: a dataset's shards), or None where it names text, or nothing that exists."""
+    if data is None:
+        return None
+    if isinstance(data, (str, os.PathLike)):  # a quick look first: a text corpus is not walked twice
+        path = Path(data)
+        if path.is_file() or (not path.is_dir() and ".jsonl" not in str(data)):
+            return [path] if path.is_file() and path.suffix == ".jsonl" else None
+        if path.is_dir() and next(path.rglob("*.jsonl"), None) is None:
+            return None
+    try:
+        files = resolve_sources(data)
+    except DataError:  # nothing there: the text path says so
+        return None
+    return files if all(f.suffix == ".jsonl" for f in files) else None
 
 
 def chat_tokenizer(given: Tokenizer | None, kind: str | None) -> Tokenizer:
@@ -122,14 +136,17 @@ def encode_example(row: dict[str, Any], template: str | None, tokenizer: Tokeniz
     return chat_tokens(template, messages, tokenizer, learn_from)
 
 
-def encode_chats(path: Path, template: str | None, tokenizer: Tokenizer) -> list[tuple[list[int], list[bool]]]:
-    """Each example of `path` as encode_example encodes it: (ids, which are learned)."""
-    encoded, rows = [], read_examples(path)
-    for n, row in rows:
-        try:
-            encoded.append(encode_example(row, template, tokenizer))
-        except (ChatError, ConfigError, DataError) as e:
-            raise type(e)(f"{path}:{n}: {e}") from None
+def encode_chats(paths: Sequence[Path], template: str | None,
+                 tokenizer: Tokenizer) -> list[tuple[list[int], list[bool]]]:
+    """Each example of the files `paths` (in order) as encode_example encodes it: (ids, which are learned)."""
+    encoded, rows = [], []
+    for path in paths:
+        for n, row in read_examples(path):
+            try:
+                encoded.append(encode_example(row, template, tokenizer))
+            except (ChatError, ConfigError, DataError) as e:
+                raise type(e)(f"{path}:{n}: {e}") from None
+            rows.append((n, row))
     if tokenizer.eot_id is None and any(isinstance(row.get("completion", row.get("text")), str) for _, row in rows):
         log.warning("the %s tokenizer has no end-of-text token: completions are learned without an end mark, so "
                     "samples of the model end at max_new_tokens or a stop string", tokenizer.kind)
@@ -146,19 +163,21 @@ def joined(encoded: list[tuple[list[int], list[bool]]],
     return ids, mask, starts
 
 
-def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer: Tokenizer, template: str | None,
-                  val_fraction: float = 0.1, overwrite: bool = False) -> dict[str, Any]:
+def prepare_chats(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike, tokenizer: Tokenizer,
+                  template: str | None, val_fraction: float = 0.1, overwrite: bool = False) -> dict[str, Any]:
     """Fine-tuning examples (conversations, prompt-completion pairs, documents) into `out_dir`: encoded (encode_chats)
     back to back into train.bin / val.bin as data.prepare writes them, with train.mask.bin / val.mask.bin beside
     them (one byte per token: 1 where learned, which training learns and evaluation scores), train.starts.bin /
     val.starts.bin (where each example begins: int64 offsets, windows begin there) and the template conversations
     were rendered in as chat_template.jinja. The last val_fraction of the examples (at least one) are the val split
-    (the manifest counts them as conversations). Written atomically, the manifest last, as data.prepare writes."""
-    path, out_dir = Path(path), out_folder(Path(out_dir))
+    (the manifest counts them as conversations). `paths`: the .jsonl files, one after another (example_files).
+    Written atomically, the manifest last, as data.prepare writes."""
+    paths, out_dir = [Path(p) for p in paths], out_folder(Path(out_dir))
+    path = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"  # for the messages
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
-    check_out(out_dir, overwrite, [path], ours=is_prepared, what="prepared data")
-    encoded = encode_chats(path, template, tokenizer)
+    check_out(out_dir, overwrite, paths, ours=is_prepared, what="prepared data")
+    encoded = encode_chats(paths, template, tokenizer)
     if len(encoded) < 2:
         raise DataError(f"{path} holds {len(encoded)} example(s); a train and a val split need at least 2")
     n_val = max(1, round(len(encoded) * val_fraction))
@@ -185,7 +204,7 @@ def prepare_chats(path: str | os.PathLike, out_dir: str | os.PathLike, tokenizer
             **{f"{split}_{k}": c[i] for split, c in counts.items()
                for i, k in enumerate(("tokens", "bytes", "learned_tokens", "conversations"))},
             "val_fraction": val_fraction,
-            "sources": [{"path": str(path.resolve()), "bytes": path.stat().st_size}],
+            "sources": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_manifest(tmp, manifest)

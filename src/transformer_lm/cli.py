@@ -188,7 +188,7 @@ def _saved_settings(run: Path) -> dict[str, Any]:
 
 def cmd_prepare(a: Namespace) -> None:
     from .chat import read_chat_template
-    from .chat_data import chat_tokenizer, is_chat_file, prepare_chats
+    from .chat_data import chat_tokenizer, example_files, prepare_chats
     from .data import prepare, read_sources, resolve_sources
     from .tokenizers import build_tokenizer, load_tokenizer
 
@@ -198,17 +198,17 @@ def cmd_prepare(a: Namespace) -> None:
 
         read_run_config(a.tokenizer_from)  # not a run folder: said so (a Hugging Face one: convert it first)
         given = load_tokenizer(Path(a.tokenizer_from) / "tokenizer.json")
-    if len(a.sources) == 1 and is_chat_file(a.sources[0]):
+    if (files := example_files(a.sources)) is not None:
         template = read_template_file(a.chat_template) if a.chat_template else \
             read_chat_template(a.tokenizer_from) if a.tokenizer_from else None
         tok = chat_tokenizer(given, a.tokenizer)
-        m = prepare_chats(a.sources[0], a.out, tok, template, a.val_fraction, a.overwrite)
+        m = prepare_chats(files, a.out, tok, template, a.val_fraction, a.overwrite)
         print(f"{a.out}: {m['train_conversations']:,} + {m['val_conversations']:,} examples, "
               f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['train_learned_tokens']:,} + "
               f"{m['val_learned_tokens']:,} of them learned), {tok.kind} tokenizer")
         return
     if a.chat_template is not None:
-        raise ConfigError("--chat_template applies to conversations (one .jsonl file); drop it for text")
+        raise ConfigError("--chat_template applies to conversations (.jsonl files); drop it for text")
     sources = resolve_sources(a.sources)
     tok = given or build_tokenizer(a.tokenizer, read_sources(sources), a.vocab_size, a.gpt2_dir)
     m = prepare(sources, Path(a.out), tok, a.val_fraction, a.workers, a.overwrite)
@@ -218,7 +218,7 @@ def cmd_prepare(a: Namespace) -> None:
 
 def cmd_train(a: Namespace) -> int:
     from .chat import read_chat_template
-    from .chat_data import is_chat_file
+    from .chat_data import example_files
     from .parallel import dist_from_env
     from .runtime import resolve_device
     from .train import check_resumable, check_settings, train
@@ -254,7 +254,7 @@ def cmd_train(a: Namespace) -> int:
             read_run_config(train_cfg.init_from)  # not a run folder (a Hugging Face one: convert it first)
         tokenizer = load_tokenizer(Path(a.out if a.resume else train_cfg.init_from) / "tokenizer.json")
     template = read_template_file(a.chat_template) if a.chat_template else None
-    if template is None and is_chat_file(data_arg) and (a.resume or train_cfg.init_from):
+    if template is None and example_files(data_arg) is not None and (a.resume or train_cfg.init_from):
         template = read_chat_template(a.out if a.resume else train_cfg.init_from)  # the run's, or the one it keeps
     data = training_data(data_arg, tokenizer, a.vocab_size, a.gpt2_dir, template)
     kind = data.tokenizer.kind

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .chat_data import chat_tokenizer, is_chat_file, prepare_chats
+from .chat_data import chat_tokenizer, example_files, prepare_chats
 from .data import PreparedData, default_corpus, is_prepared, load_prepared, prepare, read_sources, resolve_sources
 from .errors import CheckpointError, ConfigError, RunExistsError
 from .tokenizers import TOKENIZER_KINDS, Tokenizer, build_tokenizer
@@ -41,8 +41,9 @@ def training_data(data: str | Path | None, tokenizer: str | Tokenizer | None = N
     tokenizer settings (GPT-2's files stamped too), so a second run starts at once. A .jsonl file of conversations
     is prepared by chat_data.prepare_chats, rendered in `chat_template` (a supervised fine-tune's data: see there)."""
     given = tokenizer if isinstance(tokenizer, Tokenizer) else None
-    if is_chat_file(data):
-        return _chat_data(Path(data), given, None if given else tokenizer, chat_template)
+    files = example_files(data)
+    if files is not None:
+        return _chat_data(files, given, None if given else tokenizer, chat_template)
     if chat_template is not None:
         what = data or "the default corpus"
         raise ConfigError(f"a chat template applies to conversations (a .jsonl file), and {what} is text; drop it, "
@@ -92,14 +93,16 @@ def _identity(tokenizer: Tokenizer) -> str:
     return hashlib.sha256(json.dumps(tokenizer.to_dict()).encode()).hexdigest()
 
 
-def _chat_data(path: Path, given: Tokenizer | None, kind: str | None, chat_template: str | None) -> PreparedData:
-    """Fine-tuning examples prepared into the cache (chat_data.prepare_chats), keyed by the file, tokenizer and
+def _chat_data(paths: list[Path], given: Tokenizer | None, kind: str | None,
+               chat_template: str | None) -> PreparedData:
+    """Fine-tuning examples prepared into the cache (chat_data.prepare_chats), keyed by the files, tokenizer and
     template (None: a conversation among them is refused)."""
     tok = chat_tokenizer(given, kind)
-    key = {"chats": _stamp(path), "template": chat_template, "tokenizer": _identity(tok),
-           "layout": 2}  # 2: with where each conversation starts (train.starts.bin)
-    return _cached(key, f"the conversations of {path} with the {tok.kind} tokenizer",
-                   lambda out: prepare_chats(path, out, tok, chat_template))
+    key = {"chats": [_stamp(p) for p in paths] if len(paths) > 1 else _stamp(paths[0]), "template": chat_template,
+           "tokenizer": _identity(tok), "layout": 2}  # 2: with where each conversation starts (train.starts.bin)
+    what = paths[0] if len(paths) == 1 else f"{len(paths)} files"
+    return _cached(key, f"the examples of {what} with the {tok.kind} tokenizer",
+                   lambda out: prepare_chats(paths, out, tok, chat_template))
 
 
 def _stamp(path: Path) -> tuple[str, int, int, int]:

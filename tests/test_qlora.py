@@ -132,6 +132,11 @@ def test_the_memory_plan_counts_the_bases_bits(capsys):
     half = plan_memory(config, 1, world_size=8, trained=1, base_bytes=2)
     four = plan_memory(config, 1, world_size=8, trained=1, base_bytes=quantized_bytes(config, 4, 128))
     assert half.weights - four.weights == round((2 - 0.5625) * blocks)
+    assert main(["memory", "--preset", "gpt2", "--lora_rank", "8", "--lora_targets", "[qkv]", "--json", "true"]) == 0
+    from transformer_lm.lora import lora_params
+
+    only_qkv = json.loads(capsys.readouterr().out)["plans"]["DDP+LoRA"]
+    assert only_qkv["optimizer"] == 8 * lora_params(config, 8, ["qkv"]) == 8 * 12 * 8 * (768 + 3 * 768)
     assert main(["memory", "--preset", "gpt2", "--lora_rank", "8", "--lora_quantize", "w8a8"]) == 2
     assert "train.lora_quantize holds LoRA's frozen weights as int8, int4" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="with train.lora_rank > 0"):

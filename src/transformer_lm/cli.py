@@ -403,6 +403,8 @@ def _add_scaling_parsers(cmds: dict[str, ArgumentParser]) -> None:
                    "DDP only): gradients and AdamW state of the adapters alone.")
     p.add_argument("--lora_quantize", type=str | None, default=None, help="QLoRA: the frozen weights held as int8, "
                    "int4 or int4:GROUP_SIZE (train.lora_quantize).")
+    p.add_argument("--lora_targets", type=list[str], default=["qkv", "proj", "up", "gate", "down"],
+                   help="The layers LoRA adapts (train.lora_targets).")
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
 
 
@@ -422,14 +424,14 @@ def cmd_memory(a: Namespace) -> None:
     cfg = ModelConfig(**a.model.as_dict())
     if a.lora_rank < 0:
         raise ConfigError(f"--lora_rank must be >= 0 (0: every weight trained), got {a.lora_rank}")
-    if a.lora_quantize is not None:
-        TrainConfig(init_from=".", lora_rank=a.lora_rank, lora_quantize=a.lora_quantize)  # its one-line error
+    # its one-line errors for a bad quantization or target
+    TrainConfig(init_from=".", lora_rank=a.lora_rank, lora_quantize=a.lora_quantize, lora_targets=a.lora_targets)
     if a.lora_rank:  # LoRA trains under DDP only (train.py): its columns are DDP's
         import torch
 
         from .lora import base_bytes, lora_params
 
-        trained = lora_params(cfg, a.lora_rank)
+        trained = lora_params(cfg, a.lora_rank, a.lora_targets)
         held = base_bytes(cfg, a.lora_quantize, getattr(torch, a.dtype))  # (lora.hold_base_in, quantize_base)
         plans = {f"DDP+{'Q' if a.lora_quantize else ''}LoRA{'+AC' if ac else ''}": plan_memory(
             cfg, a.batch_size, a.seq_len, a.world_size, "ddp", a.dtype, ac, trained=trained, base_bytes=held)

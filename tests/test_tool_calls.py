@@ -18,6 +18,7 @@ from transformer_lm.api import Run, load_run
 from transformer_lm.chat import CHAT_TEMPLATE_FILE, render_chat
 from transformer_lm.checkpoint import save_checkpoint
 from transformer_lm.config import ModelConfig, SampleConfig, dump_json
+from transformer_lm.errors import ChatError
 from transformer_lm.model import Transformer
 from transformer_lm.tokenizers import HFFileTokenizer, save_tokenizer
 from transformer_lm.tool_calls import ToolCallStream, parse_tool_calls, tool_call_style
@@ -182,3 +183,24 @@ def test_the_server_answers_openais_client_with_tool_calls_round_trip(tokenizer,
 
 def encode(tokenizer: HFFileTokenizer, text: str) -> list[int]:
     return tokenizer.hf.encode(text, add_special_tokens=False).ids
+
+
+def test_a_mistral_template_gets_call_ids_it_takes_back(tokenizer):
+    """Mistral's templates refuse tool call ids other than 9 letters and digits when the calls come back: the ids
+    made for a [TOOL_CALLS] template are such, and the next request renders."""
+    import re
+
+    from transformer_lm.tool_calls import openai_tool_calls, short_call_ids
+
+    mistral = ("{% for m in messages %}{% for c in m.tool_calls or [] %}{% if c.id | length != 9 %}"
+               "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{% endif %}"
+               "[TOOL_CALLS]{{ c.function | tojson }}{% endfor %}{{ m.content or '' }}{% endfor %}"
+               "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}{% endif %}")
+    assert short_call_ids(mistral) and not short_call_ids(HERMES)
+    made = openai_tool_calls([CALL], short_ids=True)[0]
+    assert re.fullmatch(r"[A-Za-z0-9]{9}", made["id"])
+    history = [*ASK, {"role": "assistant", "tool_calls": [{**made, "function": CALL}]}]
+    assert '[TOOL_CALLS]{"name": "weather"' in render_chat(mistral, history, tokenizer, tools=TOOLS)
+    with pytest.raises(ChatError, match="length 9"):
+        render_chat(mistral, [*ASK, {"role": "assistant", "tool_calls": [
+            {**openai_tool_calls([CALL])[0], "function": CALL}]}], tokenizer)

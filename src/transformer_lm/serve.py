@@ -53,7 +53,7 @@ from .generate import STREAM_CONTEXT, bos_kept, check_prompt, sample_prompt, tex
 from .model import Transformer
 from .serve_requests import BadRequest, ChatRequest, CompletionRequest, SamplingRequest
 from .tokenizers import Tokenizer
-from .tool_calls import ToolCallStream, openai_tool_calls, parse_tool_calls, tool_call_style
+from .tool_calls import ToolCallStream, openai_tool_calls, parse_tool_calls, short_call_ids, tool_call_style
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ class _Tools(NamedTuple):
 
     style: str
     parallel: bool
+    short_ids: bool
+    """Mistral's templates: call ids of 9 letters and digits (tool_calls.short_call_ids)."""
 
 
 def _error(message: str, param: str | None = None, status: int = 400) -> JSONResponse:
@@ -213,7 +215,7 @@ class Server:
                 raise BadRequest("the model's chat template never shows it tools (it was not tuned to call them); "
                                  "leave tools out, or serve it with a template that renders them (--chat_template)",
                                  "tools")
-            tools = _Tools(style, body.parallel_tool_calls is not False)
+            tools = _Tools(style, body.parallel_tool_calls is not False, short_call_ids(self.run.chat_template))
         try:
             cfg = body.sample_config(self.defaults)
             text, ids = self.run.chat_prompt([m.as_dict() for m in body.messages], schemas,
@@ -263,7 +265,7 @@ class Server:
                     content, calls = (None, []) if tools is None else parse_tool_calls(text, tools.style)
                     if calls:
                         message = {**message, "content": content,
-                                   "tool_calls": openai_tool_calls(calls, tools.parallel)}
+                                   "tool_calls": openai_tool_calls(calls, tools.parallel, tools.short_ids)}
                         finish = "tool_calls"
                     choices.append({"index": sample.index, "message": message,
                                     "logprobs": None if scored is None else _chat_logprobs(scored),
@@ -339,8 +341,8 @@ class Server:
                     if rest:
                         yield event([choice(sample.index, rest)])
                     if calls:
-                        deltas = [{"index": i, **call} for i, call in enumerate(openai_tool_calls(calls,
-                                                                                                  tools.parallel))]
+                        made = openai_tool_calls(calls, tools.parallel, tools.short_ids)
+                        deltas = [{"index": i, **call} for i, call in enumerate(made)]
                         yield event([{**choice(sample.index, None), "delta": {"tool_calls": deltas}}])
                         finish = "tool_calls"
                 yield event([choice(sample.index, None, finish)])

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 import uuid
 from typing import Any
 
@@ -134,9 +136,20 @@ class ToolCallStream:
         return self.text[self.sent : found[0]], found[1]
 
 
-def openai_tool_calls(calls: list[dict[str, Any]], parallel: bool = True) -> list[dict[str, Any]]:
-    """Parsed calls as OpenAI's chat completions return them, each with a new id and its arguments as JSON text;
-    without `parallel`, the first alone."""
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+def short_call_ids(template: str | None) -> bool:
+    """Whether the template takes tool call ids of 9 letters and digits only (Mistral's refuse any other, as the
+    calls come back in the next request's messages)."""
+    return template is not None and "[TOOL_CALLS]" in template
+
+
+def openai_tool_calls(calls: list[dict[str, Any]], parallel: bool = True,
+                      short_ids: bool = False) -> list[dict[str, Any]]:
+    """Parsed calls as OpenAI's chat completions return them, each with a new id ("call_" and 24 hex digits, or
+    with `short_ids` 9 letters and digits) and its arguments as JSON text; without `parallel`, the first alone."""
+    def new_id() -> str:
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9)) if short_ids else \
+            f"call_{uuid.uuid4().hex[:24]}"
+
+    return [{"id": new_id(), "type": "function",
              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
             for c in calls[: None if parallel else 1]]

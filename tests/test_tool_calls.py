@@ -86,10 +86,14 @@ def test_the_calls_format_is_the_templates():
     ('[TOOL_CALLS] [{"name": "weather", "arguments": {"city": "Zürich"}}]', "json", None, [CALL]),  # Mistral
     ('{"name": "weather", "parameters": {"city": "Zürich"}} and then', "json", "<same>", []),
     ('{"city": "Zürich"}', "json", "<same>", []),
+    ('{"name": "Zürich", "population": 421878}', "json", "<same>", []),  # an answer in JSON, not a call
     ("Sunny, 21 degrees.", "json", "Sunny, 21 degrees.", []),
 ])
 def test_calls_are_read_from_a_reply_and_anything_else_is_text(text, style, content, calls):
     assert parse_tool_calls(text, style) == (text if content == "<same>" else content, calls)
+    if calls:  # a call of a function not offered is text too
+        assert parse_tool_calls(text, style, {"weather"}) == ((text, []) if len(calls) > 1 else
+                                                             (content, calls))
 
 
 @settings(max_examples=150, deadline=None)

@@ -63,6 +63,8 @@ class _Tools(NamedTuple):
     than one a reply (OpenAI's parallel_tool_calls)."""
 
     style: str
+    names: frozenset[str]
+    """The functions offered: a call of another is the reply's text."""
     parallel: bool
     short_ids: bool
     """Mistral's templates: call ids of 9 letters and digits (tool_calls.short_call_ids)."""
@@ -215,7 +217,8 @@ class Server:
                 raise BadRequest("the model's chat template never shows it tools (it was not tuned to call them); "
                                  "leave tools out, or serve it with a template that renders them (--chat_template)",
                                  "tools")
-            tools = _Tools(style, body.parallel_tool_calls is not False, short_call_ids(self.run.chat_template))
+            tools = _Tools(style, frozenset(t["function"]["name"] for t in schemas),
+                           body.parallel_tool_calls is not False, short_call_ids(self.run.chat_template))
         try:
             cfg = body.sample_config(self.defaults)
             text, ids = self.run.chat_prompt([m.as_dict() for m in body.messages], schemas,
@@ -262,7 +265,7 @@ class Server:
                 finish = sample.stats.finish_reason
                 if chat:
                     message: dict[str, Any] = {"role": "assistant", "content": text}
-                    content, calls = (None, []) if tools is None else parse_tool_calls(text, tools.style)
+                    content, calls = (None, []) if tools is None else parse_tool_calls(text, tools.style, tools.names)
                     if calls:
                         message = {**message, "content": content,
                                    "tool_calls": openai_tool_calls(calls, tools.parallel, tools.short_ids)}
@@ -329,7 +332,7 @@ class Server:
                     yield event([{**choice(sample.index, ""), "delta": {"role": "assistant", "content": ""}}])
                 elif echo and prompts[sample.prompt].text:
                     yield event([choice(sample.index, prompts[sample.prompt].text)])
-                split = None if tools is None else ToolCallStream(tools.style)
+                split = None if tools is None else ToolCallStream(tools.style, tools.names)
                 with contextlib.closing(sample.pieces) as pieces:  # a client gone: the generation ends now
                     for piece in pieces:
                         if piece := piece if split is None else split.feed(piece):

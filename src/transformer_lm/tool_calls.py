@@ -17,6 +17,7 @@ import re
 import secrets
 import string
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 TOOL_CALL_STYLES = ("hermes", "json")
@@ -34,8 +35,10 @@ def tool_call_style(template: str | None) -> str | None:
 
 
 def _call(obj: Any) -> dict[str, Any] | None:
-    """{"name", "arguments": dict} of one parsed call, or None when `obj` is not one."""
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    """{"name", "arguments": dict} of one parsed call, or None when `obj` is not one (a JSON answer that merely has
+    a "name" is not: a call names its arguments or parameters too)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or \
+            not ("arguments" in obj or "parameters" in obj):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):  # some models write the arguments as a JSON string, as OpenAI returns them
@@ -65,8 +68,16 @@ def _json_calls(text: str) -> list[dict[str, Any]] | None:
             calls.append(call)
 
 
-def _split(text: str, style: str) -> tuple[int, list[dict[str, Any]]] | None:
-    """(where the calls begin in `text`, the calls), or None when the reply holds none that parse."""
+def _split(text: str, style: str, names: Collection[str] | None) -> tuple[int, list[dict[str, Any]]] | None:
+    """(where the calls begin in `text`, the calls), or None when the reply holds none that parse, or (with
+    `names`) one of a function not among them."""
+    found = _find(text, style)
+    if found is None or (names is not None and any(c["name"] not in names for c in found[1])):
+        return None
+    return found
+
+
+def _find(text: str, style: str) -> tuple[int, list[dict[str, Any]]] | None:
     if style == "hermes":
         start = text.find(_OPEN)
         if start < 0:
@@ -89,10 +100,12 @@ def _split(text: str, style: str) -> tuple[int, list[dict[str, Any]]] | None:
     return None if calls is None else (start, calls)
 
 
-def parse_tool_calls(text: str, style: str) -> tuple[str | None, list[dict[str, Any]]]:
+def parse_tool_calls(text: str, style: str,
+                     names: Collection[str] | None = None) -> tuple[str | None, list[dict[str, Any]]]:
     """(the reply's text, its tool calls as {"name", "arguments": dict}) of a reply in `style`: with calls, the
-    text before them (None where there is none); a reply whose calls do not parse is all text, with no calls."""
-    found = _split(text, style)
+    text before them (None where there is none); a reply whose calls do not parse, or (with `names`, the tools
+    offered) that calls a function not offered, is all text, with no calls."""
+    found = _split(text, style, names)
     if found is None:
         return text, []
     start, calls = found
@@ -105,8 +118,8 @@ class ToolCallStream:
     `{`, `[` or a call prefix), and `finish` returns the rest of the text and the calls, as parse_tool_calls reads
     the whole reply."""
 
-    def __init__(self, style: str) -> None:
-        self.style, self.text, self.sent = style, "", 0
+    def __init__(self, style: str, names: Collection[str] | None = None) -> None:
+        self.style, self.names, self.text, self.sent = style, names, "", 0
 
     def _safe(self) -> int:
         """How much of the text so far is surely not a tool call's."""
@@ -130,7 +143,7 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """(the text not sent yet, the calls): without calls that parse, all the text held back."""
-        found = _split(self.text, self.style)
+        found = _split(self.text, self.style, self.names)
         if found is None or found[0] < self.sent:
             return self.text[self.sent :], []
         return self.text[self.sent : found[0]], found[1]

@@ -18,19 +18,10 @@ from hypothesis import strategies as st
 
 from transformer_lm import data
 from transformer_lm.cli import main
-from transformer_lm.data import (
-    BatchSampler,
-    conversation_chunks,
-    default_corpus,
-    is_prepared,
-    iter_eval_batches,
-    load_prepared,
-    prepare,
-    read_sources,
-    resolve_sources,
-)
+from transformer_lm.data import default_corpus, is_prepared, load_prepared, prepare, read_sources, resolve_sources
 from transformer_lm.errors import ConfigError, DataError, RunExistsError
 from transformer_lm.tokenizers import EOT, ByteTokenizer, Tokenizer, build_tokenizer
+from transformer_lm.windows import BatchSampler, conversation_chunks, iter_eval_batches
 
 TEXTS = [
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n",

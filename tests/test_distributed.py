@@ -23,11 +23,12 @@ from transformer_lm import checkpoint as ckpt
 from transformer_lm.api import load_run
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig
-from transformer_lm.data import BatchSampler, PreparedData, load_prepared, prepare
+from transformer_lm.data import PreparedData, load_prepared, prepare
 from transformer_lm.errors import CheckpointError, ConfigError
 from transformer_lm.model import Transformer
 from transformer_lm.tokenizers import build_tokenizer
 from transformer_lm.train import read_metrics, train
+from transformer_lm.windows import BatchSampler
 
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
 TRAIN = dict(batch_size=4, grad_accum=2, max_iters=20, log_interval=1, eval_interval=10, eval_batches=2, device="cpu")

@@ -19,11 +19,11 @@ from transformer_lm.chat import CHAT_TEMPLATE_FILE, chat_tokens
 from transformer_lm.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig, dump_json
-from transformer_lm.data import BatchSampler
 from transformer_lm.errors import CheckpointError, ConfigError
 from transformer_lm.tokenizers import BPETokenizer, save_tokenizer
 from transformer_lm.train import read_metrics, train
 from transformer_lm.train_data import training_data
+from transformer_lm.windows import BatchSampler
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
 

@@ -18,12 +18,12 @@ from transformer_lm.api import load_run, read_run_config
 from transformer_lm.checkpoint import latest_checkpoint, load_state
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, TrainConfig
-from transformer_lm.data import BatchSampler
 from transformer_lm.errors import ConfigError
 from transformer_lm.lora import LoRALinear, quantize_base
 from transformer_lm.quantize import Int4Linear, Int8Linear
 from transformer_lm.train import read_metrics, train
 from transformer_lm.train_data import training_data
+from transformer_lm.windows import BatchSampler
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.0)
 

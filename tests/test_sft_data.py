@@ -20,9 +20,9 @@ from transformer_lm.chat_data import encode_chats, encode_example
 from transformer_lm.checkpoint import save_checkpoint
 from transformer_lm.cli import main
 from transformer_lm.config import ModelConfig, dump_json
-from transformer_lm.data import BatchSampler
 from transformer_lm.tokenizers import ByteTokenizer, HFFileTokenizer, save_tokenizer
 from transformer_lm.train_data import training_data
+from transformer_lm.windows import BatchSampler
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")

@@ -24,6 +24,7 @@ from transformer_lm.model import Transformer
 from transformer_lm.optim import lr_at
 from transformer_lm.train import Budget, _eval_bytes_per_token, plot_losses, read_metrics, train
 from transformer_lm.train_data import training_data
+from transformer_lm.windows import BatchSampler
 
 SMALL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
 
@@ -387,7 +388,7 @@ def test_accumulated_micro_batches_step_like_one_naive_batch(corpus_file: Path, 
     logged = [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "loss" in r]
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).init_weights(cfg.seed).double()
-    sampler = data_module.BatchSampler(data.train, 2, model_cfg.block_size, seed=cfg.seed)
+    sampler = BatchSampler(data.train, 2, model_cfg.block_size, seed=cfg.seed)
     decay = [p for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2]
     rest = [p for p in model.parameters() if all(p is not q for q in decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],

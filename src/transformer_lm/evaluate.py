@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import check_ids, iter_eval_batches
 from .model import Transformer
 from .recurrent import RecurrentLM
 from .tokenizers import Tokenizer
+from .windows import check_ids, iter_eval_batches
 
 
 @dataclass
@@ -58,7 +58,7 @@ def evaluate_tokens(model: Transformer | RecurrentLM, tokens: np.ndarray, bytes_
     """Deterministic pass over `tokens` in consecutive windows of the model's context; every predicted token is
     weighted equally. `bytes_per_token` converts the loss to bits per byte. With a `mask` (conversations), only the
     tokens it marks are scored (the assistant's), the others being context; with their `starts`, each conversation
-    on its own (data.iter_eval_batches)."""
+    on its own (windows.iter_eval_batches)."""
     was_training = model.training
     model.eval()
     device = model.tok_emb.weight.device

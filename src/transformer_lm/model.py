@@ -333,7 +333,7 @@ class Transformer(nn.Module):
         output there only (the cache still gets every position's keys and values). For left-padded
         batches: `positions` (B, T) per-row positions (default: cache.pos + 0..T-1 for all rows) and `key_mask`
         (B, cache.pos + T or more) bool, False at padding slots. For examples packed into rows (training on them,
-        data.BatchSampler's layout): `segments` (B, T), equal within an example, hides each from the others, and
+        windows.BatchSampler's layout): `segments` (B, T), equal within an example, hides each from the others, and
         `positions` restart at each, so that every example is computed as it would be alone."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0

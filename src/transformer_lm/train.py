@@ -40,11 +40,7 @@ from .checkpoint import (
     save_shards,
 )
 from .config import ModelConfig, TrainConfig, dump_json
-from .data import (
-    BatchSampler,
-    PreparedData,
-    iter_eval_batches,
-)
+from .data import PreparedData
 from .errors import CheckpointError, ConfigError, DivergenceError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
 from .lora import adapters, add_lora, base_bytes, hold_base_in, load_adapters, lora_params, quantize_base
@@ -68,6 +64,7 @@ from .quantize import parse_quantize
 from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
 from .tokenizers import load_tokenizer, save_tokenizer
+from .windows import BatchSampler, iter_eval_batches
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +286,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
                            world_size=info.world_size, vocab_size=model_config.vocab_size, mask=data.train_mask,
                            starts=data.train_starts)
-    # examples packed into a Transformer's windows are kept apart (data.BatchSampler.layout); a recurrent model's
+    # examples packed into a Transformer's windows are kept apart (windows.BatchSampler.layout); a recurrent model's
     # state runs on through them, as through text
     packed = data.train_starts is not None and model_config.arch == "transformer"
     if data.train_starts is not None and info.is_main:

@@ -313,6 +313,8 @@ def test_chat_logprobs_are_the_completions_scores_of_the_reply(client, chat_run)
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}, None, None),
     ({"messages": []}, "messages", None),
     ({"messages": [{"role": "user", "content": "a", "tool_call": []}]}, None, None),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "refusal": "no"}]}, None,
+     None),  # an SDK-dumped reply's refusal is taken empty only
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "[1]"}}]}]},
      "messages", "not a JSON object's text"),
 ])

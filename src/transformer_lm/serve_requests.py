@@ -150,6 +150,12 @@ class ChatMessage(BaseModel):
     """The assistant's calls (its content may then be None)."""
     tool_call_id: str | None = None
     """A tool's result (role "tool"): the call it answers."""
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
+    """The fields of OpenAI's assistant message this server never fills, taken empty: a client that sends a reply
+    back as the SDK dumps it (`message.model_dump()`) sends them so."""
 
     def as_dict(self) -> dict[str, Any]:
         """The message as a chat template reads it: its content one string (text parts joined by newlines, as

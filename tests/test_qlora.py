@@ -33,8 +33,9 @@ def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("quantized", [Int8Linear, lambda linear: Int4Linear(linear, 16)], ids=["int8", "int4"])
-def test_an_adapted_quantized_layer_is_its_dequantized_float_layer(quantized):
+def _quantized_and_float(quantized) -> tuple[nn.Module, nn.Linear]:
+    """A seeded 64 -> 96 layer quantized by `quantized`, and a float layer holding its dequantized weight (the
+    naive reference)."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 96)
     q = quantized(linear)
@@ -42,6 +43,12 @@ def test_an_adapted_quantized_layer_is_its_dequantized_float_layer(quantized):
     with torch.no_grad():
         reference.weight.copy_(q.dequantize())
         reference.bias.copy_(linear.bias)
+    return q, reference
+
+
+@pytest.mark.parametrize("quantized", [Int8Linear, lambda linear: Int4Linear(linear, 16)], ids=["int8", "int4"])
+def test_an_adapted_quantized_layer_is_its_dequantized_float_layer(quantized):
+    q, reference = _quantized_and_float(quantized)
     torch.manual_seed(1)
     ours = LoRALinear(q, 4, 8.0)
     torch.manual_seed(1)
@@ -69,13 +76,7 @@ def test_an_adapted_quantized_layer_is_its_dequantized_float_layer(quantized):
 def test_under_bf16_autocast_the_backward_runs_in_bf16_and_agrees():
     """The backward's product in the forward's autocast precision: x's gradient within bf16's rounding of the
     float layer's under the same autocast, and float32 as x is."""
-    torch.manual_seed(0)
-    linear = nn.Linear(64, 96)
-    q = Int8Linear(linear)
-    reference = nn.Linear(64, 96)
-    with torch.no_grad():
-        reference.weight.copy_(q.dequantize())
-        reference.bias.copy_(linear.bias)
+    q, reference = _quantized_and_float(Int8Linear)
     grads = []
     for layer in (LoRALinear(q, 4, 8.0), LoRALinear(reference, 4, 8.0)):
         x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), requires_grad=True)

@@ -108,7 +108,7 @@ def test_a_base_model_without_a_template_fine_tunes_on_pairs(tmp_path: Path, cap
     assert first == pytest.approx(total / count, rel=1e-5) and len(segments[0].unique()) > 1
     run = load_run(out, "cpu")
     assert run.chat_template is None
-    encoded = encode_chats([pairs], None, tok)
+    encoded, _ = encode_chats([pairs], None, tok)
     assert [bytes(i for i, m in zip(*e) if m).decode() for e in encoded[:2]] == [" 0\n", " 2\n"]
     val = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line][-1]
     scored = run.evaluate(pairs)  # every example, each on its own: a reference computed here

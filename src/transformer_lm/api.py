@@ -21,13 +21,14 @@ import torch
 from .chat import encode_rendered, read_chat_template, render_chat
 from .chat_data import encode_chats, example_files, joined
 from .checkpoint import checkpoint_step, is_sharded, latest_checkpoint, load_weights, write_weights
-from .config import ModelConfig, SampleConfig
+from .config import ModelConfig, SampleConfig, TrainConfig
 from .data import encode_sources, is_prepared, load_prepared, resolve_sources
 from .decode import DecodeStats
 from .errors import ChatError, CheckpointError, ConfigError, DataError
 from .evaluate import EvalResult, evaluate_tokens, predicted_bytes_per_token
 from .generate import compiles, stream_text
 from .model import Transformer, build_model
+from .preference import DPO, PreferenceResult
 from .recurrent import RecurrentLM
 from .runtime import resolve_device
 from .speculative import check_draft
@@ -145,21 +146,28 @@ class Run:
         texts = ["".join(pieces) for pieces in self.stream_samples(prompt, cfg)]
         return texts[0] if cfg.num_samples == 1 else texts
 
-    def evaluate(self, data: str | Path, batch_size: int = 8) -> EvalResult:
+    def evaluate(self, data: str | Path, batch_size: int = 8,
+                 reference: str | Path | None = None) -> EvalResult | PreferenceResult:
         """Loss, perplexity and bits per byte on a text file, folder or glob, tokenized as `tlm prepare` does (an
         end-of-text between files), or on the val split of a folder `tlm prepare` wrote with this run's tokenizer.
         Of fine-tuning examples (a .jsonl file, or a folder chat_data.prepare_chats wrote), the tokens a fine-tune
         learns are scored (conversations' replies, rendered in the run's chat template, in the context of the turns
-        before them; completions after their prompts)."""
+        before them; completions after their prompts). Of preference pairs, DPO's loss and reward accuracy against
+        `reference` (a run folder; by default the one this run was fine-tuned from), with this run's dpo_beta."""
         if (files := example_files(data)) is not None:
-            ids, mask, starts = joined(encode_chats(files, self.chat_template, self.tokenizer),
-                                       np.dtype(np.int64))
+            encoded, pairs = encode_chats(files, self.chat_template, self.tokenizer)
+            ids, mask, starts = joined(encoded, np.dtype(np.int64))
+            if pairs:
+                return self._evaluate_pairs(ids, mask, starts, batch_size, reference)
             return self._evaluate_replies(ids, mask, starts, batch_size)
         if is_prepared(data):
             prepared = load_prepared(data)
             if prepared.tokenizer.to_dict() != self.tokenizer.to_dict():
                 raise DataError(f"{data} was prepared with another tokenizer than {self.path}'s; evaluate on the "
                                 "text itself, or on data prepared for this run")
+            if prepared.pairs:
+                return self._evaluate_pairs(prepared.val, prepared.val_mask, prepared.val_starts, batch_size,
+                                            reference)
             if prepared.val_mask is not None:
                 return self._evaluate_replies(prepared.val, prepared.val_mask, prepared.val_starts, batch_size)
             bytes_per_token = predicted_bytes_per_token(self.tokenizer, prepared.val, prepared.manifest["val_bytes"])
@@ -169,6 +177,22 @@ class Run:
             raise DataError(f"{data} holds fewer than 2 tokens; evaluate on a longer text")
         return evaluate_tokens(self.model, ids, predicted_bytes_per_token(self.tokenizer, ids, nbytes), batch_size)
 
+
+    def _evaluate_pairs(self, ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, batch_size: int,
+                        reference: str | Path | None) -> PreferenceResult:
+        """preference.DPO's evaluation of every pair, against the `reference` run (default: train.init_from)."""
+        train = self.config.get("train", {})
+        reference = reference or train.get("init_from")
+        if reference is None:
+            raise ConfigError(f"preference pairs are scored against a reference model, and {self.path} was not "
+                              "fine-tuned from one: give it (tlm eval --reference RUN)")
+        ref = load_run(reference, str(next(self.model.parameters()).device))
+        if ref.tokenizer.to_dict() != self.tokenizer.to_dict() or ref.model.config.vocab_size != \
+                self.model.config.vocab_size:
+            raise ConfigError(f"the reference {reference} has another tokenizer or vocabulary than {self.path}; give "
+                              "the run it was fine-tuned from")
+        dpo = DPO(self.model, train.get("dpo_beta", TrainConfig.dpo_beta), ref.model)
+        return dpo.evaluate(ids, mask, starts, batch_size, self.model.config.block_size, None)
 
     def _evaluate_replies(self, ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, batch_size: int) -> EvalResult:
         """evaluate_tokens scoring the tokens `mask` marks (the conversations' replies: each conversation, which

@@ -7,7 +7,11 @@ starts. A line is one of the formats fine-tuning datasets ship in (TRL's dataset
 - {"prompt": ..., "completion": ...}: two texts, the completion learned (with an end-of-text after it) and the
   prompt its context, no template (a base model learns to complete); or two lists of messages, a conversation of
   which the completion's replies are learned;
-- {"text": ...}: a document learned whole.
+- {"text": ...}: a document learned whole;
+- {"prompt": ..., "chosen": ..., "rejected": ...}: a preference pair (texts, or lists of messages), two examples of
+  the prompt followed by either completion, learned as the prompt-completion pairs above are; without a prompt (TRL's
+  implicit prompt), the prompt is what the two have in common at their start. A file of pairs trains by direct
+  preference optimization (preference.py); pairs and other examples do not mix.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
 """ShareGPT's speakers ("from") as chat templates' roles."""
 
 _FORMATS = ('{"messages": [{"role": ..., "content": ...}, ...]}, {"conversations": [{"from": ..., "value": ...}, '
-            '...]}, {"prompt": ..., "completion": ...} or {"text": ...}')
+            '...]}, {"prompt": ..., "completion": ...}, {"text": ...} or {"prompt": ..., "chosen": ..., '
+            '"rejected": ...}')
 
 
 def read_examples(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -136,21 +141,70 @@ def encode_example(row: dict[str, Any], template: str | None, tokenizer: Tokeniz
     return chat_tokens(template, messages, tokenizer, learn_from)
 
 
+def is_pair(row: dict[str, Any]) -> bool:
+    """Whether an example is a preference pair (it has "chosen" and "rejected")."""
+    return "chosen" in row and "rejected" in row
+
+
+def _implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) of a pair without a prompt: the prompt is the two completions' common start
+    (messages, or characters: then one space before the first that differs goes with the completions, which a
+    BPE tokenizer encodes as part of their first word), as TRL's extract_prompt splits them."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if isinstance(chosen, str) and 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def encode_pair(row: dict[str, Any], template: str | None,
+                tokenizer: Tokenizer) -> list[tuple[list[int], list[bool]]]:
+    """A preference pair as its two examples, [chosen, rejected], each (ids, which are learned): the prompt and the
+    completion encoded as encode_example encodes a prompt-completion pair, texts or messages alike."""
+    chosen, rejected, prompt = row["chosen"], row["rejected"], row.get("prompt")
+    kind = type(chosen)
+    if kind not in (str, list) or not all(type(v) is kind for v in (rejected, *([] if prompt is None else [prompt]))):
+        raise DataError('its prompt, chosen and rejected are not all texts or all lists of messages: {"prompt": '
+                        '"...", "chosen": "...", "rejected": "..."} or the same with [{"role", "content"}, ...]')
+    if prompt is None:
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    if chosen == rejected:
+        raise DataError("its chosen and rejected completions are the same; a pair prefers one of two different ones")
+    sides = []
+    for completion in (chosen, rejected):
+        sides.append(_plain(tokenizer, prompt, completion) if kind is str else
+                     encode_example({"prompt": prompt, "completion": completion}, template, tokenizer))
+        if not any(sides[-1][1][1:]):
+            raise DataError("one of its completions has no token to learn (no assistant reply in it)")
+    return sides
+
+
 def encode_chats(paths: Sequence[Path], template: str | None,
-                 tokenizer: Tokenizer) -> list[tuple[list[int], list[bool]]]:
-    """Each example of the files `paths` (in order) as encode_example encodes it: (ids, which are learned)."""
+                 tokenizer: Tokenizer) -> tuple[list[tuple[list[int], list[bool]]], bool]:
+    """Each example of the files `paths` (in order) as encode_example encodes it, (ids, which are learned), and
+    whether they are preference pairs, each then two examples in a row (encode_pair: chosen, rejected). A file
+    mixing pairs and other examples is a DataError."""
     encoded, rows = [], []
     for path in paths:
         for n, row in read_examples(path):
             try:
-                encoded.append(encode_example(row, template, tokenizer))
+                if rows and is_pair(row) != is_pair(rows[0][1]):
+                    raise DataError("it mixes preference pairs (chosen, rejected) with other examples; a run trains "
+                                    "on pairs (DPO) or on examples to learn: give them in separate runs")
+                if is_pair(row):
+                    encoded.extend(encode_pair(row, template, tokenizer))
+                else:
+                    encoded.append(encode_example(row, template, tokenizer))
             except (ChatError, ConfigError, DataError) as e:
                 raise type(e)(f"{path}:{n}: {e}") from None
             rows.append((n, row))
-    if tokenizer.eot_id is None and any(isinstance(row.get("completion", row.get("text")), str) for _, row in rows):
+    pairs = bool(rows) and is_pair(rows[0][1])
+    if tokenizer.eot_id is None and any(isinstance(row.get("completion", row.get("text", row.get("chosen"))), str)
+                                        for _, row in rows):
         log.warning("the %s tokenizer has no end-of-text token: completions are learned without an end mark, so "
                     "samples of the model end at max_new_tokens or a stop string", tokenizer.kind)
-    return encoded
+    return encoded, pairs
 
 
 def joined(encoded: list[tuple[list[int], list[bool]]],
@@ -170,17 +224,21 @@ def prepare_chats(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
     them (one byte per token: 1 where learned, which training learns and evaluation scores), train.starts.bin /
     val.starts.bin (where each example begins: int64 offsets, windows begin there) and the template conversations
     were rendered in as chat_template.jinja. The last val_fraction of the examples (at least one) are the val split
-    (the manifest counts them as conversations). `paths`: the .jsonl files, one after another (example_files).
+    (the manifest counts them as conversations). Of preference pairs, each pair's chosen example comes before its
+    rejected one, the val split takes whole pairs, and the manifest says "pairs": true. `paths`: the .jsonl files,
+    one after another (example_files).
     Written atomically, the manifest last, as data.prepare writes."""
     paths, out_dir = [Path(p) for p in paths], out_folder(Path(out_dir))
     path = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"  # for the messages
     if not 0 < val_fraction < 1:
         raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}; try 0.1")
     check_out(out_dir, overwrite, paths, ours=is_prepared, what="prepared data")
-    encoded = encode_chats(paths, template, tokenizer)
-    if len(encoded) < 2:
-        raise DataError(f"{path} holds {len(encoded)} example(s); a train and a val split need at least 2")
-    n_val = max(1, round(len(encoded) * val_fraction))
+    encoded, pairs = encode_chats(paths, template, tokenizer)
+    per = 2 if pairs else 1  # examples per item: a pair's two are never split apart
+    if len(encoded) < 2 * per:
+        raise DataError(f"{path} holds {len(encoded) // per} {'pair' if pairs else 'example'}(s); a train and a val "
+                        "split need at least 2")
+    n_val = max(1, round(len(encoded) // per * val_fraction)) * per
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
     counts = {}
     with staged_dir(out_dir, overwrite) as tmp:
@@ -199,7 +257,7 @@ def prepare_chats(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike
         if template is not None:
             (tmp / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
         manifest = {
-            "format": MANIFEST_FORMAT, "masked": True,
+            "format": MANIFEST_FORMAT, "masked": True, **({"pairs": True} if pairs else {}),
             "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}, "dtype": dtype.name,
             **{f"{split}_{k}": c[i] for split, c in counts.items()
                for i, k in enumerate(("tokens", "bytes", "learned_tokens", "conversations"))},

@@ -101,7 +101,10 @@ def build_parser() -> tuple[ArgumentParser, dict[str, ArgumentParser]]:
     p.add_argument("run", type=str, help="Run folder.")
     p.add_argument("--data", type=str, required=True, help="Text file, folder or glob to evaluate on (tokenized as "
                    "`tlm prepare` does), or a folder `tlm prepare` wrote with the run's tokenizer (its val split); "
-                   "of conversations (.jsonl, in the run's chat template), the assistant's replies are scored.")
+                   "of conversations (.jsonl, in the run's chat template), the assistant's replies are scored; of "
+                   "preference pairs, DPO's loss and reward accuracy against --reference.")
+    p.add_argument("--reference", type=str | None, default=None, help="Preference pairs: the run whose model the "
+                   "rewards are measured from (default: the one the run was fine-tuned from, train.init_from).")
     p.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass.")
     p.add_argument("--json", type=bool, default=False, help="Print machine-readable JSON.")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N or mps.")
@@ -203,7 +206,8 @@ def cmd_prepare(a: Namespace) -> None:
             read_chat_template(a.tokenizer_from) if a.tokenizer_from else None
         tok = chat_tokenizer(given, a.tokenizer)
         m = prepare_chats(files, a.out, tok, template, a.val_fraction, a.overwrite)
-        print(f"{a.out}: {m['train_conversations']:,} + {m['val_conversations']:,} examples, "
+        per, what = (2, "preference pairs") if m.get("pairs") else (1, "examples")
+        print(f"{a.out}: {m['train_conversations'] // per:,} + {m['val_conversations'] // per:,} {what}, "
               f"{m['train_tokens']:,} train + {m['val_tokens']:,} val tokens ({m['train_learned_tokens']:,} + "
               f"{m['val_learned_tokens']:,} of them learned), {tok.kind} tokenizer")
         return
@@ -265,7 +269,7 @@ def cmd_train(a: Namespace) -> int:
     res = train(model_cfg, train_cfg, data, a.out, resume=a.resume, overwrite=a.overwrite, extra_config=extra)
     if not res.is_main:  # under torchrun, rank 0 reports for all
         return 130 if res.interrupted else 0
-    val = f", val loss {res.val.loss:.4f}, bpb {res.val.bpb:.4f}" if res.val else ""
+    val = f", val {res.val.summary()}" if res.val else ""
     if res.interrupted:
         print(f"interrupted: checkpoint saved at step {res.step} in {res.run_dir}; continue with --resume true",
               file=sys.stderr)
@@ -323,14 +327,17 @@ def cmd_sample(a: Namespace) -> None:
 
 def cmd_eval(a: Namespace) -> None:
     from .api import load_run
+    from .preference import PreferenceResult
     from .quantize import parse_quantize
 
     run = load_run(a.run, a.device)
     if a.quantize:
         run.quantize(**parse_quantize(a.quantize))
-    res = run.evaluate(a.data, a.batch_size)
+    res = run.evaluate(a.data, a.batch_size, a.reference)
     if a.json:
         print(json.dumps(res.to_dict()))
+    elif isinstance(res, PreferenceResult):
+        print(f"{res.summary()}  ({res.pairs:,} pairs)")
     else:
         print(f"loss {res.loss:.4f}  perplexity {res.perplexity:.3f}  bits/byte {res.bpb:.4f}  ({res.tokens:,} tokens)")
 

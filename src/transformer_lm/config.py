@@ -344,6 +344,10 @@ class TrainConfig:
     """QLoRA: hold the frozen weights of the blocks quantized, int8 or int4 (groups of 128 inputs; int4:GROUP for
     another size), as `tlm sample --quantize` quantizes them: a quarter or an eighth of their float32 memory. The
     checkpoints hold the dequantized weights merged with the adapters. None: the weights stay float."""
+    dpo_beta: float = 0.1
+    """Direct preference optimization (preference.py), which a fine-tune on preference pairs ({"prompt", "chosen",
+    "rejected"}) trains by: the β of its implicit rewards β (log π - log π_ref), how far the policy may move from
+    the model it starts from (smaller: further). 0.1 is the paper's and TRL's default."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -374,6 +378,8 @@ class TrainConfig:
         if self.lora_rank and not self.init_from:
             raise ConfigError("train.lora_rank adapts a trained model: give the run to fine-tune, --train.init_from "
                               "RUN (or drop lora_rank to train from scratch)")
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"train.dpo_beta must be > 0, got {self.dpo_beta}; try 0.1")
         if self.neftune_alpha < 0:
             raise ConfigError(f"train.neftune_alpha must be >= 0 (0: no noise), got {self.neftune_alpha}")
         unknown = sorted(set(self.lora_targets) - {"qkv", "proj", "up", "gate", "down"})

@@ -425,6 +425,11 @@ class PreparedData:
     chat_template: str | None = None
     """The chat template conversations were rendered in (a fine-tuned run keeps it)."""
 
+    @property
+    def pairs(self) -> bool:
+        """Preference pairs (chat_data.encode_pair): the examples two by two, chosen then rejected; trained by DPO."""
+        return bool(self.manifest.get("pairs"))
+
 
 def load_prepared(path: str | os.PathLike) -> PreparedData:
     """Open a folder written by `prepare`, checking the manifest against the files' sizes."""
@@ -473,7 +478,8 @@ def _conversation_starts(file: Path, manifest: dict[str, Any], split: str) -> np
         raise DataError(f"{file} is missing: the folder was prepared by an earlier version, which did not record "
                         "where each conversation starts; prepare the conversations again")
     n, count = manifest[f"{split}_tokens"], manifest.get(f"{split}_conversations")
-    if type(count) is not int or count < 1 or file.stat().st_size != 8 * count:
+    if type(count) is not int or count < 1 or file.stat().st_size != 8 * count or \
+            (manifest.get("pairs") and count % 2):  # pairs: two examples each
         raise DataError(f"{file} is not one int64 offset per conversation of the manifest; the folder is damaged: "
                         "prepare it again")
     starts = np.memmap(file, dtype=np.int64, mode="r", shape=(count,))

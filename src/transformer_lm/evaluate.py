@@ -38,6 +38,9 @@ class EvalResult:
         """The fields by name, as `tlm eval --json` prints them."""
         return asdict(self)
 
+    def summary(self) -> str:
+        return f"loss {self.loss:.4f}, ppl {self.perplexity:.2f}, bpb {self.bpb:.4f}"
+
 
 def bits_per_byte(loss: float, tokens: float, num_bytes: float) -> float:
     """Bits per byte of a mean `loss` in nats over `tokens` predicted tokens whose text is `num_bytes` long."""

@@ -20,7 +20,8 @@ the update: the model the adapters were trained on.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -68,10 +69,14 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=device))
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+        """False: the base layer alone (adapters_off)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
         base = self.base(x) if isinstance(self.base, nn.Linear) else _FrozenQuantized.apply(x, self.base)
+        if not self.enabled:
+            return base
+        update = F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
         return base + update * self.scale
 
     def merged_weight(self) -> torch.Tensor:
@@ -92,6 +97,20 @@ def add_lora(model: nn.Module, rank: int, alpha: float, dropout: float = 0.0,
     for parent, name, child in swaps:
         setattr(parent, name, LoRALinear(child, rank, alpha, dropout))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """`model` without its adapters while in the block: the model they were put on (DPO's reference, which a LoRA
+    fine-tune thus holds no second copy of)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def quantize_base(model: nn.Module, bits: int, group_size: int = 128) -> None:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .accounting import flops_per_token
+from .accounting import count_params, flops_per_token
 from .chat import CHAT_TEMPLATE_FILE, read_chat_template
 from .checkpoint import (
     atomic_write_text,
@@ -60,6 +60,7 @@ from .parallel import (
     parallelize,
 )
 from .perf import mfu, peak_flops
+from .preference import DPO, PairSampler, PreferenceResult
 from .quantize import parse_quantize
 from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
@@ -76,7 +77,8 @@ class TrainResult:
     tokens: int
     elapsed: float
     """Seconds of training, summed over resumed segments."""
-    val: EvalResult | None
+    val: EvalResult | PreferenceResult | None
+    """The last evaluation: of preference pairs (DPO), a PreferenceResult."""
     interrupted: bool
     is_main: bool = True
     """False on the ranks other than 0 of a distributed run, which write nothing and report nothing."""
@@ -233,9 +235,13 @@ def train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_d
 def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_dir: Path, resume: bool,
            overwrite: bool, progress: bool, extra_config: dict[str, Any] | None, stop_at: int | None,
            info: DistInfo, device: torch.device) -> TrainResult:
-    # the base a fine-tune starts from (LoRA's also when it resumes: its checkpoints hold the adapters, not the base)
-    init = _init_checkpoint(cfg.init_from, data, model_config) if cfg.init_from and (not resume or cfg.lora_rank) \
-        else None
+    if data.pairs and not cfg.init_from:
+        raise ConfigError("preference pairs train by DPO, against the model the run starts from: give it, "
+                          "--train.init_from RUN (one fine-tuned on such prompts first, as DPO expects)")
+    # the base a fine-tune starts from (LoRA's also when it resumes: its checkpoints hold the adapters, not the base;
+    # DPO's too: it is the reference)
+    init = _init_checkpoint(cfg.init_from, data, model_config) \
+        if cfg.init_from and (not resume or cfg.lora_rank or data.pairs) else None
     if not cfg.init_from:  # a fine-tune keeps its model's table, which may be padded past the tokenizer's ids
         model_config = ModelConfig.from_dict({**model_config.to_dict(), "vocab_size": data.tokenizer.vocab_size})
     if info.is_main:
@@ -253,7 +259,9 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
         raise ConfigError("train.optimizer=muon needs whole weight matrices; use --train.parallel ddp with muon")
     if sharded and cfg.lora_rank:
         raise ConfigError("LoRA fine-tunes run under --train.parallel ddp (its frozen weights are not sharded)")
-    check_memory(model_config, cfg, info, device, amp_dtype)
+    if sharded and data.pairs:
+        raise ConfigError("DPO runs under --train.parallel ddp (its reference model is not sharded)")
+    check_memory(model_config, cfg, info, device, amp_dtype, data.pairs)
     # for MFU: a datasheet figure, or a matmul timed now; of float32 for a CPU LSTM, whose recurrence runs in it
     # under any autocast (against this CPU's bf16 peak, a bf16 run's MFU read 475 %)
     peak = peak_flops(device, torch.float32 if runs_in_float32(model_config, device) else amp_dtype)
@@ -280,19 +288,32 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
         load_weights(model, init)  # a fine-tune's start (cast to the model's float32 parameters)
     if cfg.neftune_alpha:
         _noisy_embeddings(model, cfg.neftune_alpha)
+    dpo = None
+    if data.pairs:  # LoRA's reference is the model with its adapters off; a full fine-tune's, its starting weights
+        reference = None if cfg.lora_rank else build_model(model_config).to(device)
+        if reference is not None:
+            load_weights(reference, init)
+        dpo = DPO(model, cfg.dpo_beta, reference)
     forward = parallelize(model, info, cfg)  # FSDP2 shards `model` in place: the optimizer comes after
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
-                           world_size=info.world_size, vocab_size=model_config.vocab_size, mask=data.train_mask,
-                           starts=data.train_starts)
+    if dpo is not None:
+        sampler = PairSampler(data.train, data.train_mask, data.train_starts, cfg.batch_size, model_config.block_size,
+                              cfg.seed, info.rank, info.world_size, model_config.vocab_size)
+    else:
+        sampler = BatchSampler(data.train, cfg.batch_size, model_config.block_size, seed=cfg.seed, rank=info.rank,
+                               world_size=info.world_size, vocab_size=model_config.vocab_size, mask=data.train_mask,
+                               starts=data.train_starts)
     # examples packed into a Transformer's windows are kept apart (windows.BatchSampler.layout); a recurrent model's
     # state runs on through them, as through text
-    packed = data.train_starts is not None and model_config.arch == "transformer"
+    packed = data.train_starts is not None and model_config.arch == "transformer" and dpo is None
     if data.train_starts is not None and info.is_main:
-        _warn_long_examples(data.train_starts, len(data.train), model_config.block_size)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * model_config.block_size
-    flops_per_step = flops_per_token(model_config)["train"] * tokens_per_step / info.world_size  # per device
+        _warn_long_examples(data.train_starts, len(data.train), model_config.block_size, cut=dpo is not None)
+    # a step's tokens: its windows', full; of pairs (padded rows), their mean length's, the budgets' estimate
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * (model_config.block_size if dpo is None else
+                                                         round(sampler.tokens_per_pair()))
+    per_token = flops_per_token(model_config)
+    flops_per_step = (per_token["train"] + (per_token["forward"] if dpo else 0)) * tokens_per_step / info.world_size
     step, elapsed, tokens = 0, 0.0, 0
     metrics_path = run_dir / "metrics.jsonl"
 
@@ -335,7 +356,8 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     budget = Budget(cfg, tokens_per_step, step, tokens)
     ctx = autocast(device, amp_dtype)
     eval_batches = cfg.eval_batches * cfg.grad_accum  # of micro-batches: the same val tokens however a batch is split
-    bytes_per_token = _eval_bytes_per_token(data, cfg.batch_size, model_config.block_size, eval_batches)
+    bytes_per_token = None if dpo else _eval_bytes_per_token(data, cfg.batch_size, model_config.block_size,
+                                                             eval_batches)
 
     def checkpoint() -> None:
         """FSDP2: every rank writes its shards of weights and optimizer state in parallel (no gathering onto one
@@ -354,15 +376,19 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             lora = {"lora": adapters(model)} if cfg.lora_rank else {}
             save_checkpoint(run_dir, model, {**state, "optimizer": optimizer.state_dict(), **lora}, step)
 
-    def evaluate() -> EvalResult:  # every rank runs the same evaluation (FSDP2 needs all ranks for a forward)
-        result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, eval_batches, ctx, data.val_mask,
-                                 data.val_starts)
+    def evaluate() -> EvalResult | PreferenceResult:  # every rank runs the same one (FSDP2: all ranks for a forward)
+        if dpo is not None:
+            result = dpo.evaluate(data.val, data.val_mask, data.val_starts, cfg.batch_size, model_config.block_size,
+                                  eval_batches, ctx)
+        else:
+            result = evaluate_tokens(model, data.val, bytes_per_token, cfg.batch_size, eval_batches, ctx,
+                                     data.val_mask, data.val_starts)
         if info.is_main:
             _append_metrics(metrics_path, {"step": step, "tokens": tokens, "elapsed": round(elapsed, 3),
                                            **{f"val_{k}": v for k, v in result.to_dict().items()}})
         return result
 
-    val: EvalResult | None = None
+    val: EvalResult | PreferenceResult | None = None
     interrupted = False
     total = budget.max_steps
     bar = tqdm(total=total, initial=step, disable=not (progress and info.is_main) or None, dynamic_ncols=True,
@@ -374,17 +400,24 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             lr = lr_at(step, budget.progress_after(step, elapsed), cfg)
             set_lr(optimizer, lr)
             loss_sum = 0.0
+            pair_stats = torch.zeros(5)  # DPO: sums over this rank's pairs of the step (DPO.loss)
             batches = [(*sampler.next(), sampler.targets, sampler.layout if packed else {})
                        for _ in range(cfg.grad_accum)]
             targets = sum(n for _, _, n, _ in batches)  # of the whole step, all ranks (the same count on each)
             for micro, (x, y, _, layout) in enumerate(batches):
                 # each micro-batch's mean loss weighted by its share of the step's targets (times the ranks, which
                 # DDP averages over): every target of the step counts alike, also where masked ones (conversations'
-                # context) leave the rows and micro-batches unequal; 1 / grad_accum when every token is a target
-                weight = int((y >= 0).sum()) * info.world_size / targets
+                # context) leave the rows and micro-batches unequal; 1 / grad_accum when every token is a target.
+                # DPO's targets are pairs, two rows each
+                weight = (len(x) // 2 if dpo else int((y >= 0).sum())) * info.world_size / targets
                 with gradient_sync(forward, micro == cfg.grad_accum - 1):  # reduce gradients once per step
-                    with ctx:
-                        loss = forward(x.to(device), y.to(device), **{k: v.to(device) for k, v in layout.items()}).loss
+                    if dpo is not None:
+                        loss, stats = dpo.loss(forward, x.to(device), y.to(device), ctx)
+                        pair_stats += stats.float().cpu()
+                    else:
+                        with ctx:
+                            loss = forward(x.to(device), y.to(device),
+                                           **{k: v.to(device) for k, v in layout.items()}).loss
                     scaler.scale(loss * weight).backward()
                 loss_sum += loss.item() * weight
             scaler.unscale_(optimizer)
@@ -395,26 +428,27 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
             step += 1
             tokens += tokens_per_step
             # ranks agree on the loss (global mean), the clock (so time budgets end together) and Ctrl-C
-            train_loss, dt, stop = mean_over_ranks([loss_sum, time.perf_counter() - t0,
-                                                    float(sigint["stop"])], info)
+            pair_means = (pair_stats[1:] * info.world_size / targets).tolist() if dpo else []
+            train_loss, dt, stop, *pair_means = mean_over_ranks([loss_sum, time.perf_counter() - t0,
+                                                                 float(sigint["stop"]), *pair_means], info)
             stop = stop > 0
+            rewards = dict(zip(("reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward"), pair_means))
             _check_finite(train_loss, None if scaler.is_enabled() else float(grad_norm), step, lr)
             elapsed += dt
             bar.update(1)
             step_mfu = mfu(flops_per_step, 1 / dt, peak)
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}", mfu=f"{step_mfu:.1%}",
-                            refresh=False)
+            bar.set_postfix(loss=f"{train_loss:.4f}", **({"acc": f"{rewards['reward_accuracy']:.0%}"} if dpo else {}),
+                            tok_s=f"{tokens_per_step / dt:,.0f}", mfu=f"{step_mfu:.1%}", refresh=False)
             finished = budget.done(step, elapsed)
             if info.is_main and (step % cfg.log_interval == 0 or step == 1 or finished):  # the last too
-                _append_metrics(metrics_path, {"step": step, "tokens": tokens, "loss": train_loss,
+                _append_metrics(metrics_path, {"step": step, "tokens": tokens, "loss": train_loss, **rewards,
                                                "lr": lr, "grad_norm": float(grad_norm),
                                                "tokens_per_s": tokens_per_step / dt, "mfu": step_mfu,
                                                "elapsed": round(elapsed, 3)})
             if step % cfg.eval_interval == 0 or finished:
                 val = evaluate()
                 if info.is_main:
-                    bar.write(f"step {step}: val loss {val.loss:.4f}, ppl {val.perplexity:.2f}, "
-                              f"bpb {val.bpb:.4f}")
+                    bar.write(f"step {step}: val {val.summary()}")
                 checkpoint()
             elif stop or step == stop_at:
                 checkpoint()
@@ -432,17 +466,20 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
 
 
 def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, device: torch.device,
-                 amp_dtype: torch.dtype) -> None:
+                 amp_dtype: torch.dtype, pairs: bool = False) -> None:
     """Refuse, before anything is built, a run whose memory plan (`tlm memory`'s, within 5-15 % of the measured peak)
     exceeds the free memory: on a Linux host a batch too large is granted (overcommit), and the first step then ends
     in an allocator error or the OOM killer's unannounced kill. The processes torchrun starts on one host share its
-    memory."""
+    memory. DPO (`pairs`) computes two rows a pair with their logits (the plan's fused loss holds none: about 16
+    bytes a logit here, float32 copy, log-softmax and gradients) and, fine-tuning every weight, holds the reference's
+    float32 weights too."""
     if model_config.arch != "transformer":
         return  # the plan models Transformer blocks; a recurrent baseline is small
     from .experiments.memory import plan_memory
 
     sharded = info.enabled and cfg.parallel == "fsdp"
-    plan = plan_memory(model_config, cfg.batch_size // info.world_size, world_size=info.world_size,
+    rows = cfg.batch_size // info.world_size * (2 if pairs else 1)
+    plan = plan_memory(model_config, rows, world_size=info.world_size,
                        parallel="fsdp" if sharded else "ddp", dtype=str(amp_dtype).removeprefix("torch."),
                        activation_checkpointing=cfg.activation_checkpointing,
                        fused_optimizer=fused_adamw(device) and not sharded,
@@ -450,7 +487,9 @@ def check_memory(model_config: ModelConfig, cfg: TrainConfig, info: DistInfo, de
                        base_bytes=base_bytes(model_config, cfg.lora_quantize, amp_dtype) if cfg.lora_rank else None)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if info.enabled and device.type == "cpu" else 1
     who = f"{local} processes of " if local > 1 else ""
-    check_fits(plan.peak * local, device, f"training {who}{cfg.batch_size // info.world_size} sequences of "
+    dpo = 16 * rows * model_config.block_size * model_config.vocab_size + \
+        (0 if cfg.lora_rank else 4 * count_params(model_config).total) if pairs else 0
+    check_fits((plan.peak + dpo) * local, device, f"training {who}{cfg.batch_size // info.world_size} sequences of "
                f"{model_config.block_size} tokens at a time (the memory plan of `tlm memory`)",
                "lower --train.batch_size (--train.grad_accum keeps the tokens per step) or set "
                "--train.activation_checkpointing true")
@@ -469,15 +508,18 @@ def _noisy_embeddings(model: nn.Module, alpha: float) -> None:
     model.tok_emb.register_forward_hook(add_noise)
 
 
-def _warn_long_examples(starts: np.ndarray, n_tokens: int, block_size: int) -> None:
+def _warn_long_examples(starts: np.ndarray, n_tokens: int, block_size: int, cut: bool = False) -> None:
     """Say how many fine-tuning examples do not fit the context window: past its first window, each goes on in
-    windows that begin inside it, without the turns before (as `tlm eval` scores it)."""
+    windows that begin inside it, without the turns before (as `tlm eval` scores it); or, `cut` (DPO's pairs), is
+    cut at its end."""
     lengths = np.diff(np.append(np.asarray(starts), n_tokens))
     long = int((lengths > block_size + 1).sum())
     if long:
+        fate = "cut there (their later tokens count for nothing)" if cut else \
+            "their later parts are learned without the context before them"
         log.warning("%d of %d training examples are longer than the %d-token window (the longest: %d tokens): "
-                    "their later parts are learned without the context before them; a longer --model.block_size "
-                    "keeps them whole", long, len(lengths), block_size, int(lengths.max()))
+                    "%s; a longer --model.block_size keeps them whole", long, len(lengths), block_size,
+                    int(lengths.max()), fate)
 
 
 def _check_finite(loss: float, grad_norm: float | None, step: int, lr: float) -> None:

@@ -48,7 +48,7 @@ def _windows(tokens: np.ndarray, starts: Sequence[int], length: int,
     return x, y
 
 
-def _padded(tokens: np.ndarray, begin: Sequence[int], end: Sequence[int],
+def padded_windows(tokens: np.ndarray, begin: Sequence[int], end: Sequence[int],
             mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows [b, e) of different lengths as one batch, right-padded: x = tokens[b : e] then id 0, y = the targets
     `mask` marks among tokens[b + 1 : e + 1], else -1 (none, padding included). Padding after a row's tokens
@@ -169,7 +169,7 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_
     Full windows come batch_size at a time (the last batch may have fewer rows); a shorter tail window comes
     last as a (1, r) batch, so weight each batch's mean loss by its targets' count (y.numel(), or with a `mask`,
     whose 0s are no target (-1), (y >= 0).sum()). Stops after `max_batches` if given. Of conversations (a `mask`
-    and their `starts`), the windows are conversation_chunks', right-padded to a batch's longest (_padded): each
+    and their `starts`), the windows are conversation_chunks', right-padded to a batch's longest (padded_windows): each
     conversation is scored on its own from its first token, as a chat is generated.
     """
     if batch_size < 1 or block_size < 1:
@@ -179,7 +179,7 @@ def iter_eval_batches(tokens: np.ndarray, batch_size: int, block_size: int, max_
     if starts is not None:
         begin, end = conversation_chunks(starts, len(tokens), block_size)
         for i in range(0, len(begin), batch_size)[:max_batches]:
-            yield _padded(tokens, begin[i : i + batch_size], end[i : i + batch_size], mask)
+            yield padded_windows(tokens, begin[i : i + batch_size], end[i : i + batch_size], mask)
         return
     n_full, tail = divmod(len(tokens) - 1, block_size)
     starts = range(0, n_full * block_size, block_size)

@@ -125,6 +125,27 @@ def test_ddp_lora_fine_tune_on_conversations_matches_single_process(tmp_path: Pa
     assert abs(curve(tmp_path / "two", "val_loss")[20] - curve(tmp_path / "one", "val_loss")[20]) <= TOL
 
 
+@pytest.mark.parametrize("lora", [[], ["--train.lora_rank=4"]], ids=["full", "lora"])
+def test_ddp_dpo_matches_single_process(tmp_path: Path, lora: list[str]):
+    """DPO under DDP: each rank scores its share of the step's pairs (both rows of each) against the reference, a
+    frozen copy or the adapters off; loss and reward accuracy follow one process's."""
+    corpus = tmp_path / "base.txt"
+    corpus.write_text(make_corpus())
+    base = tmp_path / "base"
+    assert main(["train", str(corpus), "--out", str(base), *ARGS, "--train.max_iters=10"]) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"n{i}=", "chosen": f"{i % 7} ok", "rejected": f"{i % 5}"}) + "\n"
+                             for i in range(30)))
+    args = [pairs, "--train.init_from", base, "--train.lr=1e-2", *lora,
+            *[a for a in ARGS if not a.startswith("--model.")]]
+    assert main(["train", *map(str, args), "--out", str(tmp_path / "one")]) == 0
+    proc = torchrun(*args, "--out", tmp_path / "two")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key in ("loss", "reward_accuracy", "reward_margin", "val_loss"):
+        ref, got = curve(tmp_path / "one", key), curve(tmp_path / "two", key)
+        assert sorted(got) == sorted(ref) and all(abs(got[s] - ref[s]) <= TOL for s in ref), (key, ref, got)
+
+
 def test_fsdp_resumes_a_single_process_checkpoint(data: PreparedData, reference: Path, tmp_path: Path):
     """Checkpoints do not depend on the world size: a run paused single-process continues under FSDP2 (each rank
     keeps its shard of the whole optimizer state) on the same loss curve."""

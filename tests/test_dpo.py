@@ -173,18 +173,22 @@ def test_a_dpo_run_starts_at_ln2_and_ranks_held_out_pairs_right(base: Path, tmp_
     assert first["dpo"] >= 8 and chance["dpo"] > 0.6 and first["base"] <= 3 and chance["base"] < 0.2
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_a_resumed_dpo_run_equals_one_trained_at_once(base: Path, tmp_path: Path, lora_rank: int):
+@pytest.mark.parametrize("lora_rank,quantize", [(0, None), (4, None), (4, "int8")], ids=["full", "lora", "qlora"])
+def test_a_resumed_dpo_run_equals_one_trained_at_once(base: Path, tmp_path: Path, lora_rank: int,
+                                                      quantize: str | None):
     """Full fine-tune (a frozen reference loaded from train.init_from again on resume, not the resumed weights) and
-    LoRA (the reference: the adapters off); the pair sampler's epoch order resumes too (4 pairs a step of 24)."""
+    LoRA (the reference: the adapters off, over a quantized base too); the pair sampler's epoch order resumes too
+    (4 pairs a step of 24)."""
     data = training_data(_copy_pairs(tmp_path / "pairs.jsonl", 30), TOK)
-    cfg = _cfg(init_from=str(base), max_iters=8, eval_interval=4, lr=3e-3, lora_rank=lora_rank)
+    cfg = _cfg(init_from=str(base), max_iters=8, eval_interval=4, lr=3e-3, lora_rank=lora_rank,
+               lora_quantize=quantize)
     train(SMALL, cfg, data, tmp_path / "once", progress=False)
     paused = train(SMALL, cfg, data, tmp_path / "twice", progress=False, stop_at=5)
     assert paused.interrupted
     train(SMALL, cfg, data, tmp_path / "twice", resume=True, progress=False)
     once, twice = (read_metrics(tmp_path / name / "metrics.jsonl") for name in ("once", "twice"))
     losses = [r["loss"] for r in once if "loss" in r]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6)  # each kind of reference is the policy at the start
     assert losses == pytest.approx([r["loss"] for r in twice if "loss" in r], rel=1e-6) and len(set(losses)) == 8
     assert once[-1]["val_loss"] == pytest.approx(twice[-1]["val_loss"], rel=1e-6)
 

@@ -40,6 +40,14 @@ def pair_windows(starts: np.ndarray, n_tokens: int, block_size: int) -> tuple[np
     return begin, end
 
 
+def pair_batch(tokens: np.ndarray, mask: np.ndarray, begin: np.ndarray, end: np.ndarray,
+               pairs: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of `pairs` (indices) as one batch: their chosen examples, then their rejected ones in the same order,
+    right-padded (padded_windows: x with id 0, y with -1)."""
+    rows = np.concatenate([2 * pairs, 2 * pairs + 1])
+    return padded_windows(tokens, begin[rows], end[rows], mask)
+
+
 class PairSampler:
     """Random batches of preference pairs, every pair once an epoch (a new permutation each, from a torch.Generator
     the sampler owns: its state, the permutation and the position in it are all a checkpoint needs to resume
@@ -75,9 +83,7 @@ class PairSampler:
             take = min(self.batch_size - len(picked), self.n_pairs - self.pos)
             picked += self.order[self.pos : self.pos + take].tolist()
             self.pos += take
-        pairs = np.asarray(picked[self.shard], dtype=np.int64)
-        rows = np.concatenate([2 * pairs, 2 * pairs + 1])
-        x, y = padded_windows(self.tokens, self.begin[rows], self.end[rows], self.mask)
+        x, y = pair_batch(self.tokens, self.mask, self.begin, self.end, np.asarray(picked[self.shard], dtype=np.int64))
         if self.vocab_size is not None:
             check_ids(x, y, self.vocab_size)
         return x, y
@@ -178,9 +184,7 @@ class DPO:
         try:
             with torch.no_grad():
                 for i in range(0, n_pairs, batch_size):
-                    pairs = np.arange(i, min(i + batch_size, n_pairs))
-                    rows = np.concatenate([2 * pairs, 2 * pairs + 1])
-                    x, y = padded_windows(tokens, begin[rows], end[rows], mask)
+                    x, y = pair_batch(tokens, mask, begin, end, np.arange(i, min(i + batch_size, n_pairs)))
                     totals += self.loss(self.model, x.to(device), y.to(device), context)[1].double().cpu()
         finally:
             self.model.train(training)

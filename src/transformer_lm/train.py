@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -65,7 +64,7 @@ from .quantize import parse_quantize
 from .recurrent import runs_in_float32, warn_unused_fields
 from .runtime import autocast, autocast_dtype, check_fits, environment
 from .tokenizers import load_tokenizer, save_tokenizer
-from .windows import BatchSampler, iter_eval_batches
+from .windows import BatchSampler, iter_eval_batches, warn_long_examples
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +307,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
     # state runs on through them, as through text
     packed = data.train_starts is not None and model_config.arch == "transformer" and dpo is None
     if data.train_starts is not None and info.is_main:
-        _warn_long_examples(data.train_starts, len(data.train), model_config.block_size, cut=dpo is not None)
+        warn_long_examples(data.train_starts, len(data.train), model_config.block_size, cut=dpo is not None)
     # a step's tokens: its windows', full; of pairs (padded rows), their mean length's, the budgets' estimate
     tokens_per_step = cfg.batch_size * cfg.grad_accum * (model_config.block_size if dpo is None else
                                                          round(sampler.tokens_per_pair()))
@@ -506,20 +505,6 @@ def _noisy_embeddings(model: nn.Module, alpha: float) -> None:
         return out + torch.empty_like(out).uniform_(-bound, bound)
 
     model.tok_emb.register_forward_hook(add_noise)
-
-
-def _warn_long_examples(starts: np.ndarray, n_tokens: int, block_size: int, cut: bool = False) -> None:
-    """Say how many fine-tuning examples do not fit the context window: past its first window, each goes on in
-    windows that begin inside it, without the turns before (as `tlm eval` scores it); or, `cut` (DPO's pairs), is
-    cut at its end."""
-    lengths = np.diff(np.append(np.asarray(starts), n_tokens))
-    long = int((lengths > block_size + 1).sum())
-    if long:
-        fate = "cut there (their later tokens count for nothing)" if cut else \
-            "their later parts are learned without the context before them"
-        log.warning("%d of %d training examples are longer than the %d-token window (the longest: %d tokens): "
-                    "%s; a longer --model.block_size keeps them whole", long, len(lengths), block_size,
-                    int(lengths.max()), fate)
 
 
 def _check_finite(loss: float, grad_norm: float | None, step: int, lr: float) -> None:

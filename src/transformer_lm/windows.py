@@ -10,6 +10,7 @@ right-padded.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 MAX_REDRAWS = 1000
 """Windows a masked BatchSampler draws for one row before it gives up on finding a target in one."""
@@ -71,6 +74,20 @@ def _packed_layout(example_starts: np.ndarray, window_starts: np.ndarray, length
     example = np.searchsorted(example_starts, index, side="right") - 1
     first = np.maximum(np.asarray(example_starts)[example], window_starts[:, None])
     return {"positions": torch.from_numpy(index - first), "segments": torch.from_numpy(example - example[:, :1])}
+
+
+def warn_long_examples(starts: np.ndarray, n_tokens: int, block_size: int, cut: bool = False) -> None:
+    """Say how many fine-tuning examples do not fit the context window: past its first window, each goes on in
+    windows that begin inside it, without the turns before (as `tlm eval` scores it); or, `cut` (DPO's pairs), is
+    cut at its end."""
+    lengths = np.diff(np.append(np.asarray(starts), n_tokens))
+    long = int((lengths > block_size + 1).sum())
+    if long:
+        fate = "cut there (their later tokens count for nothing)" if cut else \
+            "their later parts are learned without the context before them"
+        log.warning("%d of %d training examples are longer than the %d-token window (the longest: %d tokens): "
+                    "%s; a longer --model.block_size keeps them whole", long, len(lengths), block_size,
+                    int(lengths.max()), fate)
 
 
 def check_ids(x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> None:

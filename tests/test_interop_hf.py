@@ -511,6 +511,28 @@ def test_bos_is_kept_only_when_the_tokenizer_adds_it(hf_models, tmp_path):
         assert (loaded.encode("def")[0] == bos) is adds
 
 
+def test_a_tokenizer_that_encodes_text_to_nothing_is_refused(hf_models, tmp_path, capsys):
+    """transformers 5 builds GPT2TokenizerFast(vocab_file=, merges_file=) with one token and saves it so: every text
+    encodes to no ids. Such a folder would import, then train on empty data and sample nothing; it is refused."""
+    files = tmp_path / "gpt2-files"
+    files.mkdir()
+    encoder = {chr(c): i for i, c in enumerate(range(ord("!"), ord("~") + 1))} | {"<|endoftext|>": 94}
+    (files / "encoder.json").write_text(json.dumps(encoder))
+    (files / "vocab.bpe").write_text("#version: 0.2\nt h\n")
+    broken = transformers.GPT2TokenizerFast(vocab_file=str(files / "encoder.json"),
+                                            merges_file=str(files / "vocab.bpe"))
+    folder = copy_folder(hf_models["gpt2"][1], tmp_path / "gpt2")
+    (folder / "tokenizer.json").unlink()
+    broken.save_pretrained(folder)
+    if broken("The fox").input_ids:  # a transformers that builds it right: the folder is fine, and imports
+        import_hf(folder, tmp_path / "fine")
+        pytest.skip("this transformers builds GPT2TokenizerFast from vocab files correctly")
+    assert main(["convert", str(folder), "--out", str(tmp_path / "run")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "encodes 'The quick brown fox" in err and "save it again" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Tokenizers imported with a model, on varied text
 

@@ -67,6 +67,21 @@ def _eos_ids(config: dict[str, Any]) -> list[int]:
     return [i for i in ids if type(i) is int]
 
 
+PROBE = "The quick brown fox jumps over the lazy dog."
+
+
+def _check_encodes(tok: Tokenizer, path: Path) -> Tokenizer:
+    """`tok`, once it is seen to encode a plain English sentence into tokens that decode back to letters. A tokenizer
+    file can read fine and still be broken: transformers 5 saves one built from GPT-2's vocab files as a 1-token
+    vocabulary that encodes every text to nothing, which would import, train on empty data and sample nothing."""
+    ids = tok.encode_continuation(PROBE)
+    if not any(ch.isalpha() for ch in tok.decode(ids)):
+        raise ConversionError(f"{path} ({tok.vocab_size} tokens) encodes {PROBE!r} to {ids[:8]}, which decodes to "
+                              "no letters: the tokenizer is broken; save it again with AutoTokenizer."
+                              "from_pretrained(<the original model>).save_pretrained(<folder>)")
+    return tok
+
+
 def load_hf_tokenizer(folder: str | Path) -> HFFileTokenizer | SentencePieceTokenizer:
     """The folder's tokenizer.json, with EOS/BOS from tokenizer_config.json (or config.json's ids); failing that, its
     SentencePiece tokenizer.model (older Llama/Mistral folders), ending samples at config.json's eos_token_id.
@@ -82,10 +97,11 @@ def load_hf_tokenizer(folder: str | Path) -> HFFileTokenizer | SentencePieceToke
         if (folder / "tokenizer.model").exists():
             eot = next(iter(_eos_ids(mc)), None)
             stop = [i for i in dict.fromkeys(eos_ids) if i != eot]
-            return SentencePieceTokenizer.from_file(folder / "tokenizer.model", eot, stop)
+            return _check_encodes(SentencePieceTokenizer.from_file(folder / "tokenizer.model", eot, stop),
+                                  folder / "tokenizer.model")
         raise ConversionError(f"{folder} has neither tokenizer.json nor tokenizer.model; tlm imports a model together "
                               "with its tokenizer: save it with AutoTokenizer.save_pretrained")
-    tok = HFFileTokenizer.from_file(path)
+    tok = _check_encodes(HFFileTokenizer.from_file(path), path)
     tc = read_json(folder / "tokenizer_config.json", "tokenizer config") \
         if (folder / "tokenizer_config.json").exists() else {}
 

@@ -10,9 +10,11 @@ Tiny Shakespeare as the prompt (ending in a newline, a token boundary, so that T
 completion and ours, apart, give the same ids), its next line chosen, a random other line rejected, an end-of-text
 after each completion (as both add it). Agreement: our DPO-trained model, exported (`tlm export`), is scored by TRL's
 evaluate() against the base on held-out pairs, and by ours (`Run.evaluate(pairs, reference=base)`): loss, reward
-accuracy and margin must agree to 1e-4. Speed: each trains the same number of steps of the same batch (beta 0.1,
-AdamW, lr 1e-4, float32, no dropout); a step's time is the median over the steps after the first (ours: the metrics'
-clock; TRL's: a callback's, around its whole training step). Reported: both, and ours/TRL's speed ratio.
+accuracy and margin must agree to 1e-4, under each loss (sigmoid, hinge, ipo, robust with label smoothing 0.1, and
+RPO: sigmoid plus the chosen side's NLL, TRL's loss_type ["sigmoid", "sft"] with weights [1, 1]). Speed: each
+trains the same number of steps of the same batch (beta 0.1, AdamW, lr 1e-4, float32, no dropout, `--loss`); a
+step's time is the median over the steps after the first (ours: the metrics' clock; TRL's: a callback's, around
+its whole training step). Reported: both, and ours/TRL's speed ratio.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="pairs a step")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--pairs", type=int, default=400)
+    ap.add_argument("--loss", default="sigmoid", help="the loss both train by (train.dpo_loss)")
     args = ap.parse_args()
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp(prefix="dpo-vs-trl-"))
@@ -79,11 +82,10 @@ def main() -> None:
     data = training_data(train_pairs, load_run(base, "cpu").tokenizer)
     cfg = TrainConfig(batch_size=args.batch, max_iters=args.steps, eval_interval=args.steps, eval_batches=1,
                       log_interval=1, warmup_iters=0, lr=1e-4, schedule="constant", weight_decay=0.0, grad_clip=0.0,
-                      init_from=str(base), dpo_beta=0.1, device="cpu")
+                      init_from=str(base), dpo_beta=0.1, dpo_loss=args.loss, device="cpu")
     train(ModelConfig.from_dict({**model_cfg.to_dict(), "dropout": 0.0}), cfg, data, tmp / "ours", progress=False)
     clock = [r["elapsed"] for r in read_metrics(tmp / "ours" / "metrics.jsonl") if "loss" in r]
     ours_step = statistics.median(b - a for a, b in zip(clock, clock[1:]))
-    ours_eval = load_run(tmp / "ours", "cpu").evaluate(eval_pairs, batch_size=8, reference=base)
 
     # TRL
     from datasets import load_dataset
@@ -97,33 +99,45 @@ def main() -> None:
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
 
-    targs = DPOConfig(output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=args.batch,
-                      per_device_eval_batch_size=8, max_steps=args.steps, learning_rate=1e-4,
-                      lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, beta=0.1, max_length=128,
-                      logging_steps=1, report_to=[], save_strategy="no", dataloader_num_workers=0, seed=0)
+    settings = dict(output_dir=str(tmp / "trl"), use_cpu=True, bf16=False, per_device_train_batch_size=args.batch,
+                    per_device_eval_batch_size=8, max_steps=args.steps, learning_rate=1e-4,
+                    lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, beta=0.1, max_length=128,
+                    logging_steps=1, report_to=[], save_strategy="no", dataloader_num_workers=0, seed=0)
+    targs = DPOConfig(**settings, loss_type=[args.loss])
     trainer = DPOTrainer(model=GPT2LMHeadModel.from_pretrained(tmp / "hf-base"), args=targs,
                          train_dataset=load_dataset("json", data_files=str(train_pairs))["train"],
                          processing_class=tok, callbacks=[Clock()])
     trainer.train()
     trl_step = statistics.median(times[1:])
 
-    # agreement: our trained model scored by TRL's evaluation, against the same base
+    # agreement: our trained model scored by TRL's evaluation, against the same base, under each loss
     export_hf(tmp / "ours", tmp / "hf-ours")
-    judge = DPOTrainer(model=GPT2LMHeadModel.from_pretrained(tmp / "hf-ours"),
-                       ref_model=GPT2LMHeadModel.from_pretrained(tmp / "hf-base"), args=targs,
-                       train_dataset=load_dataset("json", data_files=str(train_pairs))["train"],
-                       eval_dataset=load_dataset("json", data_files=str(eval_pairs))["train"], processing_class=tok)
-    theirs = judge.evaluate()
-    rows = [("loss", ours_eval.loss, theirs["eval_loss"]),
-            ("reward accuracy", ours_eval.accuracy, theirs["eval_rewards/accuracies"]),
-            ("reward margin", ours_eval.margin, theirs["eval_rewards/margins"])]
     print(f"model: GPT-2 shape, {args.n_layer} layers × {args.n_embd}, {args.batch} pairs a step, float32, CPU "
           f"({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"held-out pairs ({ours_eval.pairs}), our DPO model after {args.steps} steps against the base:")
-    for name, a, b in rows:
-        print(f"  {name:>16}: ours {a:.6f}  TRL {b:.6f}  |diff| {abs(a - b):.2e}")
-    agree = all(abs(a - b) <= 1e-4 for _, a, b in rows)
-    print(f"step: ours {ours_step * 1e3:.0f} ms, TRL {trl_step * 1e3:.0f} ms -> ours/TRL speed "
+    print(f"held-out pairs, our {args.loss} DPO model after {args.steps} steps against the base:")
+    ours_run, agree = load_run(tmp / "ours", "cpu"), True
+    losses = {"sigmoid": {}, "hinge": {}, "ipo": {}, "robust": {"label_smoothing": 0.1},
+              "rpo": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}}
+    for kind, trl_settings in losses.items():
+        ours_run.config["train"].update(dpo_loss="sigmoid" if kind == "rpo" else kind,
+                                        dpo_label_smoothing=trl_settings.get("label_smoothing", 0.0),
+                                        dpo_nll_weight=1.0 if kind == "rpo" else 0.0)
+        ours_eval = ours_run.evaluate(eval_pairs, batch_size=8, reference=base)
+        judge_args = DPOConfig(**{**settings, "loss_type": [kind], **trl_settings})
+        judge = DPOTrainer(model=GPT2LMHeadModel.from_pretrained(tmp / "hf-ours"),
+                           ref_model=GPT2LMHeadModel.from_pretrained(tmp / "hf-base"), args=judge_args,
+                           train_dataset=load_dataset("json", data_files=str(train_pairs))["train"],
+                           eval_dataset=load_dataset("json", data_files=str(eval_pairs))["train"],
+                           processing_class=tok)
+        theirs = judge.evaluate()
+        rows = [("loss", ours_eval.loss, theirs["eval_loss"]),
+                ("reward accuracy", ours_eval.accuracy, theirs["eval_rewards/accuracies"]),
+                ("reward margin", ours_eval.margin, theirs["eval_rewards/margins"])]
+        print(f" {kind} ({ours_eval.pairs} pairs):")
+        for name, a, b in rows:
+            print(f"  {name:>16}: ours {a:.6f}  TRL {b:.6f}  |diff| {abs(a - b):.2e}")
+        agree = agree and all(abs(a - b) <= 1e-4 for _, a, b in rows)
+    print(f"step ({args.loss}): ours {ours_step * 1e3:.0f} ms, TRL {trl_step * 1e3:.0f} ms -> ours/TRL speed "
           f"{trl_step / ours_step:.2f}x")
     print(f"agreement within 1e-4: {'yes' if agree else 'NO'}")
 

@@ -98,9 +98,28 @@ def _naive_logp(model: Transformer, ids: list[int], mask: list[bool]) -> float:
     return sum(float(logp[t - 1, ids[t]]) for t in range(1, len(ids)) if mask[t])
 
 
-def test_the_loss_is_the_papers_on_each_sequence_alone():
-    """Padded rows of pairs of unequal lengths, against each sequence run by itself: the loss, the reward accuracy
-    and margin, with a policy and a reference that differ (two random models)."""
+def _naive_loss(kind: str, beta: float, eps: float, chosen: tuple[float, float, int],
+                rejected: tuple[float, float, int]) -> float:
+    """One pair's loss as its paper writes it, of each side's (log π, log π_ref, completion tokens)."""
+    margin = beta * ((chosen[0] - chosen[1]) - (rejected[0] - rejected[1]))
+    nll = {"sigmoid": math.log1p(math.exp(-margin)), "minus": math.log1p(math.exp(margin))}  # -log σ(±m)
+    if kind == "sigmoid":
+        return nll["sigmoid"]
+    if kind == "hinge":
+        return max(0.0, 1 - margin)
+    if kind == "robust":
+        return ((1 - eps) * nll["sigmoid"] - eps * nll["minus"]) / (1 - 2 * eps)
+    h = (chosen[0] - chosen[1]) / chosen[2] - (rejected[0] - rejected[1]) / rejected[2]
+    return (h - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.parametrize("kind,eps,nll_weight", [("sigmoid", 0, 0), ("hinge", 0, 0), ("ipo", 0, 0),
+                                                 ("robust", 0.2, 0), ("sigmoid", 0, 0.7)],
+                         ids=["sigmoid", "hinge", "ipo", "robust", "rpo"])
+def test_the_loss_is_the_papers_on_each_sequence_alone(kind: str, eps: float, nll_weight: float):
+    """Padded rows of pairs of unequal lengths, against each sequence run by itself: the loss (each kind, and RPO's
+    NLL term: the chosen completions' tokens' mean), the reward accuracy and margin, with a policy and a reference
+    that differ (two random models)."""
     rng = random.Random(0)
     words = ["".join(rng.choices("abcdefgh", k=rng.randrange(1, 8))) for _ in range(18)]
     rows = [{"prompt": words[n], "chosen": words[n + 1], "rejected": words[n + 2]} for n in range(0, 16, 2)]
@@ -108,20 +127,22 @@ def test_the_loss_is_the_papers_on_each_sequence_alone():
     ids, mask, starts = joined(encoded, np.dtype(np.int64))
     policy, reference = random_model(SMALL, seed=1, std=0.1), random_model(SMALL, seed=2, std=0.1)
     beta = 0.3
-    dpo = DPO(policy, beta, reference)
+    dpo = DPO(policy, beta, reference, kind, eps, nll_weight)
     sampler = PairSampler(ids, mask, starts, batch_size=len(rows), block_size=SMALL.block_size, seed=0)
     x, y = sampler.next()
     loss, stats = dpo.loss(policy, x, y)
     order = sampler.order[: len(rows)].tolist()  # the pairs drawn, in the batch's order
-    margins = []
+    margins, losses, chosen_logp, chosen_tokens = [], [], 0.0, 0
     for i in order:
-        (c_ids, c_mask), (r_ids, r_mask) = encoded[2 * i], encoded[2 * i + 1]
-        chosen = beta * (_naive_logp(policy, c_ids, c_mask) - _naive_logp(reference, c_ids, c_mask))
-        rejected = beta * (_naive_logp(policy, r_ids, r_mask) - _naive_logp(reference, r_ids, r_mask))
-        margins.append(chosen - rejected)
-    expected = sum(math.log1p(math.exp(-m)) for m in margins) / len(margins)  # -log sigmoid(m)
+        sides = [(_naive_logp(policy, *side), _naive_logp(reference, *side), sum(side[1][1:]))
+                 for side in encoded[2 * i: 2 * i + 2]]
+        margins.append(beta * ((sides[0][0] - sides[0][1]) - (sides[1][0] - sides[1][1])))
+        losses.append(_naive_loss(kind, beta, eps, *sides))
+        chosen_logp, chosen_tokens = chosen_logp + sides[0][0], chosen_tokens + sides[0][2]
+    expected = sum(losses) / len(losses) - nll_weight * chosen_logp / chosen_tokens
     assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
     n = len(rows)
+    assert float(stats[0]) / n == pytest.approx(expected, rel=1e-5)
     assert stats[1] == sum(m > 0 for m in margins) and 0 < stats[1] < n  # the random pair ranks some of each
     assert float(stats[2]) / n == pytest.approx(sum(margins) / n, rel=1e-4, abs=1e-6)
     assert x.shape[0] == 2 * n and (y[:, -1] >= 0).sum() >= 1  # padded to the longest row, which reaches the end
@@ -146,20 +167,34 @@ def test_the_sampler_takes_every_pair_once_an_epoch_and_ranks_split_its_batch():
             assert torch.equal(torch.cat([h[:2] for h in wide] + [h[2:] for h in wide]), whole)
 
 
-def test_a_dpo_run_starts_at_ln2_and_ranks_held_out_pairs_right(base: Path, tmp_path: Path):
+@pytest.mark.parametrize("kind,start", [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 1.0),
+                                        ("robust", math.log(2))])
+def test_a_dpo_run_starts_where_its_loss_does_and_ranks_held_out_pairs_right(base: Path, tmp_path: Path,
+                                                                             kind: str, start: float):
+    """Every loss starts at its value for a zero margin (sigmoid and robust ln 2, hinge 1, IPO (1/(2β))² = 1 at
+    β = 0.5) and learns the copy task's preference. IPO's minimum is a bounded margin, the log-ratios' difference
+    1/(2β) per token (a reward margin of 0.5 on these one-token answers): it ranks the pairs without driving the
+    answers' probabilities apart. The sigmoid losses (and the hinge's, beyond a margin of 1) keep pushing."""
     pairs = _copy_pairs(tmp_path / "pairs.jsonl", 300)
     data = training_data(pairs, TOK)
     assert data.pairs and data.manifest["val_conversations"] == 60  # 30 held-out pairs, two examples each
     run = tmp_path / "dpo"
     result = train(SMALL, _cfg(init_from=str(base), max_iters=300, eval_interval=300, lr=1e-2, batch_size=8,
-                               eval_batches=4, dpo_beta=0.5), data, run, progress=False)
+                               eval_batches=4, dpo_beta=0.5, dpo_loss=kind,
+                               dpo_label_smoothing=0.1 if kind == "robust" else 0.0), data, run, progress=False)
     records = read_metrics(run / "metrics.jsonl")
-    assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference: every reward 0
+    assert records[0]["loss"] == pytest.approx(start, abs=1e-6)  # policy = reference: every reward 0
     assert records[0]["reward_accuracy"] == 0 and records[0]["reward_margin"] == 0
-    assert result.val.pairs == 30 and result.val.accuracy >= 0.9 and result.val.loss < 0.6
+    assert result.val.pairs == 30 and result.val.accuracy >= 0.9 and result.val.loss < 0.85 * start
     # the API's evaluation of the same pairs, against the run it started from (its train.init_from)
     again = load_run(run, "cpu").evaluate(data.path)
     assert again.to_dict() == pytest.approx(result.val.to_dict(), rel=1e-5)
+    if kind == "ipo":
+        assert result.val.margin == pytest.approx(0.5, abs=0.05)
+        return
+    assert result.val.margin > 1
+    if kind == "hinge":
+        return
     # and of the ten answers, the model now puts the digit of its prompt first, where the untrained one did not
     digits = [ord(str(d)) for d in range(10)]
     first, chance = {}, {}
@@ -201,3 +236,14 @@ def test_dpo_needs_a_starting_model_and_tlm_eval_scores_pairs(base: Path, tmp_pa
         load_run(base, "cpu").evaluate(pairs)
     assert main(["eval", str(base), "--data", str(pairs), "--reference", str(base)]) == 0
     assert "DPO loss 0.6931, reward accuracy 0.0%, margin 0.000  (20 pairs)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"dpo_loss": "kto"}, "dpo_loss must be one of 'sigmoid', 'hinge', 'ipo', 'robust'"),
+    ({"dpo_label_smoothing": 0.1}, "set --train.dpo_loss robust"),
+    ({"dpo_loss": "robust", "dpo_label_smoothing": 0.5}, r"in \[0, 0.5\)"),
+    ({"dpo_nll_weight": -1.0}, "dpo_nll_weight must be >= 0"),
+    ({"dpo_beta": 0.0}, "dpo_beta must be > 0")])
+def test_dpo_settings_out_of_range_are_named(settings: dict, message: str):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(**settings)

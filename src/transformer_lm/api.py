@@ -153,7 +153,8 @@ class Run:
         Of fine-tuning examples (a .jsonl file, or a folder chat_data.prepare_chats wrote), the tokens a fine-tune
         learns are scored (conversations' replies, rendered in the run's chat template, in the context of the turns
         before them; completions after their prompts). Of preference pairs, DPO's loss and reward accuracy against
-        `reference` (a run folder; by default the one this run was fine-tuned from), with this run's dpo_beta."""
+        `reference` (a run folder; by default the one this run was fine-tuned from), with this run's DPO settings
+        (train.dpo_beta, dpo_loss, dpo_label_smoothing, dpo_nll_weight)."""
         if (files := example_files(data)) is not None:
             encoded, pairs = encode_chats(files, self.chat_template, self.tokenizer)
             ids, mask, starts = joined(encoded, np.dtype(np.int64))
@@ -191,7 +192,9 @@ class Run:
                 self.model.config.vocab_size:
             raise ConfigError(f"the reference {reference} has another tokenizer or vocabulary than {self.path}; give "
                               "the run it was fine-tuned from")
-        dpo = DPO(self.model, train.get("dpo_beta", TrainConfig.dpo_beta), ref.model)
+        settings = {name: train.get(f"dpo_{name}", getattr(TrainConfig, f"dpo_{name}"))
+                    for name in ("beta", "loss", "label_smoothing", "nll_weight")}
+        dpo = DPO(self.model, reference=ref.model, **settings)
         return dpo.evaluate(ids, mask, starts, batch_size, self.model.config.block_size, None)
 
     def _evaluate_replies(self, ids: np.ndarray, mask: np.ndarray, starts: np.ndarray, batch_size: int) -> EvalResult:

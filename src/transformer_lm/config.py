@@ -348,6 +348,14 @@ class TrainConfig:
     """Direct preference optimization (preference.py), which a fine-tune on preference pairs ({"prompt", "chosen",
     "rejected"}) trains by: the β of its implicit rewards β (log π - log π_ref), how far the policy may move from
     the model it starts from (smaller: further). 0.1 is the paper's and TRL's default."""
+    dpo_loss: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    """The preference loss, named as TRL's DPOTrainer names it (preference.py gives each formula): sigmoid (DPO's),
+    hinge (SLiC), ipo (IPO; β is its τ) or robust (DPO corrected for train.dpo_label_smoothing of flipped labels)."""
+    dpo_label_smoothing: float = 0.0
+    """The robust loss's assumed fraction of pairs whose labels are flipped, in [0, 0.5)."""
+    dpo_nll_weight: float = 0.0
+    """RPO: add this weight times the chosen completions' negative log-likelihood per token to the preference loss
+    (1 in the RPO paper), so the chosen completions keep their likelihood. 0: none."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N or mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -380,6 +388,14 @@ class TrainConfig:
                               "RUN (or drop lora_rank to train from scratch)")
         if self.dpo_beta <= 0:
             raise ConfigError(f"train.dpo_beta must be > 0, got {self.dpo_beta}; try 0.1")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            raise ConfigError(f"train.dpo_label_smoothing is a fraction of flipped labels in [0, 0.5), got "
+                              f"{self.dpo_label_smoothing}; try 0.1")
+        if self.dpo_label_smoothing and self.dpo_loss != "robust":
+            raise ConfigError("train.dpo_label_smoothing is the robust loss's: set --train.dpo_loss robust, or drop "
+                              "it")
+        if self.dpo_nll_weight < 0:
+            raise ConfigError(f"train.dpo_nll_weight must be >= 0 (0: no NLL term), got {self.dpo_nll_weight}")
         if self.neftune_alpha < 0:
             raise ConfigError(f"train.neftune_alpha must be >= 0 (0: no noise), got {self.neftune_alpha}")
         unknown = sorted(set(self.lora_targets) - {"qkv", "proj", "up", "gate", "down"})

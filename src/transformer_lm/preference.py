@@ -10,6 +10,15 @@ reference (β weights the paper's KL penalty: small β, far). It is ln 2 at the 
 A pair is ranked right when its chosen reward is above its rejected one: the reward accuracy TRL's DPOTrainer logs,
 reported here with the rewards' margin.
 
+`loss` chooses among the paper's sigmoid and the variants TRL's DPOTrainer names the same way, as functions of the
+margin m = reward(chosen) - reward(rejected): hinge, max(0, 1 - m) (SLiC, Zhao et al., 2023); robust, the sigmoid
+loss corrected for a fraction ε of flipped labels, ((1 - ε)(-log σ(m)) - ε(-log σ(-m))) / (1 - 2ε) (Chowdhury et
+al., 2024); ipo, (h - 1/(2β))², h the difference of the two sides' log-ratios log π - log π_ref each averaged over
+its completion's tokens (Azar et al., 2023, as TRL and the paper's authors normalize it). `nll_weight` α adds α
+times the chosen completions' negative log-likelihood per token (RPO, Pang et al., 2024: TRL's loss_type
+["sigmoid", "sft"] with weights [1, α]), which keeps the chosen completions' likelihood from falling as the margin
+grows.
+
 The reference costs a forward pass of every pair without gradients: a LoRA fine-tune's is its own model with the
 adapters off (`lora.adapters_off`: no second copy of the weights), a full fine-tune's a frozen float32 copy of the
 weights it starts from. Pairs are data.py's examples two by two (chat_data.encode_pair: chosen, then rejected); a
@@ -30,6 +39,8 @@ from torch import nn
 from .errors import ConfigError, DataError
 from .lora import LoRALinear, adapters_off
 from .windows import check_ids, padded_windows
+
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")
 
 
 def pair_windows(starts: np.ndarray, n_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +121,8 @@ class PreferenceResult:
     """A DPO evaluation (or a training step's pairs): the means over its pairs."""
 
     loss: float
-    """-log σ(reward(chosen) - reward(rejected)), in nats (ln 2 = 0.6931 where the policy is the reference)."""
+    """The training loss (DPO's loss: -log σ(reward(chosen) - reward(rejected)) for the sigmoid one, ln 2 = 0.6931
+    where the policy is the reference), in nats."""
     accuracy: float
     """The fraction of pairs whose chosen reward is above their rejected one."""
     margin: float
@@ -132,10 +144,14 @@ class DPO:
     docstring): the reference is `reference`, frozen, or where it is None the policy `model` with its LoRA
     adapters off."""
 
-    def __init__(self, model: nn.Module, beta: float, reference: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module, beta: float, reference: nn.Module | None = None, loss: str = "sigmoid",
+                 label_smoothing: float = 0.0, nll_weight: float = 0.0) -> None:
         if reference is None and not any(isinstance(m, LoRALinear) for m in model.modules()):
             raise ConfigError("DPO without a reference model needs LoRA adapters to turn off; give the reference")
+        if loss not in DPO_LOSSES:
+            raise ConfigError(f"unknown DPO loss {loss!r}; choose one of {', '.join(DPO_LOSSES)}")
         self.model, self.beta, self.reference = model, beta, reference
+        self.kind, self.label_smoothing, self.nll_weight = loss, label_smoothing, nll_weight
         if reference is not None:
             reference.requires_grad_(False).eval()
 
@@ -161,13 +177,28 @@ class DPO:
             ref = self.reference_logprobs(x, y)
             logp = completion_logprobs(policy(x).logits, y)
         n = len(x) // 2
-        rewards = self.beta * (logp - ref)
-        chosen, rejected = rewards[:n], rewards[n:]
-        losses = -F.logsigmoid(chosen - rejected)
+        logratio = logp - ref
+        chosen, rejected = self.beta * logratio[:n], self.beta * logratio[n:]
+        losses = self._pair_losses(chosen - rejected, logratio, y)
+        if self.nll_weight:
+            losses = losses - self.nll_weight * logp[:n].sum() / (y[:n] >= 0).sum().clamp(min=1)
         d = (chosen - rejected).detach()
         stats = torch.stack([losses.detach().sum(), (d > 0).float().sum(), d.sum(), chosen.detach().sum(),
                              rejected.detach().sum()])
         return losses.mean(), stats
+
+    def _pair_losses(self, margin: torch.Tensor, logratio: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each pair's loss, of its rewards' margin (ipo: of its sides' per-token log-ratios instead)."""
+        if self.kind == "sigmoid":
+            return -F.logsigmoid(margin)
+        if self.kind == "hinge":
+            return F.relu(1 - margin)
+        if self.kind == "robust":
+            eps = self.label_smoothing
+            return (-(1 - eps) * F.logsigmoid(margin) + eps * F.logsigmoid(-margin)) / (1 - 2 * eps)
+        per_token = logratio / (y >= 0).sum(1).clamp(min=1)
+        n = len(per_token) // 2
+        return (per_token[:n] - per_token[n:] - 1 / (2 * self.beta)) ** 2
 
     def evaluate(self, tokens: np.ndarray, mask: np.ndarray, starts: np.ndarray, batch_size: int, block_size: int,
                  max_batches: int | None, context: Any = None) -> PreferenceResult:

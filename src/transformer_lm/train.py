@@ -292,7 +292,7 @@ def _train(model_config: ModelConfig, cfg: TrainConfig, data: PreparedData, run_
         reference = None if cfg.lora_rank else build_model(model_config).to(device)
         if reference is not None:
             load_weights(reference, init)
-        dpo = DPO(model, cfg.dpo_beta, reference)
+        dpo = DPO(model, cfg.dpo_beta, reference, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.dpo_nll_weight)
     forward = parallelize(model, info, cfg)  # FSDP2 shards `model` in place: the optimizer comes after
     optimizer = make_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

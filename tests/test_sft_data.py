@@ -182,3 +182,67 @@ def test_a_datasets_shards_are_its_examples_one_after_another(tmp_path: Path, ca
     assert np.array_equal(load_prepared(tmp_path / "prepared").train_starts, reference.train_starts)
     (shards / "README.txt").write_text("a dataset card\n")
     assert example_files(shards) is None and example_files(tmp_path / "nothing.jsonl") is None
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)  # several batches to read
+    return path
+
+
+def _without_nulls(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    return [_without_nulls(v) for v in value] if isinstance(value, list) else value
+
+
+def test_parquet_examples_are_the_json_lines_ones(tmp_path: Path, tokenizer):
+    """Each format, as a Parquet file (as the Hugging Face Hub serves datasets: messages a list of structs, null where
+    a row lacks a column or a message a field) and as JSON Lines without the nulls: the same encoded examples."""
+    conversation = [{**m, "name": None} for m in MESSAGES]  # a struct field of every message, null in these
+    tables = {
+        "messages": [{"messages": conversation, "source": None}, {"messages": MESSAGES[1:3], "source": "web"}],
+        "completions": [{"prompt": f"{i} + {i} =", "completion": f" {2 * i}", "source": None if i % 2 else "x"}
+                        for i in range(8)],
+        "documents": [{"text": "def alpha(beta):\n    return beta\n"}, {"text": "naïve größe ✓"}],
+        "pairs": [{"prompt": [MESSAGES[1]], "chosen": [MESSAGES[2]], "rejected": [MESSAGES[4]]}] * 4,
+    }
+    for name, rows in tables.items():
+        parquet = _write_parquet(tmp_path / f"{name}.parquet", rows)
+        lines = tmp_path / f"{name}.jsonl"
+        lines.write_text("".join(json.dumps(_without_nulls(row)) + "\n" for row in rows))
+        assert encode_chats([parquet], CHATML, tokenizer) == encode_chats([lines], CHATML, tokenizer), name
+        assert encode_chats([parquet], CHATML, tokenizer)[1] == (name == "pairs")
+
+
+def test_a_hub_datasets_parquet_shards_train_and_bad_files_are_named(tmp_path: Path, monkeypatch):
+    """A folder of Parquet shards (data/train-0000k-of-0000n.parquet) is its examples in order, as the same rows in
+    one JSON Lines file; a file that is not Parquet, and a missing pyarrow, are one-line DataErrors naming the file."""
+    from transformer_lm.chat_data import example_files
+    from transformer_lm.errors import DataError
+
+    rows = [{"prompt": f"{i} + {i} =", "completion": f" {2 * i}"} for i in range(30)]
+    whole = tmp_path / "whole.jsonl"
+    whole.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    shards = tmp_path / "dataset" / "data"
+    shards.mkdir(parents=True)
+    for k in range(3):
+        _write_parquet(shards / f"train-{k:05d}-of-00003.parquet", rows[10 * k: 10 * k + 10])
+    reference = training_data(whole, ByteTokenizer())
+    for given in (shards.parent, str(shards / "train-*.parquet"), shards / "train-00000-of-00003.parquet"):
+        data = training_data(given, ByteTokenizer())
+        n = len(data.train_starts) + len(data.val_starts)
+        assert n == (10 if isinstance(given, Path) and given.suffix else 30)
+        if n == 30:
+            for split in ("train", "val", "train_mask", "val_mask", "train_starts", "val_starts"):
+                assert np.array_equal(getattr(data, split), getattr(reference, split)), (given, split)
+    assert example_files(shards) == sorted(shards.iterdir())
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes((shards / "train-00000-of-00003.parquet").read_bytes()[:-100])
+    with pytest.raises(DataError, match=r"cannot read the examples in .*damaged\.parquet .*give a Parquet file"):
+        training_data(damaged, ByteTokenizer())
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)  # as if pyarrow were not installed
+    with pytest.raises(DataError, match=r"train-00001-of-00003\.parquet is a Parquet file, .*pip install pyarrow"):
+        encode_chats([shards / "train-00001-of-00003.parquet"], None, ByteTokenizer())

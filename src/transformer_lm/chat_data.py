@@ -1,6 +1,7 @@
-"""Supervised fine-tuning data: JSON Lines files of examples (one, or a dataset's shards) encoded into the
-prepared-data format of data.py, with a mask of the tokens to learn (the rest is context) and where each example
-starts. A line is one of the formats fine-tuning datasets ship in (TRL's dataset types, by their columns):
+"""Supervised fine-tuning data: JSON Lines or Parquet files of examples (one, or a dataset's shards, as the Hugging
+Face Hub serves datasets) encoded into the prepared-data format of data.py, with a mask of the tokens to learn (the
+rest is context) and where each example starts. A line (a Parquet row: its columns, nulls left out) is one of the
+formats fine-tuning datasets ship in (TRL's dataset types, by their columns):
 - {"messages": [{"role", "content"}, ...]}: a conversation (OpenAI's fine-tuning format, Hugging Face chat
   datasets), rendered in a chat template (chat.chat_tokens); the assistant's replies are learned;
 - {"conversations": [{"from", "value"}, ...]}: the same in ShareGPT's form (from human, gpt, system, tool);
@@ -35,22 +36,26 @@ from .tokenizers import ByteTokenizer, Tokenizer, save_tokenizer
 log = logging.getLogger(__name__)
 
 
+EXAMPLE_SUFFIXES = (".jsonl", ".parquet")
+"""The files of fine-tuning examples: JSON Lines, and Parquet (read with pyarrow: the `parquet` extra)."""
+
+
 def example_files(data: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path] | None:
-    """The .jsonl files of fine-tuning examples `data` names (a file, or a folder, glob or list that resolves to
-    such files only: a dataset's shards), or None where it names text, or nothing that exists."""
+    """The .jsonl or .parquet files of fine-tuning examples `data` names (a file, or a folder, glob or list that
+    resolves to such files only: a dataset's shards), or None where it names text, or nothing that exists."""
     if data is None:
         return None
     if isinstance(data, (str, os.PathLike)):  # a quick look first: a text corpus is not walked twice
         path = Path(data)
-        if path.is_file() or (not path.is_dir() and ".jsonl" not in str(data)):
-            return [path] if path.is_file() and path.suffix == ".jsonl" else None
-        if path.is_dir() and next(path.rglob("*.jsonl"), None) is None:
+        if path.is_file() or (not path.is_dir() and not any(s in str(data) for s in EXAMPLE_SUFFIXES)):
+            return [path] if path.is_file() and path.suffix in EXAMPLE_SUFFIXES else None
+        if path.is_dir() and not any(next(path.rglob(f"*{s}"), None) for s in EXAMPLE_SUFFIXES):
             return None
     try:
-        files = resolve_sources(data)
+        files = resolve_sources(data, binary=(".parquet",))
     except DataError:  # nothing there: the text path says so
         return None
-    return files if all(f.suffix == ".jsonl" for f in files) else None
+    return files if all(f.suffix in EXAMPLE_SUFFIXES for f in files) else None
 
 
 def chat_tokenizer(given: Tokenizer | None, kind: str | None) -> Tokenizer:
@@ -75,7 +80,9 @@ _FORMATS = ('{"messages": [{"role": ..., "content": ...}, ...]}, {"conversations
 
 def read_examples(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """The examples of a JSON Lines file, each non-empty line's (number, object); DataError naming the first line
-    that is no JSON object."""
+    that is no JSON object. Of a Parquet file, each row's (number from 1, its non-null columns)."""
+    if path.suffix == ".parquet":
+        return _parquet_rows(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -92,6 +99,22 @@ def read_examples(path: Path) -> list[tuple[int, dict[str, Any]]]:
             raise DataError(f"{path}:{n} is not a JSON object; each line must be one example: {_FORMATS}")
         rows.append((n, row))
     return rows
+
+
+def _parquet_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """A Parquet file's rows as read_examples gives them, a batch of rows at a time. A null column is left out, as
+    a JSON line leaves out a key it does not have (every row of a table has every column)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path} is a Parquet file, which tlm reads with pyarrow: pip install pyarrow (or "
+                        "transformer-lm[parquet])") from None
+    try:
+        batches = pq.ParquetFile(path).iter_batches()
+        rows = [{k: v for k, v in row.items() if v is not None} for batch in batches for row in batch.to_pylist()]
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (not Parquet, damaged) is a ValueError
+        raise DataError(f"cannot read the examples in {path} ({e}); give a Parquet file of examples") from None
+    return list(enumerate(rows, 1))
 
 
 def _sharegpt(turns: list[Any]) -> list[dict[str, Any]]:

@@ -87,16 +87,18 @@ def _walk(root: Path, skip: set[str] = frozenset()) -> list[Path]:
     return sorted(found)
 
 
-def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike],
+                    binary: Sequence[str] = ()) -> list[Path]:
     """The text files named by `source`: a file, a folder, a glob pattern (`**` recurses), or a list of those.
 
     Folders are walked recursively in sorted order, skipping hidden names and the prepared data and runs tlm wrote
     there (`_is_output`); folders and glob matches keep only
-    non-empty text files (no NUL byte in the first 8 KiB, see `_is_text`). A file named directly must be
-    non-empty text; anything that resolves to no files raises DataError.
+    non-empty text files (no NUL byte in the first 8 KiB, see `_is_text`), and non-empty files whose suffix is in
+    `binary` (Parquet: chat_data's examples). A file named directly must be non-empty text; anything that resolves
+    to no files raises DataError.
     """
     if not isinstance(source, (str, os.PathLike)):
-        named = [f for s in source for f in resolve_sources(s)]
+        named = [f for s in source for f in resolve_sources(s, binary)]
         if not named:
             raise DataError("no data sources were given; pass a text file, a folder or a glob pattern")
         files = list({f.resolve(): f for f in reversed(named)}.values())[::-1]  # each file once, where first named
@@ -108,7 +110,7 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
     if path.is_file():
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty; pass a file with text in it")
-        if not _is_text(path):
+        if not _is_text(path) and path.suffix not in binary:
             raise DataError(f"data file {path} looks binary (a NUL byte in its first 8 KiB, as UTF-16 text has); pass "
                             "UTF-8 text (convert UTF-16, as Windows PowerShell writes, with iconv -f UTF-16 -t UTF-8)")
         return [path]
@@ -124,7 +126,7 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike]) -> 
                         "twice; save the text to a file first")
     else:
         raise DataError(f"data path {path} does not exist; pass an existing text file, folder or glob pattern")
-    files = [f for f in found if _is_text(f)]
+    files = [f for f in found if _is_text(f) or (f.suffix in binary and f.is_file() and f.stat().st_size > 0)]
     if not files:
         raise DataError(f"{what} has no non-empty text files; add some or point to other data")
     skipped = [f for f in found if f.is_file() and f not in files]

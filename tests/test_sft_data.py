@@ -116,7 +116,7 @@ def test_a_base_model_without_a_template_fine_tunes_on_pairs(tmp_path: Path, cap
     with torch.no_grad():
         for ids, mask in encoded:
             x, y = torch.tensor(ids[:-1])[None], torch.tensor(ids[1:])
-            y = torch.where(torch.tensor(mask[1:]), y, -1)
+            y = torch.where(torch.tensor(mask[1:]).bool(), y, -1)
             total += float(F.cross_entropy(run.model(x).logits[0], y, ignore_index=-1, reduction="sum"))
             count += int((y >= 0).sum())
     assert scored.tokens == count and scored.loss == pytest.approx(total / count, rel=1e-5)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from array import array
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -204,38 +205,45 @@ def encode_pair(row: dict[str, Any], template: str | None,
 
 
 def encode_chats(paths: Sequence[Path], template: str | None,
-                 tokenizer: Tokenizer) -> tuple[list[tuple[list[int], list[bool]]], bool]:
-    """Each example of the files `paths` (in order) as encode_example encodes it, (ids, which are learned), and
-    whether they are preference pairs, each then two examples in a row (encode_pair: chosen, rejected). A file
-    mixing pairs and other examples is a DataError."""
-    encoded, rows = [], []
+                 tokenizer: Tokenizer) -> tuple[list[tuple[array, array]], bool]:
+    """Each example of the files `paths` (in order) as encode_example encodes it, (ids, which are learned) as
+    compact arrays (int32, uint8), and whether they are preference pairs, each then two examples in a row
+    (encode_pair: chosen, rejected). A file mixing pairs and other examples is a DataError."""
+    encoded: list[tuple[array, array]] = []
+    pairs, plain = None, False  # whether the examples are pairs (as the first is); whether one is plain text
     for path in paths:
         for n, row in read_examples(path):
             try:
-                if rows and is_pair(row) != is_pair(rows[0][1]):
+                if pairs is not None and is_pair(row) != pairs:
                     raise DataError("it mixes preference pairs (chosen, rejected) with other examples; a run trains "
                                     "on pairs (DPO) or on examples to learn: give them in separate runs")
-                if is_pair(row):
-                    encoded.extend(encode_pair(row, template, tokenizer))
+                pairs = is_pair(row)
+                if pairs:
+                    encoded.extend(map(_compact, encode_pair(row, template, tokenizer)))
                 else:
-                    encoded.append(encode_example(row, template, tokenizer))
+                    encoded.append(_compact(encode_example(row, template, tokenizer)))
             except (ChatError, ConfigError, DataError) as e:
                 raise type(e)(f"{path}:{n}: {e}") from None
-            rows.append((n, row))
-    pairs = bool(rows) and is_pair(rows[0][1])
-    if tokenizer.eot_id is None and any(isinstance(row.get("completion", row.get("text", row.get("chosen"))), str)
-                                        for _, row in rows):
+            plain = plain or isinstance(row.get("completion", row.get("text", row.get("chosen"))), str)
+    if tokenizer.eot_id is None and plain:
         log.warning("the %s tokenizer has no end-of-text token: completions are learned without an end mark, so "
                     "samples of the model end at max_new_tokens or a stop string", tokenizer.kind)
-    return encoded, pairs
+    return encoded, bool(pairs)
 
 
-def joined(encoded: list[tuple[list[int], list[bool]]],
+def _compact(example: tuple[list[int], list[bool]]) -> tuple[array, array]:
+    """An example's ids and mask as compact arrays (int32, uint8): 5 bytes a token where Python's lists take 16
+    (ids below 257, which Python caches) to 48, as a whole dataset is held until it is written."""
+    ids, mask = example
+    return array("i", ids), array("B", mask)
+
+
+def joined(encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
            dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Examples back to back: their ids (of `dtype`), their mask (uint8, 1 where learned) and where each begins
     (int64 offsets, the first 0)."""
-    ids = np.array([i for chat_ids, _ in encoded for i in chat_ids], dtype=dtype)
-    mask = np.array([m for _, chat_mask in encoded for m in chat_mask], dtype=np.uint8)
+    ids = np.concatenate([np.zeros(0, dtype), *(np.asarray(chat_ids, dtype=dtype) for chat_ids, _ in encoded)])
+    mask = np.concatenate([np.zeros(0, np.uint8), *(np.asarray(chat_mask, dtype=np.uint8) for _, chat_mask in encoded)])
     starts = np.cumsum([0] + [len(chat_ids) for chat_ids, _ in encoded[:-1]], dtype=np.int64)
     return ids, mask, starts
 

@@ -66,6 +66,11 @@ def _is_text(path: Path) -> bool:
         return b"\0" not in f.read(_SNIFF_BYTES)
 
 
+def _kept(path: Path, binary: Sequence[str]) -> bool:
+    """A non-empty text file (`_is_text`), or a non-empty file whose suffix is in `binary` (Parquet examples)."""
+    return _is_text(path) or (path.suffix in binary and path.is_file() and path.stat().st_size > 0)
+
+
 def _is_output(folder: Path) -> bool:
     """A folder `prepare` or `tlm train` wrote: its JSON files are not corpus text, and a run's change as it trains
     (a corpus folder holding its own prepared data or runs would otherwise be read with them, differently each time)."""
@@ -110,7 +115,7 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike],
     if path.is_file():
         if path.stat().st_size == 0:
             raise DataError(f"data file {path} is empty; pass a file with text in it")
-        if not _is_text(path) and path.suffix not in binary:
+        if not _kept(path, binary):
             raise DataError(f"data file {path} looks binary (a NUL byte in its first 8 KiB, as UTF-16 text has); pass "
                             "UTF-8 text (convert UTF-16, as Windows PowerShell writes, with iconv -f UTF-16 -t UTF-8)")
         return [path]
@@ -126,7 +131,7 @@ def resolve_sources(source: str | os.PathLike | Sequence[str | os.PathLike],
                         "twice; save the text to a file first")
     else:
         raise DataError(f"data path {path} does not exist; pass an existing text file, folder or glob pattern")
-    files = [f for f in found if _is_text(f) or (f.suffix in binary and f.is_file() and f.stat().st_size > 0)]
+    files = [f for f in found if _kept(f, binary)]
     if not files:
         raise DataError(f"{what} has no non-empty text files; add some or point to other data")
     skipped = [f for f in found if f.is_file() and f not in files]

@@ -27,6 +27,7 @@ batch holds whole pairs, each right-padded row one completion with its prompt, n
 
 from __future__ import annotations
 
+import typing
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import TrainConfig
 from .errors import ConfigError, DataError
 from .lora import LoRALinear, adapters_off
 from .windows import check_ids, padded_windows
 
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "robust")
+DPO_LOSSES: tuple[str, ...] = typing.get_args(typing.get_type_hints(TrainConfig)["dpo_loss"])  # train.dpo_loss's
 
 
 def pair_windows(starts: np.ndarray, n_tokens: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
